@@ -1,0 +1,30 @@
+# One-command set-up: every target creates .venv when it is missing and installs the project into it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dyncnn-installed
+# Exact pins for this machine (pip takes both from the local disk); pyproject.toml carries lower bounds only.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[dev]" $(TORCH_PINS)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/dyncnn demo --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+bench: $(STAMP)
+	@for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -1,0 +1,42 @@
+"""Input checks shared by every public entry point.
+
+Each check raises an error whose message says what was expected and what came, so that a user who passes a
+(3, 224, 224) image instead of a batch, a uint8 tensor or a batch with NaN sees the fix in the message.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class DyncnnError(ValueError):
+    """Base class of dyncnn's own input errors (a ValueError, so generic handlers still catch it)."""
+
+
+class CheckpointError(DyncnnError):
+    """A checkpoint that is missing, truncated, or belongs to another model or configuration."""
+
+
+def check_image_batch(x: object, channels: int | None = None, *, name: str = "input",
+                      check_finite: bool = True) -> Tensor:
+    """Validate an image batch of shape (N, C, H, W), floating point, finite, non-empty.
+
+    Returns ``x`` unchanged so that it can be used inline.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}")
+    if x.dim() != 4:
+        hint = " (add a batch axis with x.unsqueeze(0))" if x.dim() == 3 else ""
+        raise DyncnnError(f"{name}: expected a 4-D batch (N, C, H, W), got shape {tuple(x.shape)}{hint}")
+    if x.shape[0] == 0:
+        raise DyncnnError(f"{name}: expected a non-empty batch (N >= 1), got shape {tuple(x.shape)}")
+    if channels is not None and x.shape[1] != channels:
+        raise DyncnnError(f"{name}: expected {channels} input channels, got {x.shape[1]} "
+                          f"(shape {tuple(x.shape)})")
+    if not x.is_floating_point():
+        raise DyncnnError(f"{name}: expected a floating-point tensor (e.g. float32 in [0, 1]), got {x.dtype}; "
+                          f"convert with x.float() / 255")
+    if check_finite and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise DyncnnError(f"{name}: expected finite values, got {bad} NaN/Inf entries")
+    return x

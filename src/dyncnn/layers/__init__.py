@@ -1,0 +1,11 @@
+"""Building blocks of mobile CNNs, one concept per module."""
+from .activations import HardSigmoid, HardSwish, get_act_layer
+from .conv import ConvNormAct, DepthwiseSeparableConv, GroupConv2d, make_divisible
+from .shuffle import ChannelShuffle, channel_shuffle, channel_unshuffle
+from .squeeze_excite import SqueezeExcite
+
+__all__ = [
+    "ConvNormAct", "DepthwiseSeparableConv", "GroupConv2d", "make_divisible",
+    "ChannelShuffle", "channel_shuffle", "channel_unshuffle", "SqueezeExcite",
+    "HardSigmoid", "HardSwish", "get_act_layer",
+]

@@ -1,0 +1,124 @@
+"""Wall-clock latency: median of repeated runs after warm-up, with a fixed thread count.
+
+``backend="onnxruntime"`` exports the model once and times ONNX Runtime, which is what a deployed mobile
+network runs on (eager PyTorch is several times slower on depthwise convolutions).
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import check_image_batch
+
+
+@dataclass
+class LatencyStats:
+    backend: str
+    batch_size: int
+    threads: int
+    median_ms: float
+    p25_ms: float
+    p75_ms: float
+    runs: int            # timed runs after warm-up
+
+    @property
+    def spread_ms(self) -> float:
+        """Interquartile range of the timed runs."""
+        return self.p75_ms - self.p25_ms
+
+    @property
+    def per_sample_ms(self) -> float:
+        return self.median_ms / self.batch_size
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "spread_ms": self.spread_ms}
+
+
+@contextmanager
+def torch_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def time_callable(fn: Callable[[], object], *, warmup: int = 3, min_runs: int = 5, max_runs: int = 200,
+                  min_time_s: float = 0.5) -> list[float]:
+    """Run ``fn`` ``warmup`` times, then at least ``min_runs`` times and until ``min_time_s`` has passed.
+
+    Returns the timed durations in milliseconds.
+    """
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or (time.perf_counter() - start < min_time_s and len(times) < max_runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def summarize(times_ms: list[float], backend: str, batch_size: int, threads: int) -> LatencyStats:
+    q = statistics.quantiles(times_ms, n=4) if len(times_ms) > 1 else [times_ms[0]] * 3
+    return LatencyStats(backend=backend, batch_size=batch_size, threads=threads,
+                        median_ms=statistics.median(times_ms), p25_ms=q[0], p75_ms=q[2], runs=len(times_ms))
+
+
+def _batch(sample: Tensor, n: int) -> Tensor:
+    return sample[:1].expand(n, *sample.shape[1:]).contiguous() if sample.shape[0] != n else sample
+
+
+def measure_latency(model: nn.Module, input: Tensor, batch_sizes: Iterable[int] = (1,), threads: int = 1,
+                    backend: str = "eager", *, warmup: int = 3, min_runs: int = 5, min_time_s: float = 0.5,
+                    onnx_path: str | Path | None = None) -> dict[int, LatencyStats]:
+    """Latency of ``model`` on batches shaped like ``input`` (its first sample repeated to each batch size).
+
+    Returns ``{batch_size: LatencyStats}``. The eager backend runs in eval mode under ``torch.inference_mode``
+    with ``threads`` intra-op threads; the ONNX Runtime backend exports to ``onnx_path`` (a temporary file when
+    None) and uses a session with the same thread count.
+    """
+    check_image_batch(input)
+    if backend not in ("eager", "onnxruntime"):
+        raise ValueError(f"backend must be 'eager' or 'onnxruntime', got {backend!r}")
+    batch_sizes = list(batch_sizes)
+    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
+        raise ValueError(f"batch_sizes must be positive integers, got {batch_sizes}")
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    was_training = model.training
+    model.eval()
+    results: dict[int, LatencyStats] = {}
+    try:
+        if backend == "eager":
+            with torch_threads(threads), torch.inference_mode():
+                for b in batch_sizes:
+                    x = _batch(input, b)
+                    times = time_callable(lambda: model(x), warmup=warmup, min_runs=min_runs,
+                                          min_time_s=min_time_s)
+                    results[b] = summarize(times, backend, b, threads)
+        else:
+            from ..export.onnx import export_onnx, onnx_session
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(onnx_path) if onnx_path else Path(tmp) / "model.onnx"
+                export_onnx(model, input[:1], path)
+                sess = onnx_session(path, threads=threads)
+                name = sess.get_inputs()[0].name
+                for b in batch_sizes:
+                    feed = {name: _batch(input, b).numpy()}
+                    times = time_callable(lambda: sess.run(None, feed), warmup=warmup, min_runs=min_runs,
+                                          min_time_s=min_time_s)
+                    results[b] = summarize(times, backend, b, threads)
+    finally:
+        model.train(was_training)
+    return results

@@ -1,0 +1,71 @@
+"""MAC counting with ``torch.utils.flop_counter.FlopCounterMode``.
+
+FlopCounterMode follows the path that really executed (a skipped branch costs nothing, a functional call is
+counted) and counts matrix multiplications and convolutions: MACs = its FLOPs / 2, the convention behind
+torchvision's "GFLOPS" and the mobile papers' "FLOPs".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..errors import check_image_batch
+
+
+@dataclass
+class MacReport:
+    """MACs of one call. ``total`` is for the whole input batch; ``per_sample`` divides by its size."""
+    total: int
+    batch_size: int
+    params: int
+    by_module: dict[str, int] = field(default_factory=dict)   # module path -> MACs (its subtree, whole batch)
+    by_op: dict[str, int] = field(default_factory=dict)       # aten op -> MACs
+
+    @property
+    def per_sample(self) -> float:
+        return self.total / self.batch_size
+
+    def __str__(self) -> str:
+        return f"{self.per_sample / 1e6:.2f}M MACs/sample, {self.params / 1e6:.3f}M params"
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def count_macs(model: nn.Module | Any, input: Tensor, *args, check: bool = True, **kwargs) -> MacReport:
+    """Count the MACs of ``model(input, *args, **kwargs)`` as executed, in eval mode and without gradients.
+
+    ``model`` may be any callable; ``by_module`` is filled when it is an ``nn.Module``. The model's train/eval
+    state is restored afterwards.
+    """
+    if check:
+        check_image_batch(input)
+    was_training = getattr(model, "training", None)
+    if isinstance(model, nn.Module):
+        model.eval()
+    counter = FlopCounterMode(display=False, depth=None)
+    try:
+        with torch.no_grad(), counter:
+            model(input, *args, **kwargs)
+    finally:
+        if isinstance(model, nn.Module) and was_training:
+            model.train()
+    counts = counter.get_flop_counts()
+    by_module: dict[str, int] = {}
+    for mod_name, ops in counts.items():
+        if mod_name == "Global":
+            continue
+        # FlopCounterMode names modules "<ClassName>.<path>"; keep the path relative to the model.
+        path = mod_name.split(".", 1)[1] if "." in mod_name else ""
+        by_module[path] = sum(ops.values()) // 2
+    by_op = {str(op): v // 2 for op, v in counts.get("Global", {}).items()}
+    total = counter.get_total_flops() // 2
+    params = count_params(model) if isinstance(model, nn.Module) else 0
+    return MacReport(total=int(total), batch_size=int(input.shape[0]), params=params,
+                     by_module=by_module, by_op=by_op)
