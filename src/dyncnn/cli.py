@@ -1,2 +1,242 @@
-def main(argv=None):
-    raise SystemExit("cli not yet built")
+"""The ``dyncnn`` command: zoo, profile, train, eval, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import DyncnnError
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="scaled_mnist",
+                   help="mnist | scaled_mnist (embedded) | cifar10 | cifar100 | imagefolder (default: %(default)s)")
+    p.add_argument("--data-root", default=None, help="folder of cifar10/cifar100/imagefolder data (never downloaded)")
+    p.add_argument("--canvas", type=int, default=64, help="scaled_mnist canvas side in pixels (default: %(default)s)")
+    p.add_argument("--clutter", type=int, default=2, help="scaled_mnist clutter fragments (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="data split and training seed (default: %(default)s)")
+
+
+def _data_kwargs(args) -> dict:
+    return {"canvas": args.canvas, "clutter": args.clutter} if args.dataset == "scaled_mnist" else {}
+
+
+def _dataset(args, split: str, data_cfg: dict | None = None):
+    from .data import get_dataset
+    cfg = data_cfg or {"name": args.dataset, "root": args.data_root, "seed": args.seed, **_data_kwargs(args)}
+    cfg = dict(cfg)
+    return get_dataset(cfg.pop("name"), split, **cfg)
+
+
+def _parse_cfg(items: list[str] | None) -> dict:
+    """KEY=VALUE pairs (values parsed as JSON when possible) into model keyword arguments."""
+    cfg = {}
+    for item in items or []:
+        if "=" not in item:
+            raise DyncnnError(f"--cfg expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            cfg[key] = json.loads(value)
+        except json.JSONDecodeError:
+            cfg[key] = value
+    return cfg
+
+
+def _load_model(spec: str, num_classes: int | None = None, cfg: dict | None = None):
+    """A registered model name, ``torchvision:``/``timm:`` name, or a checkpoint path."""
+    from .models import create_model
+    if spec.endswith(".safetensors") or Path(spec).is_dir():
+        from .train import load_checkpoint
+        model, meta = load_checkpoint(spec)
+        return model, meta
+    return create_model(spec, num_classes=num_classes, **(cfg or {})), {}
+
+
+def _input_shape(model, input_size: int | None, in_chans: int | None, meta: dict) -> tuple[int, int, int]:
+    data = meta.get("data", {})
+    c = in_chans or getattr(model, "in_chans", None) or 3
+    s = input_size or data.get("input_size") or 224
+    return c, s, s
+
+
+def cmd_zoo(args) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .models import create_model, list_models, published_figures
+    from .profile import count_macs
+    rows = []
+    for name in tqdm(list_models(args.pattern), desc="profiling", leave=False, disable=args.json):
+        model = create_model(name)
+        pub = published_figures(name)
+        size = args.input_size or pub.get("input_size", 224)
+        x = torch.randn(1, getattr(model, "in_chans", 3), size, size)
+        r = count_macs(model, x)
+        rows.append({"model": name, "input": size, "params_m": r.params / 1e6, "macs_m": r.total / 1e6,
+                     "published_params_m": pub["params"] / 1e6 if "params" in pub else None,
+                     "published_macs_m": pub["macs"] / 1e6 if "macs" in pub else None})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+
+    def fmt(v):
+        return f"{v:.2f}" if v is not None else "-"
+    print("| model | input | params (M) | MACs (M) | published params (M) | published MACs (M) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['input']} | {fmt(r['params_m'])} | {fmt(r['macs_m'])} | "
+              f"{fmt(r['published_params_m'])} | {fmt(r['published_macs_m'])} |")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    import torch
+
+    from .profile import count_macs, measure_latency, peak_memory
+    model, meta = _load_model(args.model, cfg=_parse_cfg(args.cfg))
+    shape = _input_shape(model, args.input_size, args.in_chans, meta)
+    x = torch.randn(1, *shape)
+    macs = count_macs(model, x)
+    mem = peak_memory(model, x)
+    result = {"model": args.model, "input_shape": list(shape), "macs": macs.total, "params": macs.params,
+              "peak_activation_mb": mem.peak_activation_bytes / 2**20, "param_mb": mem.param_bytes / 2**20,
+              "threads": args.threads, "latency": []}
+    backends = ["eager"] + ([] if args.no_onnx else ["onnxruntime"])
+    for backend in backends:
+        stats = measure_latency(model, x, args.batch_sizes, threads=args.threads, backend=backend,
+                                min_time_s=args.min_time)
+        result["latency"] += [s.as_dict() for s in stats.values()]
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"model: {args.model}   input: 1x{shape[0]}x{shape[1]}x{shape[2]}   threads: {args.threads}")
+    print(f"MACs: {macs.total / 1e6:.2f}M   params: {macs.params / 1e6:.3f}M   "
+          f"peak activations (batch 1): {result['peak_activation_mb']:.2f} MiB   weights: {result['param_mb']:.2f} MiB")
+    print("| backend | batch | median ms | IQR ms | ms/sample | runs |")
+    print("|---|---|---|---|---|---|")
+    for s in result["latency"]:
+        print(f"| {s['backend']} | {s['batch_size']} | {s['median_ms']:.2f} | {s['spread_ms']:.2f} | "
+              f"{s['median_ms'] / s['batch_size']:.3f} | {s['runs']} |")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .models import create_model
+    from .train import TrainConfig, Trainer
+    train_set, val_set = _dataset(args, "train"), _dataset(args, "val")
+    cfg = _parse_cfg(args.cfg)
+    if not args.model.startswith(("torchvision:", "timm:")):
+        cfg.setdefault("in_chans", train_set.in_chans)   # dyncnn models take in_chans; external ones may not
+    model = create_model(args.model, num_classes=train_set.num_classes, **cfg)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                         weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, seed=args.seed,
+                         warmup_epochs=args.warmup_epochs)
+    data_cfg = {"name": args.dataset, "root": args.data_root, "seed": args.seed, **_data_kwargs(args)}
+    trainer = Trainer(model, train_set, val_set, config, out_dir=args.out,
+                      extra={"data": {**data_cfg, "input_size": train_set.input_size}})
+    result = trainer.fit(resume=args.resume)
+    print(f"trained {args.model} for {result.steps} steps in {result.seconds:.1f}s: "
+          f"final val acc {result.final_val_acc:.4f}, best {result.best_val_acc:.4f}; checkpoints in {args.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .train import evaluate, load_checkpoint
+    model, meta = load_checkpoint(args.checkpoint)
+    data_cfg = meta.get("data")
+    if args.dataset_override or not data_cfg:
+        data_cfg = {"name": args.dataset, "root": args.data_root, "seed": args.seed, **_data_kwargs(args)}
+    data_cfg = {k: v for k, v in data_cfg.items() if k != "input_size"}
+    dataset = _dataset(args, args.split, data_cfg)
+    result = evaluate(model, dataset)
+    result.update(checkpoint=str(args.checkpoint), split=args.split, dataset=data_cfg["name"])
+    print(json.dumps(result, indent=2) if args.json else
+          f"{args.checkpoint}: {data_cfg['name']} {args.split}: accuracy {result['acc']:.4f}, "
+          f"loss {result['loss']:.4f} on {result['n']} samples")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    run_demo(out_dir=Path(args.out), epochs=args.epochs, threads=args.threads)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dyncnn", description="Efficient mobile CNNs and dynamic networks that "
+                                "execute the computation they save: build, train, profile, evaluate.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    z = sub.add_parser("zoo", help="table of registered models with measured parameters and MACs",
+                       description="List registered models with parameters and MACs measured by FlopCounterMode "
+                                   "at the published input size (or --input-size), beside published figures.")
+    z.add_argument("--pattern", default="*", help="shell pattern over model names (default: all)")
+    z.add_argument("--input-size", type=int, default=None, help="square input side (default: each model's own)")
+    z.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    z.set_defaults(func=cmd_zoo)
+
+    pr = sub.add_parser("profile", help="MACs, parameters, memory and latency (eager and ONNX Runtime)",
+                        description="Profile MODEL (registered name, torchvision:NAME, timm:NAME or a checkpoint): "
+                                    "MACs, parameters, peak activation memory, and latency in eager PyTorch and "
+                                    "ONNX Runtime at each batch size with a fixed thread count.")
+    pr.add_argument("model")
+    pr.add_argument("--input-size", type=int, default=None, help="square input side (default 224, or the "
+                    "checkpoint's data size)")
+    pr.add_argument("--in-chans", type=int, default=None, help="input channels (default: the model's)")
+    pr.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    pr.add_argument("--threads", type=int, default=2)
+    pr.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs per point")
+    pr.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime measurement")
+    pr.add_argument("--cfg", nargs="*", metavar="KEY=VALUE", help="model keyword arguments")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_profile)
+
+    t = sub.add_parser("train", help="train a model on a dataset, with checkpoints and --resume",
+                       description="Train MODEL on DATASET; writes last/best checkpoints (safetensors + JSON) and "
+                                   "metrics.jsonl to --out. Under torchrun, trains with DistributedDataParallel.")
+    t.add_argument("--model", required=True)
+    _add_data_args(t)
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=0.05)
+    t.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    t.add_argument("--weight-decay", type=float, default=5e-4)
+    t.add_argument("--label-smoothing", type=float, default=0.0)
+    t.add_argument("--warmup-epochs", type=float, default=0.0)
+    t.add_argument("--cfg", nargs="*", metavar="KEY=VALUE", help="model keyword arguments")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors if present")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="accuracy of a checkpoint on a data split",
+                       description="Evaluate CHECKPOINT on a split of the dataset it was trained on (or --dataset).")
+    e.add_argument("checkpoint")
+    _add_data_args(e)
+    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--dataset-override", action="store_true",
+                   help="use --dataset/--data-root instead of the dataset recorded in the checkpoint")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="the main job on the embedded data: train, evaluate, profile, report",
+                       description="Train a small network on ScaledMNIST with clutter, evaluate it, measure its "
+                                   "MACs and latency, and write report.md and plots to --out.")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--epochs", type=int, default=None, help="override the demo's epoch count")
+    d.add_argument("--threads", type=int, default=2)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DyncnnError, FileNotFoundError, ValueError) as e:
+        print(f"dyncnn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Datasets: the embedded MNIST digits (plain and ScaledMNIST), CIFAR from a local folder, ImageFolder trees."""
+from __future__ import annotations
+
+from torch.utils.data import Dataset
+
+from .folders import cifar, image_folder
+from .mnist import MNISTDigits, ScaledMNIST, load_mnist_digits, split_indices
+
+DATASETS = ("mnist", "scaled_mnist", "cifar10", "cifar100", "imagefolder")
+
+
+def get_dataset(name: str, split: str = "train", root: str | None = None, seed: int = 0, **kwargs) -> Dataset:
+    """Build a dataset by name. Every dataset has ``num_classes``, ``in_chans`` and ``input_size`` attributes.
+
+    ``mnist`` and ``scaled_mnist`` are embedded (no ``root``); ``cifar10``/``cifar100``/``imagefolder`` read
+    ``root`` and never download.
+    """
+    if name == "mnist":
+        return MNISTDigits(split, seed=seed)
+    if name == "scaled_mnist":
+        return ScaledMNIST(split, seed=seed, **kwargs)
+    if name in ("cifar10", "cifar100", "imagefolder"):
+        if root is None:
+            raise ValueError(f"dataset {name!r} reads a local folder: pass root=PATH (--data-root on the CLI)")
+        if name == "imagefolder":
+            return image_folder(root, split, **kwargs)
+        return cifar(name, root, split, seed=seed, **kwargs)
+    raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+
+
+__all__ = ["DATASETS", "get_dataset", "MNISTDigits", "ScaledMNIST", "load_mnist_digits", "split_indices",
+           "cifar", "image_folder"]

@@ -1,0 +1,167 @@
+import json
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+import dyncnn
+from dyncnn.data import MNISTDigits
+from dyncnn.errors import CheckpointError, DyncnnError
+from dyncnn.train import TrainConfig, Trainer, load_checkpoint, save_checkpoint
+from dyncnn.train.checkpoint import read_checkpoint
+
+
+@pytest.fixture(scope="module")
+def data():
+    return Subset(MNISTDigits("train"), range(160)), Subset(MNISTDigits("val"), range(64))
+
+
+def _model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return dyncnn.create_model("tiny_mobilenet", widths=(8, 16), drop_rate=0.2, **kw)
+
+
+def _cfg(**kw):
+    return TrainConfig(**{"epochs": 3, "batch_size": 32, "lr": 0.05, "progress": False, **kw})
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_training_learns_and_writes_metrics(tmp_path, data):
+    train, val = data
+    result = Trainer(_model(), train, val, _cfg(epochs=4, lr=0.1), out_dir=tmp_path).fit()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+    assert result.steps == 4 * (160 // 32)
+    for name in ("last", "best"):
+        assert (tmp_path / f"{name}.safetensors").exists()
+        meta = json.loads((tmp_path / f"{name}.json").read_text())
+        assert meta["model"]["name"] == "tiny_mobilenet"
+    assert not list(tmp_path.glob(".*tmp"))          # no temporary files left behind
+
+
+def test_resume_after_epoch_equals_uninterrupted(tmp_path, data):
+    train, val = data
+    ref = _model()
+    Trainer(ref, train, val, _cfg(), out_dir=tmp_path / "ref").fit()
+
+    def stop_after_first_epoch(record):
+        if record["epoch"] == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        Trainer(_model(), train, val, _cfg(), out_dir=tmp_path / "run", callbacks=[stop_after_first_epoch]).fit()
+    resumed = _model(seed=123)                        # a different init: everything must come from the checkpoint
+    result = Trainer(resumed, train, val, _cfg(), out_dir=tmp_path / "run").fit(resume=True)
+    assert result.steps == 3 * 5
+    for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path, data):
+    train, val = data
+    ref = _model()
+    Trainer(ref, train, val, _cfg(), out_dir=tmp_path / "ref").fit()
+
+    model = _model()
+    calls = []
+
+    def set_progress(fraction):                       # the trainer's per-step hook, used here to interrupt
+        calls.append(fraction)
+        if len(calls) == 8:                           # step 7 = in the middle of epoch 2
+            raise Interrupt
+    model.set_progress = set_progress
+    with pytest.raises(Interrupt):
+        Trainer(model, train, val, _cfg(save_every_steps=2), out_dir=tmp_path / "run").fit()
+    assert calls[:3] == [0.0, 1 / 15, 2 / 15]
+    assert read_checkpoint(tmp_path / "run" / "last.safetensors")[1]["train_state"]["step"] == 6
+    resumed = _model(seed=5)
+    Trainer(resumed, train, val, _cfg(save_every_steps=2), out_dir=tmp_path / "run").fit(resume=True)
+    for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, data):
+    train, val = data
+    Trainer(_model(), train, val, _cfg(epochs=1), out_dir=tmp_path).fit()
+    with pytest.raises(DyncnnError, match="batch_size=32.*batch_size=16"):
+        Trainer(_model(), train, val, _cfg(epochs=1, batch_size=16), out_dir=tmp_path).fit(resume=True)
+
+
+def test_regularization_loss_is_added(data):
+    train, _ = data
+    plain, regularized = _model(), _model()
+    regularized.regularization_loss = lambda: 10.0 * regularized.fc.weight.pow(2).sum()
+    Trainer(plain, train, None, _cfg(epochs=1)).fit()
+    Trainer(regularized, train, None, _cfg(epochs=1)).fit()
+    # the extra term pulled the classifier weights towards zero
+    assert regularized.fc.weight.norm() < 0.5 * plain.fc.weight.norm()
+
+
+def test_non_finite_loss_stops_with_message(data):
+    train, _ = data
+    model = _model()
+    model.regularization_loss = lambda: torch.tensor(float("nan"))
+    with pytest.raises(DyncnnError, match="loss became nan at step 0"):
+        Trainer(model, train, None, _cfg(epochs=1)).fit()
+
+
+def test_checkpoint_roundtrip_and_rebuild(tmp_path):
+    model = _model()
+    path = save_checkpoint(tmp_path / "c.safetensors", model, train_state={"step": 3})
+    rebuilt, meta = load_checkpoint(path)
+    assert meta["train_state"]["step"] == 3
+    for a, b in zip(model.state_dict().values(), rebuilt.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_of_another_model_is_refused_and_model_untouched(tmp_path):
+    path = save_checkpoint(tmp_path / "c.safetensors", _model())
+    other = dyncnn.create_model("tiny_mobilenet", widths=(8, 16, 32))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(CheckpointError, match="unexpected keys|missing keys") as err:
+        load_checkpoint(path, other)
+    assert "stages.2" in str(err.value)               # names the keys that differ
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    with pytest.raises(CheckpointError, match="is of model 'tiny_mobilenet'.*'_ckpt_other'"):
+        model = torch.nn.Linear(2, 2)
+        model.dyncnn_spec = {"name": "_ckpt_other", "cfg": {}}
+        load_checkpoint(path, model)
+
+
+def test_truncated_or_missing_checkpoint(tmp_path):
+    path = save_checkpoint(tmp_path / "c.safetensors", _model())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path / "c.safetensors", _model(), train_state={"step": 1})
+    import dyncnn.train.checkpoint as ck
+
+    def broken_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(ck, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, _model(), train_state={"step": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)[1]["train_state"]["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "c.safetensors"]
+
+
+def test_config_validation(data):
+    with pytest.raises(ValueError, match="optimizer must be"):
+        TrainConfig(optimizer="adam")
+    with pytest.raises(DyncnnError, match="fewer than one batch"):
+        Trainer(_model(), Subset(data[0], range(10)), None, _cfg())
