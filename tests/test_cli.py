@@ -1,0 +1,57 @@
+import json
+
+import pytest
+
+from dyncnn.cli import build_parser, main
+
+
+def test_help_of_every_command(capsys):
+    for argv in (["--help"], ["zoo", "--help"], ["profile", "--help"], ["train", "--help"], ["eval", "--help"],
+                 ["demo", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert "usage: dyncnn" in out
+    sub = build_parser()._subparsers._group_actions[0].choices
+    assert set(sub) == {"zoo", "profile", "train", "eval", "demo"}
+
+
+def test_zoo_lists_models_with_macs(capsys):
+    assert main(["zoo", "--pattern", "tiny*", "--input-size", "32", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["model"] == "tiny_mobilenet" and rows[0]["macs_m"] > 0 and rows[0]["params_m"] > 0
+
+
+def test_profile_torchvision_model(capsys):
+    assert main(["profile", "torchvision:mobilenet_v3_small", "--input-size", "64", "--batch-sizes", "1",
+                 "--min-time", "0", "--threads", "1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["input_shape"] == [3, 64, 64] and r["macs"] > 0 and r["params"] == 2_542_856
+    assert {s["backend"] for s in r["latency"]} == {"eager", "onnxruntime"}
+    assert r["peak_activation_mb"] > 0
+
+
+def test_train_eval_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--model", "tiny_mobilenet", "--dataset", "mnist", "--epochs", "2", "--batch-size", "64",
+            "--lr", "0.1", "--cfg", "widths=[16,32]", "--out", str(out)]
+    assert main(args) == 0
+    assert "final val acc" in capsys.readouterr().out
+    assert main(["eval", str(out / "last.safetensors"), "--split", "val", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["dataset"] == "mnist" and r["n"] == 500 and r["acc"] > 0.2
+    # resuming a finished run trains no further steps
+    assert main(args + ["--resume"]) == 0
+    assert "for 108 steps" in capsys.readouterr().out
+
+
+def test_errors_exit_2_with_message(tmp_path, capsys):
+    assert main(["profile", "mobilenet_v9"]) == 2
+    assert "unknown model 'mobilenet_v9'" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--model", "tiny_mobilenet", "--dataset", "svhn", "--out", str(tmp_path)]) == 2
+    assert "unknown dataset 'svhn'" in capsys.readouterr().err
+    assert main(["profile", "tiny_mobilenet", "--cfg", "widths"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
