@@ -13,10 +13,16 @@ from torch import Tensor, nn
 from ..errors import check_image_batch
 
 
+def _fx_tracing() -> bool:
+    import torch.fx._symbolic_trace as st
+    check = getattr(st, "is_fx_symbolic_tracing", None) or getattr(st, "is_fx_tracing_symbolic_tracing", None)
+    return bool(check()) if check else bool(st.is_fx_tracing())
+
+
 def is_exporting() -> bool:
     """True while tracing or exporting (ONNX, torch.export, torch.compile), where Python checks must not run."""
     return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-            or torch.compiler.is_compiling())
+            or torch.compiler.is_compiling() or _fx_tracing())
 
 
 @dataclass(frozen=True)

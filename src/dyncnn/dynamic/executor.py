@@ -1,0 +1,155 @@
+"""Conditional execution: run a stage on the rows of the batch that still need it, and account for its cost.
+
+This is the one mechanism behind every dynamic model of dyncnn. A model's state between stages is a tensor, or a
+(nested) tuple / list / dict of tensors whose first axis is the batch. The executor keeps only the rows that are
+still active (exited samples *leave the batch*: the state is compacted, not masked), runs the stage on them, and
+charges each of those samples the stage's cost in a per-sample :class:`CostLedger`.
+
+A stage's cost is measured once per input shape with ``FlopCounterMode`` on a single-sample input (hidden from
+any outer FlopCounterMode, so that a caller counting the whole call sees only the real work) and cached. Over a
+whole call, the ledger's total equals what FlopCounterMode counts for that call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import FlopCounterMode
+
+State = Any   # a tensor or a pytree of tensors, batch-first
+
+
+@dataclass
+class ExitResult:
+    """What a dynamic inference call returns, one entry per input sample."""
+    logits: Tensor       # (N, classes): the prediction each sample left with
+    exit_index: Tensor   # (N,) which exit / how many steps each sample used
+    macs: Tensor         # (N,) MACs each sample really used (int64)
+
+    def __len__(self) -> int:
+        return self.logits.shape[0]
+
+
+class CostLedger:
+    """Per-sample MAC accumulator."""
+
+    def __init__(self, batch_size: int):
+        self.macs = torch.zeros(batch_size, dtype=torch.int64)
+
+    def charge(self, rows: Tensor, macs_per_sample: int | Tensor) -> None:
+        """Add ``macs_per_sample`` (an int, or one value per row) to the samples ``rows`` (original indices)."""
+        if isinstance(macs_per_sample, Tensor):
+            self.macs.index_add_(0, rows, macs_per_sample.to(torch.int64))
+        else:
+            self.macs[rows] += int(macs_per_sample)
+
+    @property
+    def total(self) -> int:
+        return int(self.macs.sum())
+
+
+def batch_size_of(state: State) -> int:
+    leaves = [t for t in tree_flatten(state)[0] if isinstance(t, Tensor)]
+    if not leaves:
+        raise ValueError("the state holds no tensor")
+    return leaves[0].shape[0]
+
+
+def select_rows(state: State, rows: Tensor) -> State:
+    """The state restricted to ``rows`` (indices or a boolean mask into the current batch)."""
+    return tree_map(lambda t: t[rows] if isinstance(t, Tensor) and t.dim() > 0 else t, state)
+
+
+def _shape_key(state: State) -> tuple:
+    leaves, spec = tree_flatten(state)
+    return (str(spec),) + tuple((tuple(t.shape[1:]), t.dtype) if isinstance(t, Tensor) else repr(t)
+                                for t in leaves)
+
+
+def measure_macs(fn: Callable[[State], Any], state: State) -> int:
+    """MACs of ``fn`` on the first sample of ``state``, invisible to any FlopCounterMode already active."""
+    one = select_rows(state, slice(0, 1))
+    with _disable_current_modes(), torch.no_grad():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn(one)
+    return counter.get_total_flops() // 2
+
+
+class Executor:
+    """Runs stages on active rows and charges their measured per-sample cost to a ledger.
+
+    ``cost_fn(stage, state)``, when a stage defines it (``stage.dynamic_cost(state) -> Tensor (rows,)``), is used
+    instead of the cached measurement for stages whose cost depends on the data.
+    """
+
+    def __init__(self):
+        self._cache: dict[tuple, int] = {}
+
+    def stage_macs(self, stage: Callable, state: State) -> int:
+        key = (id(stage),) + _shape_key(state)
+        if key not in self._cache:
+            self._cache[key] = measure_macs(stage, state)
+        return self._cache[key]
+
+    def run(self, stage: Callable[[State], Any], state: State, rows: Tensor, ledger: CostLedger) -> Any:
+        """``stage(state)`` for the active ``rows`` (original sample indices of the state's rows)."""
+        if rows.numel() == 0:
+            raise ValueError("Executor.run called with no active rows")
+        out = stage(state)
+        ledger.charge(rows, self.stage_macs(stage, state))
+        return out
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+def early_exit_inference(stages: list[Callable], heads: list[Callable], x: State, exit_fn: Callable[[int, Tensor], Tensor],
+                         executor: Executor, num_classes: int | None = None) -> ExitResult:
+    """The early-exit loop: after stage k, head k scores the active samples; those with ``exit_fn(k, logits)``
+    True leave the batch with those logits; the rest continue. The last exit takes everyone left.
+
+    ``stages[k]: state -> state`` and ``heads[k]: state -> logits``. Samples are compacted out of the state as
+    they exit, so later stages run on fewer rows.
+    """
+    n = batch_size_of(x)
+    ledger = CostLedger(n)
+    rows = torch.arange(n)
+    exit_index = torch.full((n,), len(stages) - 1, dtype=torch.int64)
+    logits_out: Tensor | None = None
+    state = x
+    if n == 0:
+        return ExitResult(torch.zeros(0, num_classes or 0), exit_index, ledger.macs)
+    for k, (stage, head) in enumerate(zip(stages, heads)):
+        state = executor.run(stage, state, rows, ledger)
+        logits = executor.run(head, state, rows, ledger)
+        if not bool(torch.isfinite(logits).all()):
+            raise FloatingPointError(f"exit {k} produced NaN/Inf logits for {int((~torch.isfinite(logits)).any(1).sum())}"
+                                     f" samples; refusing to take an exit decision on them")
+        if logits_out is None:
+            logits_out = logits.new_zeros(n, logits.shape[1])
+        done = torch.ones(len(rows), dtype=torch.bool) if k == len(stages) - 1 else exit_fn(k, logits)
+        logits_out[rows[done]] = logits[done]
+        exit_index[rows[done]] = k
+        if bool(done.all()):
+            break
+        keep = ~done
+        if bool(keep.any()) and not bool(keep.all()):
+            state = select_rows(state, keep)
+        rows = rows[keep]
+    return ExitResult(logits_out, exit_index, ledger.macs)
+
+
+class Stage(nn.Module):
+    """Wrap a plain callable as a module (so it can live in an ``nn.ModuleList``)."""
+
+    def __init__(self, fn: Callable[[State], Any]):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, state: State) -> Any:
+        return self.fn(state)

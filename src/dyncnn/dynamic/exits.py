@@ -1,0 +1,197 @@
+"""Multi-exit networks: intermediate classifiers on any backbone, and cascades of independent models.
+
+``MultiExitNetwork`` holds ``stages`` (state -> state) and ``heads`` (state -> logits). In training,
+``forward(x)`` returns the list of every exit's logits. ``infer(x, policy)`` runs the stages through the
+conditional executor: samples whose exit is confident enough leave the batch, and each sample's MACs are
+recorded. MSDNet and RANet are MultiExitNetworks with their own stages and heads; ``attach_exits`` builds one
+from any registered, torchvision or timm backbone by cutting it at chosen modules (``split.split_model``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import check_image_batch
+from ..layers import ConvNormAct
+from .executor import ExitResult, Executor, State, early_exit_inference, measure_macs
+from .policy import ExitPolicy
+from .split import split_model
+
+
+class LinearHead(nn.Module):
+    """Global average pool + linear classifier on a feature map."""
+
+    def __init__(self, channels: int, num_classes: int, drop_rate: float = 0.0):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.drop(self.pool(x).flatten(1)))
+
+
+class ConvHead(nn.Module):
+    """MSDNet's classifier: two 3x3 stride-2 conv-BN-ReLU layers, average pool, linear."""
+
+    def __init__(self, channels: int, num_classes: int, inner: int = 128):
+        super().__init__()
+        self.convs = nn.Sequential(ConvNormAct(channels, inner, 3, stride=2), ConvNormAct(inner, inner, 3, stride=2))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inner, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.pool(self.convs(x)).flatten(1))
+
+
+HEADS: dict[str, Callable[[int, int], nn.Module]] = {"linear": LinearHead, "conv": ConvHead, "msdnet": ConvHead}
+
+
+class _Pick(nn.Module):
+    """Apply ``head`` to one named value of a dict state."""
+
+    def __init__(self, key: str, head: nn.Module):
+        super().__init__()
+        self.key, self.head = key, head
+
+    def forward(self, state: dict) -> Tensor:
+        return self.head(state[self.key])
+
+
+class MultiExitNetwork(nn.Module):
+    """Stages and exit heads run in turn; see the module docstring.
+
+    Subclasses (MSDNet, RANet) fill ``stages`` and ``heads`` and may override ``initial_state(x)``.
+    """
+
+    def __init__(self, stages: Sequence[nn.Module], heads: Sequence[nn.Module], num_classes: int,
+                 in_chans: int = 3):
+        super().__init__()
+        if len(stages) != len(heads) or not stages:
+            raise ValueError(f"need one head per stage, got {len(stages)} stages and {len(heads)} heads")
+        self.stages, self.heads = nn.ModuleList(stages), nn.ModuleList(heads)
+        self.num_classes, self.in_chans = num_classes, in_chans
+        self.executor = Executor()
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.stages)
+
+    def initial_state(self, x: Tensor) -> State:
+        return x
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        state, outs = self.initial_state(x), []
+        for stage, head in zip(self.stages, self.heads):
+            state = stage(state)
+            outs.append(head(state))
+        return outs
+
+    @torch.no_grad()
+    def infer(self, x: Tensor, policy: ExitPolicy | Sequence[float] | None = None) -> ExitResult:
+        """Real early-exit inference: exited samples leave the batch; returns logits, exit index and MACs per
+        sample. ``policy`` is an ExitPolicy or a list of max-probability thresholds; None runs to the end."""
+        check_image_batch(x, self.in_chans) if x.shape[0] else None
+        if policy is None:
+            policy = ExitPolicy.never(self.num_exits)
+        elif not isinstance(policy, ExitPolicy):
+            policy = ExitPolicy(list(policy))
+        if len(policy.thresholds) not in (self.num_exits - 1, self.num_exits):
+            raise ValueError(f"expected {self.num_exits - 1} thresholds (one per exit but the last), "
+                             f"got {len(policy.thresholds)}")
+        was_training = self.training
+        self.eval()
+        try:
+            if x.shape[0] == 0:
+                return ExitResult(x.new_zeros(0, self.num_classes), torch.zeros(0, dtype=torch.int64),
+                                  torch.zeros(0, dtype=torch.int64))
+            return early_exit_inference(list(self.stages), list(self.heads), self.initial_state(x), policy,
+                                        self.executor, self.num_classes)
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def exit_macs(self, x: Tensor) -> list[int]:
+        """Cumulative MACs per sample up to and including each exit's head, measured with FlopCounterMode."""
+        was_training = self.training
+        self.eval()
+        try:
+            state, total, out = self.initial_state(x[:1]), 0, []
+            for stage, head in zip(self.stages, self.heads):
+                total += measure_macs(stage, state)
+                state = stage(state)
+                out.append(total + measure_macs(head, state))
+            return out
+        finally:
+            self.train(was_training)
+
+
+def _dict_state(name: str) -> Callable[[Tensor], dict]:
+    return lambda x: {name: x}
+
+
+class SplitMultiExit(MultiExitNetwork):
+    """A backbone cut into segments (dict states) with a head on each cut."""
+
+    def __init__(self, stages, heads, num_classes, in_chans, input_name: str):
+        super().__init__(stages, heads, num_classes, in_chans)
+        self.input_name = input_name
+
+    def initial_state(self, x: Tensor) -> dict:
+        return {self.input_name: x}
+
+
+def attach_exits(backbone: nn.Module, stages: Sequence[str] | None = None, head: str | Callable = "linear",
+                 num_classes: int | None = None, example_size: int = 64) -> SplitMultiExit:
+    """Attach exits to ``backbone`` after each module path in ``stages``.
+
+    For dyncnn backbones, ``stages`` defaults to every stage in ``backbone.stage_info``; for torchvision/timm
+    models give the module paths (e.g. ``["features.6", "features.13", "features.18"]`` for torchvision's
+    MobileNetV2). The model's own output is always the last exit: the segment after the last cut runs the rest
+    of the network including its classifier.
+    ``head`` is ``"linear"`` (pool + linear), ``"conv"``/``"msdnet"`` (MSDNet's head) or a callable
+    ``(channels, num_classes) -> nn.Module``.
+    """
+    own = hasattr(backbone, "forward_features") and hasattr(backbone, "forward_head") and \
+        hasattr(backbone, "stage_info")
+    if stages is None:
+        if not own:
+            raise ValueError("give the module paths to attach exits to (e.g. stages=['features.6', 'features.13'])")
+        stages = [s.module for s in backbone.stage_info]
+    stages = list(stages)
+    make_head = HEADS[head] if isinstance(head, str) else head
+    if isinstance(head, str) and head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; expected one of {sorted(HEADS)} or a callable")
+    # Split the whole forward: the last segment ends with the model's own classifier, the last exit.
+    segments = split_model(backbone, stages, "forward")
+    num_classes = num_classes or getattr(backbone, "num_classes", None)
+    in_chans = getattr(backbone, "in_chans", 3)
+    # channels at each cut, from a dummy pass
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        state = {segments[0].input_name: torch.zeros(1, in_chans, example_size, example_size)}
+        shapes = []
+        for seg in segments:
+            state = seg(state)
+            shapes.append(state[seg.boundary].shape)
+    backbone.train(was_training)
+    if num_classes is None:
+        num_classes = shapes[-1][1]
+    heads: list[nn.Module] = [_Pick(seg.boundary, make_head(shapes[k][1], num_classes))
+                              for k, seg in enumerate(segments[:-1])]
+    heads.append(_Pick(segments[-1].boundary, nn.Identity()))
+    net = SplitMultiExit(segments, heads, num_classes, in_chans, segments[0].input_name)
+    net.exit_stages = stages
+    return net
+
+
+class Cascade(MultiExitNetwork):
+    """Independent models of increasing size; model k runs only on the samples that models < k were not
+    confident about. Each stage passes the input through unchanged; the heads are the models."""
+
+    def __init__(self, models: Sequence[nn.Module], num_classes: int, in_chans: int = 3):
+        super().__init__([nn.Identity() for _ in models], list(models), num_classes, in_chans)

@@ -1,0 +1,71 @@
+"""Exit criteria: how confident an exit is, and the rule "leave at exit k if confidence >= threshold k".
+
+Scores are computed on temperature-scaled logits (one temperature per exit, fitted on the validation split).
+Higher is more confident for every criterion, so one threshold rule serves all:
+- ``max_prob``: the top softmax probability (MSDNet, RANet, GFNet);
+- ``entropy``: minus the entropy of the softmax, normalised to [-1, 0] by log(classes);
+- ``margin``: top-1 minus top-2 probability.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+CRITERIA = ("max_prob", "entropy", "margin")
+
+
+def confidence(logits: Tensor, criterion: str = "max_prob", temperature: float = 1.0) -> Tensor:
+    """Per-sample confidence of ``logits`` (N, C) under ``criterion``; NaN logits are an error."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown exit criterion {criterion!r}; expected one of {CRITERIA}")
+    if not bool(torch.isfinite(logits).all()):
+        raise FloatingPointError("NaN/Inf in the logits: no exit decision can be taken on them")
+    p = torch.softmax(logits.float() / temperature, dim=-1)
+    if criterion == "max_prob":
+        return p.max(-1).values
+    if criterion == "margin":
+        top = p.topk(2, dim=-1).values
+        return top[:, 0] - top[:, 1]
+    ent = -(p * p.clamp_min(1e-12).log()).sum(-1)
+    return -ent / math.log(p.shape[-1])
+
+
+@dataclass
+class ExitPolicy:
+    """Thresholds (one per exit but the last) on a confidence criterion, with per-exit temperatures."""
+    thresholds: Sequence[float]
+    criterion: str = "max_prob"
+    temperatures: Sequence[float] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"unknown exit criterion {self.criterion!r}; expected one of {CRITERIA}")
+        self.thresholds = [float(t) for t in self.thresholds]
+        if any(math.isnan(t) for t in self.thresholds):
+            raise ValueError("thresholds must not be NaN")
+
+    def temperature(self, k: int) -> float:
+        return float(self.temperatures[k]) if k < len(self.temperatures) else 1.0
+
+    def __call__(self, k: int, logits: Tensor) -> Tensor:
+        """Boolean mask of the rows of ``logits`` that leave at exit ``k``."""
+        if k >= len(self.thresholds):
+            return torch.ones(logits.shape[0], dtype=torch.bool)
+        return confidence(logits, self.criterion, self.temperature(k)) >= self.thresholds[k]
+
+    @classmethod
+    def never(cls, num_exits: int) -> "ExitPolicy":
+        """Every sample runs to the last exit (full depth)."""
+        return cls([math.inf] * (num_exits - 1))
+
+    @classmethod
+    def always_first(cls, num_exits: int) -> "ExitPolicy":
+        return cls([-math.inf] * (num_exits - 1))
+
+    def to_dict(self) -> dict:
+        return {"thresholds": list(self.thresholds), "criterion": self.criterion,
+                "temperatures": list(self.temperatures)}
