@@ -2,10 +2,13 @@
 from .activations import HardSigmoid, HardSwish, get_act_layer
 from .conv import ConvNormAct, DepthwiseSeparableConv, GroupConv2d, make_divisible
 from .shuffle import ChannelShuffle, channel_shuffle, channel_unshuffle
+from .learned_group import CondensedGroupConv, CondensedLinear, ConversionError, LearnedGroupConv, LearnedLinear
+from .reactivation import CondensedReactivation, SparseFeatureReactivation
 from .squeeze_excite import SqueezeExcite
 
 __all__ = [
     "ConvNormAct", "DepthwiseSeparableConv", "GroupConv2d", "make_divisible",
     "ChannelShuffle", "channel_shuffle", "channel_unshuffle", "SqueezeExcite",
-    "HardSigmoid", "HardSwish", "get_act_layer",
+    "HardSigmoid", "HardSwish", "get_act_layer", "LearnedGroupConv", "CondensedGroupConv", "LearnedLinear",
+    "CondensedLinear", "ConversionError", "SparseFeatureReactivation", "CondensedReactivation",
 ]
