@@ -6,7 +6,7 @@ from dyncnn.cli import build_parser, main
 
 
 def test_help_of_every_command(capsys):
-    for argv in (["--help"], ["zoo", "--help"], ["profile", "--help"], ["train", "--help"], ["eval", "--help"],
+    for argv in (["--help"], ["zoo", "--help"], ["profile", "--help"], ["train", "--help"], ["eval", "--help"], ["calibrate", "--help"],
                  ["demo", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
@@ -14,7 +14,7 @@ def test_help_of_every_command(capsys):
         out = capsys.readouterr().out
         assert "usage: dyncnn" in out
     sub = build_parser()._subparsers._group_actions[0].choices
-    assert set(sub) == {"zoo", "profile", "train", "eval", "demo"}
+    assert set(sub) == {"zoo", "profile", "train", "eval", "calibrate", "demo"}
 
 
 def test_zoo_lists_models_with_macs(capsys):
@@ -55,3 +55,29 @@ def test_errors_exit_2_with_message(tmp_path, capsys):
     assert "unknown dataset 'svhn'" in capsys.readouterr().err
     assert main(["profile", "tiny_mobilenet", "--cfg", "widths"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_calibrate_and_budgeted_eval(tmp_path, capsys):
+    out = tmp_path / "me"
+    assert main(["train", "--model", "multi_exit", "--cfg", "backbone=tiny_mobilenet",
+                 'backbone_cfg={"widths": [16, 32, 64]}', "--dataset", "mnist", "--epochs", "1",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    ckpt = str(out / "last.safetensors")
+    assert main(["calibrate", ckpt, "--budget", "0.8"]) == 0
+    record = json.loads((out / "thresholds.json").read_text())
+    assert record["num_exits"] == 3 and len(record["thresholds"]) == 2 and len(record["temperatures"]) == 3
+    assert record["val_mean_macs"] <= 0.8 * record["exit_macs"][-1]
+    capsys.readouterr()
+    assert main(["eval", ckpt, "--budget", str(out / "thresholds.json"), "--anytime", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert [a["exit"] for a in r["anytime"]] == [1, 2, 3]
+    assert r["budget"]["n"] == 1000 and sum(r["budget"]["exit_histogram"]) == 1000
+    assert r["budget"]["mean_macs"] < r["budget"]["full_macs"]
+    # infeasible budgets name the range; thresholds for another model are refused
+    assert main(["calibrate", ckpt, "--budget-macs", "1k"]) == 2
+    assert "feasible range" in capsys.readouterr().err
+    record["num_exits"] = 4
+    (tmp_path / "bad.json").write_text(json.dumps(record))
+    assert main(["eval", ckpt, "--budget", str(tmp_path / "bad.json")]) == 2
+    assert "for 4 exits, the model has 3" in capsys.readouterr().err

@@ -149,11 +149,81 @@ def cmd_eval(args) -> int:
         data_cfg = {"name": args.dataset, "root": args.data_root, "seed": args.seed, **_data_kwargs(args)}
     data_cfg = {k: v for k, v in data_cfg.items() if k != "input_size"}
     dataset = _dataset(args, args.split, data_cfg)
+    if args.budget or args.anytime:
+        return _eval_dynamic(args, model, dataset)
     result = evaluate(model, dataset)
     result.update(checkpoint=str(args.checkpoint), split=args.split, dataset=data_cfg["name"])
     print(json.dumps(result, indent=2) if args.json else
           f"{args.checkpoint}: {data_cfg['name']} {args.split}: accuracy {result['acc']:.4f}, "
           f"loss {result['loss']:.4f} on {result['n']} samples")
+    return 0
+
+
+def _eval_dynamic(args, model, dataset) -> int:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .dynamic.budget import anytime, collect_exit_logits
+    from .dynamic.calibration import load_thresholds
+    if not hasattr(model, "infer"):
+        raise DyncnnError(f"--budget/--anytime need a multi-exit network; {type(model).__name__} has no exits")
+    out: dict = {"checkpoint": str(args.checkpoint), "split": args.split}
+    if args.anytime:
+        logits, targets = collect_exit_logits(model, dataset)
+        cum = model.exit_macs(dataset[0][0].unsqueeze(0))
+        out["anytime"] = [{"exit": k + 1, "macs": m, "accuracy": a}
+                          for k, (m, a) in enumerate(anytime(logits.argmax(-1) == targets, cum))]
+    if args.budget:
+        policy, record = load_thresholds(args.budget, model)
+        correct, macs, exits = 0, [], []
+        for x, y in DataLoader(dataset, batch_size=256):
+            r = model.infer(x, policy)
+            correct += int((r.logits.argmax(1) == torch.as_tensor(y)).sum())
+            macs.append(r.macs)
+            exits.append(r.exit_index)
+        macs, exits = torch.cat(macs), torch.cat(exits)
+        out["budget"] = {"thresholds_file": str(args.budget), "accuracy": correct / len(macs),
+                         "mean_macs": float(macs.double().mean()), "full_macs": record["exit_macs"][-1],
+                         "exit_histogram": torch.bincount(exits, minlength=model.num_exits).tolist(),
+                         "n": len(macs)}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    if "anytime" in out:
+        print("| exit | cumulative MACs | accuracy |\n|---|---|---|")
+        for r in out["anytime"]:
+            print(f"| {r['exit']} | {r['macs'] / 1e6:.3f}M | {r['accuracy']:.4f} |")
+    if "budget" in out:
+        b = out["budget"]
+        print(f"budgeted ({args.budget}): accuracy {b['accuracy']:.4f}, mean MACs {b['mean_macs'] / 1e6:.3f}M "
+              f"({b['mean_macs'] / b['full_macs']:.0%} of full depth), exits {b['exit_histogram']} on {b['n']} samples")
+    return 0
+
+
+def _parse_macs(text: str) -> float:
+    """'1.5M', '300k', '2e6' -> MACs."""
+    scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text[-1].lower(), 1.0)
+    try:
+        return float(text[:-1] if scale != 1.0 else text) * scale
+    except ValueError:
+        raise DyncnnError(f"--budget-macs expects a number such as 1.5M or 300k, got {text!r}") from None
+
+
+def cmd_calibrate(args) -> int:
+    from .dynamic.calibration import calibrate, save_thresholds
+    from .train import load_checkpoint
+    model, meta = load_checkpoint(args.checkpoint)
+    data_cfg = {k: v for k, v in (meta.get("data") or {}).items() if k != "input_size"}
+    if args.dataset_override or not data_cfg:
+        data_cfg = {"name": args.dataset, "root": args.data_root, "seed": args.seed, **_data_kwargs(args)}
+    val = _dataset(args, "val", data_cfg)
+    record = calibrate(model, val, target_macs=_parse_macs(args.budget_macs) if args.budget_macs else None,
+                       target_fraction=args.budget, target_accuracy=args.target_accuracy, criterion=args.criterion)
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_name("thresholds.json")
+    save_thresholds(record, out)
+    print(f"thresholds for {record['num_exits']} exits written to {out}: val accuracy {record['val_accuracy']:.4f} "
+          f"at {record['val_mean_macs'] / 1e6:.3f}M mean MACs ({record['val_mean_macs'] / record['exit_macs'][-1]:.0%}"
+          f" of full depth)")
     return 0
 
 
@@ -216,8 +286,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--dataset-override", action="store_true",
                    help="use --dataset/--data-root instead of the dataset recorded in the checkpoint")
+    e.add_argument("--budget", default=None, metavar="THRESHOLDS_JSON",
+                   help="real early-exit evaluation with thresholds from `dyncnn calibrate`")
+    e.add_argument("--anytime", action="store_true", help="accuracy of every exit with its cumulative MACs")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("calibrate", help="solve exit thresholds for a target budget on the validation split",
+                       description="Fit per-exit temperatures and solve the early-exit thresholds of a multi-exit "
+                                   "CHECKPOINT on the validation split for a target mean MACs (MSDNet protocol + "
+                                   "bisection); writes a thresholds JSON for `dyncnn eval --budget`.")
+    c.add_argument("checkpoint")
+    _add_data_args(c)
+    target = c.add_mutually_exclusive_group(required=True)
+    target.add_argument("--budget", type=float, help="target mean MACs as a fraction of full depth, e.g. 0.5")
+    target.add_argument("--budget-macs", help="target mean MACs per image, e.g. 1.2M")
+    target.add_argument("--target-accuracy", type=float, help="cheapest thresholds reaching this val accuracy")
+    c.add_argument("--criterion", default="max_prob", choices=["max_prob", "entropy", "margin"])
+    c.add_argument("--dataset-override", action="store_true")
+    c.add_argument("--out", default=None, help="thresholds file (default: thresholds.json beside the checkpoint)")
+    c.set_defaults(func=cmd_calibrate)
 
     d = sub.add_parser("demo", help="the main job on the embedded data: train, evaluate, profile, report",
                        description="Train a small network on ScaledMNIST with clutter, evaluate it, measure its "
