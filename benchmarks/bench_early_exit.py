@@ -1,0 +1,95 @@
+"""Realized speedup of real early exit against the MAC speedup (issue: early exiting that really exits).
+
+For each network, thresholds are set so that half of a batch leaves at the first exit and the other half runs
+to the last one. We time ``infer`` with those thresholds and with full depth (same network, same inputs, same
+process, eager PyTorch, fixed threads), at batch 64 and at batch 1 (each of the 64 samples alone), and report
+realized speedup = full latency / dynamic latency beside MAC speedup = full MACs / mean MACs (the ledger's).
+
+    python benchmarks/bench_early_exit.py [--threads 2] [--models msdnet_cifar ...]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import dyncnn
+from dyncnn.dynamic import ExitPolicy
+
+CONFIGS = {
+    "msdnet_cifar": dict(name="msdnet_cifar", kw={"num_classes": 10}, shape=(3, 32, 32)),
+    "ranet_cifar": dict(name="ranet_cifar", kw={"num_classes": 10}, shape=(3, 32, 32)),
+    "multi_exit(mobilenet_v2)": dict(name="multi_exit", kw={"backbone": "mobilenet_v2", "num_classes": 10,
+                                                             "stages": ["stages.2", "stages.4", "conv_head"]},
+                                     shape=(3, 96, 96)),
+    "multi_exit(tiny_mobilenet, demo)": dict(name="multi_exit", kw={"backbone": "tiny_mobilenet", "num_classes": 10,
+                                                                    "in_chans": 1,
+                                                                    "backbone_cfg": {"widths": [12, 32, 96, 256, 384]}},
+                                             shape=(1, 64, 64)),
+}
+
+
+def timed(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def bench(label: str, cfg: dict, repeats: int) -> list[dict]:
+    torch.manual_seed(0)
+    net = dyncnn.create_model(cfg["name"], **cfg["kw"]).eval()
+    x = torch.randn(64, *cfg["shape"])
+    with torch.no_grad():
+        first = torch.softmax(net(x)[0], 1).max(1).values
+    half = ExitPolicy([float(first.median())] + [float("inf")] * (net.num_exits - 2))
+    full = ExitPolicy.never(net.num_exits)
+    res = net.infer(x, half)
+    mac_speedup = float(net.infer(x, full).macs.double().mean() / res.macs.double().mean())
+    rows = []
+    for batch in (64, 1):
+        if batch == 64:
+            t_full = timed(lambda: net.infer(x, full), repeats)
+            t_dyn = timed(lambda: net.infer(x, half), repeats)
+        else:
+            singles = [x[i:i + 1] for i in range(len(x))]
+            t_full = timed(lambda: [net.infer(s, full) for s in singles], max(3, repeats // 4))
+            t_dyn = timed(lambda: [net.infer(s, half) for s in singles], max(3, repeats // 4))
+        realized = t_full / t_dyn
+        rows.append({"model": label, "batch": batch, "exit_mix": torch.bincount(res.exit_index).tolist(),
+                     "mac_speedup": mac_speedup, "full_ms": t_full, "dynamic_ms": t_dyn, "realized": realized,
+                     "ratio": realized / mac_speedup})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--models", nargs="*", default=list(CONFIGS))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    registered = set(dyncnn.list_models())
+    rows = []
+    for label in args.models:
+        cfg = CONFIGS[label]
+        if cfg["name"] not in registered:
+            print(f"(skipping {label}: not registered)")
+            continue
+        rows += bench(label, cfg, args.repeats)
+    print(f"\nreal early exit, half the batch at the first exit; eager PyTorch, {args.threads} threads; batch 1 = "
+          f"the 64 samples one at a time (total ms)\n")
+    print("| model | batch | exits taken | full depth ms | dynamic ms | MAC speedup | realized speedup | realized / MAC |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['batch']} | {r['exit_mix']} | {r['full_ms']:.1f} | {r['dynamic_ms']:.1f} | "
+              f"{r['mac_speedup']:.2f}x | {r['realized']:.2f}x | {r['ratio']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
