@@ -118,3 +118,15 @@ def test_select_rows_on_pytrees_and_ledger():
     ledger.charge(torch.tensor([0, 2]), 5)
     ledger.charge(torch.tensor([2, 3]), torch.tensor([1, 2]))
     assert ledger.macs.tolist() == [5, 0, 6, 2] and ledger.total == 13
+
+
+def test_exits_on_a_timm_model():
+    pytest.importorskip("timm")
+    base = dyncnn.create_model("timm:mobilenetv3_small_050", num_classes=10).eval()
+    net = attach_exits(base, ["blocks.1", "blocks.3", "blocks.5"]).eval()
+    x = torch.randn(3, 3, 64, 64)
+    torch.testing.assert_close(net(x)[-1], base(x))
+    cum = net.exit_macs(x[:1])
+    assert cum[0] < cum[1] < cum[2]
+    r = net.infer(x, ExitPolicy.always_first(3))
+    assert r.macs.tolist() == [cum[0]] * 3
