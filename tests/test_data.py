@@ -105,3 +105,14 @@ def test_image_folder(tmp_path):
     assert len(ds) == 4 and ds.num_classes == 2 and ds[0][0].shape == (3, 32, 32)
     with pytest.raises(FileNotFoundError, match="ROOT/\\{train,val,test\\}/CLASS_NAME"):
         image_folder(tmp_path, "val")
+
+
+def test_scaled_mnist_repeats_render_new_placements():
+    one = ScaledMNIST("val", canvas=32, seed=1)
+    three = ScaledMNIST("val", canvas=32, seed=1, repeats=3)
+    assert len(three) == 3 * len(one)
+    assert torch.equal(three.images[:500], one.images)                   # the first rendering is unchanged
+    assert torch.equal(three.targets[500:1000], one.targets)             # the same digits again ...
+    assert not torch.equal(three.images[500:1000], one.images)           # ... placed anew
+    with pytest.raises(ValueError, match="repeats"):
+        ScaledMNIST("val", repeats=0)

@@ -229,7 +229,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    run_demo(out_dir=Path(args.out), epochs=args.epochs, threads=args.threads)
+    run_demo(out_dir=Path(args.out), epochs=args.epochs, threads=args.threads, naive=not args.no_naive)
     return 0
 
 
@@ -313,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--epochs", type=int, default=None, help="override the demo's epoch count")
     d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--no-naive", action="store_true", help="skip the naive multi-exit comparison network")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -91,7 +91,7 @@ class ScaledMNIST(Dataset):
     in_chans = 1
 
     def __init__(self, split: str = "train", canvas: int = 64, min_scale: float = 0.25, max_scale: float = 0.9,
-                 clutter: int = 0, seed: int = 0, fragment: int = 10):
+                 clutter: int = 0, seed: int = 0, fragment: int = 10, repeats: int = 1):
         if canvas < 16:
             raise ValueError(f"canvas must be at least 16 pixels, got {canvas}")
         if not 0 < min_scale <= max_scale <= 1:
@@ -99,10 +99,15 @@ class ScaledMNIST(Dataset):
                              f"max_scale={max_scale}")
         if clutter < 0:
             raise ValueError(f"clutter must be >= 0 fragments, got {clutter}")
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
         self.config = ScaledMNISTConfig(canvas, min_scale, max_scale, clutter, fragment)
         self.split, self.seed, self.input_size = split, seed, canvas
         images, labels = load_mnist_digits()
-        idx = split_indices(split, seed)
+        # ``repeats`` renders every digit of the split that many times, each at its own scale, position and
+        # clutter: more distinct training images from the same 5,000 digits (rendering i < len(split) is the same
+        # image whatever ``repeats`` is).
+        idx = split_indices(split, seed).repeat(repeats)
         self.targets = labels[idx]
         n = len(idx)
         canvases = torch.zeros(n, canvas, canvas)
