@@ -132,10 +132,6 @@ class MultiExitNetwork(nn.Module):
             self.train(was_training)
 
 
-def _dict_state(name: str) -> Callable[[Tensor], dict]:
-    return lambda x: {name: x}
-
-
 class SplitMultiExit(MultiExitNetwork):
     """A backbone cut into segments (dict states) with a head on each cut."""
 

@@ -9,8 +9,6 @@ split as well as chains. Running the segments in order equals running the model.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
@@ -45,12 +43,11 @@ def _trace(model: nn.Module, method: str) -> fx.GraphModule:
     return gm
 
 
-def split_model(model: nn.Module, boundaries: list[str], method: str = "forward_features",
-                input_name: str = "x") -> list[Segment]:
+def split_model(model: nn.Module, boundaries: list[str], method: str = "forward_features") -> list[Segment]:
     """Split ``model.<method>`` after each module path in ``boundaries`` (in execution order).
 
     The last segment also runs whatever follows the last boundary up to the method's output; its ``boundary``
-    value is that output. Returns the segments; state starts as ``{input_name: x}``.
+    value is that output. Returns the segments; the state starts as ``{segments[0].input_name: x}``.
     """
     if not boundaries:
         raise ValueError("need at least one boundary module")
@@ -64,14 +61,6 @@ def split_model(model: nn.Module, boundaries: list[str], method: str = "forward_
     if len(placeholder) != 1:
         raise ValueError(f"{method}() must take exactly one input to be split, got {len(placeholder)}")
     output_node = next(n for n in nodes if n.op == "output")
-    # The boundary node of module M is the last node whose call lives inside M in execution order.
-    owner: dict[fx.Node, str] = {}
-    for n in nodes:
-        stack = n.meta.get("nn_module_stack") or {}
-        if n.op == "call_module":
-            owner[n] = str(n.target)
-        elif stack:
-            owner[n] = list(stack.values())[-1][0] if isinstance(list(stack.values())[-1], tuple) else ""
     cut_at: list[int] = []
     for b in boundaries:
         target = prefix + b
