@@ -60,7 +60,7 @@ def plot_easy_hard_gallery(images: Tensor, labels: Sequence[int], exit_index: Te
             ax.axis("off")
             if j < len(idx):
                 i = int(idx[j])
-                ax.imshow(images[i].squeeze(0).cpu(), cmap="gray")
+                ax.imshow(images[i].squeeze(0).cpu().numpy(), cmap="gray")
                 ax.set_title(str(labels[i]), fontsize=8)
         axes[row, 0].text(-0.1, 0.5, name, transform=axes[row, 0].transAxes, ha="right", va="center",
                           fontsize=8)
