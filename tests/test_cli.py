@@ -81,3 +81,11 @@ def test_calibrate_and_budgeted_eval(tmp_path, capsys):
     (tmp_path / "bad.json").write_text(json.dumps(record))
     assert main(["eval", ckpt, "--budget", str(tmp_path / "bad.json")]) == 2
     assert "for 4 exits, the model has 3" in capsys.readouterr().err
+
+
+def test_zoo_profiles_condensenet_in_its_converted_form(capsys):
+    assert main(["zoo", "--pattern", "condensenet_cifar50", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["input"] == 32
+    # the published 0.22M params / 28.6M MACs are those of the converted network (conv+linear count ~5% lower)
+    assert abs(row["params_m"] - 0.22) < 0.02 and 0.93 * 28.6 < row["macs_m"] < 28.6

@@ -68,8 +68,9 @@ def cmd_zoo(args) -> int:
     from .profile import count_macs
     rows = []
     for name in tqdm(list_models(args.pattern), desc="profiling", leave=False, disable=args.json):
-        model = create_model(name)
         pub = published_figures(name)
+        # e.g. CondenseNet: the published figures are those of the converted inference network
+        model = create_model(name, **pub.get("profile_cfg", {}))
         size = args.input_size or pub.get("input_size", 224)
         x = torch.randn(1, getattr(model, "in_chans", 3), size, size)
         r = count_macs(model, x)
@@ -233,6 +234,110 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _deploy_shape(model, args, meta: dict) -> tuple[int, int, int]:
+    """(C, H, W) of the export: --in-chans/--input-size, else the checkpoint's data size, the model's published
+    input size, 224."""
+    from .models import published_figures
+    name = (meta.get("model") or {}).get("name") or args.model
+    size = args.input_size or (meta.get("data") or {}).get("input_size")
+    if size is None and not name.startswith(("torchvision:", "timm:")) and not name.endswith(".safetensors"):
+        size = published_figures(name).get("input_size")
+    return _input_shape(model, size, args.in_chans, meta)
+
+
+def _deploy_images(args, model, meta: dict, shape: tuple[int, int, int], split: str, n: int):
+    """Up to ``n`` real images of ``split`` shaped ``shape``, and their labels: the checkpoint's dataset (or
+    --dataset). Images of another size or a single channel are resized / channel-repeated to fit the model; the
+    labels are then None (they mean nothing to such a model), as they are when the class counts differ."""
+    import torch
+    import torch.nn.functional as F
+    data_cfg = {k: v for k, v in (meta.get("data") or {}).items() if k != "input_size"}
+    if getattr(args, "dataset_override", False) or not data_cfg:
+        data_cfg = {"name": args.dataset, "root": args.data_root, "seed": args.seed, **_data_kwargs(args)}
+    ds = _dataset(args, split, data_cfg)
+    idx = range(min(n, len(ds)))
+    x = torch.stack([ds[i][0] for i in idx])
+    y = torch.as_tensor([int(ds[i][1]) for i in idx])
+    fits = tuple(x.shape[1:]) == tuple(shape) and getattr(model, "num_classes", None) == ds.num_classes
+    if tuple(x.shape[2:]) != tuple(shape[1:]):
+        x = F.interpolate(x, size=shape[1:], mode="bilinear", align_corners=False)
+    if x.shape[1] != shape[0]:
+        if x.shape[1] != 1:
+            raise DyncnnError(f"cannot adapt {x.shape[1]}-channel images of {data_cfg['name']} to a "
+                              f"{shape[0]}-channel model; pass --dataset with matching images")
+        x = x.repeat(1, shape[0], 1, 1)
+    return x.contiguous(), (y if fits else None)
+
+
+def _deploy_policy(args, model, meta: dict):
+    """The exit policy of a multi-exit model: --thresholds, else thresholds.json beside the checkpoint, else
+    (``--budget``) thresholds calibrated on the validation split, else full depth. Returns (policy, source)."""
+    import torch
+
+    from .dynamic.calibration import calibrate, load_thresholds
+    from .dynamic.policy import ExitPolicy
+    path = Path(args.thresholds) if args.thresholds else None
+    if path is None and Path(args.model).suffix == ".safetensors":
+        beside = Path(args.model).with_name("thresholds.json")
+        path = beside if beside.exists() else None
+    if path is not None:
+        return load_thresholds(path, model)[0], str(path)
+    if not getattr(args, "calibrate", False):
+        return ExitPolicy.never(model.num_exits), "full depth (no thresholds given)"
+    x, y = _deploy_images(args, model, meta, _deploy_shape(model, args, meta), "val", 500)
+    y = y if y is not None else torch.zeros(len(x), dtype=torch.int64)   # scores only: accuracy is not reported
+    cum = model.exit_macs(x[:1])
+    if args.budget is None:      # halfway between the first exit and full depth: feasible for any network
+        target, what = (cum[0] + cum[-1]) / 2, "halfway between the first exit's and full-depth MACs"
+    else:
+        target, what = args.budget * cum[-1], f"{args.budget:.0%} of full-depth MACs"
+    record = calibrate(model, list(zip(x, y.tolist())), target_macs=target)
+    return (ExitPolicy(record["thresholds"], record["criterion"], record["temperatures"]),
+            f"calibrated on the validation split for {what}")
+
+
+def cmd_export(args) -> int:
+    from .export import export_bundle, is_multi_exit
+    model, meta = _load_model(args.model, cfg=_parse_cfg(args.cfg))
+    model.eval()
+    shape = _deploy_shape(model, args, meta)
+    policy, source = (_deploy_policy(args, model, meta) if is_multi_exit(model) else (None, None))
+    real, _ = _deploy_images(args, model, meta, shape, "val", max(args.calib_images, 16))
+    manifest = export_bundle(model, args.out, shape, policy=policy, check_inputs=[real[:16]],
+                             quantize=args.quantize, calibration=real[:args.calib_images],
+                             single_graph=args.single_graph)
+    if args.json:
+        print(json.dumps(manifest, indent=2, allow_nan=True))
+        return 0
+    graphs = sum(1 for k in ("stages", "heads") for e in manifest.get(k, []) if e["files"]) or 1
+    print(f"exported {args.model} ({manifest['kind']}, input {'x'.join(map(str, shape))}, {graphs} ONNX graph"
+          f"{'s' if graphs > 1 else ''}{', + INT8' if args.quantize else ''}) to {args.out}; max relative error "
+          f"against eager {manifest['check']['max_rel_err']:.1e} on {manifest['check']['batches']} batches")
+    if policy is not None:
+        print(f"exit policy: {source}; thresholds {[round(t, 4) for t in policy.thresholds]}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .export import is_multi_exit
+    from .export.bench import bench_model, format_table
+    model, meta = _load_model(args.model, cfg=_parse_cfg(args.cfg))
+    model.eval()
+    shape = _deploy_shape(model, args, meta)
+    policy, source = (_deploy_policy(args, model, meta) if is_multi_exit(model) else (None, None))
+    images, labels = _deploy_images(args, model, meta, shape, "test", args.images)
+    calib, _ = _deploy_images(args, model, meta, shape, "val", 128)
+    result = bench_model(model, images, labels, policy=policy, threads=args.threads, batch_sizes=args.batch_sizes,
+                         quantize=not args.no_quantize, calibration=calib, min_time_s=args.min_time)
+    result.update(model=args.model, policy_source=source)
+    if args.json:
+        print(json.dumps(result, indent=2, allow_nan=True))
+        return 0
+    print(f"model: {args.model} ({result['kind']})" + (f"   exit policy: {source}" if source else ""))
+    print(format_table(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dyncnn", description="Efficient mobile CNNs and dynamic networks that "
                                 "execute the computation they save: build, train, profile, evaluate.")
@@ -315,6 +420,54 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int, default=2)
     d.add_argument("--no-naive", action="store_true", help="skip the naive multi-exit comparison network")
     d.set_defaults(func=cmd_demo)
+
+    ex = sub.add_parser("export", help="export a model to ONNX: one graph, or one per stage/exit + manifest",
+                        description="Export MODEL (registered name, torchvision:NAME, timm:NAME or a checkpoint) to "
+                                    "the bundle folder --out: a static model as one ONNX graph, a multi-exit network "
+                                    "as one graph per stage and per exit head with a manifest (policy, per-stage "
+                                    "MACs) that `dyncnn.export.load_bundle` runs with ONNX Runtime. Checked "
+                                    "against eager on random and real (validation) images.")
+    ex.add_argument("model")
+    ex.add_argument("--out", required=True, help="bundle folder (new, empty, or an older bundle to replace)")
+    ex.add_argument("--quantize", action="store_true", help="also write INT8 graphs (static post-training "
+                    "quantization calibrated on validation images)")
+    ex.add_argument("--thresholds", default=None, help="exit thresholds from `dyncnn calibrate` (default: "
+                    "thresholds.json beside the checkpoint if present, else full depth)")
+    ex.add_argument("--single-graph", action="store_true",
+                    help="also write single.onnx: the torch.cond form with a per-batch exit condition")
+    ex.add_argument("--calib-images", type=int, default=256, help="validation images for INT8 calibration")
+    ex.add_argument("--input-size", type=int, default=None, help="square input side (default: checkpoint's data "
+                    "size, the model's published size, or 224)")
+    ex.add_argument("--in-chans", type=int, default=None)
+    ex.add_argument("--cfg", nargs="*", metavar="KEY=VALUE", help="model keyword arguments")
+    _add_data_args(ex)
+    ex.add_argument("--dataset-override", action="store_true")
+    ex.add_argument("--json", action="store_true", help="print the manifest")
+    ex.set_defaults(func=cmd_export)
+
+    be = sub.add_parser("bench", help="deployment latency: eager vs ONNX Runtime, FP32 vs INT8, batch 1 and 64",
+                        description="Latency table of MODEL in eager PyTorch and ONNX Runtime (FP32 and INT8), at "
+                                    "fixed threads, median and IQR; for multi-exit networks also the realized "
+                                    "speedup of the exits against the same bundle forced to full depth, beside the "
+                                    "MAC speedup, and the driver's overhead.")
+    be.add_argument("model")
+    be.add_argument("--thresholds", default=None, help="exit thresholds file (multi-exit)")
+    be.add_argument("--budget", type=float, default=None, help="without thresholds: calibrate for this fraction "
+                    "of full-depth MACs on the validation split (default: halfway between the first exit's and "
+                    "full-depth MACs)")
+    be.set_defaults(calibrate=True)
+    be.add_argument("--threads", type=int, default=1)
+    be.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    be.add_argument("--images", type=int, default=256, help="test images used (accuracy, dynamic timings)")
+    be.add_argument("--min-time", type=float, default=0.5, help="seconds of timed runs per point")
+    be.add_argument("--no-quantize", action="store_true", help="skip the INT8 rows")
+    be.add_argument("--input-size", type=int, default=None)
+    be.add_argument("--in-chans", type=int, default=None)
+    be.add_argument("--cfg", nargs="*", metavar="KEY=VALUE", help="model keyword arguments")
+    _add_data_args(be)
+    be.add_argument("--dataset-override", action="store_true")
+    be.add_argument("--json", action="store_true")
+    be.set_defaults(func=cmd_bench)
     return p
 
 

@@ -279,12 +279,16 @@ def cifar_cfg(depth: int, growth: tuple[int, int, int] = (8, 16, 32), groups: in
     return CondenseNetCfg(stages, stem_stride=1, groups_1x1=groups, groups_3x3=groups, condense_factor=groups)
 
 
-@register_model(name="condensenet74_c4_g4", published={"macs": 529e6, "params": 4.8e6, "input_size": 224})
+# The published figures are those of the converted (inference) network: `dyncnn zoo` profiles that form.
+_CONVERTED = {"profile_cfg": {"converted": True}}
+
+
+@register_model(name="condensenet74_c4_g4", published={"macs": 529e6, "params": 4.8e6, "input_size": 224, **_CONVERTED})
 def condensenet74_c4_g4(num_classes: int = 1000, converted: bool = False, **kwargs) -> CondenseNet:
     return build_condensenet(_imagenet74_cfg(4), converted=converted, num_classes=num_classes, **kwargs)
 
 
-@register_model(name="condensenet74_c8_g8", published={"macs": 274e6, "params": 2.9e6, "input_size": 224})
+@register_model(name="condensenet74_c8_g8", published={"macs": 274e6, "params": 2.9e6, "input_size": 224, **_CONVERTED})
 def condensenet74_c8_g8(num_classes: int = 1000, converted: bool = False, **kwargs) -> CondenseNet:
     return build_condensenet(_imagenet74_cfg(8), converted=converted, num_classes=num_classes, **kwargs)
 
@@ -295,7 +299,8 @@ _CIFAR_PUBLISHED = {50: (28.6e6, 0.22e6), 74: (51.9e6, 0.41e6), 86: (65.8e6, 0.5
 
 def _register_cifar(depth: int) -> None:
     published = _CIFAR_PUBLISHED.get(depth)
-    figures = {"macs": published[0], "params": published[1], "input_size": 32} if published else None
+    figures = {"macs": published[0], "params": published[1]} if published else {}
+    figures.update(input_size=32, **_CONVERTED)
 
     def builder(num_classes: int = 10, converted: bool = False, **kwargs) -> CondenseNet:
         return build_condensenet(cifar_cfg(depth), converted=converted, num_classes=num_classes, **kwargs)

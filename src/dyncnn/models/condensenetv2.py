@@ -79,17 +79,21 @@ V2_CFGS = {
 }
 
 
-@register_model(name="condensenetv2_a", published={"macs": 46e6, "params": 2.0e6, "input_size": 224})
+# The published figures are those of the converted (inference) network: `dyncnn zoo` profiles that form.
+_CONVERTED = {"profile_cfg": {"converted": True}}
+
+
+@register_model(name="condensenetv2_a", published={"macs": 46e6, "params": 2.0e6, "input_size": 224, **_CONVERTED})
 def condensenetv2_a(num_classes: int = 1000, converted: bool = False, **kwargs) -> CondenseNetV2:
     return build_condensenet(V2_CFGS["a"], CondenseNetV2, converted, num_classes=num_classes, **kwargs)
 
 
-@register_model(name="condensenetv2_b", published={"macs": 146e6, "params": 3.6e6, "input_size": 224})
+@register_model(name="condensenetv2_b", published={"macs": 146e6, "params": 3.6e6, "input_size": 224, **_CONVERTED})
 def condensenetv2_b(num_classes: int = 1000, converted: bool = False, **kwargs) -> CondenseNetV2:
     return build_condensenet(V2_CFGS["b"], CondenseNetV2, converted, num_classes=num_classes, **kwargs)
 
 
-@register_model(name="condensenetv2_c", published={"macs": 309e6, "params": 6.1e6, "input_size": 224})
+@register_model(name="condensenetv2_c", published={"macs": 309e6, "params": 6.1e6, "input_size": 224, **_CONVERTED})
 def condensenetv2_c(num_classes: int = 1000, converted: bool = False, **kwargs) -> CondenseNetV2:
     return build_condensenet(V2_CFGS["c"], CondenseNetV2, converted, num_classes=num_classes, **kwargs)
 
@@ -97,7 +101,7 @@ def condensenetv2_c(num_classes: int = 1000, converted: bool = False, **kwargs) 
 CIFAR_V2_DEPTHS = (110, 146)
 
 
-@register_model(name="condensenetv2_cifar")
+@register_model(name="condensenetv2_cifar", published={"input_size": 32, **_CONVERTED})
 def condensenetv2_cifar(num_classes: int = 10, depth: int = 110, converted: bool = False, **kwargs) -> CondenseNet:
     """CIFAR CondenseNetV2-``depth`` (110 or 146): CIFAR CondenseNet layout, G = C = 8, reactivation everywhere."""
     if depth not in CIFAR_V2_DEPTHS:
