@@ -6,7 +6,7 @@ from dyncnn.cli import build_parser, main
 
 
 def test_help_of_every_command(capsys):
-    for argv in (["--help"], ["zoo", "--help"], ["profile", "--help"], ["train", "--help"], ["eval", "--help"], ["calibrate", "--help"],
+    for argv in (["--help"], ["zoo", "--help"], ["profile", "--help"], ["train", "--help"], ["eval", "--help"], ["calibrate", "--help"], ["export", "--help"], ["bench", "--help"],
                  ["demo", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
@@ -14,7 +14,7 @@ def test_help_of_every_command(capsys):
         out = capsys.readouterr().out
         assert "usage: dyncnn" in out
     sub = build_parser()._subparsers._group_actions[0].choices
-    assert set(sub) == {"zoo", "profile", "train", "eval", "calibrate", "demo"}
+    assert set(sub) == {"zoo", "profile", "train", "eval", "calibrate", "demo", "export", "bench"}
 
 
 def test_zoo_lists_models_with_macs(capsys):
