@@ -111,6 +111,7 @@ def run_demo(out_dir: Path = Path("runs/demo"), epochs: int | None = None, threa
              naive: bool = True, min_time_s: float = 1.0) -> dict:
     t0 = time.perf_counter()
     torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)   # as ONNX Runtime does; denormals would make eager timings erratic
     torch.manual_seed(0)
     out_dir = Path(out_dir)
     epochs = epochs or 5

@@ -132,15 +132,18 @@ def early_exit_inference(stages: list[Callable], heads: list[Callable], x: State
                                      f" samples; refusing to take an exit decision on them")
         if logits_out is None:
             logits_out = logits.new_zeros(n, logits.shape[1])
-        done = torch.ones(len(rows), dtype=torch.bool) if k == len(stages) - 1 else exit_fn(k, logits)
-        logits_out[rows[done]] = logits[done]
-        exit_index[rows[done]] = k
-        if bool(done.all()):
+        if k == len(stages) - 1:
+            done = torch.ones(len(rows), dtype=torch.bool, device=logits.device)
+        else:
+            done = exit_fn(k, logits).to(logits.device)
+        done_cpu = done.cpu()          # the bookkeeping (rows, ledger, exit index) lives on the CPU
+        logits_out[rows[done_cpu].to(logits.device)] = logits[done]
+        exit_index[rows[done_cpu]] = k
+        if bool(done_cpu.all()):
             break
-        keep = ~done
-        if bool(keep.any()) and not bool(keep.all()):
-            state = select_rows(state, keep)
-        rows = rows[keep]
+        if bool(done_cpu.any()):
+            state = select_rows(state, ~done)
+        rows = rows[~done_cpu]
     return ExitResult(logits_out, exit_index, ledger.macs)
 
 

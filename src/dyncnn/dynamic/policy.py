@@ -54,7 +54,7 @@ class ExitPolicy:
     def __call__(self, k: int, logits: Tensor) -> Tensor:
         """Boolean mask of the rows of ``logits`` that leave at exit ``k``."""
         if k >= len(self.thresholds):
-            return torch.ones(logits.shape[0], dtype=torch.bool)
+            return torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
         return confidence(logits, self.criterion, self.temperature(k)) >= self.thresholds[k]
 
     @classmethod
