@@ -309,7 +309,7 @@ def cmd_export(args) -> int:
     if args.json:
         print(json.dumps(manifest, indent=2, allow_nan=True))
         return 0
-    graphs = sum(1 for k in ("stages", "heads") for e in manifest.get(k, []) if e["files"]) or 1
+    graphs = sum(1 for e in manifest.get("stages", []) if e["files"]) or 1
     print(f"exported {args.model} ({manifest['kind']}, input {'x'.join(map(str, shape))}, {graphs} ONNX graph"
           f"{'s' if graphs > 1 else ''}{', + INT8' if args.quantize else ''}) to {args.out}; max relative error "
           f"against eager {manifest['check']['max_rel_err']:.1e} on {manifest['check']['batches']} batches")
@@ -424,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="export a model to ONNX: one graph, or one per stage/exit + manifest",
                         description="Export MODEL (registered name, torchvision:NAME, timm:NAME or a checkpoint) to "
                                     "the bundle folder --out: a static model as one ONNX graph, a multi-exit network "
-                                    "as one graph per stage and per exit head with a manifest (policy, per-stage "
+                                    "as one graph per stage with its exit head and a manifest (policy, per-stage "
                                     "MACs) that `dyncnn.export.load_bundle` runs with ONNX Runtime. Checked "
                                     "against eager on random and real (validation) images.")
     ex.add_argument("model")

@@ -1,4 +1,17 @@
-"""Export to ONNX and run exported models with ONNX Runtime."""
-from .onnx import export_onnx, onnx_session
+"""Export to ONNX and run exported models with ONNX Runtime.
 
-__all__ = ["export_onnx", "onnx_session"]
+- :mod:`.onnx`: static export of one graph, ONNX Runtime sessions, export errors that name the op and module;
+- :mod:`.staged`: bundles (graphs + manifest): a static model, or a multi-exit network as one graph per stage
+  with its exit head;
+- :mod:`.runtime`: ``load_bundle(dir)``, the host-side driver that keeps the exits (same decisions as eager);
+- :mod:`.quantize`: post-training static INT8 quantization with ONNX Runtime's tooling;
+- :mod:`.cond`: the single-graph form of a multi-exit network with ``torch.cond`` (a per-batch exit condition);
+- :mod:`.bench`: the latency table of ``dyncnn bench``.
+"""
+from .onnx import ExportError, check_against_eager, export_graph, export_onnx, onnx_session, relative_error
+from .runtime import BundleError, DynamicBundle, StaticBundle, confidence_np, load_bundle
+from .staged import FORMAT, export_bundle, is_multi_exit
+
+__all__ = ["export_onnx", "onnx_session", "export_graph", "check_against_eager", "relative_error", "ExportError",
+           "export_bundle", "is_multi_exit", "FORMAT", "load_bundle", "BundleError", "DynamicBundle",
+           "StaticBundle", "confidence_np"]

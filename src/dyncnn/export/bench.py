@@ -1,0 +1,198 @@
+"""The deployment latency table behind ``dyncnn bench`` and ``benchmarks/bench_deploy.py``.
+
+One process, one fixed thread count for eager PyTorch and ONNX Runtime alike; each point is the median of
+repeated timed runs after warm-up (``profile.latency.time_callable``) with the interquartile range as spread.
+Rows: eager FP32, ONNX Runtime FP32 and ONNX Runtime INT8 (the model exported into a temporary bundle and
+quantized on calibration images), at each batch size.
+
+For a multi-exit network every row is timed twice on the same real images, in alternating rounds: with the exit
+policy and forced to full depth. Batch 1 runs the images one at a time (the per-call time is the loop's time
+divided by their number, so easy and hard images are both in it); a larger batch runs them together, with
+compaction. The realized speedup (full-depth time / policy time) is reported beside the MAC speedup (full-depth
+MACs / mean MACs of the ledger), and for the ONNX Runtime FP32 bundle the driver's own overhead: the share of a
+full-depth batch-1 call spent outside ONNX Runtime sessions.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..profile.latency import summarize, time_callable, torch_threads
+from .runtime import load_bundle
+from .staged import export_bundle, is_multi_exit
+
+
+def _repeat_to(images: Tensor, n: int) -> Tensor:
+    reps = -(-n // len(images))
+    return images.repeat(reps, 1, 1, 1)[:n].contiguous()
+
+
+def _accuracy(pred: Tensor | np.ndarray, labels: Tensor | None) -> float | None:
+    if labels is None:
+        return None
+    pred = torch.as_tensor(np.asarray(pred))
+    return float((pred == labels[:len(pred)]).double().mean())
+
+
+def _point(fn: Callable[[], object], calls: int, min_time_s: float) -> dict:
+    """Median / quartiles per call of ``fn`` (which makes ``calls`` calls)."""
+    times = [t / calls for t in time_callable(fn, warmup=1, min_runs=5, min_time_s=min_time_s)]
+    return summarize(times, "", 1, 1).as_dict()
+
+
+def _paired(fns: dict[str, Callable[[], object]], calls: int, min_time_s: float, rounds: int = 3) -> dict:
+    """Like :func:`_point` for several callables timed in alternating rounds, so that a change of machine load
+    hits all of them alike (their ratio is what the table reports)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            times[k] += [t / calls for t in time_callable(fn, warmup=1, min_runs=3, min_time_s=min_time_s / rounds)]
+    return {k: summarize(v, "", 1, 1).as_dict() for k, v in times.items()}
+
+
+def bench_model(model: nn.Module, images: Tensor, labels: Tensor | None = None, *, policy=None,
+                threads: int = 1, batch_sizes: Sequence[int] = (1, 64), quantize: bool = True,
+                calibration: Tensor | None = None, min_time_s: float = 0.5, single_images: int = 32,
+                workdir: str | Path | None = None) -> dict:
+    """Latency (and accuracy when ``labels`` are given) of ``model`` in eager and as an exported bundle.
+
+    ``images`` (N, C, H, W) are real inputs: batch ``b`` uses the first ``b`` (repeated if fewer), batch 1 of a
+    multi-exit network loops over the first ``single_images`` of them. Returns a dict with ``rows`` (one per
+    backend / precision / batch / mode) and, for multi-exit networks, ``dynamic`` (speedups, overhead, exits).
+    """
+    model.eval()
+    shape = tuple(images.shape[1:])
+    dynamic = is_multi_exit(model)
+    calibration = images[:128] if calibration is None else calibration
+    out: dict = {"model_class": type(model).__name__, "kind": "multi_exit" if dynamic else "static",
+                 "input_shape": list(shape), "threads": threads, "batch_sizes": list(batch_sizes), "rows": []}
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp, torch_threads(threads), torch.inference_mode():
+        manifest = export_bundle(model, Path(tmp) / "bundle", shape, policy=policy, quantize=quantize,
+                                 calibration=calibration if quantize else None)
+        precisions = ["fp32"] + (["int8"] if quantize else [])
+        bundles = {p: load_bundle(Path(tmp) / "bundle", p, threads=threads) for p in precisions}
+        if not dynamic:
+            out["macs"] = manifest["macs"]
+            runners = {("eager", "fp32"): lambda x: model(x)}
+            runners.update({("onnxruntime", p): b.run_numpy for p, b in bundles.items()})
+            for (backend, prec), fn in runners.items():
+                for b in batch_sizes:
+                    x = _repeat_to(images, b)
+                    xin = x if backend == "eager" else x.numpy()
+                    stats = _point(lambda: fn(xin), 1, min_time_s)
+                    out["rows"].append({"backend": backend, "precision": prec, "batch": b, **_clean(stats)})
+            if labels is not None:
+                out["accuracy"] = {f"{bk}_{p}": _accuracy(_predict(fn, images, bk), labels)
+                                   for (bk, p), fn in runners.items()}
+            return out
+        return _bench_dynamic(model, images, labels, bundles, manifest, batch_sizes, min_time_s, single_images,
+                              out)
+
+
+def _predict(fn, images: Tensor, backend: str, batch: int = 256) -> np.ndarray:
+    preds = []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch]
+        y = fn(x if backend == "eager" else x.numpy())
+        preds.append(np.asarray(y).argmax(1))
+    return np.concatenate(preds)
+
+
+def _clean(stats: dict) -> dict:
+    return {k: stats[k] for k in ("median_ms", "p25_ms", "p75_ms", "spread_ms", "runs")}
+
+
+def _bench_dynamic(model, images, labels, bundles, manifest, batch_sizes, min_time_s, single_images, out) -> dict:
+    from ..dynamic.policy import ExitPolicy
+    policy = bundles["fp32"].policy
+    full = ExitPolicy.never(bundles["fp32"].num_exits)
+    runners = {("eager", "fp32"): lambda x, p: model.infer(x, p)}
+    runners.update({("onnxruntime", prec): b.run for prec, b in bundles.items()})
+    singles = [images[i:i + 1].contiguous() for i in range(min(single_images, len(images)))]
+    singles_np = [s.numpy() for s in singles]
+    speedups = []
+    for (backend, prec), fn in runners.items():
+        xs = singles if backend == "eager" else singles_np
+        for b in batch_sizes:
+            if b == 1:
+                calls = {m: (lambda p=p: [fn(s, p) for s in xs]) for m, p in (("policy", policy), ("full", full))}
+            else:
+                x = _repeat_to(images, b)
+                xin = x if backend == "eager" else x.numpy()
+                calls = {m: (lambda p=p: fn(xin, p)) for m, p in (("policy", policy), ("full", full))}
+            stats = _paired(calls, len(xs) if b == 1 else 1, min_time_s)
+            times = {mode: st["median_ms"] for mode, st in stats.items()}
+            for mode, st in stats.items():
+                out["rows"].append({"backend": backend, "precision": prec, "batch": b, "mode": mode,
+                                    **_clean(st)})
+            res = [fn(s, policy) for s in xs] if b == 1 else [fn(_repeat_to(images, b), policy)]
+            mean_macs = float(np.mean(np.concatenate([r.macs.numpy() for r in res])))
+            mac_speedup = manifest["exit_macs"][-1] / mean_macs
+            realized = times["full"] / times["policy"]
+            speedups.append({"backend": backend, "precision": prec, "batch": b, "mac_speedup": mac_speedup,
+                             "realized_speedup": realized, "kept": realized / mac_speedup})
+    # the driver's own overhead: time outside ONNX Runtime sessions in full-depth batch-1 calls
+    b32 = bundles["fp32"]
+    for s in singles_np[:4]:
+        b32.run_numpy(s, full)
+    b32.session_seconds = 0.0
+    t0, reps = time.perf_counter(), 0
+    while reps < 3 or time.perf_counter() - t0 < min_time_s:
+        for s in singles_np:
+            b32.run_numpy(s, full)
+        reps += 1
+    overhead = 1.0 - b32.session_seconds / (time.perf_counter() - t0)
+    res = b32.run(images, policy)
+    eager = model.infer(images, policy)
+    parity = {"n": len(images), "same_exit": int((res.exit_index == eager.exit_index).sum()),
+              "same_macs": int((res.macs == eager.macs).sum()),
+              "max_rel_err": float((res.logits - eager.logits).abs().max() / eager.logits.abs().max())}
+    out["dynamic"] = {"exit_macs": manifest["exit_macs"], "policy": manifest["policy"], "parity": parity,
+                      "exit_histogram": np.bincount(res.exit_index.numpy(), minlength=b32.num_exits).tolist(),
+                      "mean_macs": float(res.macs.double().mean()), "speedups": speedups,
+                      "driver_overhead_full_depth_b1": overhead}
+    if labels is not None:
+        acc = {"eager_fp32": _accuracy(model.infer(images, policy).logits.argmax(1), labels)}
+        for prec, b in bundles.items():
+            r = b.run(images, policy)
+            acc[f"onnxruntime_{prec}"] = _accuracy(r.logits.argmax(1), labels)
+            acc[f"onnxruntime_{prec}_mean_macs"] = float(r.macs.double().mean())
+        out["accuracy"] = acc
+    return out
+
+
+def format_table(result: dict) -> str:
+    """Markdown tables of a :func:`bench_model` result."""
+    dyn = result["kind"] == "multi_exit"
+    lines = [f"threads: {result['threads']}   input: {'x'.join(map(str, result['input_shape']))}"]
+    head = "| backend | precision | batch |" + (" mode |" if dyn else "") + \
+        " median ms/call | IQR ms | ms/sample | runs |"
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in result["rows"]:
+        lines.append(f"| {r['backend']} | {r['precision']} | {r['batch']} |" + (f" {r['mode']} |" if dyn else "")
+                     + f" {r['median_ms']:.3f} | {r['spread_ms']:.3f} | {r['median_ms'] / r['batch']:.4f} |"
+                     f" {r['runs']} |")
+    if dyn:
+        d = result["dynamic"]
+        p = d["parity"]
+        lines += ["", f"exits taken (all {p['n']} images): {d['exit_histogram']}   mean MACs "
+                      f"{d['mean_macs'] / 1e6:.3f}M of {d['exit_macs'][-1] / 1e6:.3f}M at full depth",
+                  f"ONNX Runtime FP32 bundle vs eager infer: same exit for {p['same_exit']}/{p['n']}, same MACs for "
+                  f"{p['same_macs']}/{p['n']}, logits max relative error {p['max_rel_err']:.1e}",
+                  "| backend | precision | batch | MAC speedup | realized speedup | kept |",
+                  "|---|---|---|---|---|---|"]
+        for s in d["speedups"]:
+            lines.append(f"| {s['backend']} | {s['precision']} | {s['batch']} | {s['mac_speedup']:.2f}x | "
+                         f"{s['realized_speedup']:.2f}x | {s['kept']:.2f} |")
+        lines.append(f"driver overhead (time outside ONNX Runtime, full depth, batch 1): "
+                     f"{d['driver_overhead_full_depth_b1']:.1%}")
+    if result.get("accuracy"):
+        lines.append("accuracy: " + ", ".join(f"{k} {v:.4f}" if "macs" not in k else f"{k} {v / 1e6:.3f}M"
+                                              for k, v in result["accuracy"].items()))
+    return "\n".join(lines)

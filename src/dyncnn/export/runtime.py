@@ -1,0 +1,327 @@
+"""The host-side driver of an exported bundle: ONNX Runtime sessions plus the exit policy, in numpy.
+
+``load_bundle(dir)`` checks the bundle before it loads anything (manifest present, of this format, every graph file
+present with the recorded SHA-256, each session's inputs and outputs as the manifest says) and returns a
+:class:`StaticBundle` or a :class:`DynamicBundle`. ``DynamicBundle.run(x)`` is eager ``MultiExitNetwork.infer``
+re-done on the host: stage ``k``'s session runs on the rows still active, head ``k`` scores them, the rows whose
+confidence meets threshold ``k`` leave with those logits, and only the others are fed to stage ``k + 1`` (the
+state's leaves are compacted, as the eager executor does). Each sample is charged the manifest's per-stage and
+per-head MACs of every stage it ran (the cumulative cost of its exit), so the MAC ledger equals eager's.
+
+The confidence is computed in float32 in the same order of operations as ``torch.softmax`` on CPU (subtract the
+row maximum, exponentiate, multiply by the reciprocal of the sum) and compared with the threshold rounded to
+float32, as eager does. Two float32 computations of an exponential can still differ in the last bit, and ONNX
+Runtime's logits differ from eager's by about 1e-6, so a sample whose confidence lies within ~1e-6 of a threshold
+could be decided differently; thresholds calibrated on the validation split are not that close to any test
+sample in practice (the tests check equality of every decision on the whole ScaledMNIST test split).
+
+Inputs are checked before any session runs: a 4-D batch of the exported channels and size, floating point
+(cast to float32), finite values.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..dynamic.policy import ExitPolicy
+from ..errors import DyncnnError
+from .staged import FORMAT, MANIFEST, graph_io, sha256_file
+
+PRECISIONS = ("fp32", "int8")
+
+
+class BundleError(DyncnnError):
+    """A bundle folder that is missing, of another format version, or whose files do not match its manifest."""
+
+
+def confidence_np(logits: np.ndarray, criterion: str = "max_prob", temperature: float = 1.0) -> np.ndarray:
+    """numpy twin of :func:`dyncnn.dynamic.policy.confidence` (float32, same order of operations)."""
+    z = np.asarray(logits, dtype=np.float32)
+    if temperature != 1.0:
+        z = z / np.float32(temperature)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    inv = np.float32(1.0) / e.sum(axis=-1, keepdims=True, dtype=np.float32)
+    if criterion == "max_prob":       # the top probability is exp(0) * inv = inv exactly
+        return inv[:, 0]
+    p = e * inv
+    if criterion == "margin":
+        top = np.partition(p, p.shape[-1] - 2, axis=-1)[:, -2:]
+        return top[:, 1] - top[:, 0]
+    if criterion == "entropy":
+        ent = -(p * np.log(np.maximum(p, np.float32(1e-12)))).sum(axis=-1, dtype=np.float32)
+        return -ent / np.float32(math.log(p.shape[-1]))
+    raise ValueError(f"unknown exit criterion {criterion!r}; expected max_prob, entropy or margin")
+
+
+def _read_manifest(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise BundleError(f"bundle {folder} does not exist or is not a folder (write one with `dyncnn export`)")
+    path = folder / MANIFEST
+    if not path.exists():
+        raise BundleError(f"bundle {folder} has no {MANIFEST}: not a dyncnn bundle, or an export that did not "
+                          f"finish (write one with `dyncnn export`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{path} is not valid JSON: {e}") from None
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if fmt != FORMAT:
+        raise BundleError(f"{path} has format {fmt!r}; this dyncnn reads {FORMAT!r} (re-export the model with "
+                          f"this version)")
+    if manifest.get("kind") not in ("static", "multi_exit"):
+        raise BundleError(f"{path}: unknown bundle kind {manifest.get('kind')!r}")
+    return manifest
+
+
+def _session(folder: Path, entry: dict, precision: str, threads: int, expect_in: list[str],
+             expect_out: list[str], what: str, verify: bool):
+    from .onnx import onnx_session
+    files = entry.get("files") or {}
+    if precision not in files:
+        raise BundleError(f"bundle {folder} has no {precision} graph for {what} (available: "
+                          f"{sorted(files) or 'none'}; export with --quantize for int8)")
+    rec = files[precision]
+    path = folder / rec["file"]
+    if not path.exists():
+        raise BundleError(f"bundle {folder}: {what} file {rec['file']} is missing")
+    if verify:
+        if path.stat().st_size != rec.get("bytes", path.stat().st_size):
+            raise BundleError(f"bundle {folder}: {what} file {rec['file']} has {path.stat().st_size} bytes, the "
+                              f"manifest says {rec['bytes']} (a different or truncated file)")
+        digest = sha256_file(path)
+        if digest != rec.get("sha256"):
+            raise BundleError(f"bundle {folder}: {what} file {rec['file']} does not match the manifest "
+                              f"(sha256 {digest[:12]}..., expected {str(rec.get('sha256'))[:12]}...); the files "
+                              f"come from another export")
+    ins, outs = graph_io(path)
+    if sorted(ins) != sorted(expect_in) or outs != expect_out:
+        raise BundleError(f"bundle {folder}: {what} file {rec['file']} has inputs {ins} and outputs {outs}; the "
+                          f"manifest says {expect_in} and {expect_out}")
+    return onnx_session(path, threads)
+
+
+def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int = 1, verify: bool = True):
+    """Load the bundle in ``folder`` for ``precision`` ("fp32" or "int8") with ``threads`` ONNX Runtime threads.
+
+    Returns a :class:`DynamicBundle` (multi-exit) or :class:`StaticBundle`. Refuses, with the reason, a folder
+    without a manifest, a manifest of another format version, and graph files that are missing, differ from the
+    recorded checksum (``verify``) or whose inputs/outputs differ from the manifest.
+    """
+    if precision not in PRECISIONS:
+        raise BundleError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if threads < 1:
+        raise BundleError(f"threads must be >= 1, got {threads}")
+    folder = Path(folder)
+    manifest = _read_manifest(folder)
+    cls = DynamicBundle if manifest["kind"] == "multi_exit" else StaticBundle
+    return cls(folder, manifest, precision, threads, verify)
+
+
+def _as_batch(x: Any, shape: Sequence[int]) -> np.ndarray:
+    """Validate an input batch against the exported (C, H, W) and return it as contiguous float32 numpy."""
+    if isinstance(x, torch.Tensor):
+        if not x.is_floating_point():
+            raise DyncnnError(f"input: expected a floating-point batch (float32 in [0, 1]), got {x.dtype}; "
+                              f"convert with x.float() / 255")
+        x = x.detach().cpu().float().numpy()
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"input: expected a numpy array or torch tensor of shape (N, {', '.join(map(str, shape))})"
+                        f", got {type(x).__name__}")
+    expected = f"(N, {', '.join(map(str, shape))})"
+    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(shape):
+        hint = " (add a batch axis)" if x.ndim == 3 else ""
+        raise DyncnnError(f"input: expected shape {expected} as exported, got {tuple(x.shape)}{hint}; the "
+                          f"bundle's input size is fixed at export")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise DyncnnError(f"input: expected a floating-point batch (float32 in [0, 1]), got {x.dtype}; convert "
+                          f"with x.astype(np.float32) / 255")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.size and not np.isfinite(x.sum()) and not np.isfinite(x).all():   # the sum is the fast first look
+        raise DyncnnError(f"input: expected finite values, got {int((~np.isfinite(x)).sum())} NaN/Inf entries")
+    return x
+
+
+class _Bundle:
+    def __init__(self, folder: Path, manifest: dict, precision: str, threads: int):
+        self.folder, self.manifest, self.precision, self.threads = folder, manifest, precision, threads
+        self.input_shape = tuple(manifest["input"]["shape"][1:])
+        self.num_classes = int(manifest["num_classes"])
+        self.session_seconds = 0.0      # time spent inside ONNX Runtime sessions (for the overhead share)
+
+    def check_input(self, x: Any) -> np.ndarray:
+        return _as_batch(x, self.input_shape)
+
+    def _call(self, sess, names, feed):
+        t0 = time.perf_counter()
+        out = sess.run(names, feed)
+        self.session_seconds += time.perf_counter() - t0
+        return out
+
+
+class StaticBundle(_Bundle):
+    """One graph: ``run(x)`` returns the logits as a torch tensor, ``run_numpy(x)`` as numpy."""
+
+    def __init__(self, folder: Path, manifest: dict, precision: str, threads: int, verify: bool):
+        super().__init__(folder, manifest, precision, threads)
+        g = manifest["graph"]
+        self.sess = _session(folder, g, precision, threads, g["inputs"], g["outputs"], "the model graph", verify)
+
+    def run_numpy(self, x: Any) -> np.ndarray:
+        x = self.check_input(x)
+        return self._call(self.sess, None, {"input": x})[0]
+
+    def run(self, x: Any):
+        return torch.from_numpy(self.run_numpy(x))
+
+
+@dataclass
+class _Step:
+    """One exit: stage ``k`` and its head, as the driver runs them."""
+    sess: Any                                  # None: nothing to compute (identity stage, identity head)
+    feed: list[tuple[str, int]]                # (ONNX input name, state leaf index)
+    out_names: list[str]
+    build: list[tuple[int, Any]]               # per output leaf: (0 graph | 1 input | 2 const, output pos/leaf/value)
+    logits_leaf: int | None                    # the logits are this output leaf; None: the graph's last output
+    last: bool
+
+
+class DynamicBundle(_Bundle):
+    """A multi-exit bundle; ``run(x, policy=None)`` returns the same ``ExitResult`` as eager ``infer``."""
+
+    def __init__(self, folder: Path, manifest: dict, precision: str, threads: int, verify: bool):
+        super().__init__(folder, manifest, precision, threads)
+        self.num_exits = int(manifest["num_exits"])
+        if not (len(manifest["stages"]) == len(manifest["exit_macs"]) == self.num_exits):
+            raise BundleError(f"bundle {folder}: the manifest lists {len(manifest['stages'])} stages and "
+                              f"{len(manifest['exit_macs'])} exit costs for {self.num_exits} exits")
+        self.exit_macs = [int(m) for m in manifest["exit_macs"]]
+        self._cum = np.asarray(self.exit_macs, dtype=np.int64)
+        p = manifest["policy"]
+        self.policy = ExitPolicy(p["thresholds"], p["criterion"], p.get("temperatures", []))
+        self._steps: list[_Step] = []
+        for k, st in enumerate(manifest["stages"]):
+            graph_logits = st["logits"]["source"] == "graph"
+            out_names = [f"out{j}" for j in st["outputs"]] + (["logits"] if graph_logits else [])
+            sess = None
+            if st["files"]:
+                sess = _session(folder, st, precision, threads, [f"in{i}" for i in st["inputs"]], out_names,
+                                f"stage {k}", verify)
+            elif graph_logits:
+                raise BundleError(f"bundle {folder}: stage {k} takes its logits from a graph but has no file")
+            pos = {j: n for n, j in enumerate(st["outputs"])}
+            build = []
+            for j, leaf in enumerate(st["state_out"]["leaves"]):
+                if leaf.get("source") == "graph":
+                    build.append((0, pos.get(j)))
+                elif leaf.get("source") == "input":
+                    build.append((1, int(leaf["index"])))
+                else:
+                    build.append((2, leaf.get("value")))
+            self._steps.append(_Step(sess, [(f"in{i}", i) for i in st["inputs"]], out_names, build,
+                                     None if graph_logits else int(st["logits"]["index"]),
+                                     k == self.num_exits - 1))
+
+    def _step(self, k: int, leaves: list) -> tuple[list, np.ndarray]:
+        """Stage ``k`` and head ``k`` on ``leaves``: (the next state's leaves, the logits)."""
+        g = self._steps[k]
+        outs = self._call(g.sess, g.out_names, {n: leaves[i] for n, i in g.feed}) if g.sess is not None else ()
+        if g.last:
+            return leaves, outs[-1]
+        new = [outs[a] if src == 0 else leaves[a] if src == 1 else a for src, a in g.build]
+        return new, (outs[-1] if g.logits_leaf is None else np.asarray(new[g.logits_leaf], dtype=np.float32))
+
+    def _policy(self, policy):
+        if policy is None:
+            return self.policy
+        policy = policy if isinstance(policy, ExitPolicy) else ExitPolicy(list(policy))
+        if len(policy.thresholds) not in (self.num_exits - 1, self.num_exits):
+            raise DyncnnError(f"expected {self.num_exits - 1} thresholds (one per exit but the last), "
+                              f"got {len(policy.thresholds)}")
+        return policy
+
+    def full_depth(self):
+        """The policy that sends every sample to the last exit."""
+        return ExitPolicy.never(self.num_exits)
+
+    # -- inference ------------------------------------------------------------------------------------------
+    def run_numpy(self, x: Any, policy=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(logits (N, C) float32, exit_index (N,) int64, macs (N,) int64)``; see the module docstring."""
+        policy = self._policy(policy)
+        x = self.check_input(x)
+        n = x.shape[0]
+        exit_index = np.full(n, self.num_exits - 1, dtype=np.int64)
+        logits_out = np.zeros((n, self.num_classes), dtype=np.float32)
+        if n == 0:
+            return logits_out, exit_index, np.zeros(n, dtype=np.int64)
+        rows = np.arange(n)
+        leaves: list = [x]
+        last = self.num_exits - 1
+        for k in range(self.num_exits):
+            leaves, logits = self._step(k, leaves)
+            if not np.isfinite(logits.sum()) and not np.isfinite(logits).all():
+                raise FloatingPointError(f"exit {k} produced NaN/Inf logits for "
+                                         f"{int((~np.isfinite(logits)).any(1).sum())} samples; refusing to take "
+                                         f"an exit decision on them")
+            if k == last or k >= len(policy.thresholds):
+                done = None
+            else:
+                thr = np.float32(policy.thresholds[k])
+                if thr == np.inf:        # no finite confidence reaches it: eager's decision, without the math
+                    continue
+                done = None if thr == -np.inf else \
+                    confidence_np(logits, policy.criterion, policy.temperature(k)) >= thr
+            if done is None or done.all():
+                logits_out[rows] = logits
+                exit_index[rows] = k
+                break
+            if done.any():
+                logits_out[rows[done]] = logits[done]
+                exit_index[rows[done]] = k
+                keep = ~done
+                leaves = [v[keep] if isinstance(v, np.ndarray) else v for v in leaves]
+                rows = rows[keep]
+        # every sample ran every stage and head up to its exit: the ledger is the exit's cumulative cost
+        return logits_out, exit_index, self._cum[exit_index]
+
+    def run(self, x: Any, policy=None):
+        """Early-exit inference as eager ``infer``: an ``ExitResult`` of torch tensors."""
+        from ..dynamic.executor import ExitResult
+        logits, exit_index, macs = self.run_numpy(x, policy)
+        return ExitResult(torch.from_numpy(logits), torch.from_numpy(exit_index), torch.from_numpy(macs))
+
+    def single_graph(self):
+        """The bundle's ``torch.cond`` single-graph form (exported with ``single_graph=True``) as a
+        :class:`~dyncnn.export.cond.CondGraph`; per-batch exit condition, see :mod:`dyncnn.export.cond`."""
+        from .cond import CondGraph
+        entry = self.manifest.get("single_graph")
+        if not entry:
+            raise BundleError(f"bundle {self.folder} has no single graph (export with single_graph=True / "
+                              f"--single-graph)")
+        sess = _session(self.folder, entry, "fp32", self.threads, entry["inputs"], entry["outputs"],
+                        "the single graph", True)
+        return CondGraph(self.folder / entry["files"]["fp32"]["file"], self.exit_macs, self.input_shape,
+                         self.threads, sess)
+
+    def exit_logits(self, x: Any, feeds: dict | None = None) -> list[np.ndarray]:
+        """Every exit's logits for every sample (full depth, no compaction), as eager ``model(x)``.
+
+        With ``feeds`` (a dict), appends each stage graph's input feed to ``feeds[k]``: the calibration data of
+        INT8 quantization.
+        """
+        x = self.check_input(x)
+        leaves: list = [x]
+        outs = []
+        for k, g in enumerate(self._steps):
+            if feeds is not None and g.sess is not None:
+                feeds.setdefault(k, []).append({n: leaves[i] for n, i in g.feed})
+            leaves, logits = self._step(k, leaves)
+            outs.append(logits)
+        return outs

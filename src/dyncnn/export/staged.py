@@ -1,0 +1,312 @@
+"""Bundles: an exported model as ONNX graphs plus a JSON manifest, the portable form that
+:func:`dyncnn.export.load_bundle` runs with ONNX Runtime.
+
+A **static** model is one graph (``model.onnx``). A **multi-exit** network (``MultiExitNetwork``: MSDNet, RANet,
+``multi_exit`` backbones, cascades) is one graph per stage with its exit head (``stage{k}.onnx``), because the
+exit decision and the batch compaction between stages happen on the host (:mod:`dyncnn.export.runtime`), exactly
+as in eager ``infer``. Stage and head share one graph so that each exit costs one ONNX Runtime call (a call has a
+fixed cost of tens of microseconds, which matters at batch 1). The state that flows between stages is any pytree
+of batch-first tensors (a dict of named tensors for ``multi_exit`` and RANet, a list of scales for MSDNet); it is
+flattened into a fixed ordered list of leaves, and each graph's ONNX inputs are ``in{i}`` (leaf ``i`` of its input
+state), its outputs ``out{j}`` (leaf ``j`` of its output state) and ``logits``. The manifest records, per stage,
+the pytree structures (``torch.utils._pytree.treespec_dumps``), each output leaf's origin (computed by the graph,
+passed through from input leaf ``i`` unchanged, or a constant such as ``None``), per-sample shapes and dtypes, and
+where the logits come from (the graph, or a state leaf when the head is an identity). Pass-through leaves (a
+segment keeping an earlier value for a later one) never enter ONNX Runtime, so they cost no copy, and the last
+stage outputs its logits only.
+
+Stage 0 includes ``model.initial_state``, so the host feeds the raw image. Per-stage and per-head MACs are
+measured in eager with the executor's own ``measure_macs`` (FlopCounterMode on one sample), so the bundle's
+per-sample ledger equals eager's. The input's channels and spatial size are fixed by the export (MACs depend on
+them); only the batch axis is dynamic.
+
+Every export is checked: ``onnx.checker`` on each graph, then the bundle is loaded and every exit's logits are
+compared with eager on a random batch and on any real batches given (relative error below 1e-4). The bundle is
+built in a temporary folder beside ``out_dir`` and renamed into place, so an interrupted export leaves nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps
+
+from ..dynamic.executor import measure_macs
+from ..dynamic.policy import ExitPolicy
+from ..train.checkpoint import atomic_write_text, model_spec
+from .onnx import ExportError, export_graph, relative_error
+
+FORMAT = "dyncnn-bundle-1"
+MANIFEST = "manifest.json"
+_CONST_TYPES = (type(None), bool, int, float, str)
+
+
+def is_multi_exit(model: nn.Module) -> bool:
+    """Whether ``model`` has the MultiExitNetwork interface (stages, heads, initial_state, infer)."""
+    return all(hasattr(model, a) for a in ("stages", "heads", "initial_state", "infer"))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_record(folder: Path, name: str) -> dict:
+    """``{"file", "sha256", "bytes"}`` of ``folder/name``: what the runtime checks before loading it."""
+    p = folder / name
+    return {"file": name, "sha256": sha256_file(p), "bytes": p.stat().st_size}
+
+
+def graph_io(path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    import onnx
+    g = onnx.load(str(path), load_external_data=False).graph
+    inits = {i.name for i in g.initializer}
+    return [i.name for i in g.input if i.name not in inits], [o.name for o in g.output]
+
+
+def _leaf_record(leaf: Any, where: str) -> dict:
+    if isinstance(leaf, Tensor):
+        if leaf.dim() == 0:
+            raise ExportError(f"{where} is a 0-d tensor; stage states must hold batch-first tensors")
+        return {"kind": "tensor", "shape": list(leaf.shape[1:]), "dtype": str(leaf.dtype).replace("torch.", "")}
+    if isinstance(leaf, _CONST_TYPES) and not (isinstance(leaf, float) and not math.isfinite(leaf)):
+        return {"kind": "const", "value": leaf}
+    raise ExportError(f"{where} is a {type(leaf).__name__}; a stage state may hold tensors and constants "
+                      f"(None, bool, int, float, str) only")
+
+
+class _GraphCall(nn.Module):
+    """Stage ``k`` of ``model`` followed by its exit head, as a module of flat tensors for the exporter.
+
+    Rebuilds the input state from the tensors it is given and the recorded constants, runs the stage (stage 0
+    after ``initial_state``), and returns the output leaves at ``out_pos`` and, with ``with_logits``, the head's
+    logits last. ``model`` is a submodule, so export errors name module paths as ``model.stages.1...``.
+    """
+
+    def __init__(self, model: nn.Module, k: int, template: list, spec, tensor_pos: list[int], out_pos: list[int],
+                 with_logits: bool):
+        super().__init__()
+        self.model, self.k = model, k
+        self.template, self.spec, self.tensor_pos, self.out_pos = template, spec, tensor_pos, out_pos
+        self.with_logits = with_logits
+
+    def forward(self, *tensors: Tensor):
+        leaves = list(self.template)
+        for p, t in zip(self.tensor_pos, tensors):
+            leaves[p] = t
+        state = tree_unflatten(leaves, self.spec)
+        if self.k == 0:
+            state = self.model.initial_state(state)
+        out = self.model.stages[self.k](state)
+        flat = tree_flatten(out)[0]
+        res = [flat[j] for j in self.out_pos]
+        if self.with_logits:
+            res.append(self.model.heads[self.k](out))
+        return tuple(res)
+
+
+def _prepare_out_dir(out_dir: Path) -> Path:
+    """A fresh temporary folder beside ``out_dir``; refuses an ``out_dir`` holding something other than a bundle."""
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise ExportError(f"--out {out_dir} exists and is not a folder")
+        if any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists():
+            raise ExportError(f"--out {out_dir} is a non-empty folder without a dyncnn bundle; refusing to "
+                              f"overwrite it (choose a new or empty folder)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+
+
+def _commit(tmp: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` (empty, absent, or an older bundle) by the finished bundle in ``tmp``."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def _base_manifest(model: nn.Module, kind: str, input_shape: Sequence[int], opset: int) -> dict:
+    return {"format": FORMAT, "kind": kind, "model": model_spec(model), "model_class": type(model).__name__,
+            "num_classes": int(getattr(model, "num_classes", 0) or 0),
+            "input": {"name": "input", "shape": ["batch", *map(int, input_shape)], "dtype": "float32"},
+            "opset": opset, "exporter": "torchscript", "torch_version": torch.__version__}
+
+
+def _export_static(model: nn.Module, folder: Path, example: Tensor, opset: int) -> dict:
+    from ..profile.macs import count_macs
+    export_graph(model, (example,), folder / "model.onnx", ["input"], ["logits"], opset=opset)
+    with torch.no_grad():
+        num_classes = int(model(example).shape[1])
+    manifest = _base_manifest(model, "static", example.shape[1:], opset)
+    manifest.update(num_classes=num_classes, macs=int(count_macs(model, example[:1]).total),
+                    graph={"files": {"fp32": file_record(folder, "model.onnx")}, "inputs": ["input"],
+                           "outputs": ["logits"]})
+    return manifest
+
+
+def _output_records(leaves: list, out_leaves: list, where: str) -> list[dict]:
+    """Describe a stage's output leaves: computed by the graph, passed through from input leaf ``index`` (the
+    very same tensor object), or a constant."""
+    records = []
+    for j, leaf in enumerate(out_leaves):
+        rec = _leaf_record(leaf, f"{where}: output leaf {j}")
+        same = [i for i, src in enumerate(leaves) if isinstance(leaf, Tensor) and src is leaf]
+        if same:
+            rec.update(source="input", index=same[0])
+        elif rec["kind"] == "tensor":
+            rec.update(source="graph")
+        records.append(rec)
+    return records
+
+
+def _export_multi_exit(model: nn.Module, folder: Path, example: Tensor, policy: ExitPolicy, opset: int) -> dict:
+    k_exits = len(model.stages)
+    stages, cum, total = [], [], 0
+    leaves, spec = tree_flatten(example)           # stage 0's graph input is the raw image
+    with torch.no_grad():
+        for k in range(k_exits):
+            last = k == k_exits - 1
+            where = f"exit {k} (stage {type(model.stages[k]).__name__} + head {type(model.heads[k]).__name__})"
+            in_records = [_leaf_record(leaf, f"{where}: input leaf {i}") for i, leaf in enumerate(leaves)]
+            state = tree_unflatten(leaves, spec)
+            state = model.initial_state(state) if k == 0 else state
+            stage_macs = measure_macs(model.stages[k], state)
+            out = model.stages[k](state)
+            head_macs = measure_macs(model.heads[k], out)
+            logits = model.heads[k](out)
+            if not isinstance(logits, Tensor) or logits.dim() != 2:
+                raise ExportError(f"head {k} must return (N, classes) logits, got "
+                                  f"{getattr(logits, 'shape', type(logits).__name__)}")
+            out_leaves, out_spec = tree_flatten(out)
+            out_records = _output_records(leaves, out_leaves, where)
+            # after the last exit nothing reads the state: the last graph computes the logits only
+            computed = [] if last else [j for j, r in enumerate(out_records) if r.get("source") == "graph"]
+            from_leaf = [j for j, leaf in enumerate(out_leaves) if leaf is logits]
+            logits_rec = {"source": "leaf", "index": from_leaf[0]} if from_leaf and not last else {"source": "graph"}
+            tensor_pos = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+            template = [None if isinstance(leaf, Tensor) else leaf for leaf in leaves]
+            entry: dict[str, Any] = {"order": k, "stage_macs": int(stage_macs), "head_macs": int(head_macs),
+                                     "files": {}, "inputs": [], "outputs": [], "logits": logits_rec,
+                                     "state_in": {"spec": treespec_dumps(spec), "leaves": in_records},
+                                     "state_out": {"spec": treespec_dumps(out_spec), "leaves": out_records}}
+            with_logits = logits_rec["source"] == "graph"
+            if computed or with_logits:
+                name = f"stage{k}.onnx"
+                call = _GraphCall(model, k, template, spec, tensor_pos, computed, with_logits)
+                export_graph(call, [leaves[i] for i in tensor_pos], folder / name, [f"in{i}" for i in tensor_pos],
+                             [f"out{j}" for j in computed] + (["logits"] if with_logits else []), opset=opset,
+                             what=f"{type(model).__name__} {where}", strip="model.")
+                ins, outs = graph_io(folder / name)
+                entry.update(files={"fp32": file_record(folder, name)}, inputs=[int(n[2:]) for n in ins],
+                             outputs=[int(n[3:]) for n in outs if n != "logits"])
+            stages.append(entry)
+            total += stage_macs + head_macs
+            cum.append(int(total))
+            leaves, spec = out_leaves, out_spec
+    manifest = _base_manifest(model, "multi_exit", example.shape[1:], opset)
+    manifest.update(num_classes=int(logits.shape[1]), num_exits=k_exits, stages=stages, exit_macs=cum,
+                    policy=policy.to_dict())
+    return manifest
+
+
+def write_manifest(folder: str | os.PathLike, manifest: dict) -> None:
+    atomic_write_text(Path(folder) / MANIFEST, json.dumps(manifest, indent=2, allow_nan=True) + "\n")
+
+
+def _coerce_policy(model: nn.Module, policy: ExitPolicy | Sequence[float] | None) -> ExitPolicy:
+    k = len(model.stages)
+    if policy is None:
+        return ExitPolicy.never(k)
+    policy = policy if isinstance(policy, ExitPolicy) else ExitPolicy(list(policy))
+    if len(policy.thresholds) not in (k - 1, k):
+        raise ExportError(f"the exit policy has {len(policy.thresholds)} thresholds; the model has {k} exits "
+                          f"(expected {k - 1})")
+    return policy
+
+
+def check_bundle(model: nn.Module, folder: str | os.PathLike, inputs: Sequence[Tensor], tol: float = 1e-4,
+                 precision: str = "fp32") -> float:
+    """Worst relative error between the bundle and eager over ``inputs`` (every exit of a multi-exit model);
+    raises ExportError at ``tol`` or above."""
+    from .runtime import load_bundle
+    bundle = load_bundle(folder, precision=precision)
+    worst = 0.0
+    with torch.no_grad():
+        for x in inputs:
+            want = model(x)
+            if is_multi_exit(model):
+                got = bundle.exit_logits(x)
+                worst = max([worst] + [relative_error(g, w) for g, w in zip(got, want)])
+            else:
+                worst = max(worst, relative_error(bundle.run_numpy(x), want))
+    if worst >= tol:
+        raise ExportError(f"bundle {folder} disagrees with eager: relative error {worst:.2e} >= {tol:.0e}")
+    return worst
+
+
+def export_bundle(model: nn.Module, out_dir: str | os.PathLike, input_shape: Sequence[int], *,
+                  policy: ExitPolicy | Sequence[float] | None = None, check_inputs: Sequence[Tensor] = (),
+                  quantize: bool = False, calibration: Tensor | None = None, single_graph: bool = False,
+                  opset: int = 17, seed: int = 0) -> dict:
+    """Export ``model`` for inputs of shape ``(N, *input_shape)`` into the folder ``out_dir``; returns the manifest.
+
+    Multi-exit networks get one graph per stage with its exit head (see the module docstring), and ``policy``
+    (default: full depth) is recorded in the manifest; other models get one graph. The result is checked against
+    eager on a random batch and on ``check_inputs`` (relative error below 1e-4; ``manifest["check"]`` holds the
+    worst).
+    With ``quantize``, INT8 graphs calibrated on ``calibration`` images are added (see :mod:`.quantize`); with
+    ``single_graph``, a multi-exit network also gets ``single.onnx``, its ``torch.cond`` form (see :mod:`.cond`).
+    """
+    out_dir = Path(out_dir)
+    input_shape = tuple(int(s) for s in input_shape)
+    if len(input_shape) != 3:
+        raise ExportError(f"input_shape must be (C, H, W), got {input_shape}")
+    if quantize and calibration is None:
+        raise ExportError("quantize=True needs calibration images (a few hundred from the validation split)")
+    was_training = model.training
+    model.eval()
+    tmp = _prepare_out_dir(out_dir)
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        example = torch.randn(2, *input_shape, generator=gen)       # batch 2: nothing specialises to batch 1
+        if is_multi_exit(model):
+            manifest = _export_multi_exit(model, tmp, example, _coerce_policy(model, policy), opset)
+        else:
+            manifest = _export_static(model, tmp, example, opset)
+        write_manifest(tmp, manifest)
+        checks = [torch.randn(3, *input_shape, generator=gen), *check_inputs]
+        manifest["check"] = {"max_rel_err": check_bundle(model, tmp, checks), "batches": len(checks),
+                             "real_batches": len(check_inputs)}
+        if single_graph and manifest["kind"] == "multi_exit":
+            from .cond import export_cond_graph
+            export_cond_graph(model, tmp / "single.onnx", input_shape, manifest["policy"]["criterion"])
+            manifest["single_graph"] = {"files": {"fp32": file_record(tmp, "single.onnx")},
+                                        "inputs": ["input", "thresholds", "temperatures"],
+                                        "outputs": ["logits", "exit_index"],
+                                        "criterion": manifest["policy"]["criterion"],
+                                        "condition": "per batch: a batch leaves at exit k when all its samples "
+                                                     "are confident there"}
+        write_manifest(tmp, manifest)
+        if quantize:
+            from .quantize import quantize_bundle
+            manifest = quantize_bundle(tmp, calibration)
+        _commit(tmp, out_dir)
+        return manifest
+    finally:
+        model.train(was_training)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
