@@ -8,7 +8,6 @@ from any registered, torchvision or timm backbone by cutting it at chosen module
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import torch

@@ -24,6 +24,11 @@ def confidence(logits: Tensor, criterion: str = "max_prob", temperature: float =
         raise ValueError(f"unknown exit criterion {criterion!r}; expected one of {CRITERIA}")
     if not bool(torch.isfinite(logits).all()):
         raise FloatingPointError("NaN/Inf in the logits: no exit decision can be taken on them")
+    return confidence_unchecked(logits, criterion, temperature)
+
+
+def confidence_unchecked(logits: Tensor, criterion: str, temperature: float | Tensor = 1.0) -> Tensor:
+    """:func:`confidence` without its data-dependent checks, so that it can be traced into an exported graph."""
     p = torch.softmax(logits.float() / temperature, dim=-1)
     if criterion == "max_prob":
         return p.max(-1).values

@@ -9,7 +9,6 @@ split as well as chains. Running the segments in order equals running the model.
 """
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 from torch import Tensor, nn
 

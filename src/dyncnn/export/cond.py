@@ -42,19 +42,8 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..dynamic.policy import CRITERIA
+from ..dynamic.policy import confidence_unchecked as traceable_confidence
 from .onnx import ExportError
-
-
-def traceable_confidence(logits: Tensor, criterion: str, temperature: Tensor) -> Tensor:
-    """:func:`dyncnn.dynamic.policy.confidence` without the data-dependent NaN check (graph-exportable)."""
-    p = torch.softmax(logits.float() / temperature, dim=-1)
-    if criterion == "max_prob":
-        return p.max(-1).values
-    if criterion == "margin":
-        top = p.topk(2, dim=-1).values
-        return top[:, 0] - top[:, 1]
-    ent = -(p * p.clamp_min(1e-12).log()).sum(-1)
-    return -ent / math.log(p.shape[-1])
 
 
 class CondExitNetwork(nn.Module):
