@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,7 +41,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..dynamic.policy import CRITERIA
 from ..dynamic.policy import confidence_unchecked as traceable_confidence
-from .onnx import ExportError
+from .onnx import ExportError, writing_onnx
 
 
 class CondExitNetwork(nn.Module):
@@ -85,36 +83,19 @@ class CondExitNetwork(nn.Module):
 def export_cond_graph(model: nn.Module, path: str | os.PathLike, input_shape: Sequence[int],
                       criterion: str = "max_prob", check: bool = True) -> Path:
     """Export the single-graph form of ``model`` (a MultiExitNetwork) for inputs ``(N, *input_shape)``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     k = len(model.stages)
     net = CondExitNetwork(model, criterion)
-    modes = [(m, m.training) for m in net.modules()]
-    net.eval()
     example = (torch.randn(2, *input_shape), torch.full((max(k - 1, 1),), 0.5), torch.ones(k))
-    fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with writing_onnx(path, net, check) as tmp:
         try:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(net, example, tmp, dynamo=True, external_data=False, verbose=False,
-                                  input_names=["input", "thresholds", "temperatures"],
-                                  output_names=["logits", "exit_index"],
-                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)}, None, None))
+            torch.onnx.export(net, example, tmp, dynamo=True, external_data=False, verbose=False,
+                              input_names=["input", "thresholds", "temperatures"],
+                              output_names=["logits", "exit_index"],
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)}, None, None))
         except Exception as e:
             raise ExportError(f"cannot export the single-graph (torch.cond) form of {type(model).__name__}: "
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-        if check:
-            import onnx
-            onnx.checker.check_model(tmp)
-        os.replace(tmp, path)
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 class CondGraph:

@@ -103,31 +103,21 @@ def _quiet_native_output():
                 os.close(copy)
 
 
-def export_graph(module: nn.Module, args: Sequence[Tensor], path: str | os.PathLike, input_names: Sequence[str],
-                 output_names: Sequence[str], *, dynamic_batch: bool = True, opset: int = 17, check: bool = True,
-                 what: str = "", strip: str = "") -> Path:
-    """TorchScript-export ``module(*args)`` to ``path`` with the given input/output names; axis 0 of every input
-    and output is the dynamic ``batch`` axis. Written to a temporary file and renamed into place.
-
-    Inputs that the graph does not use are dropped by the exporter (read the names back from the file).
-    """
+@contextlib.contextmanager
+def writing_onnx(path: str | os.PathLike, module: nn.Module, check: bool = True):
+    """Yield a temporary file beside ``path`` to export ``module`` into (in eval mode, without gradients); on
+    success run the ONNX checker and rename it into place. Every submodule's train/eval mode is restored (the
+    exporters restore only the root's), and an interrupted or failed export leaves no file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
     os.close(fd)
-    axes = {n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None
-    modes = [(m, m.training) for m in module.modules()]   # the exporter restores only the root's mode
+    modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
-        chatter = io.StringIO()    # the exporter prints the whole TorchScript graph on failure
-        try:
-            with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(chatter), \
-                    contextlib.redirect_stderr(chatter), _quiet_native_output():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(module, tuple(args), tmp, dynamo=False, input_names=list(input_names),
-                                  output_names=list(output_names), opset_version=opset, dynamic_axes=axes)
-        except Exception as e:   # UnsupportedOperatorError, SymbolicValueError, tracer errors, ...
-            raise export_error(module, tuple(args), e, opset, what, strip) from e
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield tmp
         if check:
             import onnx
             onnx.checker.check_model(tmp)
@@ -137,7 +127,26 @@ def export_graph(module: nn.Module, args: Sequence[Tensor], path: str | os.PathL
             m.training = mode
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
+
+
+def export_graph(module: nn.Module, args: Sequence[Tensor], path: str | os.PathLike, input_names: Sequence[str],
+                 output_names: Sequence[str], *, dynamic_batch: bool = True, opset: int = 17, check: bool = True,
+                 what: str = "", strip: str = "") -> Path:
+    """TorchScript-export ``module(*args)`` to ``path`` with the given input/output names; axis 0 of every input
+    and output is the dynamic ``batch`` axis. Written to a temporary file and renamed into place.
+
+    Inputs that the graph does not use are dropped by the exporter (read the names back from the file).
+    """
+    axes = {n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None
+    with writing_onnx(path, module, check) as tmp:
+        chatter = io.StringIO()    # the exporter prints the whole TorchScript graph on failure
+        try:
+            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), _quiet_native_output():
+                torch.onnx.export(module, tuple(args), tmp, dynamo=False, input_names=list(input_names),
+                                  output_names=list(output_names), opset_version=opset, dynamic_axes=axes)
+        except Exception as e:   # UnsupportedOperatorError, SymbolicValueError, tracer errors, ...
+            raise export_error(module, tuple(args), e, opset, what, strip) from e
+    return Path(path)
 
 
 def export_onnx(model: nn.Module, example: Tensor, path: str | os.PathLike, *, dynamic_batch: bool = True,
@@ -148,33 +157,14 @@ def export_onnx(model: nn.Module, example: Tensor, path: str | os.PathLike, *, d
     """
     if exporter not in ("torchscript", "dynamo"):
         raise ValueError(f"exporter must be 'torchscript' or 'dynamo', got {exporter!r}")
-    path = Path(path)
-    was_training = model.training
-    model.eval()
-    try:
-        if exporter == "torchscript":
-            return export_graph(model, (example,), path, ["input"], ["logits"], dynamic_batch=dynamic_batch,
-                                opset=opset, check=check)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
-                torch.onnx.export(model, (example,), tmp, dynamo=True, input_names=["input"],
-                                  output_names=["logits"], dynamic_shapes=shapes, external_data=False,
-                                  verbose=False)
-            if check:
-                import onnx
-                onnx.checker.check_model(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
-    finally:
-        model.train(was_training)
+    if exporter == "torchscript":
+        return export_graph(model, (example,), path, ["input"], ["logits"], dynamic_batch=dynamic_batch,
+                            opset=opset, check=check)
+    shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+    with writing_onnx(path, model, check) as tmp:
+        torch.onnx.export(model, (example,), tmp, dynamo=True, input_names=["input"], output_names=["logits"],
+                          dynamic_shapes=shapes, external_data=False, verbose=False)
+    return Path(path)
 
 
 def onnx_session(path: str | os.PathLike, threads: int = 1):
