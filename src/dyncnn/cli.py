@@ -22,9 +22,21 @@ def _data_kwargs(args) -> dict:
     return {"canvas": args.canvas, "clutter": args.clutter} if args.dataset == "scaled_mnist" else {}
 
 
+def _cli_data_cfg(args) -> dict:
+    """The dataset configuration given on the command line."""
+    return {"name": args.dataset, "root": args.data_root, "seed": args.seed, **_data_kwargs(args)}
+
+
+def _data_cfg_for(args, meta: dict) -> dict:
+    """The dataset a checkpoint was trained on (from its metadata), or the command line's with
+    ``--dataset-override`` or when the checkpoint records none."""
+    recorded = {k: v for k, v in (meta.get("data") or {}).items() if k != "input_size"}
+    return _cli_data_cfg(args) if getattr(args, "dataset_override", False) or not recorded else recorded
+
+
 def _dataset(args, split: str, data_cfg: dict | None = None):
     from .data import get_dataset
-    cfg = data_cfg or {"name": args.dataset, "root": args.data_root, "seed": args.seed, **_data_kwargs(args)}
+    cfg = data_cfg or _cli_data_cfg(args)
     cfg = dict(cfg)
     return get_dataset(cfg.pop("name"), split, **cfg)
 
@@ -133,7 +145,7 @@ def cmd_train(args) -> int:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                          weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, seed=args.seed,
                          warmup_epochs=args.warmup_epochs)
-    data_cfg = {"name": args.dataset, "root": args.data_root, "seed": args.seed, **_data_kwargs(args)}
+    data_cfg = _cli_data_cfg(args)
     trainer = Trainer(model, train_set, val_set, config, out_dir=args.out,
                       extra={"data": {**data_cfg, "input_size": train_set.input_size}})
     result = trainer.fit(resume=args.resume)
@@ -145,10 +157,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from .train import evaluate, load_checkpoint
     model, meta = load_checkpoint(args.checkpoint)
-    data_cfg = meta.get("data")
-    if args.dataset_override or not data_cfg:
-        data_cfg = {"name": args.dataset, "root": args.data_root, "seed": args.seed, **_data_kwargs(args)}
-    data_cfg = {k: v for k, v in data_cfg.items() if k != "input_size"}
+    data_cfg = _data_cfg_for(args, meta)
     dataset = _dataset(args, args.split, data_cfg)
     if args.budget or args.anytime:
         return _eval_dynamic(args, model, dataset)
@@ -214,9 +223,7 @@ def cmd_calibrate(args) -> int:
     from .dynamic.calibration import calibrate, save_thresholds
     from .train import load_checkpoint
     model, meta = load_checkpoint(args.checkpoint)
-    data_cfg = {k: v for k, v in (meta.get("data") or {}).items() if k != "input_size"}
-    if args.dataset_override or not data_cfg:
-        data_cfg = {"name": args.dataset, "root": args.data_root, "seed": args.seed, **_data_kwargs(args)}
+    data_cfg = _data_cfg_for(args, meta)
     val = _dataset(args, "val", data_cfg)
     record = calibrate(model, val, target_macs=_parse_macs(args.budget_macs) if args.budget_macs else None,
                        target_fraction=args.budget, target_accuracy=args.target_accuracy, criterion=args.criterion)
@@ -251,9 +258,7 @@ def _deploy_images(args, model, meta: dict, shape: tuple[int, int, int], split: 
     labels are then None (they mean nothing to such a model), as they are when the class counts differ."""
     import torch
     import torch.nn.functional as F
-    data_cfg = {k: v for k, v in (meta.get("data") or {}).items() if k != "input_size"}
-    if getattr(args, "dataset_override", False) or not data_cfg:
-        data_cfg = {"name": args.dataset, "root": args.data_root, "seed": args.seed, **_data_kwargs(args)}
+    data_cfg = _data_cfg_for(args, meta)
     ds = _dataset(args, split, data_cfg)
     idx = range(min(n, len(ds)))
     x = torch.stack([ds[i][0] for i in idx])
