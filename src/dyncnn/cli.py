@@ -146,9 +146,14 @@ def cmd_train(args) -> int:
                          weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, seed=args.seed,
                          warmup_epochs=args.warmup_epochs)
     data_cfg = _cli_data_cfg(args)
-    trainer = Trainer(model, train_set, val_set, config, out_dir=args.out,
-                      extra={"data": {**data_cfg, "input_size": train_set.input_size}})
-    result = trainer.fit(resume=args.resume)
+    extra = {"data": {**data_cfg, "input_size": train_set.input_size}}
+    if hasattr(model, "fit_stages"):
+        # Multi-stage training (e.g. glance-and-focus: encoders, then the policy, then fine-tuning), each stage a
+        # Trainer run of its own in a subfolder of --out; the last stage's checkpoint is the model's.
+        result = model.fit_stages(train_set, val_set, config, out_dir=args.out, resume=args.resume, extra=extra)
+    else:
+        trainer = Trainer(model, train_set, val_set, config, out_dir=args.out, extra=extra)
+        result = trainer.fit(resume=args.resume)
     print(f"trained {args.model} for {result.steps} steps in {result.seconds:.1f}s: "
           f"final val acc {result.final_val_acc:.4f}, best {result.best_val_acc:.4f}; checkpoints in {args.out}")
     return 0
@@ -161,6 +166,13 @@ def cmd_eval(args) -> int:
     dataset = _dataset(args, args.split, data_cfg)
     if args.budget or args.anytime:
         return _eval_dynamic(args, model, dataset)
+    from .dynamic.evaluation import evaluate_dynamic, format_dynamic, is_gated
+    if is_gated(model):       # layer skipping, channel gating, experts, routing, pixel masks: executed inference
+        result = evaluate_dynamic(model, dataset, progress=True)
+        result.update(checkpoint=str(args.checkpoint), split=args.split, dataset=data_cfg["name"])
+        print(json.dumps(result, indent=2) if args.json else
+              f"{args.checkpoint}: {data_cfg['name']} {args.split}: " + format_dynamic(result))
+        return 0
     result = evaluate(model, dataset)
     result.update(checkpoint=str(args.checkpoint), split=args.split, dataset=data_cfg["name"])
     print(json.dumps(result, indent=2) if args.json else

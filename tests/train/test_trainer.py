@@ -103,6 +103,21 @@ def test_regularization_loss_is_added(data):
     assert regularized.fc.weight.norm() < 0.5 * plain.fc.weight.norm()
 
 
+def test_model_training_loss_replaces_the_loss_in_training_only(data):
+    train, val = data
+    model = _model()
+    seen = []
+
+    def training_loss(outputs, target):
+        seen.append(target.shape[0])
+        return 0.0 * outputs.sum() + 7.0     # constant objective: no learning signal
+    model.training_loss = training_loss
+    result = Trainer(model, train, val, _cfg(epochs=1)).fit()
+    assert seen == [32] * (160 // 32)
+    assert result.history[0]["train_loss"] == pytest.approx(7.0)
+    assert result.history[0]["val_loss"] != pytest.approx(7.0)   # validation keeps cross-entropy
+
+
 def test_non_finite_loss_stops_with_message(data):
     train, _ = data
     model = _model()

@@ -29,6 +29,7 @@ class ExitResult:
     logits: Tensor       # (N, classes): the prediction each sample left with
     exit_index: Tensor   # (N,) which exit / how many steps each sample used
     macs: Tensor         # (N,) MACs each sample really used (int64)
+    choices: Tensor | None = None   # (N, D) per-sample decisions of gated models (1 = block / group / expert ran)
 
     def __len__(self) -> int:
         return self.logits.shape[0]
@@ -103,6 +104,26 @@ class Executor:
         out = stage(state)
         ledger.charge(rows, self.stage_macs(stage, state))
         return out
+
+    def run_where(self, stage: Callable[[Tensor], Tensor], state: Tensor, take: Tensor, rows: Tensor,
+                  ledger: CostLedger, otherwise: Tensor) -> Tensor:
+        """Run ``stage`` only on the rows of ``state`` where ``take`` is True (gather -> run -> scatter).
+
+        The other rows get ``otherwise`` (same shape as the stage's output for every row, e.g. the input itself
+        for a skipped residual block). Only the rows that ran are charged. ``rows`` are the original sample
+        indices of the state's rows. Nothing runs when no row takes the stage.
+        """
+        take = take.to(torch.bool)
+        if take.shape != (state.shape[0],):
+            raise ValueError(f"take must be a boolean vector of length {state.shape[0]}, got {tuple(take.shape)}")
+        take_cpu = take.cpu()
+        if bool(take_cpu.all()):
+            return self.run(stage, state, rows, ledger)
+        if not bool(take_cpu.any()):
+            return otherwise
+        idx = take.nonzero().squeeze(1)
+        out = self.run(stage, state.index_select(0, idx), rows[take_cpu], ledger)
+        return otherwise.index_copy(0, idx, out.to(otherwise.dtype))
 
     def clear(self) -> None:
         self._cache.clear()

@@ -221,7 +221,10 @@ class Trainer:
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
                 out = model(x)
-                loss = self.loss_fn(out, y)
+                # A model with its own training objective (e.g. a REINFORCE policy that needs the targets for its
+                # reward) provides ``training_loss(outputs, target)``; validation still uses ``loss_fn``.
+                loss = (self.model.training_loss(out, y) if hasattr(self.model, "training_loss")
+                        else self.loss_fn(out, y))
                 if hasattr(self.model, "regularization_loss"):
                     loss = loss + self.model.regularization_loss()
                 if not torch.isfinite(loss):

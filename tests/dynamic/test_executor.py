@@ -1,0 +1,70 @@
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from dyncnn.dynamic.evaluation import evaluate_dynamic, format_dynamic, is_gated
+from dyncnn.dynamic.executor import CostLedger, ExitResult, Executor
+
+
+def test_run_where_runs_only_the_taken_rows_and_charges_only_them():
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 8)
+    x = torch.randn(6, 8)
+    take = torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool)
+    ex, ledger = Executor(), CostLedger(6)
+    rows = torch.tensor([10, 11, 12, 13, 14, 15]) - 10
+    with FlopCounterMode(display=False) as counter:
+        out = ex.run_where(lin, x, take, rows, ledger, otherwise=x)
+    assert counter.get_total_flops() // 2 == ledger.total == 3 * 64
+    assert ledger.macs.tolist() == [64, 0, 64, 64, 0, 0]
+    assert torch.allclose(out[take], lin(x[take])) and torch.equal(out[~take], x[~take])
+
+
+def test_run_where_with_nothing_to_run_does_not_call_the_stage():
+    calls = []
+    ex, ledger = Executor(), CostLedger(3)
+    x = torch.randn(3, 2)
+    out = ex.run_where(lambda t: calls.append(1) or t, x, torch.zeros(3, dtype=torch.bool), torch.arange(3),
+                       ledger, otherwise=x)
+    assert out is x and not calls and ledger.total == 0
+    with pytest.raises(ValueError, match="length 3"):
+        ex.run_where(lambda t: t, x, torch.ones(2, dtype=torch.bool), torch.arange(3), ledger, otherwise=x)
+
+
+class ToyGated(nn.Module):
+    """Runs a second linear layer only for samples whose first feature is positive."""
+
+    decision_names = ["extra"]
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.executor = Executor()
+
+    def infer(self, x):
+        x = x.flatten(1)
+        n = x.shape[0]
+        ledger, rows = CostLedger(n), torch.arange(n)
+        h = self.executor.run(self.a, x, rows, ledger)
+        take = x[:, 0] > 0
+        h = self.executor.run_where(self.b, h, take, rows, ledger, otherwise=h)
+        return ExitResult(h, take.long(), ledger.macs, take[:, None].long())
+
+    def full_macs(self, x):
+        return 32
+
+
+def test_evaluate_dynamic_reports_accuracy_macs_and_choice_rates():
+    torch.manual_seed(0)
+    x = torch.randn(40, 1, 2, 2)
+    y = torch.randint(0, 4, (40,))
+    model = ToyGated()
+    assert is_gated(model)
+    r = evaluate_dynamic(model, list(zip(x, y)), batch_size=16)
+    expected = model.infer(x)
+    assert r["accuracy"] == pytest.approx((expected.logits.argmax(1) == y).float().mean().item())
+    assert r["mean_macs"] == pytest.approx(expected.macs.double().mean().item())
+    assert r["choice_rate"][0] == pytest.approx((x.flatten(1)[:, 0] > 0).float().mean().item(), abs=1e-4)
+    assert r["macs_fraction"] == pytest.approx(r["mean_macs"] / 32)
+    assert "extra=" in format_dynamic(r)
