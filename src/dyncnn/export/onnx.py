@@ -129,8 +129,19 @@ def writing_onnx(path: str | os.PathLike, module: nn.Module, check: bool = True)
             os.unlink(tmp)
 
 
+DEFAULT_OPSET = 17
+
+
+def required_opset(module: nn.Module, opset: int | None = None) -> int:
+    """``opset`` if given, else the default raised to what the model's layers need (a layer class may declare
+    ``min_onnx_opset``, e.g. deformable convolution needs 19 for ONNX's ``DeformConv``)."""
+    if opset is not None:
+        return int(opset)
+    return max([DEFAULT_OPSET] + [int(getattr(m, "min_onnx_opset", 0)) for m in module.modules()])
+
+
 def export_graph(module: nn.Module, args: Sequence[Tensor], path: str | os.PathLike, input_names: Sequence[str],
-                 output_names: Sequence[str], *, dynamic_batch: bool = True, opset: int = 17, check: bool = True,
+                 output_names: Sequence[str], *, dynamic_batch: bool = True, opset: int | None = None, check: bool = True,
                  what: str = "", strip: str = "") -> Path:
     """TorchScript-export ``module(*args)`` to ``path`` with the given input/output names; axis 0 of every input
     and output is the dynamic ``batch`` axis. Written to a temporary file and renamed into place.
@@ -138,6 +149,7 @@ def export_graph(module: nn.Module, args: Sequence[Tensor], path: str | os.PathL
     Inputs that the graph does not use are dropped by the exporter (read the names back from the file).
     """
     axes = {n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None
+    opset = required_opset(module, opset)
     with writing_onnx(path, module, check) as tmp:
         chatter = io.StringIO()    # the exporter prints the whole TorchScript graph on failure
         try:
@@ -150,7 +162,7 @@ def export_graph(module: nn.Module, args: Sequence[Tensor], path: str | os.PathL
 
 
 def export_onnx(model: nn.Module, example: Tensor, path: str | os.PathLike, *, dynamic_batch: bool = True,
-                opset: int = 17, exporter: str = "torchscript", check: bool = True) -> Path:
+                opset: int | None = None, exporter: str = "torchscript", check: bool = True) -> Path:
     """Export ``model`` (eval mode) to ``path`` with input ``input`` and output ``logits``; returns the path.
 
     The file is written next to its destination and renamed into place, so an interrupted export leaves nothing.

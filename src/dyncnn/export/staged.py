@@ -42,7 +42,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps
 from ..dynamic.executor import measure_macs
 from ..dynamic.policy import ExitPolicy
 from ..train.checkpoint import atomic_write_text, model_spec
-from .onnx import ExportError, export_graph, relative_error
+from .onnx import ExportError, export_graph, relative_error, required_opset
 
 FORMAT = "dyncnn-bundle-1"
 MANIFEST = "manifest.json"
@@ -261,7 +261,7 @@ def check_bundle(model: nn.Module, folder: str | os.PathLike, inputs: Sequence[T
 def export_bundle(model: nn.Module, out_dir: str | os.PathLike, input_shape: Sequence[int], *,
                   policy: ExitPolicy | Sequence[float] | None = None, check_inputs: Sequence[Tensor] = (),
                   quantize: bool = False, calibration: Tensor | None = None, single_graph: bool = False,
-                  opset: int = 17, seed: int = 0) -> dict:
+                  opset: int | None = None, seed: int = 0) -> dict:
     """Export ``model`` for inputs of shape ``(N, *input_shape)`` into the folder ``out_dir``; returns the manifest.
 
     Multi-exit networks get one graph per stage with its exit head (see the module docstring), and ``policy``
@@ -279,6 +279,7 @@ def export_bundle(model: nn.Module, out_dir: str | os.PathLike, input_shape: Seq
         raise ExportError("quantize=True needs calibration images (a few hundred from the validation split)")
     was_training = model.training
     model.eval()
+    opset = required_opset(model, opset)
     tmp = _prepare_out_dir(out_dir)
     try:
         gen = torch.Generator().manual_seed(seed)
