@@ -9,6 +9,7 @@ from .dynamic_conv import AttentionScaledConv2d, CondConv2d, DynamicConv2d
 from .weight_prediction import PredictedDepthwiseConv2d
 from .deform import DeformConv2d
 from .gates import HardGate, gumbel_sigmoid, gumbel_softmax
+from .sparse_conv import Positions, dilate_mask, sparse_conv, sparse_conv2d
 
 __all__ = [
     "ConvNormAct", "DepthwiseSeparableConv", "GroupConv2d", "make_divisible",
@@ -16,5 +17,5 @@ __all__ = [
     "HardSigmoid", "HardSwish", "get_act_layer", "LearnedGroupConv", "CondensedGroupConv", "LearnedLinear",
     "CondensedLinear", "ConversionError", "SparseFeatureReactivation", "CondensedReactivation",
     "CondConv2d", "DynamicConv2d", "AttentionScaledConv2d", "PredictedDepthwiseConv2d", "DeformConv2d",
-    "HardGate", "gumbel_sigmoid", "gumbel_softmax",
+    "HardGate", "gumbel_sigmoid", "gumbel_softmax", "Positions", "dilate_mask", "sparse_conv", "sparse_conv2d",
 ]
