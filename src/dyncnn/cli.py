@@ -319,6 +319,15 @@ def cmd_export(args) -> int:
     model.eval()
     shape = _deploy_shape(model, args, meta)
     policy, source = (_deploy_policy(args, model, meta) if is_multi_exit(model) else (None, None))
+    if hasattr(model, "export_bundle"):      # glance-and-focus: glance/focus graphs + a driver that crops patches
+        if args.quantize or args.single_graph:
+            raise DyncnnError(f"--quantize and --single-graph are not available for {type(model).__name__} bundles")
+        real, _ = _deploy_images(args, model, meta, shape, "val", 16)
+        manifest = model.export_bundle(args.out, policy=policy, check_inputs=[real[:16]], input_size=shape[1])
+        print(json.dumps(manifest, indent=2, allow_nan=True) if args.json else
+              f"exported {args.model} (glance, {len(manifest['graphs'])} ONNX graphs) to {args.out}; max relative "
+              f"error against eager {manifest['check']['max_rel_err']:.1e}; exit policy: {source}")
+        return 0
     real, _ = _deploy_images(args, model, meta, shape, "val", max(args.calib_images, 16))
     manifest = export_bundle(model, args.out, shape, policy=policy, check_inputs=[real[:16]],
                              quantize=args.quantize, calibration=real[:args.calib_images],

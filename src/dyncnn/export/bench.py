@@ -69,10 +69,18 @@ def bench_model(model: nn.Module, images: Tensor, labels: Tensor | None = None, 
     model.eval()
     shape = tuple(images.shape[1:])
     dynamic = is_multi_exit(model)
+    glance = hasattr(model, "export_bundle")     # glance-and-focus: its own graphs and patch-cropping driver
     calibration = images[:128] if calibration is None else calibration
-    out: dict = {"model_class": type(model).__name__, "kind": "multi_exit" if dynamic else "static",
+    out: dict = {"model_class": type(model).__name__,
+                 "kind": "glance" if glance else "multi_exit" if dynamic else "static",
                  "input_shape": list(shape), "threads": threads, "batch_sizes": list(batch_sizes), "rows": []}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp, torch_threads(threads), torch.inference_mode():
+        if glance:
+            from .glance import load_glance_bundle
+            manifest = model.export_bundle(Path(tmp) / "bundle", policy=policy, input_size=shape[1])
+            bundles = {"fp32": load_glance_bundle(Path(tmp) / "bundle", threads=threads)}
+            return _bench_dynamic(model, images, labels, bundles, manifest, batch_sizes, min_time_s, single_images,
+                                  out)
         manifest = export_bundle(model, Path(tmp) / "bundle", shape, policy=policy, quantize=quantize,
                                  calibration=calibration if quantize else None)
         precisions = ["fp32"] + (["int8"] if quantize else [])
@@ -139,15 +147,17 @@ def _bench_dynamic(model, images, labels, bundles, manifest, batch_sizes, min_ti
                              "realized_speedup": realized, "kept": realized / mac_speedup})
     # the driver's own overhead: time outside ONNX Runtime sessions in full-depth batch-1 calls
     b32 = bundles["fp32"]
-    for s in singles_np[:4]:
-        b32.run_numpy(s, full)
-    b32.session_seconds = 0.0
-    t0, reps = time.perf_counter(), 0
-    while reps < 3 or time.perf_counter() - t0 < min_time_s:
-        for s in singles_np:
+    overhead = None
+    if hasattr(b32, "session_seconds"):
+        for s in singles_np[:4]:
             b32.run_numpy(s, full)
-        reps += 1
-    overhead = 1.0 - b32.session_seconds / (time.perf_counter() - t0)
+        b32.session_seconds = 0.0
+        t0, reps = time.perf_counter(), 0
+        while reps < 3 or time.perf_counter() - t0 < min_time_s:
+            for s in singles_np:
+                b32.run_numpy(s, full)
+            reps += 1
+        overhead = 1.0 - b32.session_seconds / (time.perf_counter() - t0)
     res = b32.run(images, policy)
     eager = model.infer(images, policy)
     parity = {"n": len(images), "same_exit": int((res.exit_index == eager.exit_index).sum()),
@@ -169,7 +179,7 @@ def _bench_dynamic(model, images, labels, bundles, manifest, batch_sizes, min_ti
 
 def format_table(result: dict) -> str:
     """Markdown tables of a :func:`bench_model` result."""
-    dyn = result["kind"] == "multi_exit"
+    dyn = result["kind"] in ("multi_exit", "glance")
     lines = [f"threads: {result['threads']}   input: {'x'.join(map(str, result['input_shape']))}"]
     head = "| backend | precision | batch |" + (" mode |" if dyn else "") + \
         " median ms/call | IQR ms | ms/sample | runs |"
@@ -190,8 +200,9 @@ def format_table(result: dict) -> str:
         for s in d["speedups"]:
             lines.append(f"| {s['backend']} | {s['precision']} | {s['batch']} | {s['mac_speedup']:.2f}x | "
                          f"{s['realized_speedup']:.2f}x | {s['kept']:.2f} |")
-        lines.append(f"driver overhead (time outside ONNX Runtime, full depth, batch 1): "
-                     f"{d['driver_overhead_full_depth_b1']:.1%}")
+        if d["driver_overhead_full_depth_b1"] is not None:
+            lines.append(f"driver overhead (time outside ONNX Runtime, full depth, batch 1): "
+                         f"{d['driver_overhead_full_depth_b1']:.1%}")
     if result.get("accuracy"):
         lines.append("accuracy: " + ", ".join(f"{k} {v:.4f}" if "macs" not in k else f"{k} {v / 1e6:.3f}M"
                                               for k, v in result["accuracy"].items()))

@@ -76,7 +76,7 @@ def _read_manifest(folder: Path) -> dict:
     if fmt != FORMAT:
         raise BundleError(f"{path} has format {fmt!r}; this dyncnn reads {FORMAT!r} (re-export the model with "
                           f"this version)")
-    if manifest.get("kind") not in ("static", "multi_exit"):
+    if manifest.get("kind") not in ("static", "multi_exit", "glance"):
         raise BundleError(f"{path}: unknown bundle kind {manifest.get('kind')!r}")
     return manifest
 
@@ -121,6 +121,9 @@ def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int
         raise BundleError(f"threads must be >= 1, got {threads}")
     folder = Path(folder)
     manifest = _read_manifest(folder)
+    if manifest["kind"] == "glance":
+        from .glance import GlanceBundle
+        return GlanceBundle(folder, manifest, threads, verify)
     cls = DynamicBundle if manifest["kind"] == "multi_exit" else StaticBundle
     return cls(folder, manifest, precision, threads, verify)
 
