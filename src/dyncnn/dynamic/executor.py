@@ -45,8 +45,10 @@ class CostLedger:
         """Add ``macs_per_sample`` (an int, or one value per row) to the samples ``rows`` (original indices)."""
         if isinstance(macs_per_sample, Tensor):
             self.macs.index_add_(0, rows, macs_per_sample.to(torch.int64))
+        elif rows.numel() == self.macs.numel():      # every sample (rows are distinct): no indexing needed
+            self.macs += int(macs_per_sample)
         else:
-            self.macs[rows] += int(macs_per_sample)
+            self.macs.index_add_(0, rows, torch.full((rows.numel(),), int(macs_per_sample), dtype=torch.int64))
 
     @property
     def total(self) -> int:

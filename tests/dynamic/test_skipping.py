@@ -1,0 +1,233 @@
+"""Layer skipping (SkipNet gates, BlockDrop policy) executed for real: batched == per-sample, the ledger equals
+FlopCounterMode, all-on reproduces the static backbone, gradients reach gates / policy, bad inputs are refused."""
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
+
+from dyncnn.dynamic.skipping import backbone_parts, is_skippable, resolve_gated_blocks
+from dyncnn.models import create_model
+from dyncnn.models.blockdrop import BlockDrop, BlockDropConfig
+from dyncnn.models.mobilenet import mobilenet_v2
+from dyncnn.models.resnet import resnet_cifar
+from dyncnn.models.skipnet import SkipNet, SkipNetConfig, reinforce_finetune
+from dyncnn.models.tiny import TinyMobileNet
+
+
+def _spread(model: nn.Module) -> nn.Module:
+    """Make the gate / policy logits large and of both signs, so that decisions are mixed and far from the
+    threshold (batched and per-sample arithmetic then take the same decisions)."""
+    torch.manual_seed(1)
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features in (1, model.num_gated)
+             and m is not getattr(model.backbone, "fc", None)]
+    for m in heads:
+        nn.init.normal_(m.weight, 0.0, 3.0)
+        nn.init.normal_(m.bias, 0.0, 1.0)
+    for m in getattr(getattr(model, "gates", None), "embed", []):    # recurrent gate: varied hidden states
+        nn.init.normal_(m.weight, 0.0, 3.0)
+    return model.eval()
+
+
+def _resnet_skipnet(gate="feedforward"):
+    torch.manual_seed(0)
+    return _spread(SkipNet(resnet_cifar(14, num_classes=10, in_chans=1, width_mult=0.25), SkipNetConfig(gate=gate)))
+
+
+def _mobilenet_skipnet():
+    torch.manual_seed(0)
+    return _spread(SkipNet(mobilenet_v2(num_classes=10, in_chans=3, width_mult=0.25)))
+
+
+def _blockdrop():
+    torch.manual_seed(0)
+    policy = nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, 4))   # sees the 16x16 half-resolution image
+    model = BlockDrop(resnet_cifar(14, num_classes=10, in_chans=1, width_mult=0.25), policy=policy)
+    nn.init.normal_(policy[1].weight, 0.0, 0.3)
+    return model.eval()
+
+
+BUILDERS = {"skipnet_ff": (_resnet_skipnet, 1), "skipnet_rnn": (lambda: _resnet_skipnet("recurrent"), 1),
+            "skipnet_mbv2": (_mobilenet_skipnet, 3), "blockdrop": (_blockdrop, 1)}
+
+
+def _x(chans, n=6):
+    return torch.randn(n, chans, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_batched_equals_per_sample_and_ledger_equals_flop_counter(name):
+    build, chans = BUILDERS[name]
+    model, x = build(), _x(chans)
+    with FlopCounterMode(display=False) as counter:
+        r = model.infer(x)
+    assert int(r.macs.sum()) == counter.get_total_flops() // 2
+    rate = r.choices.float().mean()
+    assert 0 < rate < 1, "the test needs mixed decisions"
+    for i in range(len(x)):
+        one = model.infer(x[i:i + 1])
+        torch.testing.assert_close(one.logits, r.logits[i:i + 1], rtol=1e-4, atol=1e-5)
+        assert torch.equal(one.choices, r.choices[i:i + 1])
+        assert int(one.macs) == int(r.macs[i]) and int(one.exit_index) == int(r.exit_index[i])
+    # per-sample MACs are what ran: fixed parts + the decision machinery + the blocks taken
+    fixed, block_macs, decision = model.cost_table(x)
+    expected = fixed + decision + r.choices.float() @ block_macs
+    assert torch.equal(r.macs, expected.long())
+    assert torch.equal(r.exit_index, r.choices.sum(1) + len(model._blocks) - model.num_gated)
+    # eval-mode forward is the executed path
+    assert torch.equal(model(x), r.logits)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_all_on_reproduces_static_backbone(name):
+    build, chans = BUILDERS[name]
+    model, x = build(), _x(chans)
+    torch.manual_seed(5)
+    static = (resnet_cifar(14, num_classes=10, in_chans=1, width_mult=0.25) if chans == 1
+              else mobilenet_v2(num_classes=10, width_mult=0.25)).eval()
+    model.backbone.load_state_dict(static.state_dict())
+    model.force_gates(True)
+    with FlopCounterMode(display=False) as counter:
+        r = model.infer(x)
+    assert torch.equal(r.logits, static(x))
+    assert bool((r.choices == 1).all())
+    assert int(r.macs[0]) == model.static_macs(x) == counter.get_total_flops() // 2 // len(x)
+    assert model.full_macs(x) > model.static_macs(x)      # the gates / policy cost something
+    model.force_gates(False)                               # every gated block skipped: only fixed parts run
+    fixed, _, _ = model.cost_table(x)
+    assert bool((model.infer(x).macs == fixed).all())
+
+
+def test_skipnet_gradients_reach_gates_and_budget_loss_pulls_towards_budget():
+    torch.manual_seed(0)
+    model = SkipNet(resnet_cifar(14, num_classes=10, in_chans=1, width_mult=0.25), SkipNetConfig(budget=0.3))
+    model.train()
+    x, y = _x(1, 8), torch.randint(0, 10, (8,))
+    model.set_progress(0.5)
+    assert model.hard.tau == pytest.approx((1.0 * 0.3) ** 0.5)
+    out = model(x)
+    reg = model.regularization_loss()
+    assert float(reg.detach()) > 0                                  # gates start on: fraction ~1 > budget 0.3
+    reg.backward()
+    for gate in model.gates:
+        assert gate.fc.bias.grad is not None and float(gate.fc.bias.grad) > 0   # pushes the gate towards off
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert sum(float(g.fc.weight.grad.abs().sum()) for g in model.gates) > 0
+    assert out.shape == (8, 10)
+
+
+def test_recurrent_gate_gradients():
+    model = _resnet_skipnet("recurrent").train()
+    out = model(_x(1, 4))
+    (out.sum() + model.regularization_loss()).backward()
+    assert float(model.gates.cell.weight_ih.grad.abs().sum()) > 0
+
+
+def test_blockdrop_reinforce_reaches_policy_only_and_curriculum():
+    model = _blockdrop().train()
+    x = _x(1, 16)
+    with torch.no_grad():
+        y = model.backbone(x).argmax(1)                 # targets the full backbone gets right: rewards differ
+    model.set_progress(0.0)
+    assert model._free == 1
+    model.set_progress(1.0)
+    assert model._free == model.num_gated
+    torch.manual_seed(0)
+    out = model(x)
+    loss = model.training_loss(out, y)
+    loss.backward()
+    assert float(model.policy[1].weight.grad.abs().sum()) > 0
+    assert all(p.grad is None for p in model.backbone.parameters())   # frozen backbone
+    assert not model.backbone.training                                  # keeps its BN statistics
+    # curriculum: with one free block, the others are forced on in training
+    model.set_progress(0.0)
+    model(x)
+    actions = model._saved[1]
+    assert bool((actions[:, :-1] == 1).all())
+
+
+def test_blockdrop_budget_loss_and_finetune_backbone():
+    torch.manual_seed(0)
+    model = BlockDrop(resnet_cifar(14, num_classes=10, in_chans=1, width_mult=0.25),
+                      BlockDropConfig(budget=0.5, finetune_backbone=True, policy_widths=(8, 8))).train()
+    x, y = _x(1, 8), torch.randint(0, 10, (8,))
+    out = model(x)
+    (model.training_loss(out, y) + model.regularization_loss()).backward()
+    assert float(model.policy.fc.bias.grad.abs().sum()) > 0
+    assert float(model.backbone.fc.weight.grad.abs().sum()) > 0
+
+
+def test_skipnet_reinforce_finetune_updates_gates():
+    model = _resnet_skipnet()
+    data = TensorDataset(_x(1, 16), torch.randint(0, 10, (16,)))
+    before = [p.detach().clone() for p in model.gates.parameters()]
+    hist = reinforce_finetune(model, data, steps=2, batch_size=8, finetune_backbone=False)
+    assert len(hist) == 2 and all(0 < h["macs_fraction"] <= 1 for h in hist)
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.gates.parameters()))
+    assert not model.training
+
+
+def test_trainer_runs_gated_models():
+    from dyncnn.train.trainer import TrainConfig, Trainer
+    data = TensorDataset(_x(1, 16), torch.randint(0, 10, (16,)))
+    for name in ("skipnet_resnet20_cifar", "blockdrop_resnet20_cifar"):
+        model = create_model(name, in_chans=1, width_mult=0.25, budget=0.5)
+        res = Trainer(model, data, data, TrainConfig(epochs=1, batch_size=8, progress=False)).fit()
+        assert res.steps == 2 and 0.0 <= res.final_val_acc <= 1.0
+
+
+def test_skippable_blocks_and_names():
+    net = resnet_cifar(14, width_mult=0.25)
+    _, blocks, names, _ = backbone_parts(net)
+    assert [is_skippable(b) for b in blocks] == [b.stride == 1 and b.in_chs == b.out_chs for b in blocks]
+    model = SkipNet(net)
+    assert model.decision_names == [names[i] for i in model.gated]
+    mb = mobilenet_v2(width_mult=0.25)
+    _, mblocks, _, _ = backbone_parts(mb)
+    assert resolve_gated_blocks(mblocks, None) == [i for i, b in enumerate(mblocks) if b.has_skip]
+
+
+def test_bad_inputs():
+    net = resnet_cifar(14, in_chans=1, width_mult=0.25)   # blocks 0..5; 2 and 4 change shape
+    for budget in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"\(0, 1\]"):
+            SkipNetConfig(budget=budget)
+        with pytest.raises(ValueError, match=r"\(0, 1\]"):
+            BlockDropConfig(budget=budget)
+    with pytest.raises(ValueError, match=r"valid indices are 0\.\.5"):
+        SkipNet(net, SkipNetConfig(gated_blocks=(1, 9)))
+    with pytest.raises(ValueError, match=r"skippable blocks are \[0, 1, 3, 5\]"):
+        BlockDrop(net, BlockDropConfig(gated_blocks=(2,)))
+    with pytest.raises(ValueError, match="feedforward"):
+        SkipNetConfig(gate="lstm")
+    with pytest.raises(ValueError, match="ResNet"):
+        SkipNet(TinyMobileNet())
+    with pytest.raises(ValueError, match="budget"):
+        create_model("skipnet_resnet20_cifar", budget=2.0)
+    model = SkipNet(net, SkipNetConfig(gated_blocks=(1, 3)))
+    assert model.gated == [1, 3]
+    with pytest.raises(ValueError, match="True, False or None"):
+        model.force_gates("on")
+    with pytest.raises(ValueError, match="1 input channels"):
+        model.infer(torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="finite"):
+        model.infer(torch.full((1, 1, 32, 32), float("nan")))
+
+
+def test_noise_free_straight_through_gates_follow_the_threshold_and_get_gradients():
+    torch.manual_seed(0)
+    model = _spread(SkipNet(resnet_cifar(14, num_classes=10, in_chans=1, width_mult=0.25),
+                            SkipNetConfig(gate_noise=False))).train()
+    x = _x(1, 6)
+    logits_of, seen = model.gate_logits(), []
+
+    def decide(j, h):
+        logit = logits_of(j, h)
+        g = model._train_gate(logit)
+        seen.append((g.detach(), (logit >= 0).float()))
+        return g
+    out, _, used = model._dense(x, decide)
+    assert all(torch.equal(g, t) for g, t in seen)          # no noise: training decisions = inference rule
+    (out.sum() + used.sum() / 1e6).backward()
+    assert sum(float(g.fc.weight.grad.abs().sum()) for g in model.gates) > 0
