@@ -89,3 +89,23 @@ def test_zoo_profiles_condensenet_in_its_converted_form(capsys):
     assert row["input"] == 32
     # the published 0.22M params / 28.6M MACs are those of the converted network (conv+linear count ~5% lower)
     assert abs(row["params_m"] - 0.22) < 0.02 and 0.93 * 28.6 < row["macs_m"] < 28.6
+
+
+def test_gated_model_from_a_static_checkpoint_and_its_executed_eval(tmp_path, capsys):
+    """`dyncnn train --init` starts SkipNet from a trained ResNet; `dyncnn eval` reports the executed MACs."""
+    common = ["--dataset", "scaled_mnist", "--canvas", "32", "--clutter", "0", "--epochs", "1", "--batch-size", "128",
+              "--lr", "0.1"]
+    assert main(["train", "--model", "resnet20_cifar", *common, "--cfg", "width_mult=0.25",
+                 "--out", str(tmp_path / "static")]) == 0
+    capsys.readouterr()
+    assert main(["train", "--model", "skipnet_resnet20_cifar", *common, "--cfg", "width_mult=0.25", "budget=0.5",
+                 "--init", str(tmp_path / "static" / "last.safetensors"), "--out", str(tmp_path / "skip")]) == 0
+    assert "initialised model.backbone from" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "skip" / "last.safetensors"), "--split", "val", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["n"] == 500 and 0 < r["mean_macs"] <= r["full_macs"] and len(r["choice_rate"]) == 7
+    assert len(r["decision_names"]) == 7 and r["accuracy"] > 0.1
+    # a checkpoint that fits neither the model nor its backbone is refused with both reasons
+    assert main(["train", "--model", "skipnet_resnet32_cifar", *common, "--cfg", "width_mult=0.25",
+                 "--init", str(tmp_path / "static" / "last.safetensors"), "--out", str(tmp_path / "bad")]) == 2
+    assert "fits neither the model nor its backbone" in capsys.readouterr().err

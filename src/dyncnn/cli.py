@@ -142,6 +142,10 @@ def cmd_train(args) -> int:
     if not args.model.startswith(("torchvision:", "timm:")):
         cfg.setdefault("in_chans", train_set.in_chans)   # dyncnn models take in_chans; external ones may not
     model = create_model(args.model, num_classes=train_set.num_classes, **cfg)
+    if args.init:
+        from .train.checkpoint import init_from_checkpoint
+        part = init_from_checkpoint(model, args.init)
+        print(f"initialised {part} from {args.init}")
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                          weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, seed=args.seed,
                          warmup_epochs=args.warmup_epochs)
@@ -408,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cfg", nargs="*", metavar="KEY=VALUE", help="model keyword arguments")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors if present")
+    t.add_argument("--init", default=None, metavar="CHECKPOINT", help="start from the weights of a trained "
+                   "checkpoint: the same model, or the static backbone of a dynamic one (e.g. SkipNet from ResNet)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="accuracy of a checkpoint on a data split",

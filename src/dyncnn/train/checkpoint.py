@@ -170,3 +170,25 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
     if restore_rng and "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
     return model, meta
+
+
+def init_from_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:
+    """Start ``model`` from the weights of a trained checkpoint (``dyncnn train --init``): the whole model when
+    the checkpoint is of the same architecture, else its static part (``model.backbone``), as the dynamic-network
+    papers start gated / glance models from a trained static network. Returns which part was initialised.
+    """
+    tensors, _ = read_checkpoint(path)
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    candidates = [("model", model)]
+    if isinstance(getattr(model, "backbone", None), nn.Module):
+        candidates.append(("model.backbone", model.backbone))
+    problems = []
+    for name, target in candidates:
+        try:
+            check_state_dict(target, state, source=f"checkpoint {path}")
+        except CheckpointError as e:
+            problems.append(f"{name}: {e}")
+            continue
+        target.load_state_dict(state)
+        return name
+    raise CheckpointError(f"checkpoint {path} fits neither the model nor its backbone: " + "; ".join(problems))
