@@ -11,15 +11,22 @@ from .errors import DyncnnError
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="scaled_mnist",
-                   help="mnist | scaled_mnist (embedded) | cifar10 | cifar100 | imagefolder (default: %(default)s)")
+                   help="embedded: mnist | scaled_mnist | scaled_mnist_large (128x128, small digits) | moving_digits "
+                        "(clips) | mnist_rows (row sequences); local: cifar10 | cifar100 | imagefolder "
+                        "(default: %(default)s)")
     p.add_argument("--data-root", default=None, help="folder of cifar10/cifar100/imagefolder data (never downloaded)")
     p.add_argument("--canvas", type=int, default=64, help="scaled_mnist canvas side in pixels (default: %(default)s)")
     p.add_argument("--clutter", type=int, default=2, help="scaled_mnist clutter fragments (default: %(default)s)")
+    p.add_argument("--frames", type=int, default=16, help="moving_digits frames per clip (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="data split and training seed (default: %(default)s)")
 
 
 def _data_kwargs(args) -> dict:
-    return {"canvas": args.canvas, "clutter": args.clutter} if args.dataset == "scaled_mnist" else {}
+    if args.dataset == "scaled_mnist":
+        return {"canvas": args.canvas, "clutter": args.clutter}
+    if args.dataset == "moving_digits":
+        return {"canvas": args.canvas, "frames": args.frames}
+    return {}
 
 
 def _cli_data_cfg(args) -> dict:
@@ -141,6 +148,8 @@ def cmd_train(args) -> int:
     cfg = _parse_cfg(args.cfg)
     if not args.model.startswith(("torchvision:", "timm:")):
         cfg.setdefault("in_chans", train_set.in_chans)   # dyncnn models take in_chans; external ones may not
+        if hasattr(train_set, "frames"):                  # clips: the temporal models are built for T frames
+            cfg.setdefault("frames", train_set.frames)
     model = create_model(args.model, num_classes=train_set.num_classes, **cfg)
     if args.init:
         from .train.checkpoint import init_from_checkpoint

@@ -5,9 +5,10 @@ from torch.utils.data import Dataset
 
 from .folders import cifar, image_folder
 from .canvas import large_canvas_mnist
+from .video import MovingDigits
 from .mnist import MNISTDigits, ScaledMNIST, load_mnist_digits, split_indices
 
-DATASETS = ("mnist", "scaled_mnist", "scaled_mnist_large", "cifar10", "cifar100", "imagefolder")
+DATASETS = ("mnist", "scaled_mnist", "scaled_mnist_large", "moving_digits", "cifar10", "cifar100", "imagefolder")
 
 
 def get_dataset(name: str, split: str = "train", root: str | None = None, seed: int = 0, **kwargs) -> Dataset:
@@ -23,6 +24,8 @@ def get_dataset(name: str, split: str = "train", root: str | None = None, seed: 
     if name == "scaled_mnist_large":       # 128x128 canvas, small digits and clutter: a 32x32 glance is not enough
         from .canvas import large_canvas_mnist
         return large_canvas_mnist(split, seed=seed, **kwargs)
+    if name == "moving_digits":            # clips (T, 1, H, W) of a digit moving in some frames only
+        return MovingDigits(split, seed=seed, **kwargs)
     if name in ("cifar10", "cifar100", "imagefolder"):
         if root is None:
             raise ValueError(f"dataset {name!r} reads a local folder: pass root=PATH (--data-root on the CLI)")
@@ -34,4 +37,4 @@ def get_dataset(name: str, split: str = "train", root: str | None = None, seed: 
 
 __all__ = ["DATASETS", "get_dataset", "MNISTDigits", "ScaledMNIST", "load_mnist_digits", "split_indices",
            "cifar", "image_folder",
-           "large_canvas_mnist"]
+           "large_canvas_mnist", "MovingDigits"]
