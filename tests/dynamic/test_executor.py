@@ -68,3 +68,28 @@ def test_evaluate_dynamic_reports_accuracy_macs_and_choice_rates():
     assert r["choice_rate"][0] == pytest.approx((x.flatten(1)[:, 0] > 0).float().mean().item(), abs=1e-4)
     assert r["macs_fraction"] == pytest.approx(r["mean_macs"] / 32)
     assert "extra=" in format_dynamic(r)
+
+
+def test_stage_costs_are_cached_per_stage_and_shape_and_never_confused_after_a_stage_is_freed():
+    ex = Executor()
+    lin = nn.Linear(4, 4)
+    assert ex.stage_macs(lin, torch.zeros(3, 4)) == 16
+    assert ex.stage_macs(lin, torch.zeros(5, 4)) == 16            # cached: the batch size is not part of the key
+    assert ex.stage_macs(lin, torch.zeros(2, 7, 4)) == 7 * 16     # another shape, measured again
+    del lin
+    import gc
+    gc.collect()
+    for _ in range(20):      # new modules may reuse a freed module's id: their own cost must be measured
+        other = nn.Linear(4, 8)
+        assert ex.stage_macs(other, torch.zeros(1, 4)) == 32
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 2)
+
+        def head(self, x):
+            return self.a(x)
+    h = Holder()
+    assert ex.stage_macs(h.head, torch.zeros(1, 4)) == 8
+    assert len(ex._cache[h]) == 1 and ex.stage_macs(h.head, torch.zeros(1, 4)) == 8 and len(ex._cache[h]) == 1

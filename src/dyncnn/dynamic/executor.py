@@ -11,6 +11,8 @@ whole call, the ledger's total equals what FlopCounterMode counts for that call.
 """
 from __future__ import annotations
 
+import inspect
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -68,6 +70,8 @@ def select_rows(state: State, rows: Tensor) -> State:
 
 
 def _shape_key(state: State) -> tuple:
+    if isinstance(state, Tensor):             # the common case, without flattening (cheap at batch 1)
+        return (tuple(state.shape[1:]), state.dtype)
     leaves, spec = tree_flatten(state)
     return (str(spec),) + tuple((tuple(t.shape[1:]), t.dtype) if isinstance(t, Tensor) else repr(t)
                                 for t in leaves)
@@ -91,13 +95,22 @@ class Executor:
     """
 
     def __init__(self):
-        self._cache: dict[tuple, int] = {}
+        # per stage (weakly held, so a freed module's id cannot be mistaken for a new one's), per input shape
+        self._cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._by_id: dict[tuple, int] = {}     # stages that cannot be weakly referenced
 
     def stage_macs(self, stage: Callable, state: State) -> int:
-        key = (id(stage),) + _shape_key(state)
-        if key not in self._cache:
-            self._cache[key] = measure_macs(stage, state)
-        return self._cache[key]
+        shape = _shape_key(state)
+        owner = stage
+        if inspect.ismethod(stage):      # a bound method is a new object at every access: key by (object, function)
+            owner, shape = stage.__self__, (stage.__func__,) + shape
+        try:
+            per_shape = self._cache.setdefault(owner, {})
+        except TypeError:
+            per_shape, shape = self._by_id, (id(owner),) + shape
+        if shape not in per_shape:
+            per_shape[shape] = measure_macs(stage, state)
+        return per_shape[shape]
 
     def run(self, stage: Callable[[State], Any], state: State, rows: Tensor, ledger: CostLedger) -> Any:
         """``stage(state)`` for the active ``rows`` (original sample indices of the state's rows)."""
@@ -129,6 +142,7 @@ class Executor:
 
     def clear(self) -> None:
         self._cache.clear()
+        self._by_id.clear()
 
 
 def early_exit_inference(stages: list[Callable], heads: list[Callable], x: State, exit_fn: Callable[[int, Tensor], Tensor],

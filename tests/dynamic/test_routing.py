@@ -1,0 +1,150 @@
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from dyncnn.dynamic.executor import measure_macs
+from dyncnn.dynamic.routing import PathCfg, RoutingSuperNet, SuperNetCfg
+from dyncnn.layers.gates import budget_loss
+from dyncnn.models import create_model
+from dyncnn.models.resnet import resnet_cifar
+
+
+def flop_macs(fn, *args):
+    with FlopCounterMode(display=False) as counter:
+        out = fn(*args)
+    return out, counter.get_total_flops() // 2
+
+
+def calibrate_norms(model: nn.Module, shape) -> None:
+    """Running statistics of one random batch, so that eval-mode activations keep their scale."""
+    was_forced = getattr(model, "force_path", None)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 1.0
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(8, *shape[1:]))
+    model.eval()
+    return was_forced
+
+
+def routed_net(**kw) -> RoutingSuperNet:
+    net = create_model("routing_supernet_tiny", **kw)
+    for cell in net.cells:
+        nn.init.normal_(cell.router.fc.weight, 0.0, 3.0)    # routers that send different samples different ways
+    calibrate_norms(net, (1, 1, 32, 32))
+    return net
+
+
+def test_forced_full_path_equals_the_resnet_it_is_built_from():
+    torch.manual_seed(3)
+    resnet = resnet_cifar(14, in_chans=1, width_mult=0.5)
+    calibrate_norms(resnet, (1, 1, 32, 32))
+    net = create_model("routing_supernet_tiny").eval()
+    net.stem.load_state_dict(resnet.stem[0].state_dict())
+    for cell, block in zip(net.cells, resnet.blocks(), strict=True):
+        cell.paths[0].load_state_dict(block.state_dict())
+    net.head[2].load_state_dict(resnet.fc.state_dict())
+    x = torch.rand(3, 1, 32, 32)
+    net.force_path = 0
+    result = net.infer(x)
+    assert torch.equal(result.logits, resnet(x))
+    assert (result.choices == 0).all() and (result.exit_index == len(net.cells)).all()
+    routers = sum(measure_macs(c.router, torch.zeros(1, c.router.fc.in_features, 1, 1)) for c in net.cells)
+    assert result.macs[0].item() == flop_macs(resnet, x[:1])[1] + routers == net.full_macs(x)
+
+
+@pytest.mark.parametrize("path", [1, 2])
+def test_forced_path_equals_the_static_network_of_that_path(path):
+    net = routed_net()
+    x = torch.rand(4, 1, 32, 32)
+    net.force_path = path
+    result = net.infer(x)
+    static = net.static_path(path)
+    assert torch.equal(result.logits, static(x))
+    assert (result.choices == path).all()
+    assert result.macs[0].item() < net.full_macs(x)
+
+
+def varied_batch(n: int) -> torch.Tensor:
+    """Inputs of different contrast, so that the (pooled-feature) routers disagree between samples."""
+    return torch.randn(n, 1, 32, 32) * torch.linspace(0.2, 4, n).view(-1, 1, 1, 1)
+
+
+def test_batched_equals_per_sample_and_ledger_equals_flop_counter():
+    net = routed_net()
+    x = varied_batch(8)
+    result, counted = flop_macs(net.infer, x)
+    assert result.macs.sum().item() == counted
+    assert len({tuple(c) for c in result.choices.tolist()}) > 1          # samples took different routes
+    fixed, table = net.cost_table(x)
+    expected = fixed + table.gather(1, result.choices.t()).sum(0)         # each sample: its own paths' MACs
+    assert torch.equal(result.macs, expected.to(torch.int64))
+    for i in range(8):
+        one = net.infer(x[i:i + 1])
+        assert torch.allclose(one.logits, result.logits[i:i + 1], atol=1e-5, rtol=1e-5)
+        assert torch.equal(one.choices[0], result.choices[i]) and one.macs.item() == result.macs[i].item()
+    assert torch.allclose(net(x), result.logits)                        # eval forward = infer().logits
+
+
+def test_training_gives_gradients_to_routers_from_task_and_cost_losses():
+    net = routed_net(budget=0.3).train()
+    x, y = torch.rand(8, 1, 32, 32), torch.arange(8) % 10
+    logits = net(x)
+    nn.functional.cross_entropy(logits, y).backward()
+    for cell in net.cells:
+        assert cell.router.fc.weight.grad.abs().sum() > 0                 # straight-through Gumbel gradient
+    net.zero_grad()
+    net(x)
+    reg = net.regularization_loss()                                       # the cost term alone
+    assert reg.item() > 0
+    reg.backward()
+    assert all(c.router.fc.weight.grad.abs().sum() > 0 for c in net.cells)
+    # the cost reaches earlier paths only through later routers' inputs; the last cell's paths feed no router
+    assert all(p.grad is None for path in net.cells[-1].paths for p in path.parameters())
+
+
+def test_cost_loss_is_the_budget_loss_of_the_executed_route():
+    net = routed_net().train()
+    x = torch.rand(4, 1, 32, 32)
+    net.force_path = 2
+    net(x)
+    fixed, table = net.cost_table(x)
+    used = torch.full((4,), float(fixed + table[:, 2].sum()))       # every sample took path 2 everywhere
+    assert torch.allclose(net.regularization_loss(),
+                          net.cost_weight * budget_loss(used, net.full_macs(x), net.budget), rtol=1e-5)
+    net.force_path = None
+    net(x)
+    assert net.regularization_loss().requires_grad
+
+
+def test_set_progress_anneals_the_temperature():
+    net = create_model("routing_supernet_tiny", tau=(4.0, 0.25))
+    net.set_progress(0.0)
+    assert net.tau == pytest.approx(4.0)
+    net.set_progress(1.0)
+    assert net.tau == pytest.approx(0.25)
+    net.set_progress(0.5)
+    assert net.tau == pytest.approx(1.0)
+
+
+def test_paths_from_checkpoint_style_dicts_and_cifar_variant():
+    net = create_model("routing_supernet_tiny", paths=[{"kind": "basic"}, {"kind": "ds", "kernel": 5}])
+    assert net.num_paths == 2 and isinstance(net.cfg.paths[1], PathCfg)
+    assert len(create_model("routing_supernet_cifar").cells) == 9
+
+
+def test_bad_inputs_raise_clear_errors():
+    for budget in (0, 1.5):
+        with pytest.raises(ValueError, match=r"\(0, 1\]"):
+            create_model("routing_supernet_tiny", budget=budget)
+    net = create_model("routing_supernet_tiny")
+    with pytest.raises(ValueError, match=r"path index in 0\.\.2"):
+        net.force_path = 3
+    with pytest.raises(ValueError, match="path kind must be one of"):
+        PathCfg("wide")
+    with pytest.raises(ValueError, match="cells_per_stage"):
+        SuperNetCfg(cells_per_stage=0)
+    with pytest.raises(ValueError, match="input channels"):
+        net.eval().infer(torch.rand(2, 3, 32, 32))
