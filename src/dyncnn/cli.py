@@ -12,7 +12,7 @@ from .errors import DyncnnError
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="scaled_mnist",
                    help="embedded: mnist | scaled_mnist | scaled_mnist_large (128x128, small digits) | moving_digits "
-                        "(clips) | mnist_rows (row sequences); local: cifar10 | cifar100 | imagefolder "
+                        "(clips) | mnist_rows (row sequences) | clip_features (clip frame sequences); local: cifar10 | cifar100 | imagefolder "
                         "(default: %(default)s)")
     p.add_argument("--data-root", default=None, help="folder of cifar10/cifar100/imagefolder data (never downloaded)")
     p.add_argument("--canvas", type=int, default=64, help="scaled_mnist canvas side in pixels (default: %(default)s)")

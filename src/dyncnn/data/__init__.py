@@ -5,10 +5,12 @@ from torch.utils.data import Dataset
 
 from .folders import cifar, image_folder
 from .canvas import large_canvas_mnist
+from .sequences import ClipFeatureSequences, RowSequenceDigits
 from .video import MovingDigits
 from .mnist import MNISTDigits, ScaledMNIST, load_mnist_digits, split_indices
 
-DATASETS = ("mnist", "scaled_mnist", "scaled_mnist_large", "moving_digits", "cifar10", "cifar100", "imagefolder")
+DATASETS = ("mnist", "scaled_mnist", "scaled_mnist_large", "moving_digits", "mnist_rows", "clip_features", "cifar10",
+            "cifar100", "imagefolder")
 
 
 def get_dataset(name: str, split: str = "train", root: str | None = None, seed: int = 0, **kwargs) -> Dataset:
@@ -26,6 +28,10 @@ def get_dataset(name: str, split: str = "train", root: str | None = None, seed: 
         return large_canvas_mnist(split, seed=seed, **kwargs)
     if name == "moving_digits":            # clips (T, 1, H, W) of a digit moving in some frames only
         return MovingDigits(split, seed=seed, **kwargs)
+    if name == "mnist_rows":               # the digits read row by row: sequences (28, 28)
+        return RowSequenceDigits(split, seed=seed)
+    if name == "clip_features":            # moving-digit clips as sequences of pooled frames (T, 256)
+        return ClipFeatureSequences(split, seed=seed, **kwargs)
     if name in ("cifar10", "cifar100", "imagefolder"):
         if root is None:
             raise ValueError(f"dataset {name!r} reads a local folder: pass root=PATH (--data-root on the CLI)")
@@ -37,4 +43,4 @@ def get_dataset(name: str, split: str = "train", root: str | None = None, seed: 
 
 __all__ = ["DATASETS", "get_dataset", "MNISTDigits", "ScaledMNIST", "load_mnist_digits", "split_indices",
            "cifar", "image_folder",
-           "large_canvas_mnist", "MovingDigits"]
+           "large_canvas_mnist", "MovingDigits", "RowSequenceDigits", "ClipFeatureSequences"]
