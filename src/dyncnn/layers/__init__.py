@@ -10,6 +10,7 @@ from .weight_prediction import PredictedDepthwiseConv2d
 from .deform import DeformConv2d
 from .gates import HardGate, gumbel_sigmoid, gumbel_softmax
 from .sparse_conv import Positions, dilate_mask, sparse_conv, sparse_conv2d
+from .moe import ConvMoE, MoEConfig, Router, capacity_keep
 
 __all__ = [
     "ConvNormAct", "DepthwiseSeparableConv", "GroupConv2d", "make_divisible",
@@ -18,4 +19,5 @@ __all__ = [
     "CondensedLinear", "ConversionError", "SparseFeatureReactivation", "CondensedReactivation",
     "CondConv2d", "DynamicConv2d", "AttentionScaledConv2d", "PredictedDepthwiseConv2d", "DeformConv2d",
     "HardGate", "gumbel_sigmoid", "gumbel_softmax", "Positions", "dilate_mask", "sparse_conv", "sparse_conv2d",
+    "ConvMoE", "MoEConfig", "Router", "capacity_keep",
 ]
