@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dyncnn.dynamic.patches import crop_patches
-from dyncnn.export.glance import crop_patches_np, export_glance_bundle, load_glance_bundle
+from dyncnn.export.glance import export_glance_bundle, load_glance_bundle
+from dyncnn.models.gfnet import gather_patches, traceable_corners
 from dyncnn.export.runtime import BundleError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
@@ -61,13 +62,18 @@ def test_driver_equals_eager_infer(exported, images):
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_numpy_crop_equals_torch_crop():
+def test_in_graph_crop_equals_torch_crop():
+    """The exported focus step crops with a flat-index gather at ``traceable_corners``: the same pixels as
+    ``crop_patches`` (half-way corners round half to even in both; out-of-range centres clamp)."""
     g = torch.Generator().manual_seed(0)
     for n in (1, 5):
-        x = torch.rand(n, 3, 40, 56, generator=g)
-        c = torch.rand(n, 2, generator=g)
-        c[0] = torch.tensor([0.5, 1.0])          # half-way corner: round half to even in both
-        np.testing.assert_array_equal(crop_patches_np(x.numpy(), c.numpy(), 16), crop_patches(x, c, 16).numpy())
+        x = torch.rand(n, 3, 40, 40, generator=g)
+        c = torch.rand(n, 2, generator=g) * 1.4 - 0.2
+        c[0] = torch.tensor([0.5, 1.0])          # (40 - 16) * 0.5 = 12 exactly; 1.0 -> the last corner
+        if n > 1:
+            c[1] = torch.tensor([0.5 / 24 * 3, 0.5 / 24 * 5])   # 1.5 and 2.5 pixels: round half to even
+        got = gather_patches(x, traceable_corners(c, 40, 16), 16)
+        torch.testing.assert_close(got, crop_patches(x, c, 16), rtol=0, atol=0)
 
 
 def test_bad_bundles_and_inputs(exported, tmp_path, images):

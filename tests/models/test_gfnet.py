@@ -216,13 +216,15 @@ def test_fit_stages_checkpoints_and_resume(tmp_path, images):
     assert r.steps == 6 and [h["stage"] for h in r.history] == [1, 2, 3]
     for sub in ("stage1", "stage2", "stage3"):
         assert (tmp_path / sub / "last.safetensors").exists()
-    # stage III changed the classifier only: the encoders and the policy are as stage II left them
+    # stage III changed the classifier and the local encoder only: the global encoder and the policy are as
+    # stage II left them
     s2, _ = load_checkpoint(tmp_path / "stage2" / "last.safetensors")
     final, meta = load_checkpoint(tmp_path / "last.safetensors")
     for (name, a), b in zip(s2.state_dict().items(), final.state_dict().values()):
-        if not name.startswith("classifier_"):
+        if not name.startswith(("classifier_", "local_encoder.")):
             assert torch.equal(a, b), name
     assert not torch.equal(s2.classifier_fc.weight, final.classifier_fc.weight)
+    assert not torch.equal(s2.local_encoder.proj.weight, final.local_encoder.proj.weight)
     final.eval()
     torch.testing.assert_close(final.infer(x[:4]).logits, m.eval().infer(x[:4]).logits)
     weights = {k: v.clone() for k, v in m.state_dict().items()}
@@ -284,3 +286,91 @@ def test_cli_export_and_bench_glance_bundle(tmp_path, capsys):
     assert report["kind"] == "glance" and report["dynamic"]["parity"]["same_exit"] == 8
     assert {(s["backend"], s["batch"]) for s in report["dynamic"]["speedups"]} == {
         ("eager", 1), ("eager", 4), ("onnxruntime", 1), ("onnxruntime", 4)}
+
+
+def test_policy_runs_only_for_rows_that_go_on(model, images):
+    """The policy (GRU + actor) runs at the start of a focus step, after the exit decision: it sees only the rows
+    that continue, and the glance's MACs do not include it."""
+    th = median_thresholds(model, images)
+    model.infer(images, th)              # the executor measures each stage's MACs once per shape: warm it up
+    seen = []
+    hook = model.policy.rnn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
+    try:
+        r = model.infer(images, th)
+    finally:
+        hook.remove()
+    assert seen == [int((r.exit_index >= k).sum()) for k in (1, 2)] and seen[0] < len(images)
+    with FlopCounterMode(display=False) as counter:
+        model.glance_step(images[:1], None)
+    assert model.exit_macs(images[:1])[0] == counter.get_total_flops() // 2
+    with FlopCounterMode(display=False) as counter:
+        model.policy(torch.zeros(1, 16), torch.zeros(1, 2), torch.zeros(1, 8))
+    assert counter.get_total_flops() > 0        # the policy has a cost, charged only to the rows that run it
+
+
+def test_gru_is_one_onnx_op_and_counted():
+    """GRUStep exports as a single ONNX GRU op and FlopCounterMode counts its two matrix products."""
+    import io
+
+    import onnx
+
+    from dyncnn.models.gfnet import GRUStep
+    cell = GRUStep(12, 8).eval()
+    x, h = torch.rand(3, 12), torch.rand(3, 8)
+    with FlopCounterMode(display=False) as counter:
+        out = cell(x, h)
+    assert counter.get_total_flops() // 2 == 3 * 3 * 8 * (12 + 8)
+    ref = torch.nn.GRUCell(12, 8)
+    ref.load_state_dict({k.replace("_l0", ""): v for k, v in cell.gru.state_dict().items()})
+    torch.testing.assert_close(out, ref(x, h))
+    buf = io.BytesIO()
+    torch.onnx.export(cell, (x, h), buf, dynamo=False, input_names=["x", "h"], output_names=["o"])
+    ops = [n.op_type for n in onnx.load_from_string(buf.getvalue()).graph.node]
+    assert ops.count("GRU") == 1 and not {"Sigmoid", "Tanh"} & set(ops)
+
+
+def test_locator_and_supervised_policy_warm_start(images):
+    """``locate`` is a soft-argmax in image coordinates; ``locate_step`` trains only the policy (locator, GRU,
+    actor, skip) towards known object centres."""
+    from dyncnn.dynamic.glance import locate_step
+    m = tiny_gfnet(6, images)
+    fmap = torch.full((2, 16, 3, 3), -30.0)
+    fmap[0, :, 0, 2] = fmap[1, :, 2, 1] = 30.0                       # a single hot cell per sample
+    with torch.no_grad():
+        m.policy.saliency.weight.fill_(1.0)
+        m.policy.saliency.bias.zero_()
+        where = m.policy.locate(fmap, torch.tensor([[0.25, 0.5]] * 2), 0.5)
+    torch.testing.assert_close(where, torch.tensor([[0.25 + 0.5 / 6, 0.5 + 2.5 / 6], [0.25 + 2.5 / 6, 0.5 + 0.25]]))
+    m.set_train_stage(2)
+    m.train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    opt = torch.optim.Adam(m.policy.parameters(), lr=1e-2)
+    centers = torch.rand(12, 2)
+    stats = locate_step(m, images, centers, opt)
+    assert math.isfinite(stats["loss"]) and stats["pixel_error"] >= 0
+    changed = {k.split(".")[1] for k in before if not torch.equal(before[k], m.state_dict()[k])}
+    assert changed == {"saliency", "rnn", "actor", "skip"}       # not the critic, nothing outside the policy
+
+
+def test_digit_centers_and_stage2_warm_start(tmp_path):
+    from torch.utils.data import Subset
+
+    from dyncnn.data.canvas import digit_centers, large_canvas_mnist
+    ds = large_canvas_mnist("val", canvas=64, clutter=0)
+    c = digit_centers(ds)
+    assert c.shape == (len(ds), 2) and bool(((c > 0) & (c < 1)).all())
+    for i in (0, 7):                       # the centre pixel lies inside the rendered digit's bounding box
+        top, left = ds.positions[i].tolist()
+        size = round(float(ds.scales[i]) * 64)
+        assert top <= float(c[i, 0]) * 64 <= top + size and left <= float(c[i, 1]) * 64 <= left + size
+        assert float(ds[i][0][0, top:top + size, left:left + size].sum()) > 0
+    torch.testing.assert_close(digit_centers(Subset(ds, [7, 0])), c[[7, 0]])
+    with pytest.raises(TypeError, match="ScaledMNIST"):
+        digit_centers([(torch.zeros(1, 64, 64), 0)])
+    m = create_model("gfnet", num_classes=10, in_chans=1, **TINY)
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=1e-2, optimizer="adamw", progress=False)
+    sub = Subset(ds, range(32))
+    r = m.fit_stages(sub, Subset(ds, range(16)), cfg, tmp_path, extra={"gfnet": {"ppo_epochs": 1,
+                                                                                  "finetune_epochs": 1}})
+    stage2 = [h for h in r.history if h["stage"] == 2]
+    assert "locate_pixel_error" in stage2[0] and "train_prob_gain" in stage2[1]

@@ -7,6 +7,10 @@ on the small ones, and can stop after the glance on the large ones.
 """
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+from torch.utils.data import Subset
+
 from .mnist import ScaledMNIST
 
 LARGE_CANVAS = {"canvas": 128, "min_scale": 0.12, "max_scale": 0.5, "clutter": 3}
@@ -27,3 +31,15 @@ def large_canvas_mnist(split: str = "train", patch_size: int | None = None, **ov
             raise ValueError(f"canvas {cfg['canvas']} is smaller than the patch size {patch_size}: a patch must fit "
                              f"inside the image (use canvas >= {patch_size})")
     return ScaledMNIST(split, **cfg)
+
+
+def digit_centers(dataset) -> Tensor:
+    """Centres (N, 2), (row, col) as fractions of the canvas side, of the digits of a ScaledMNIST (or a Subset of
+    one): the metadata a region-level model may use as a supervised teacher in training (GFNet's stage II warm
+    start). Raises TypeError for datasets without positions."""
+    if isinstance(dataset, Subset):
+        return digit_centers(dataset.dataset)[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
+    if not isinstance(dataset, ScaledMNIST):
+        raise TypeError(f"digit_centers needs a ScaledMNIST (or a Subset of one), got {type(dataset).__name__}")
+    canvas = dataset.config.canvas
+    return (dataset.positions.float() + dataset.scales[:, None] * canvas / 2) / canvas

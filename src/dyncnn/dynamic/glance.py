@@ -6,7 +6,9 @@
   patch is the gain in the true class's softmax probability from the previous step; discounted returns with
   gamma 0.7, clipped surrogate with clip 0.2, Adam with lr 3e-4, Gaussian actions with std 0.1 (the published
   settings). The action's log-probability is that of the unclipped sample; the patch is cropped at the clipped one.
-- Stage III: the classifier alone is fine-tuned with the learned (mean) policy (a Trainer run again).
+  When the training data knows where its objects are (``dyncnn.data.canvas.digit_centers``), the policy is first
+  warm-started for ``locate_epochs`` by regressing those positions (:func:`locate_step`), then PPO refines it.
+- Stage III: the local encoder and the classifier are fine-tuned with the learned (mean) policy (a Trainer run).
 
 Each stage writes its checkpoints to ``out_dir/stage{1,2,3}`` and resumes from them; the final model is saved as
 ``out_dir/last.safetensors`` (``dyncnn eval`` / ``calibrate`` / ``export`` read it).
@@ -33,6 +35,8 @@ from ..train.trainer import TrainConfig, Trainer, TrainResult, epoch_batches, ev
 class GlanceStagesConfig:
     """Stage II / III settings; ``None`` epochs mean half of stage I's (at least one)."""
     ppo_epochs: int | None = None
+    locate_epochs: int = 1                  # supervised policy warm-start epochs (data with object positions)
+    locate_lr: float = 3e-3
     finetune_epochs: int | None = None
     finetune_lr_scale: float = 0.1          # stage III lr = stage I lr x this
     ppo_lr: float = 3e-4
@@ -54,31 +58,32 @@ class GlanceStagesConfig:
 def ppo_step(model, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, cfg: GlanceStagesConfig) -> dict:
     """One PPO update of ``model.policy`` on a batch: roll out the steps with sampled patch centres (encoders and
     classifier frozen, no gradient), then ``cfg.ppo_updates`` clipped-surrogate + value-loss passes."""
-    std, p = model.cfg.std, model.cfg.patch_size
+    std, p, side = model.cfg.std, model.cfg.patch_size, x.shape[-1]
     buf = RolloutBuffer()
     with torch.no_grad():
         n = x.shape[0]
         h, hp = x.new_zeros(n, model.cfg.hidden_dim), x.new_zeros(n, model.cfg.policy_dim)
-        feat = model.glance_features(x)
-        logits, h = model.classify(feat, h)
-        prob = torch.softmax(logits, 1).gather(1, y[:, None]).squeeze(1)
+        s = model.glance_step(x, h)
+        prob = torch.softmax(s["logits"], 1).gather(1, y[:, None]).squeeze(1)
         first = prob
-        for _ in range(1, model.num_steps):
-            state = (feat, hp)
-            mean, hp = model.policy(feat, hp)
+        for k in range(1, model.num_steps):
+            state = (s["feat"], s["where"], hp)
+            mean, hp = model.policy(*state)
             value = model.policy.value(hp)
             raw = mean + std * torch.randn_like(mean)
             log_prob = gaussian_log_prob(raw, mean, std)
-            feat = model.focus_features(crop_patches(x, raw.clamp(0, 1), p))
-            logits, h = model.classify(feat, h)
-            new_prob = torch.softmax(logits, 1).gather(1, y[:, None]).squeeze(1)
+            center = raw.clamp(0, 1)
+            last = k == model.num_steps - 1
+            s = model.focus_step(crop_patches(x, center, p), s["h"],
+                                 None if last else model.patch_origin(center, side), side)
+            new_prob = torch.softmax(s["logits"], 1).gather(1, y[:, None]).squeeze(1)
             buf.add(state, raw, log_prob, value, new_prob - prob)
             prob = new_prob
     returns, adv = buf.returns_and_advantages(cfg.gamma)
     for _ in range(cfg.ppo_updates):
         loss = x.new_zeros(())
-        for t, (f, h0) in enumerate(buf.states):
-            mean, hp_t = model.policy(f, h0)
+        for t, (f, w, h0) in enumerate(buf.states):
+            mean, hp_t = model.policy(f, w, h0)
             new_lp = gaussian_log_prob(buf.actions[t], mean, std)
             loss = loss + ppo_loss(new_lp, buf.log_probs[t], adv[t], cfg.clip) \
                 + cfg.value_coef * F.mse_loss(model.policy.value(hp_t), returns[t])
@@ -89,15 +94,53 @@ def ppo_step(model, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, cfg:
     return {"loss": float(loss.detach()), "gain": float((prob - first).mean())}
 
 
+def locate_step(model, x: Tensor, digit_centers: Tensor, optimizer: torch.optim.Optimizer) -> dict:
+    """Supervised warm-start of the policy before PPO (a stage-II "teacher" from the data's object positions):
+    the locator's soft-argmax regresses the object centre (on the glance and on every focus patch but the last)
+    and every chosen patch centre regresses the centre that puts the object in the middle of the patch. PPO then
+    starts from a policy that looks at the object instead of at a random place (its reward gain per epoch is far
+    too small to find it from scratch in a few epochs)."""
+    p, side = model.cfg.patch_size, x.shape[-1]
+    target = ((digit_centers * side - p / 2) / (side - p)).clamp(0, 1) if side > p else digit_centers * 0 + 0.5
+    n = x.shape[0]
+    h, hp = x.new_zeros(n, model.cfg.hidden_dim), x.new_zeros(n, model.cfg.policy_dim)
+    s = model.glance_step(x, h)
+    loss = F.mse_loss(s["where"], digit_centers)
+    err = []
+    for k in range(1, model.num_steps):
+        center, hp = model.policy(s["feat"], s["where"], hp)
+        loss = loss + F.mse_loss(center, target)
+        err.append((center.detach() - target).abs().amax(1).mul(side - p).mean())
+        last = k == model.num_steps - 1
+        c = center.detach()
+        s = model.focus_step(crop_patches(x, c, p), s["h"], None if last else model.patch_origin(c, side), side)
+        if not last:
+            loss = loss + F.mse_loss(s["where"], digit_centers)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"loss": float(loss.detach()), "pixel_error": float(torch.stack(err).mean())}
+
+
 def _collate(dataset, idx: list[int]) -> tuple[Tensor, Tensor]:
     items = [dataset[i] for i in idx]
     return torch.stack([it[0] for it in items]), torch.as_tensor([int(it[1]) for it in items])
 
 
+def _digit_centers(dataset) -> Tensor | None:
+    from ..data.canvas import digit_centers
+    try:
+        return digit_centers(dataset)
+    except TypeError:
+        return None
+
+
 def train_policy(model, train_set, val_set, config: TrainConfig, cfg: GlanceStagesConfig, out_dir: Path,
                  resume: bool, extra: dict) -> TrainResult:
     """Stage II: PPO epochs over ``train_set``; validation accuracy (last step, mean policy) after each epoch."""
-    epochs = cfg.ppo_epochs or max(1, config.epochs // 2)
+    centers = _digit_centers(train_set)
+    warm = cfg.locate_epochs if centers is not None else 0
+    epochs = warm + (cfg.ppo_epochs or max(1, config.epochs // 2))
     model.set_train_stage(2)
     opt = torch.optim.Adam(model.policy.parameters(), lr=cfg.ppo_lr)
     path, history, start_epoch = out_dir / "last.safetensors", [], 0
@@ -112,21 +155,33 @@ def train_policy(model, train_set, val_set, config: TrainConfig, cfg: GlanceStag
         batches = epoch_batches(len(train_set), config.batch_size, config.seed + 1, epoch)
         bar = tqdm(batches, desc=f"PPO epoch {epoch + 1}/{epochs}", leave=False, disable=None if config.progress
                    else True)
-        gains = []
+        gains, errs = [], []
+        supervised = epoch < warm
+        for g in opt.param_groups:
+            g["lr"] = cfg.locate_lr if supervised else cfg.ppo_lr
         for idx in bar:
             x, y = _collate(train_set, idx)
-            stats = ppo_step(model, x, y, opt, cfg)
-            gains.append(stats["gain"])
+            if supervised:
+                stats = locate_step(model, x, centers[idx], opt)
+                errs.append(stats["pixel_error"])
+            else:
+                stats = ppo_step(model, x, y, opt, cfg)
+                gains.append(stats["gain"])
             steps += 1
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", gain=f"{stats['gain']:.3f}", refresh=False)
-        record = {"stage": 2, "epoch": epoch + 1, "train_prob_gain": sum(gains) / max(len(gains), 1),
-                  "seconds": time.perf_counter() - t0}
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", refresh=False)
+        record = {"stage": 2, "epoch": epoch + 1, "seconds": time.perf_counter() - t0}
+        if supervised:
+            record["locate_pixel_error"] = sum(errs) / max(len(errs), 1)
+        else:
+            record["train_prob_gain"] = sum(gains) / max(len(gains), 1)
         if val_set is not None:
             record["val_acc"] = evaluate(model, val_set, config.eval_batch_size)["acc"]
             best = max(best, record["val_acc"])
         history.append(record)
         if config.progress:
-            tqdm.write(f"PPO epoch {epoch + 1}/{epochs}  prob gain {record['train_prob_gain']:.4f}"
+            tqdm.write(f"stage II epoch {epoch + 1}/{epochs}  "
+                       + (f"locate error {record['locate_pixel_error']:.1f}px" if supervised else
+                          f"prob gain {record['train_prob_gain']:.4f}")
                        + (f"  val acc {record['val_acc']:.4f}" if "val_acc" in record else ""))
         save_checkpoint(path, model, opt, {"stage": 2, "epoch": epoch + 1, "history": history}, extra=extra)
     last = history[-1] if history else {}

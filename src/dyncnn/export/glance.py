@@ -1,16 +1,19 @@
-"""GFNet as staged ONNX graphs plus a host-side driver that crops patches and applies the exits.
+"""GFNet as staged ONNX graphs plus a host-side driver that applies the exits (the graphs crop the patches).
 
 A glance-and-focus network cannot be one static graph: which patch a focus step reads depends on the previous
 step, and samples leave after different steps. The bundle therefore holds three graphs (batch axis dynamic):
 
-- ``glance.onnx``: ``image`` -> ``logits``, ``h`` (classifier state), ``hp`` (policy state), ``center``;
-- ``focus.onnx``: ``patch``, ``h_in``, ``hp_in`` -> ``logits``, ``h``, ``hp``, ``center`` (steps 2 .. T-1);
-- ``focus_last.onnx``: ``patch``, ``h_in`` -> ``logits`` (step T: no next patch to choose).
+- ``glance.onnx``: ``image``, ``h_in`` (zeros) -> ``logits``, ``h`` (classifier state), ``feat``, ``where`` (locator output);
+- ``focus.onnx``: ``image``, ``h_in``, ``hp_in``, ``feat_in``, ``where_in`` -> ``logits``, ``h``, ``hp``, ``feat``,
+  ``where`` (steps 2 .. T-1): the policy picks the centre, the patch is cropped in the graph (a GatherElements
+  of flat pixel indices at the same integer corners as ``dynamic.patches.crop_patches``), encoded, classified;
+- ``focus_last.onnx``: the same inputs -> ``logits`` (step T: no next patch to choose, no locator).
 
-The driver (:class:`GlanceBundle`) runs the glance on the batch, then after each step keeps the rows whose
-confidence is below the step's threshold, crops their next patches with numpy (the same integer corners as
-``dynamic.patches.crop_patches``: ``round(center * (side - patch))``, half to even) and runs the next focus graph
-on them only. Every sample is charged the eager per-step MACs (measured with FlopCounterMode at export) of the
+The GRUs export as single ONNX ``GRU`` ops and a power-of-two glance is average pooling (no Resize), so each graph
+is little more than its backbone, and a step is one runtime call. The driver (:class:`GlanceBundle`) runs the
+glance on the batch, then after each step keeps the rows whose confidence is below the step's threshold and runs
+the next focus graph on them only (the policy therefore runs only for samples that go on). Every sample is
+charged the eager per-step MACs (measured with FlopCounterMode at export) of the
 steps it ran, so its ledger equals eager ``GFNet.infer``'s. The confidence rule is the multi-exit runtime's
 (:func:`dyncnn.export.runtime.confidence_np`), which reproduces eager decisions. The manifest shares the
 ``dyncnn-bundle-1`` format of :mod:`dyncnn.export.staged`, with ``kind = "glance"``.
@@ -18,6 +21,7 @@ steps it ran, so its ledger equals eager ``GFNet.infer``'s. The confidence rule 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -41,41 +45,29 @@ class _Glance(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, image: Tensor):
-        s = self.model._run_step(0, self.model.initial_state(image))
-        return s["logits"], s["h"], s["hp"], s["center"]
+    def forward(self, image: Tensor, h: Tensor):
+        s = self.model.glance_step(image, h)      # h: zeros from the driver (no shape arithmetic in the graph)
+        return s["logits"], s["h"], s["feat"], s["where"]
 
 
 class _Focus(nn.Module):
-    def __init__(self, model, last: bool):
+    """A whole focus step in one graph: policy -> corners -> in-graph crop -> local encoder -> classifier (and
+    the locator, but in the last step)."""
+
+    def __init__(self, model, side: int, last: bool):
         super().__init__()
-        self.model, self.last = model, last
+        self.model, self.side, self.last = model, side, last
 
-    def forward(self, patch: Tensor, h: Tensor, hp: Tensor | None = None):
-        m = self.model
-        feat = m.focus_features(patch)
-        logits, h = m.classify(feat, h)
+    def forward(self, image: Tensor, h: Tensor, hp: Tensor, feat: Tensor, where: Tensor):
+        from ..models.gfnet import gather_patches, traceable_corners
+        m, p = self.model, self.model.cfg.patch_size
+        center, hp = m.policy(feat, where, hp)
+        corners = traceable_corners(center, self.side, p)
+        patch = gather_patches(image, corners, p)
+        s = m.focus_step(patch, h, None if self.last else corners.to(image.dtype) / self.side, self.side)
         if self.last:
-            return logits
-        center, hp = m.policy(feat, hp)
-        return logits, h, hp, center
-
-
-def crop_patches_np(images: np.ndarray, centers: np.ndarray, size: int) -> np.ndarray:
-    """numpy twin of :func:`dyncnn.dynamic.patches.crop_patches` (same corners: ``round(center * (side - size))``,
-    half to even, in float32): one ``np.take`` of flat pixel indices for the whole batch; a plain slice at batch 1,
-    where numpy's per-call overheads would cost more than the copy."""
-    n, c, h, w = images.shape
-    scale = np.array([h - size, w - size], dtype=np.float32)
-    corners = np.rint(np.minimum(np.maximum(centers.astype(np.float32, copy=False), 0), 1) * scale).astype(np.int64)
-    if n == 1:
-        top, left = int(corners[0, 0]), int(corners[0, 1])
-        return np.ascontiguousarray(images[:, :, top:top + size, left:left + size])
-    offs = np.arange(size, dtype=np.int64)
-    grid = (offs[:, None] * w + offs[None, :]).ravel()                               # (P*P,)
-    start = corners[:, 0] * w + corners[:, 1]
-    base = (np.arange(n, dtype=np.int64)[:, None] * c + np.arange(c)[None, :]) * (h * w) + start[:, None]
-    return np.take(images.reshape(-1), base[:, :, None] + grid).reshape(n, c, size, size)
+            return s["logits"]
+        return s["logits"], s["h"], hp, s["feat"], s["where"]
 
 
 def export_glance_bundle(model, out_dir: str | os.PathLike, *, input_size: int | None = None,
@@ -96,18 +88,21 @@ def export_glance_bundle(model, out_dir: str | os.PathLike, *, input_size: int |
         gen = torch.Generator().manual_seed(seed)
         image = torch.rand(2, model.in_chans, side, side, generator=gen)
         p, hid, pol = model.cfg.patch_size, model.cfg.hidden_dim, model.cfg.policy_dim
-        patch = torch.rand(2, model.in_chans, p, p, generator=gen)
         h, hp = torch.randn(2, hid, generator=gen), torch.randn(2, pol, generator=gen)
+        feat, where = torch.randn(2, model.cfg.feature_dim, generator=gen), torch.rand(2, 2, generator=gen)
         what = type(model).__name__
-        export_graph(_Glance(model), (image,), tmp / "glance.onnx", ["image"], ["logits", "h", "hp", "center"],
+        export_graph(_Glance(model), (image, h), tmp / "glance.onnx", ["image", "h_in"],
+                     ["logits", "h", "feat", "where"],
                      opset=opset, what=f"{what} glance step", strip="model.")
-        export_graph(_Focus(model, False), (patch, h, hp), tmp / "focus.onnx", ["patch", "h_in", "hp_in"],
-                     ["logits", "h", "hp", "center"], opset=opset, what=f"{what} focus step", strip="model.")
-        export_graph(_Focus(model, True), (patch, h), tmp / "focus_last.onnx", ["patch", "h_in"], ["logits"],
-                     opset=opset, what=f"{what} last focus step", strip="model.")
+        names = ["image", "h_in", "hp_in", "feat_in", "where_in"]
+        export_graph(_Focus(model, side, False), (image, h, hp, feat, where), tmp / "focus.onnx", names,
+                     ["logits", "h", "hp", "feat", "where"], opset=opset, what=f"{what} focus step", strip="model.")
+        export_graph(_Focus(model, side, True), (image, h, hp, feat, where), tmp / "focus_last.onnx", names,
+                     ["logits"], opset=opset, what=f"{what} last focus step", strip="model.")
         steps = model.step_macs(image[:1])
         manifest = _base_manifest(model, KIND, (model.in_chans, side, side), opset)
         manifest.update(num_classes=model.num_classes, num_exits=model.num_steps, patch_size=p, step_macs=steps,
+                        policy_dim=pol, hidden_dim=hid,
                         exit_macs=np.cumsum(steps).tolist(), policy=policy.to_dict(),
                         graphs={name: {"files": {"fp32": file_record(tmp, f"{name}.onnx")}}
                                 for name in ("glance", "focus", "focus_last")})
@@ -166,6 +161,8 @@ class GlanceBundle:
         self.num_classes = int(manifest["num_classes"])
         self.exit_macs = np.asarray(manifest["exit_macs"], dtype=np.int64)
         self.policy = ExitPolicy(**manifest["policy"])
+        self.policy_dim, self.hidden_dim = int(manifest["policy_dim"]), int(manifest["hidden_dim"])
+        self._rules: tuple | None = None       # (policy, per-step (threshold, temperature)) of the last policy
         self.sessions = {}
         for name, entry in manifest["graphs"].items():
             rec = entry["files"]["fp32"]
@@ -184,34 +181,78 @@ class GlanceBundle:
             raise BundleError(f"expected {self.num_exits - 1} thresholds, got {len(policy.thresholds)}")
         return policy
 
-    def _step(self, k: int, x: np.ndarray, h, hp, center):
+    def _step(self, k: int, x: np.ndarray, st: dict) -> dict:
+        """Step ``k`` on the rows in ``x`` / ``st`` (h, hp, feat, where): one graph call per step."""
         if k == 0:
-            return self.sessions["glance"].run(None, {"image": x})
-        patch = crop_patches_np(x, center, self.patch)
+            n = x.shape[0]
+            logits, h, feat, where = self.sessions["glance"].run(
+                None, {"image": x, "h_in": np.zeros((n, self.hidden_dim), dtype=np.float32)})
+            return {"logits": logits, "h": h, "feat": feat, "where": where,
+                    "hp": np.zeros((n, self.policy_dim), dtype=np.float32)}
+        feeds = {"image": x, "h_in": st["h"], "hp_in": st["hp"], "feat_in": st["feat"], "where_in": st["where"]}
         if k == self.num_exits - 1:
-            return self.sessions["focus_last"].run(None, {"patch": patch, "h_in": h})[0], None, None, None
-        return self.sessions["focus"].run(None, {"patch": patch, "h_in": h, "hp_in": hp})
+            return {"logits": self.sessions["focus_last"].run(None, feeds)[0]}
+        logits, h, hp, feat, where = self.sessions["focus"].run(None, feeds)
+        return {"logits": logits, "h": h, "hp": hp, "feat": feat, "where": where}
 
     def step_logits(self, x: Any) -> list[np.ndarray]:
         """Every step's logits for every sample (no exits), as eager ``model(x)`` in eval mode."""
         x = _as_batch(x, self.input_shape)
-        h = hp = c = None
-        outs = []
+        st, outs = {}, []
         for k in range(self.num_exits):
-            logits, h, hp, c = self._step(k, x, h, hp, c)
-            outs.append(logits)
+            st = self._step(k, x, st)
+            outs.append(st["logits"])
         return outs
+
+    def _check(self, x: Any) -> np.ndarray:
+        """The input checks of ``export.runtime._as_batch``, with a quick accept for what a batch-1 caller
+        passes (a C-contiguous float32 array of the exported shape with a finite sum): the driver's own overhead
+        is what a wall-clock comparison against a single static graph measures."""
+        if (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 4 and x.shape[1:] == self.input_shape
+                and x.flags.c_contiguous and math.isfinite(float(x.sum()))):
+            return x
+        return _as_batch(x, self.input_shape)
+
+    def _exit_rules(self, policy: ExitPolicy) -> list:
+        """Per step but the last, (threshold as float32, temperature); cached for the last policy seen."""
+        if self._rules is None or self._rules[0] is not policy:
+            last = self.num_exits - 1
+            rules = [(np.float32(policy.thresholds[k]) if k < len(policy.thresholds) else np.float32(-np.inf),
+                      policy.temperature(k)) for k in range(last)]
+            self._rules = (policy, rules)
+        return self._rules[1]
+
+    def _run_one(self, x: np.ndarray, policy: ExitPolicy) -> tuple[np.ndarray, int]:
+        """One image: the same decisions as the batched loop without its row bookkeeping."""
+        rules, st = self._exit_rules(policy), {}
+        for k in range(self.num_exits):
+            st = self._step(k, x, st)
+            logits = st["logits"]
+            if not math.isfinite(float(logits.sum())):
+                raise FloatingPointError(f"step {k} produced NaN/Inf logits; refusing to take an exit decision")
+            if k == self.num_exits - 1:
+                return logits, k
+            thr, temp = rules[k]
+            if thr == np.inf:
+                continue
+            if thr == -np.inf or confidence_np(logits, policy.criterion, temp)[0] >= thr:
+                return logits, k
+        raise AssertionError  # unreachable: the last step returns
 
     def run_numpy(self, x: Any, policy=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(logits (N, C), exit step (N,), MACs (N,))``: exited rows leave, the rest get their next patch."""
         policy = self._policy(policy)
-        x = _as_batch(x, self.input_shape)
+        x = self._check(x)
         n, last = x.shape[0], self.num_exits - 1
+        if n == 1:
+            logits, k = self._run_one(x, policy)
+            return logits, np.array([k], dtype=np.int64), self.exit_macs[k:k + 1]
         logits_out = np.zeros((n, self.num_classes), dtype=np.float32)
         exit_index = np.full(n, last, dtype=np.int64)
-        rows, h, hp, c = np.arange(n), None, None, None
+        rows, st = np.arange(n), {}
         for k in range(self.num_exits):
-            logits, h, hp, c = self._step(k, x, h, hp, c)
+            st = self._step(k, x, st)
+            logits = st["logits"]
             if not np.isfinite(logits).all():
                 raise FloatingPointError(f"step {k} produced NaN/Inf logits; refusing to take an exit decision")
             thr = np.float32(policy.thresholds[k]) if k < min(last, len(policy.thresholds)) else np.float32(-np.inf)
@@ -225,7 +266,8 @@ class GlanceBundle:
                 break
             if done.any():
                 keep = ~done
-                x, h, hp, c, rows = x[keep], h[keep], hp[keep], c[keep], rows[keep]
+                x, rows = x[keep], rows[keep]
+                st = {key: v[keep] for key, v in st.items()}
         return logits_out, exit_index, self.exit_macs[exit_index]
 
     def run(self, x: Any, policy=None):

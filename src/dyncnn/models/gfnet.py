@@ -4,8 +4,10 @@ Step 1 (the *glance*) runs a global encoder on the whole image down-sampled (e.g
 (a *focus*) runs a local encoder on a full-resolution patch (e.g. 32x32) cropped where a recurrent policy points.
 A recurrent classifier (a GRU over the step features) gives logits after every step, so GFNet is a multi-exit
 network over steps: a confident sample stops after the glance, a hard one (a small digit among clutter) looks at
-more patches. The policy is an actor-critic GRU over the detached step features: the actor gives the mean of a
-Gaussian over the next patch centre (std 0.1 in training, the mean at test), the critic a value for PPO.
+more patches. The policy is an actor-critic GRU over the detached step features and a soft-argmax "where" read
+from the step's feature map (a pooled feature keeps almost no position): the actor gives the mean of a Gaussian
+over the next patch centre (std 0.1 in training, the mean at test), the critic a value for PPO. The policy runs
+at the start of the next focus step, i.e. only for the samples that did not exit.
 
 ``forward(x)`` returns the per-step logits (a list, as every multi-exit network: training and the budgeted
 protocol's ``collect_exit_logits``). ``infer(x, policy)`` is the executed early exit: samples whose step is
@@ -64,21 +66,18 @@ class GFNetConfig:
             raise ValueError(f"GFNet: std must be > 0, got {self.std}")
 
 
-class GRUCell(nn.Module):
-    """A GRU cell from two Linear layers: the same maths as ``nn.GRUCell``, exported to ONNX as plain GEMMs and
-    counted by FlopCounterMode as two matrix products."""
+class GRUStep(nn.Module):
+    """One step of ``nn.GRU`` on (N, input) -> (N, hidden): exported to ONNX as a single ``GRU`` op (a hand-made
+    cell from Linear layers is ~15 small nodes, each a per-call overhead at batch 1); FlopCounterMode counts its
+    two matrix products, so the ledger measures it like any layer."""
 
     def __init__(self, input_size: int, hidden_size: int):
         super().__init__()
-        self.ih, self.hh = nn.Linear(input_size, 3 * hidden_size), nn.Linear(hidden_size, 3 * hidden_size)
+        self.gru = nn.GRU(input_size, hidden_size)
 
-    def forward(self, x: Tensor, h: Tensor) -> Tensor:
-        size = self.hh.in_features      # static split sizes: a constant ONNX Split, not shape arithmetic
-        ir, iz, i_n = self.ih(x).split(size, dim=1)
-        hr, hz, h_n = self.hh(h).split(size, dim=1)
-        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
-        n = torch.tanh(i_n + r * h_n)
-        return (1 - z) * n + z * h
+    def forward(self, x: Tensor, h: Tensor | None) -> Tensor:
+        """``h`` None: a zero state (the exported glance then needs no zeros built from the batch's shape)."""
+        return self.gru(x.unsqueeze(0), None if h is None else h.unsqueeze(0))[1].squeeze(0)
 
 
 class Encoder(nn.Module):
@@ -92,23 +91,45 @@ class Encoder(nn.Module):
         self.backbone = backbone
         self.proj = nn.Linear(int(backbone.num_features), feature_dim)
 
+    def forward_map(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(feature (N, feature_dim), the backbone's last feature map): the map feeds the policy's locator."""
+        fmap = self.backbone.forward_features(x)
+        return self.proj(F.adaptive_avg_pool2d(fmap, 1).flatten(1)), fmap
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.adaptive_avg_pool2d(self.backbone.forward_features(x), 1).flatten(1))
+        return self.forward_map(x)[0]
 
 
 class ActorCritic(nn.Module):
-    """The recurrent patch policy: GRU over detached step features; actor -> patch centre mean in (0, 1)^2."""
+    """The recurrent patch policy. ``locate`` (run inside every step but the last, on the detached feature map) is
+    a 1x1 saliency convolution and a soft-argmax: where in the image the step's evidence is, (row, col) in [0, 1]
+    -- a pooled feature alone keeps almost no position. The GRU reads [feature, where]; the actor gives the next
+    patch centre in (0, 1)^2 (with a linear skip from ``where``, so "look where the evidence is" is easy to
+    learn), the critic a value for PPO. The GRU part runs only for samples that go on to another step."""
 
-    def __init__(self, feature_dim: int, hidden: int):
+    def __init__(self, feature_dim: int, map_channels: int, hidden: int):
         super().__init__()
-        self.rnn = GRUCell(feature_dim, hidden)
+        self.saliency = nn.Conv2d(map_channels, 1, 1)
+        self.rnn = GRUStep(feature_dim + 2, hidden)
         self.actor = nn.Linear(hidden, 2)
+        self.skip = nn.Linear(2, 2)
         self.critic = nn.Linear(hidden, 1)
 
-    def forward(self, feat: Tensor, hp: Tensor) -> tuple[Tensor, Tensor]:
+    def locate(self, fmap: Tensor, origin: Tensor | None = None, extent: float = 1.0) -> Tensor:
+        """Soft-argmax of the saliency over ``fmap`` in image coordinates: ``origin + extent * (row, col)``, where
+        the map covers the window [origin, origin + extent] of the image (fractions of its side)."""
+        h, w = int(fmap.shape[-2]), int(fmap.shape[-1])      # static: constant grids in the ONNX graph
+        attn = torch.softmax(self.saliency(fmap.detach()).flatten(1), dim=1)          # (N, h*w)
+        ys = (torch.arange(h, dtype=fmap.dtype, device=fmap.device) + 0.5) / h
+        xs = (torch.arange(w, dtype=fmap.dtype, device=fmap.device) + 0.5) / w
+        grid = torch.stack([ys[:, None].expand(h, w), xs[None, :].expand(h, w)], dim=-1).reshape(h * w, 2)
+        where = attn @ grid
+        return where if origin is None else origin + extent * where
+
+    def forward(self, feat: Tensor, where: Tensor, hp: Tensor) -> tuple[Tensor, Tensor]:
         """(next centre mean (N, 2), new hidden state)."""
-        hp = self.rnn(feat.detach(), hp)
-        return torch.sigmoid(self.actor(hp)), hp
+        hp = self.rnn(torch.cat([feat.detach(), where.detach()], dim=1), hp)
+        return torch.sigmoid(self.actor(hp) + self.skip(where.detach())), hp
 
     def value(self, hp: Tensor) -> Tensor:
         return self.critic(hp).squeeze(1)
@@ -123,6 +144,24 @@ def _downsample(x: Tensor, size: int) -> Tensor:
     if x.shape[-2:] == (size, size):
         return x
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def traceable_corners(center: Tensor, side: int, size: int) -> Tensor:
+    """``dynamic.patches.patch_corners`` for square images in ops that export to ONNX (Clip, Mul, Round half to
+    even): the same integer corners (N, 2) (top, left), held as float (exact: they are small integers)."""
+    return torch.round(center.float().clamp(0, 1) * (side - size))
+
+
+def gather_patches(images: Tensor, corners: Tensor, size: int) -> Tensor:
+    """``crop_patches`` at ``corners`` (from :func:`traceable_corners`) as one gather of flat pixel indices
+    (ONNX GatherElements): flat start ``top * W + left`` plus a constant offset grid, so the exported focus step
+    crops inside its graph in a handful of nodes and the driver makes one call per step."""
+    c, h, w = (int(v) for v in images.shape[1:])         # static: constants in the graph, no shape arithmetic
+    offs = torch.arange(size, device=images.device)
+    grid = ((torch.arange(c, device=images.device) * (h * w))[:, None, None] + offs[:, None] * w + offs)
+    start = (corners * torch.tensor([float(w), 1.0], device=corners.device)).sum(1, keepdim=True).long()
+    idx = start + grid.reshape(1, c * size * size)                                   # (N, C*P*P)
+    return torch.gather(images.reshape(-1, c * h * w), 1, idx).reshape(-1, c, size, size)
 
 
 class GFNet(nn.Module):
@@ -143,9 +182,12 @@ class GFNet(nn.Module):
             need = getattr(enc.backbone, "min_input_size", 1)
             if side < need:
                 raise ValueError(f"GFNet: {what} {side} is below the backbone's minimum input {need}")
-        self.classifier_rnn = GRUCell(cfg.feature_dim, cfg.hidden_dim)
+        self.classifier_rnn = GRUStep(cfg.feature_dim, cfg.hidden_dim)
         self.classifier_fc = nn.Linear(cfg.hidden_dim, num_classes)
-        self.policy = ActorCritic(cfg.feature_dim, cfg.policy_dim)
+        if int(self.global_encoder.backbone.num_features) != int(self.local_encoder.backbone.num_features):
+            raise ValueError("GFNet: the global and local backbones must have the same number of output channels "
+                             "(the policy's locator reads both feature maps)")
+        self.policy = ActorCritic(cfg.feature_dim, int(self.local_encoder.backbone.num_features), cfg.policy_dim)
         self.executor = Executor()
         self.train_stage = 1
         self._steps = [partial(self._run_step, k) for k in range(cfg.num_steps)]
@@ -174,13 +216,16 @@ class GFNet(nn.Module):
             enc.backbone.load_state_dict(state)
 
     def set_train_stage(self, stage: int) -> None:
-        """Stage 1: encoders + classifier learn on random patches; 2: only the policy learns (PPO); 3: only the
-        classifier learns, with the learned policy. Frozen parts keep their BatchNorm statistics (eval mode)."""
+        """Stage 1: encoders + classifier learn on random patches; 2: only the policy learns (PPO, after a
+        supervised warm-start where the data gives object positions); 3: the local encoder and the classifier
+        are fine-tuned on the patches the learned policy picks (as the paper's stage III; the global encoder stays
+        fixed so the policy's locator keeps reading the features it was trained on). Frozen encoders keep their
+        BatchNorm statistics (eval mode)."""
         if stage not in (1, 2, 3):
             raise ValueError(f"train stage must be 1, 2 or 3, got {stage}")
         self.train_stage = stage
         trainable = {1: self.encoders() + self.classifier_modules(), 2: [self.policy],
-                     3: self.classifier_modules()}[stage]
+                     3: [self.local_encoder] + self.classifier_modules()}[stage]
         for p in self.parameters():
             p.requires_grad_(False)
         for m in trainable:
@@ -192,7 +237,8 @@ class GFNet(nn.Module):
         super().train(mode)
         if mode and self.train_stage >= 2:
             for enc in self.encoders():
-                enc.eval()
+                if not (self.train_stage == 3 and enc is self.local_encoder):
+                    enc.eval()
         return self
 
     # -- one step ----------------------------------------------------------------------------------------------
@@ -212,44 +258,78 @@ class GFNet(nn.Module):
     def focus_features(self, patch: Tensor) -> Tensor:
         return self.local_encoder(patch)
 
-    def classify(self, feat: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    def classify(self, feat: Tensor, h: Tensor | None) -> tuple[Tensor, Tensor]:
         h = self.classifier_rnn(feat, h)
         return self.classifier_fc(h), h
 
+    def patch_origin(self, center: Tensor, side: int) -> Tensor:
+        """Top-left corners of the patches at ``center`` as fractions of the image side (the exact integer
+        corners ``crop_patches`` uses)."""
+        return traceable_corners(center, side, self.cfg.patch_size).to(center.dtype) / side
+
+    def glance_step(self, image: Tensor, h: Tensor | None, locate: bool = True) -> dict:
+        """Step 1: global encoder on the down-sampled image, classifier, and where the evidence is."""
+        feat, fmap = self.global_encoder.forward_map(_downsample(image, self.cfg.glance_size))
+        logits, h = self.classify(feat, h)
+        out = {"logits": logits, "h": h, "feat": feat}
+        if locate:
+            out["where"] = self.policy.locate(fmap)
+        return out
+
+    def focus_step(self, patch: Tensor, h: Tensor, origin: Tensor | None, side: int) -> dict:
+        """A focus step on cropped patches whose corners are ``origin`` (None: the last step, nothing to locate)."""
+        feat, fmap = self.local_encoder.forward_map(patch)
+        logits, h = self.classify(feat, h)
+        out = {"logits": logits, "h": h, "feat": feat}
+        if origin is not None:
+            out["where"] = self.policy.locate(fmap, origin, self.cfg.patch_size / side)
+        return out
+
     def initial_state(self, x: Tensor) -> dict:
         n = x.shape[0]
-        return {"image": x, "h": x.new_zeros(n, self.cfg.hidden_dim), "hp": x.new_zeros(n, self.cfg.policy_dim),
-                "center": x.new_zeros(n, 2)}
+        return {"image": x, "h": x.new_zeros(n, self.cfg.hidden_dim), "hp": x.new_zeros(n, self.cfg.policy_dim)}
 
     def _run_step(self, k: int, state: dict) -> dict:
-        """Step ``k`` on a batch state: encode (glance or the patch at ``center``), classify, and, unless it is
-        the last step, let the policy choose the next centre (the mean: inference is deterministic)."""
+        """Step ``k`` on the rows still running: for a focus step the policy first picks the centre from the
+        previous step's feature and location (so it runs only for samples that did not exit), then the patch is
+        cropped, encoded and classified. Inference is deterministic (the policy's mean)."""
         x = state["image"]
-        feat = (self.glance_features(x) if k == 0 else
-                self.focus_features(crop_patches(x, state["center"], self.cfg.patch_size)))
-        logits, h = self.classify(feat, state["h"])
-        out = {"image": x, "h": h, "logits": logits}
-        if k < self.cfg.num_steps - 1:
-            out["center"], out["hp"] = self.policy(feat, state["hp"])
+        last = k == self.cfg.num_steps - 1
+        if k == 0:
+            out = self.glance_step(x, state["h"])
+            out["hp"] = state["hp"]
+        else:
+            center, hp = self.policy(state["feat"], state["where"], state["hp"])
+            side = x.shape[-1]
+            out = self.focus_step(crop_patches(x, center, self.cfg.patch_size), state["h"],
+                                  None if last else self.patch_origin(center, side), side)
+            out["hp"], out["center"] = hp, center
+        out["image"] = x
+        if last:
+            out.pop("feat", None)
         return out
 
     # -- training forward --------------------------------------------------------------------------------------
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """Per-step logits. Training stage 1 looks at uniformly random patches; otherwise the policy's mean."""
+    def forward(self, x: Tensor, centers: Tensor | None = None) -> list[Tensor]:
+        """Per-step logits. Training stage 1 looks at uniformly random patches (or at ``centers`` (N, T-1, 2) when
+        given); otherwise the policy's mean."""
         x = self.check_input(x)
-        n, outs = x.shape[0], []
+        n, side, outs = x.shape[0], x.shape[-1], []
         h, hp = x.new_zeros(n, self.cfg.hidden_dim), x.new_zeros(n, self.cfg.policy_dim)
-        center = None
-        for k in range(self.cfg.num_steps):
-            feat = (self.glance_features(x) if k == 0 else
-                    self.focus_features(crop_patches(x, center, self.cfg.patch_size)))
-            logits, h = self.classify(feat, h)
-            outs.append(logits)
-            if k < self.cfg.num_steps - 1:
-                if self.training and self.train_stage == 1:
-                    center = torch.rand(n, 2, device=x.device)
-                else:
-                    center, hp = self.policy(feat, hp)
+        random = self.training and self.train_stage == 1
+        s = self.glance_step(x, h, locate=not random and centers is None)
+        outs.append(s["logits"])
+        for k in range(1, self.cfg.num_steps):
+            if centers is not None:
+                center = centers[:, k - 1]
+            elif random:
+                center = torch.rand(n, 2, device=x.device)
+            else:
+                center, hp = self.policy(s["feat"], s["where"], hp)
+            last = k == self.cfg.num_steps - 1 or random or centers is not None
+            s = self.focus_step(crop_patches(x, center, self.cfg.patch_size), s["h"],
+                                None if last else self.patch_origin(center, side), side)
+            outs.append(s["logits"])
         return outs
 
     @torch.no_grad()
@@ -261,9 +341,10 @@ class GFNet(nn.Module):
         self.eval()
         try:
             state, out = self.initial_state(x), []
-            for step in self._steps[:-1]:
+            for k, step in enumerate(self._steps):
                 state = step(state)
-                out.append(state["center"])
+                if k:
+                    out.append(state["center"])
             return torch.stack(out, dim=1)
         finally:
             self.train(was_training)
@@ -371,10 +452,11 @@ def gfnet_densenet121(num_classes: int = 1000, in_chans: int = 3, **cfg) -> GFNe
 
 @register_model(name="gfnet_tiny_mnist")
 def gfnet_tiny_mnist(num_classes: int = 10, in_chans: int = 1, **cfg) -> GFNet:
-    """For large-canvas ScaledMNIST (128x128): tiny_mobilenet encoders, a 48x48 glance of the whole image, 32x32
-    full-resolution patches, 4 steps (full depth about 0.4 of the MACs of the same backbone on the 128x128 image)."""
+    """For large-canvas ScaledMNIST (128x128): tiny_mobilenet encoders, a 64x64 glance of the whole image (2x2
+    average pooling: no resize node), 40x40 full-resolution patches, 3 steps (full depth about 0.45 of the MACs
+    of the same backbone on the 128x128 image)."""
     base = {"backbone": "tiny_mobilenet", "backbone_cfg": {"widths": [16, 32, 64, 128]}, "input_size": 128,
-            "glance_size": 48, "patch_size": 32, "num_steps": 4}
+            "glance_size": 64, "patch_size": 40, "num_steps": 3}
     return gfnet(num_classes, in_chans, **{**base, **cfg})
 
 
