@@ -29,9 +29,10 @@ def _spread(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def _resnet_skipnet(gate="feedforward"):
+def _resnet_skipnet(gate="feedforward", hidden=0):
     torch.manual_seed(0)
-    return _spread(SkipNet(resnet_cifar(14, num_classes=10, in_chans=1, width_mult=0.25), SkipNetConfig(gate=gate)))
+    return _spread(SkipNet(resnet_cifar(14, num_classes=10, in_chans=1, width_mult=0.25),
+                           SkipNetConfig(gate=gate, gate_hidden=hidden)))
 
 
 def _mobilenet_skipnet():
@@ -48,6 +49,7 @@ def _blockdrop():
 
 
 BUILDERS = {"skipnet_ff": (_resnet_skipnet, 1), "skipnet_rnn": (lambda: _resnet_skipnet("recurrent"), 1),
+            "skipnet_mlp": (lambda: _resnet_skipnet(hidden=8), 1),
             "skipnet_mbv2": (_mobilenet_skipnet, 3), "blockdrop": (_blockdrop, 1)}
 
 
@@ -231,3 +233,92 @@ def test_noise_free_straight_through_gates_follow_the_threshold_and_get_gradient
     assert all(torch.equal(g, t) for g, t in seen)          # no noise: training decisions = inference rule
     (out.sum() + used.sum() / 1e6).backward()
     assert sum(float(g.fc.weight.grad.abs().sum()) for g in model.gates) > 0
+
+
+def test_skipnet_cost_ramp_and_mlp_gate():
+    torch.manual_seed(0)
+    model = SkipNet(resnet_cifar(14, num_classes=10, in_chans=1, width_mult=0.25),
+                    SkipNetConfig(budget=0.3, gate_hidden=8, cost_ramp=0.5)).train()
+    assert all(isinstance(g.mlp[0], nn.Linear) and g.mlp[0].out_features == 8 for g in model.gates)
+    x = _x(1, 4)
+    losses = []
+    for p in (0.0, 0.25, 0.5, 1.0):
+        model.set_progress(p)
+        model(x)
+        losses.append(float(model.regularization_loss().detach()))
+    full = losses[-1]
+    assert full > 0 and losses[0] == 0.0
+    assert losses[1] == pytest.approx(full / 2, rel=1e-5) and losses[2] == pytest.approx(full, rel=1e-5)
+    model.regularization_loss().backward()
+    assert sum(float(g.mlp[0].weight.grad.abs().sum()) for g in model.gates) > 0   # the hidden layer learns
+    # the gate MLP's MACs are charged: per gate c*8 + 8*1 multiply-adds instead of c*1 (biases are not MACs)
+    plain = SkipNet(resnet_cifar(14, num_classes=10, in_chans=1, width_mult=0.25))
+    chans = [model._blocks[k].in_chs for k in model.gated]
+    assert model.full_macs(x) - plain.full_macs(x) == sum(8 * c + 8 - c for c in chans)
+
+
+def _snapshot(module: nn.Module) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in module.state_dict().values()]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_blockdrop_set_phase_freezes_what_it_should():
+    torch.manual_seed(0)
+    model = BlockDrop(resnet_cifar(14, num_classes=10, in_chans=1, width_mult=0.25),
+                      BlockDropConfig(policy_widths=(8, 8), curriculum=0.5)).train()
+    assert model.phase == "policy"
+    model.set_phase("joint")
+    assert model.phase == "joint" and model.backbone.training
+    assert all(p.requires_grad for p in model.backbone.parameters())
+    model.set_progress(0.0)
+    assert model._free == model.num_gated                   # no curriculum in the joint phase
+    x, y = _x(1, 8), torch.randint(0, 10, (8,))
+    out = model(x)
+    model.training_loss(out, y).backward()                  # cross-entropy included: the backbone gets gradients
+    assert float(model.backbone.fc.weight.grad.abs().sum()) > 0
+    model.zero_grad(set_to_none=True)
+    model.set_phase("policy")
+    assert not any(p.requires_grad for p in model.backbone.parameters()) and not model.backbone.training
+    model.set_progress(0.0)
+    assert model._free == 1                                 # the curriculum is back
+    model.training_loss(model(x), y).backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    with pytest.raises(ValueError, match="'policy' or 'joint'"):
+        model.set_phase("frozen")
+    with pytest.raises(ValueError, match="joint_epochs"):
+        BlockDropConfig(joint_epochs=-1)
+    with pytest.raises(ValueError, match="cost_ramp"):
+        SkipNetConfig(cost_ramp=1.5)
+    with pytest.raises(ValueError, match="gate_hidden"):
+        SkipNetConfig(gate_hidden=-1)
+
+
+def test_blockdrop_two_phase_schedule(tmp_path):
+    from dyncnn.train import load_checkpoint
+    from dyncnn.train.trainer import TrainConfig
+    torch.manual_seed(0)
+    model = create_model("blockdrop_resnet20_cifar", in_chans=1, width_mult=0.25, budget=0.5,
+                         policy_widths=(8, 8), joint_epochs=1)
+    data = TensorDataset(_x(1, 16), torch.randint(0, 10, (16,)))
+    backbone0, policy0, seen = _snapshot(model.backbone), _snapshot(model.policy), {}
+    switch = model.set_phase
+
+    def spy(phase):       # the state at each switch: what the previous phase trained
+        seen[phase] = (_snapshot(model.backbone), _snapshot(model.policy))
+        switch(phase)
+    model.set_phase = spy
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=0.05, progress=False)
+    result = model.fit_stages(data, data, cfg, out_dir=tmp_path)
+    assert list(seen) == ["policy", "joint"] and result.steps == 2
+    backbone1, policy1 = seen["joint"]
+    assert _same(backbone1, backbone0)                      # phase 1: the backbone is frozen (BN stats too)
+    assert not _same(policy1, policy0)                      # ... and the policy trained
+    assert not _same(_snapshot(model.backbone), backbone1)  # phase 2: the backbone trains jointly
+    assert (tmp_path / "policy").is_dir() and (tmp_path / "joint").is_dir()
+    loaded, _ = load_checkpoint(tmp_path / "last.safetensors")
+    x = _x(1, 4)
+    model.eval()
+    assert torch.equal(loaded.eval().infer(x).logits, model.infer(x).logits)

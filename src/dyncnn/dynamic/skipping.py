@@ -247,20 +247,23 @@ class LayerSkipNetwork(nn.Module):
 
 
 class FeedForwardGate(nn.Module):
-    """SkipNet's feed-forward gate: global average pool -> linear -> one logit per sample.
+    """SkipNet's feed-forward gate: global average pool -> linear -> one logit per sample; with ``hidden`` > 0,
+    pool -> linear(hidden) -> ReLU -> linear (a few hundred MACs more, room for decisions that depend on the
+    sample rather than on the block alone).
 
     ``init_bias`` > 0 makes a new gate start "on", so that gating a trained backbone starts from its accuracy.
     """
 
-    def __init__(self, in_chs: int, init_bias: float = 2.0):
+    def __init__(self, in_chs: int, init_bias: float = 2.0, hidden: int = 0):
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_chs, 1)
+        self.mlp = nn.Sequential(nn.Linear(in_chs, hidden), nn.ReLU(inplace=True)) if hidden > 0 else nn.Identity()
+        self.fc = nn.Linear(hidden if hidden > 0 else in_chs, 1)
         nn.init.normal_(self.fc.weight, 0.0, 0.01)
         nn.init.constant_(self.fc.bias, init_bias)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.fc(self.pool(h).flatten(1)).squeeze(1)
+        return self.fc(self.mlp(self.pool(h).flatten(1))).squeeze(1)
 
 
 class RecurrentGate(nn.Module):

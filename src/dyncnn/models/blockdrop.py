@@ -14,12 +14,17 @@ MACs (``fixed + sum_k p_k * macs_k``, differentiable in the policy) — not in t
 sample at inference.
 
 Through the trainer: ``forward`` samples and stores what ``training_loss(outputs, target)`` needs.
+
+The paper's two phases (:func:`fit_two_phase`, or ``fit_stages`` with ``joint_epochs > 0`` for ``dyncnn train``):
+(1) the policy alone on the FROZEN pre-trained backbone, with the curriculum; (2) joint fine-tuning of policy and
+backbone (cross-entropy added), every gated block free. ``set_phase("policy" | "joint")`` switches between them.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +34,8 @@ from ..dynamic.executor import CostLedger, measure_macs
 from ..dynamic.skipping import Decide, LayerSkipNetwork
 from ..layers.gates import budget_loss, check_budget
 from ..train.rl import blockdrop_reward, reinforce_loss, sample_bernoulli
+from ..train.checkpoint import save_checkpoint
+from ..train.trainer import TrainConfig, Trainer, TrainResult
 from .registry import register_model
 from .resnet import resnet_cifar
 from .tiny import TinyMobileNet
@@ -46,8 +53,14 @@ class BlockDropConfig:
     finetune_backbone: bool = False
     cost_weight: float = 2.0               # weight of the budget loss (with a budget only)
     policy_bias: float = 2.0               # initial policy logit (> 0: every block starts on)
+    joint_epochs: int = 0                  # fit_stages: epochs of the joint phase after the policy phase (0: one
+    #                                        phase, as configured by finetune_backbone)
+    joint_lr_scale: float = 0.2            # fit_stages: joint-phase learning rate = this * the policy phase's
 
     def __post_init__(self):
+        if self.joint_epochs < 0 or self.joint_lr_scale <= 0:
+            raise ValueError(f"joint_epochs must be >= 0 and joint_lr_scale > 0, got {self.joint_epochs}, "
+                             f"{self.joint_lr_scale}")
         if self.budget is not None:
             check_budget(self.budget)
         if not 0.5 < self.alpha <= 1.0:
@@ -73,19 +86,37 @@ class BlockDrop(LayerSkipNetwork):
         self._policy_fn = self.policy_logits       # one stable callable (the executor caches costs by callable)
         self._free = self.num_gated
         self._saved: tuple | None = None
+        self._finetune = cfg.finetune_backbone
+        self._curriculum = cfg.curriculum
         if not cfg.finetune_backbone:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
 
+    @property
+    def phase(self) -> str:
+        return "joint" if self._finetune else "policy"
+
+    def set_phase(self, phase: str) -> None:
+        """``"policy"``: backbone frozen (no gradient, batch-norm statistics kept), the curriculum as configured;
+        ``"joint"``: the backbone trains with the policy (cross-entropy added), no curriculum (every gated block
+        free). Build the optimizer after switching: it only takes parameters that require gradients."""
+        if phase not in ("policy", "joint"):
+            raise ValueError(f"phase must be 'policy' or 'joint', got {phase!r}")
+        self._finetune = phase == "joint"
+        self._curriculum = 0.0 if self._finetune else self.cfg.curriculum
+        self._free = self.num_gated
+        self.backbone.requires_grad_(self._finetune)
+        self.train(self.training)
+
     def train(self, mode: bool = True) -> "BlockDrop":
         super().train(mode)
-        if not self.cfg.finetune_backbone:
+        if not getattr(self, "_finetune", True):
             self.backbone.eval()       # a frozen backbone keeps its batch-norm statistics
         return self
 
     def set_progress(self, progress: float) -> None:
         """Curriculum: the last ``c`` gated blocks are decided by the policy, the others forced on."""
-        k, c = self.num_gated, self.cfg.curriculum
+        k, c = self.num_gated, self._curriculum
         self._free = k if c == 0 else max(1, min(k, math.ceil(k * progress / c)))
 
     def policy_logits(self, x: Tensor) -> Tensor:
@@ -111,7 +142,7 @@ class BlockDrop(LayerSkipNetwork):
         actions = torch.cat([probs.new_ones(n, forced), free], dim=1)
         greedy = (probs.detach() >= 0.5).float()
         greedy[:, :forced] = 1
-        grad = contextlib.nullcontext() if self.cfg.finetune_backbone else torch.no_grad()
+        grad = contextlib.nullcontext() if self._finetune else torch.no_grad()
         with grad:
             logits, _, _ = self._dense(x, lambda j, h: actions[:, j])
         with torch.no_grad():
@@ -131,7 +162,7 @@ class BlockDrop(LayerSkipNetwork):
         reward = blockdrop_reward(actions, outputs.argmax(1) == target, self.cfg.gamma)
         baseline = blockdrop_reward(greedy, greedy_pred == target, self.cfg.gamma)
         loss = reinforce_loss(log_prob, reward, baseline)
-        if self.cfg.finetune_backbone:
+        if self._finetune:
             loss = loss + F.cross_entropy(outputs, target)
         return loss
 
@@ -140,6 +171,31 @@ class BlockDrop(LayerSkipNetwork):
             return torch.zeros(())
         expected, full = self._saved[4:]
         return self.cfg.cost_weight * budget_loss(expected, full, self.cfg.budget)
+
+    def fit_stages(self, train_set, val_set, config: TrainConfig, out_dir=None, resume: bool = False,
+                   extra: dict | None = None) -> TrainResult:
+        """``dyncnn train``: with ``joint_epochs > 0`` the two phases (``config`` for the policy phase, then
+        ``joint_epochs`` at ``joint_lr_scale * config.lr``), else one Trainer run in the configured phase."""
+        if self.cfg.joint_epochs == 0:
+            return Trainer(self, train_set, val_set, config, out_dir=out_dir, extra=extra).fit(resume=resume)
+        joint = TrainConfig(**{**asdict(config), "epochs": self.cfg.joint_epochs,
+                               "lr": config.lr * self.cfg.joint_lr_scale, "warmup_epochs": 0.0})
+        return fit_two_phase(self, train_set, val_set, config, joint, out_dir, resume, extra)[-1]
+
+
+def fit_two_phase(model: BlockDrop, train_set, val_set, policy_config: TrainConfig, joint_config: TrainConfig,
+                  out_dir=None, resume: bool = False, extra: dict | None = None) -> list[TrainResult]:
+    """BlockDrop's schedule: the policy on the frozen backbone with the curriculum (``out_dir/policy``), then policy
+    and backbone jointly (``out_dir/joint``); the final model is also saved as ``out_dir/last.safetensors``.
+    Returns both phases' results."""
+    results = []
+    for phase, cfg in (("policy", policy_config), ("joint", joint_config)):
+        model.set_phase(phase)
+        sub = None if out_dir is None else Path(out_dir) / phase
+        results.append(Trainer(model, train_set, val_set, cfg, out_dir=sub, extra=extra).fit(resume=resume))
+    if out_dir is not None:
+        save_checkpoint(Path(out_dir) / "last.safetensors", model, extra=extra)
+    return results
 
 
 _CFG_FIELDS = {f.name for f in fields(BlockDropConfig)}
