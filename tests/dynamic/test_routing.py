@@ -68,8 +68,9 @@ def test_forced_path_equals_the_static_network_of_that_path(path):
 
 
 def varied_batch(n: int) -> torch.Tensor:
-    """Inputs of different contrast, so that the (pooled-feature) routers disagree between samples."""
-    return torch.randn(n, 1, 32, 32) * torch.linspace(0.2, 4, n).view(-1, 1, 1, 1)
+    """Inputs of different contrast and offset, so that the (pooled-feature) routers disagree between samples."""
+    return (torch.randn(n, 1, 32, 32) * torch.linspace(0.2, 4, n).view(-1, 1, 1, 1)
+            + torch.linspace(-2, 2, n).flip(0).view(-1, 1, 1, 1))
 
 
 def test_batched_equals_per_sample_and_ledger_equals_flop_counter():
@@ -127,6 +128,67 @@ def test_set_progress_anneals_the_temperature():
     assert net.tau == pytest.approx(0.25)
     net.set_progress(0.5)
     assert net.tau == pytest.approx(1.0)
+
+
+def test_noise_and_cost_weight_schedules():
+    net = create_model("routing_supernet_tiny", noise_until=0.5, cost_warmup=0.2, cost_weight=2.0)
+    net.set_progress(0.0)
+    assert net.noise_scale == 1.0 and net._cost_weight() == 0.0
+    net.set_progress(0.1)
+    assert net.noise_scale == pytest.approx(0.8) and net._cost_weight() == pytest.approx(1.0)
+    net.set_progress(0.6)
+    assert net.noise_scale == 0.0 and net._cost_weight() == pytest.approx(2.0)
+
+
+def test_paths_of_a_cell_share_one_shortcut():
+    """The bug that made routed training fail: each path had its own 1x1 projection at the stride-2 cells, so
+    the features a cell emitted were in a different basis for each route."""
+    net = create_model("routing_supernet_tiny")
+    for cell in net.cells:
+        assert all(p.shortcut is cell.paths[0].shortcut for p in cell.paths)
+    assert any(not isinstance(c.paths[0].shortcut, nn.Identity) for c in net.cells)
+
+
+def test_after_training_steps_the_noise_free_training_forward_equals_infer():
+    """Train/eval consistency: once the Gumbel noise has faded, the training forward routes like ``infer`` and
+    its output (BatchNorm on running statistics) is infer's logits, routes that differ between samples included."""
+    torch.manual_seed(0)
+    net = routed_net(budget=0.5).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    x, y = varied_batch(8), torch.arange(8) % 10
+    for step in range(4):
+        net.set_progress(step / 4)                     # noise on, then fading
+        loss = nn.functional.cross_entropy(net(x), y) + net.regularization_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.set_progress(0.9)                              # past noise_until: no noise
+    assert net.noise_scale == 0.0
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()                                   # running statistics, as at inference
+    with torch.no_grad():
+        train_logits = net(x)
+    result = net.eval().infer(x)
+    assert len({tuple(c) for c in result.choices.tolist()}) > 1
+    assert torch.allclose(train_logits, result.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_load_backbone_starts_path_0_at_the_resnet_and_narrow_paths_at_its_leading_channels():
+    torch.manual_seed(5)
+    resnet = resnet_cifar(14, in_chans=1, width_mult=0.5)
+    calibrate_norms(resnet, (1, 1, 32, 32))
+    net = create_model("routing_supernet_tiny").load_backbone(resnet).eval()
+    x = torch.rand(3, 1, 32, 32)
+    net.force_path = 0
+    assert torch.equal(net.infer(x).logits, resnet(x))
+    block, half = resnet.blocks()[2], net.cells[2].paths[1]
+    hidden = half.branch[0][0].weight.shape[0]
+    assert hidden == block.branch[0][0].weight.shape[0] // 2
+    assert torch.equal(half.branch[0][0].weight, block.branch[0][0].weight[:hidden])
+    assert torch.equal(half.branch[1][0].weight, block.branch[1][0].weight[:, :hidden])
+    with pytest.raises(ValueError, match="6 blocks"):
+        net.load_backbone(resnet_cifar(20, in_chans=1))
 
 
 def test_paths_from_checkpoint_style_dicts_and_cifar_variant():

@@ -211,6 +211,31 @@ def test_forced_expert_equals_the_static_backbone_exactly(family):
     assert gap > 1e-2 * static.abs().max()                          # non-upcycled experts have their own weights
 
 
+def test_upcycled_top1_straight_through_equals_the_backbone_and_slims_narrow_experts():
+    """Fine-tuning from a trained backbone (the fix for MoE's accuracy) starts exactly at the backbone: top-1 with the
+    straight-through gate has forward weight 1, so any learned routing over copies of a block is that block."""
+    torch.manual_seed(4)
+    backbone = resnet_cifar(8, in_chans=1, width_mult=0.5)
+    x = torch.randn(6, 1, 32, 32) * torch.linspace(0.2, 4, 6).view(-1, 1, 1, 1)
+    x = x + torch.linspace(2, -2, 6).view(-1, 1, 1, 1)                         # routers disagree between samples
+    nn.init.normal_(backbone.fc.weight, 0.0, 1.0)
+    calibrate_norms(backbone, x.shape)
+    blocks = [p for p, _ in backbone_units(backbone) if p.startswith("stages.") and int(p.split(".")[1]) >= 1]
+    model = MoENetwork(copy.deepcopy(backbone), blocks, MoEConfig(4, 1, straight_through=True), upcycle=True).eval()
+    randomise_routers(model)
+    result = model.infer(x)
+    assert result.choices.view(6, -1, 4).sum(0).gt(0).sum() > len(blocks)     # samples spread over experts
+    assert torch.allclose(result.logits, backbone(x), atol=1e-5, rtol=1e-5)
+    half = MoENetwork(copy.deepcopy(backbone), blocks, MoEConfig(4, 1), expert_ratio=0.5, upcycle=True)
+    block = dict(backbone_units(backbone))[blocks[0]]
+    expert = half.moe_layers()[0].experts[2]
+    conv1, conv2 = expert[0][0].weight, expert[1][0].weight
+    assert conv1.shape[0] == block.branch[0][0].weight.shape[0] // 2
+    assert torch.equal(conv1, block.branch[0][0].weight[:conv1.shape[0]])
+    assert torch.equal(conv2, block.branch[1][0].weight[:, :conv2.shape[1]])
+    assert torch.equal(expert[1][1].running_var, block.branch[1][1].running_var)
+
+
 def randomise_routers(model: MoENetwork) -> None:
     for m in model.moe_layers():
         nn.init.normal_(m.router.fc.weight, 0.0, 3.0)

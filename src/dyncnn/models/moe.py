@@ -6,7 +6,11 @@ the block's shortcut and final activation. Inference runs the chain stem -> bloc
 :class:`Executor`, so each sample is charged exactly the router, shortcut and experts it used.
 
 ``upcycle=True`` starts every expert as a copy of the block it replaces (sparse upcycling): with the weights of a
-sample summing to 1 (``renormalize``, or E = k = 1, or ``force_expert``) the network then equals the backbone.
+sample summing to 1 (``renormalize``, ``straight_through``, or E = k = 1, or ``force_expert``) the network then
+equals the backbone. Narrower experts (``expert_ratio < 1``) start as the block's leading channels. Upcycling a
+TRAINED backbone and fine-tuning is what reaches the backbone's accuracy on ScaledMNIST: trained from scratch,
+the routers' logits stay far below the routing noise, every expert sees a random quarter of the data and the
+network ends below its static backbone (benchmarks/bench_moe_routing.py).
 """
 from __future__ import annotations
 
@@ -58,6 +62,25 @@ def _reinit(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
             m.reset_parameters()
+
+
+@torch.no_grad()
+def copy_leading(src: nn.Module, dst: nn.Module) -> None:
+    """Copy into every parameter and buffer of ``dst`` the leading slice of the matching one of ``src`` (same
+    module structure, ``dst`` narrower or equal): a slimmed copy of a trained block (its first channels), the
+    starting point of narrower experts or paths upcycled from a trained network."""
+    src_state = src.state_dict()
+    for name, t in dst.state_dict().items():
+        if name not in src_state or src_state[name].dim() != t.dim():
+            raise ValueError(f"copy_leading: {name!r} has no counterpart of the same rank in the source")
+        s = src_state[name]
+        if t.dim() == 0:
+            t.copy_(s)
+            continue
+        if any(a > b for a, b in zip(t.shape, s.shape)):
+            raise ValueError(f"copy_leading: {name!r} is wider in the target {tuple(t.shape)} than in the "
+                             f"source {tuple(s.shape)}")
+        t.copy_(s[tuple(slice(0, n) for n in t.shape)])
 
 
 def split_block(block: nn.Module, expert_ratio: float = 1.0) -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
@@ -123,9 +146,11 @@ class MoENetwork(nn.Module):
             block = units[path]
             parts = [split_block(block, expert_ratio) for _ in range(cfg.num_experts)]
             experts = [p[0] for p in parts]
-            if not upcycle:
-                for ex in experts:
+            for ex in experts:
+                if not upcycle:
                     _reinit(ex)
+                elif expert_ratio != 1.0:      # a narrower expert starts as the block's leading channels
+                    copy_leading(getattr(block, "branch", block), ex)
             moe = ConvMoE(experts, _in_chs(block), cfg, shortcut=parts[0][1], post=parts[0][2])
             parent_path, _, idx = path.rpartition(".")
             parent = backbone.get_submodule(parent_path)
