@@ -1,8 +1,10 @@
 """Channel gating (dynamic width) on ScaledMNIST: accuracy against mean MACs, and realized against MAC speedup.
 
-(a) A static tiny ResNet-14 (CIFAR layout, 8/16/32 channels, 1 input channel) is trained on ScaledMNIST (canvas
-32, the embedded real digits at random scale and position); its weights initialise ``channel_gated_resnet14_tiny``
-at each budget, which is fine-tuned with the budget loss (as the channel-gating papers do), then evaluated with
+(a) A static tiny ResNet-20 (``--depth 14``: ResNet-14; CIFAR layout, 8/16/32 channels, 1 input channel) is trained
+on ScaledMNIST (canvas 32, the embedded real digits at random scale and position); its weights initialise
+``channel_gated_resnet20_tiny`` at each budget, which is fine-tuned with the budget loss (as the channel-gating
+papers do; its target ramps from 1 down to the budget over the first ``--budget-ramp`` of fine-tuning) and with
+distillation from the static model's logits (``--distill`` weight), then evaluated with
 executed inference (``evaluate_dynamic``: the MACs are those that ran). The static model is fine-tuned for the
 same number of epochs at the same learning rate, so that both rows had the same training. After fine-tuning, the
 gated models' BatchNorm statistics are re-estimated under their thresholded decisions (``recalibrate_norms``).
@@ -31,8 +33,11 @@ from dyncnn.dynamic.width import recalibrate_norms
 from dyncnn.models.resnet import resnet_cifar
 
 
-def static_backbone():
-    return resnet_cifar(14, in_chans=1, width_mult=0.5)
+DEPTHS = {14: "channel_gated_resnet14_tiny", 20: "channel_gated_resnet20_tiny"}
+
+
+def static_backbone(depth: int):
+    return resnet_cifar(depth, in_chans=1, width_mult=0.5)
 
 
 def train(model, data, epochs: int, lr: float, seed: int = 0, log: str = "", gate_lr_mult: float = 20.0) -> None:
@@ -52,7 +57,8 @@ def train(model, data, epochs: int, lr: float, seed: int = 0, log: str = "", gat
         for x, y in loader:
             if hasattr(model, "set_progress"):
                 model.set_progress(step / total)
-            loss = F.cross_entropy(model(x), y)
+            out = model(x)
+            loss = model.training_loss(out, y) if hasattr(model, "training_loss") else F.cross_entropy(out, y)
             if hasattr(model, "regularization_loss"):
                 loss = loss + model.regularization_loss()
                 fracs.append(model.mac_fraction())
@@ -118,8 +124,14 @@ def main() -> None:
     ap.add_argument("--static-epochs", type=int, default=8)
     ap.add_argument("--finetune-epochs", type=int, default=4)
     ap.add_argument("--groups", type=int, default=4)
-    ap.add_argument("--cost-weight", type=float, default=30.0)
+    ap.add_argument("--cost-weight", type=float, default=100.0)
     ap.add_argument("--bounds-weight", type=float, default=0.0, help="weight of the per-block bounds loss")
+    ap.add_argument("--depth", type=int, default=20, choices=sorted(DEPTHS), help="ResNet depth (width 0.5)")
+    ap.add_argument("--distill", type=float, default=0.7, help="weight of distillation from the static model")
+    ap.add_argument("--temperature", type=float, default=4.0, help="distillation temperature")
+    ap.add_argument("--budget-ramp", type=float, default=0.3,
+                    help="fraction of fine-tuning over which the budget target falls from 1 to the budget")
+    ap.add_argument("--finetune-lr", type=float, default=1e-3)
     ap.add_argument("--no-latency", action="store_true", help="part (a) only")
     ap.add_argument("--train-threads", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="threads for the latency measurement")
@@ -150,32 +162,35 @@ def main() -> None:
             torch.save(model.state_dict(), path.with_suffix(".tmp"))
             path.with_suffix(".tmp").rename(path)
 
-    static = static_backbone()
-    trained("static", static, lambda: train(static, train_set, args.static_epochs, 3e-3, log="static"))
+    static = static_backbone(args.depth)
+    trained(f"static{args.depth}", static, lambda: train(static, train_set, args.static_epochs, 3e-3, log="static"))
     static_state = {k: v.clone() for k, v in static.state_dict().items()}
     x1 = test_set[0][0].unsqueeze(0)
     static_macs = dyncnn.count_macs(static, x1).total
-    results = [("static ResNet-14 (8/16/32)", accuracy(static, test_set), static_macs, static_macs, "-")]
-    tuned = static_backbone()
+    name = DEPTHS[args.depth]
+    results = [(f"static ResNet-{args.depth} (8/16/32)", accuracy(static, test_set), static_macs, static_macs, "-")]
+    tuned = static_backbone(args.depth)
     tuned.load_state_dict(static_state)
-    trained("static_tuned", tuned, lambda: train(tuned, train_set, args.finetune_epochs, 1e-3,
+    trained(f"static{args.depth}_tuned", tuned, lambda: train(tuned, train_set, args.finetune_epochs, args.finetune_lr,
                                                  log="static fine-tune"))
     results.append((f"static, fine-tuned {args.finetune_epochs} more epochs", accuracy(tuned, test_set),
                     static_macs, static_macs, "-"))
     gated_models = {}
     for budget in args.budgets:
-        model = dyncnn.create_model("channel_gated_resnet14_tiny", budget=budget, groups=args.groups,
-                                    cost_weight=args.cost_weight, bounds_weight=args.bounds_weight)
+        model = dyncnn.create_model(name, budget=budget, groups=args.groups, cost_weight=args.cost_weight,
+                                    bounds_weight=args.bounds_weight, budget_ramp=args.budget_ramp)
         model.backbone.load_state_dict(static_state)
+        if args.distill > 0:     # the static model (before its extra epochs) as teacher
+            model.set_teacher(static, args.distill, args.temperature)
 
         def fit():
-            train(model, train_set, args.finetune_epochs, 1e-3, log=f"gated {budget}")
+            train(model, train_set, args.finetune_epochs, args.finetune_lr, log=f"gated {budget}")
             # running statistics under the thresholded decisions (fine-tuning saw noisy widths)
             recalibrate_norms(model, DataLoader(train_set, batch_size=256))
-        trained(f"gated_{budget}", model, fit)
+        trained(f"gated{args.depth}_{budget}", model, fit)
         rep = evaluate_dynamic(model, test_set)
         lv = torch.tensor(rep["choice_rate"]).view(len(model.gates), model.groups).sum(1)
-        results.append((f"channel_gated_resnet14_tiny, budget {budget}", rep["accuracy"], rep["mean_macs"],
+        results.append((f"{name}, budget {budget}", rep["accuracy"], rep["mean_macs"],
                         rep["full_macs"], " ".join(f"{v:.1f}" for v in lv.tolist())))
         gated_models[budget] = model
     train_min = (time.perf_counter() - t_start) / 60
@@ -193,7 +208,7 @@ def main() -> None:
     x = torch.stack([test_set[i][0] for i in range(64)])
     rows = []
     if 0.5 in gated_models:
-        rows += latency_rows("tiny ResNet-14, budget 0.5, learned decisions", gated_models[0.5], x,
+        rows += latency_rows(f"tiny ResNet-{args.depth}, budget 0.5, learned decisions", gated_models[0.5], x,
                              repeats=args.repeats)
     torch.manual_seed(0)
     big = dyncnn.create_model("channel_gated_resnet32_cifar", groups=args.groups).eval()

@@ -52,7 +52,7 @@ def gated(request):
 def test_registered_names():
     names = set(dyncnn.list_models("channel_gated_*"))
     assert {"channel_gated_resnet32_cifar", "channel_gated_resnet110_cifar", "channel_gated_mobilenet_v2",
-            "channel_gated_resnet14_tiny", "channel_gated_mobilenet_v2_tiny"} <= names
+            "channel_gated_resnet14_tiny", "channel_gated_resnet20_tiny", "channel_gated_mobilenet_v2_tiny"} <= names
 
 
 def test_batch_mixes_levels_and_equals_per_sample(gated):
@@ -227,3 +227,68 @@ def test_recalibrate_norms_uses_inference_decisions():
     recalibrate_norms(model, [(x, None)])
     last = model.backbone.stages[2][1].branch[1][1].running_mean
     assert not torch.allclose(last, static.stages[2][1].branch[1][1].running_mean)
+
+
+def test_distillation_loss_and_gradient():
+    from dyncnn.dynamic.width import distillation_loss
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(6, 10, generator=g)
+    assert distillation_loss(teacher.clone(), teacher).abs() < 1e-6          # identical logits: no loss
+    student = torch.randn(6, 10, generator=g, requires_grad=True)
+    loss = distillation_loss(student, teacher, temperature=2.0)
+    p_t, p_s = F.softmax(teacher / 2, 1), F.softmax(student.detach() / 2, 1)
+    expected = (p_t * (p_t.log() - p_s.log())).sum(1).mean() * 4
+    assert torch.allclose(loss, expected, atol=1e-5) and loss > 0
+    loss.backward()
+    # d/ds of T^2 KL / N = T (p_s - p_t) / N: the gradient pulls the student's distribution towards the teacher's
+    assert torch.allclose(student.grad, 2 * (p_s - p_t) / 6, atol=1e-5)
+    with pytest.raises(ValueError, match="temperature"):
+        distillation_loss(student, teacher, temperature=0)
+
+
+def test_teacher_distillation_in_training_loss():
+    torch.manual_seed(0)
+    model = dyncnn.create_model("channel_gated_resnet14_tiny", gate_init_bias=0.5).train()
+    teacher = resnet_cifar(14, in_chans=1, width_mult=0.5)
+    teacher.load_state_dict(model.backbone.state_dict())
+    x, y = _inputs(8), torch.arange(8) % 10
+    out = model(x)
+    ce = F.cross_entropy(out, y)
+    assert torch.equal(model.training_loss(out, y), ce)                   # no teacher: plain cross-entropy
+    model.set_teacher(teacher, weight=0.5, temperature=3.0)
+    out = model(x)
+    assert teacher.training                                               # its mode is restored
+    with torch.no_grad():
+        t = teacher.eval()(x)
+    loss = model.training_loss(out, y)
+    from dyncnn.dynamic.width import distillation_loss
+    assert torch.allclose(loss, 0.5 * F.cross_entropy(out, y) + 0.5 * distillation_loss(out, t, 3.0), atol=1e-5)
+    loss.backward()
+    assert all(g.fc.weight.grad.abs().sum() > 0 for g in model.gates)
+    assert all(p.grad is None for p in teacher.parameters())             # the teacher is not trained
+    assert not any(k.startswith("_teacher") or "teacher" in k for k in model.state_dict())
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        model.set_teacher(teacher, weight=1.5)
+    model.set_teacher(None)
+    out = model(x)
+    assert torch.equal(model.training_loss(out, y), F.cross_entropy(out, y))
+
+
+def test_budget_ramp():
+    model = dyncnn.create_model("channel_gated_resnet20_tiny", budget=0.5, budget_ramp=0.4)
+    assert len(model.gates) == 9
+    got = []
+    for p in (0.0, 0.2, 0.4, 0.9):
+        model.set_progress(p)
+        got.append(model.current_budget())
+    assert got == pytest.approx([1.0, 0.75, 0.5, 0.5])
+    # at progress 0 the all-on network meets the ramped target: no cost loss; at the end it does not
+    model.train().set_gates(True)
+    model.set_progress(0.0)
+    model(_inputs(4))
+    full_loss = model.regularization_loss()
+    assert full_loss.item() == pytest.approx(0.0, abs=1e-6)
+    model.set_progress(1.0)
+    assert model.regularization_loss().item() == pytest.approx(model.cost_weight * 0.25, rel=1e-4)
+    with pytest.raises(ValueError, match=r"budget_ramp must be in \[0, 1\)"):
+        dyncnn.create_model("channel_gated_resnet20_tiny", budget_ramp=1.0)

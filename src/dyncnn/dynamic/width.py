@@ -208,6 +208,20 @@ def _tail(backbone: nn.Module, h: Tensor) -> Tensor:
     return backbone.forward_head(h if head_conv is None else head_conv(h))
 
 
+def distillation_loss(student: Tensor, teacher: Tensor, temperature: float = 4.0) -> Tensor:
+    """Hinton's knowledge distillation: ``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, batch mean.
+
+    Why: fine-tuning a gated net from its static backbone, the static net's soft targets tell the narrowed paths
+    what the full-width features computed (the inplace distillation of slimmable networks), a far richer signal
+    than the labels alone on a small training set. ``teacher`` is detached; the ``T^2`` keeps the gradient scale
+    independent of ``T``."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    t = F.log_softmax(teacher.detach() / temperature, 1)
+    s = F.log_softmax(student / temperature, 1)
+    return F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature ** 2
+
+
 # --- the network -----------------------------------------------------------------------------------------------
 
 class ChannelGatedNet(nn.Module):
@@ -217,14 +231,22 @@ class ChannelGatedNet(nn.Module):
     channel groups per gated block; ``budget`` the target fraction of the full MACs; the cost loss is
     ``cost_weight * budget_loss`` plus ``bounds_weight * layer_bounds_loss`` (DynConv's annealed per-block
     bounds). The Gumbel temperature anneals from ``tau`` to ``tau_end`` and the Gumbel noise scale from 1 to
-    ``noise_end`` over training (``set_progress``).
+    ``noise_end`` over training (``set_progress``). ``budget_ramp`` in [0, 1): the budget loss's target falls
+    linearly from 1 (full width, where fine-tuning starts) to ``budget`` over that fraction of training, so that
+    the gates narrow gradually instead of every block dropping to its narrowest level in the first steps.
+    ``set_teacher`` adds distillation from a static model to ``training_loss``.
     """
 
     def __init__(self, backbone: nn.Module, groups: int = 4, budget: float = 0.5, cost_weight: float = 10.0,
                  bounds_weight: float = 0.0, tau: float = 1.0, tau_end: float = 0.5, noise_end: float = 0.1,
-                 gate_init_bias: float = 3.0):
+                 gate_init_bias: float = 3.0, budget_ramp: float = 0.0):
         super().__init__()
         self.budget = check_budget(budget)
+        if not 0 <= budget_ramp < 1:
+            raise ValueError(f"budget_ramp must be in [0, 1), got {budget_ramp!r}")
+        self.budget_ramp = float(budget_ramp)
+        self._teacher: tuple = ()          # (module, weight, temperature); a tuple keeps it out of state_dict
+        self._teacher_logits: Tensor | None = None
         if not 0 < noise_end <= 1:
             raise ValueError(f"noise_end must be in (0, 1], got {noise_end!r}")
         self.noise_end = float(noise_end)
@@ -281,6 +303,35 @@ class ChannelGatedNet(nn.Module):
         for g in self.gates:
             g.gate.set_tau(anneal(progress, self.tau, self.tau_end))
             g.noise = anneal(progress, 1.0, self.noise_end)
+
+    def current_budget(self) -> float:
+        """The budget loss's target at the current training progress (see ``budget_ramp``)."""
+        if self.budget_ramp == 0 or self._progress >= self.budget_ramp:
+            return self.budget
+        return 1.0 - (1.0 - self.budget) * self._progress / self.budget_ramp
+
+    def set_teacher(self, teacher: nn.Module | None, weight: float = 0.5, temperature: float = 4.0) -> None:
+        """Distil from ``teacher`` (e.g. the static backbone before fine-tuning; None removes it): in training
+        forwards the teacher runs in eval mode without gradients, and ``training_loss`` becomes
+        ``(1 - weight) * CE + weight * distillation_loss``. The teacher is not a submodule (not saved)."""
+        if teacher is None:
+            self._teacher = ()
+            return
+        if not 0 <= weight <= 1:
+            raise ValueError(f"distillation weight must be in [0, 1], got {weight!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self._teacher = (teacher, float(weight), float(temperature))
+
+    def training_loss(self, outputs: Tensor, target: Tensor) -> Tensor:
+        """Cross-entropy, mixed with distillation to the teacher's logits of the same training forward when a
+        teacher is set (the Trainer calls this hook in training steps)."""
+        ce = F.cross_entropy(outputs, target)
+        t = self._teacher_logits
+        if not self._teacher or t is None or t.shape != outputs.shape:
+            return ce
+        _, w, temp = self._teacher
+        return (1 - w) * ce + w * distillation_loss(outputs, t, temp)
 
     def _check(self, x: Tensor, finite: bool) -> Tensor:
         check_image_batch(x, self.in_chans, check_finite=finite)
@@ -346,9 +397,10 @@ class ChannelGatedNet(nn.Module):
         if self._last is None:
             return torch.zeros(())
         used, fractions, full = self._last
-        loss = self.cost_weight * budget_loss(used, full, self.budget)
+        budget = self.current_budget()
+        loss = self.cost_weight * budget_loss(used, full, budget)
         if self.bounds_weight:
-            loss = loss + self.bounds_weight * layer_bounds_loss(fractions, self.budget, self._progress)
+            loss = loss + self.bounds_weight * layer_bounds_loss(fractions, budget, self._progress)
         return loss
 
     def mac_fraction(self) -> float:
@@ -357,7 +409,15 @@ class ChannelGatedNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
-            return self.dense_forward(self._check(x, finite=False))
+            x = self._check(x, finite=False)
+            self._teacher_logits = None
+            if self._teacher:
+                teacher = self._teacher[0]
+                was = teacher.training
+                with torch.no_grad():
+                    self._teacher_logits = teacher.eval()(x)
+                teacher.train(was)
+            return self.dense_forward(x)
         return self.infer(x).logits
 
     # -- inference path: executed --------------------------------------------------------------------------------

@@ -57,6 +57,16 @@ def channel_gated_resnet14_tiny(num_classes: int = 10, in_chans: int = 1, width_
     return _resnet(14, num_classes, in_chans, width_mult, budget, groups, backbone_cfg, gate_cfg)
 
 
+@register_model(name="channel_gated_resnet20_tiny")
+def channel_gated_resnet20_tiny(num_classes: int = 10, in_chans: int = 1, width_mult: float = 0.5,
+                                budget: float = 0.5, groups: int = 4, backbone_cfg: dict | None = None,
+                                **gate_cfg) -> ChannelGatedNet:
+    """ResNet-20 (CIFAR layout, 8/16/32 channels, one input channel) for ScaledMNIST: three basic blocks per stage
+    instead of the ResNet-14's two give the gates more redundancy to remove; static backbone
+    ``resnet_cifar(20, in_chans=1, width_mult=0.5)``."""
+    return _resnet(20, num_classes, in_chans, width_mult, budget, groups, backbone_cfg, gate_cfg)
+
+
 @register_model(name="channel_gated_mobilenet_v2")
 def channel_gated_mobilenet_v2(num_classes: int = 1000, in_chans: int = 3, width_mult: float = 1.0,
                                budget: float = 0.5, groups: int = 4, backbone_cfg: dict | None = None,
