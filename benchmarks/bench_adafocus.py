@@ -18,7 +18,6 @@ of training on a quiet core). The accuracy reached depends strongly on --lr (see
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -34,16 +33,12 @@ from dyncnn.dynamic.temporal import AdaFocusStages
 from dyncnn.models.adafocus import TINY_GLOBAL, TINY_LOCAL
 from dyncnn.models.registry import create_model
 from dyncnn.train.trainer import TrainConfig, Trainer, evaluate
+from dyncnn.profile.latency import median_ms
 
 
 def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of ``repeats`` calls after one warm-up."""
+    return median_ms(fn, repeats) / 1e3
 
 
 class StepGraph(torch.nn.Module):

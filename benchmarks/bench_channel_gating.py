@@ -31,6 +31,7 @@ from dyncnn.data import ScaledMNIST
 from dyncnn.dynamic.evaluation import evaluate_dynamic
 from dyncnn.dynamic.width import recalibrate_norms
 from dyncnn.models.resnet import resnet_cifar
+from dyncnn.profile.latency import median_ms
 
 
 DEPTHS = {14: "channel_gated_resnet14_tiny", 20: "channel_gated_resnet20_tiny"}
@@ -80,13 +81,7 @@ def accuracy(model, data) -> float:
 
 
 def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return median_ms(fn, repeats)
 
 
 def latency_rows(label: str, model, x, levels=None, repeats: int = 15) -> list[dict]:

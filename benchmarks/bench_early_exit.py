@@ -10,13 +10,12 @@ realized speedup = full latency / dynamic latency beside MAC speedup = full MACs
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import dyncnn
 from dyncnn.dynamic import ExitPolicy
+from dyncnn.profile.latency import median_ms
 
 CONFIGS = {
     "msdnet_cifar": dict(name="msdnet_cifar", kw={"num_classes": 10}, shape=(3, 32, 32)),
@@ -32,13 +31,7 @@ CONFIGS = {
 
 
 def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return median_ms(fn, repeats)
 
 
 def bench(label: str, cfg: dict, repeats: int) -> list[dict]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 
 import torch
@@ -31,6 +30,7 @@ from dyncnn.models.moe import MoENetwork, backbone_units
 from dyncnn.models.resnet import resnet_cifar
 from dyncnn.profile.macs import count_macs
 from dyncnn.train.trainer import TrainConfig, Trainer, evaluate
+from dyncnn.profile.latency import median_ms
 
 ST = dict(straight_through=True)
 FT_ROUTE = dict(cost_weight=16.0, noise_until=0.25, cost_warmup=0.1)   # short fine-tune: reach the budget early
@@ -118,15 +118,6 @@ def part_a(args) -> dict:
     return trained
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def part_b(args, trained: dict) -> None:

@@ -96,3 +96,10 @@ def test_peak_memory_counts_live_activations():
     assert r.input_bytes == x.numel() * 4
     # memory grows with the batch
     assert peak_memory(m, torch.randn(8, 1, 16, 16)).peak_activation_bytes > r.peak_activation_bytes
+
+
+def test_median_ms_warms_up_and_times_each_call():
+    from dyncnn.profile.latency import median_ms
+    calls = []
+    ms = median_ms(lambda: calls.append(1), repeats=7, warmup=2)
+    assert len(calls) == 9 and 0 <= ms < 5

@@ -18,7 +18,7 @@ the Gumbel noise, every cell routes at random in training and inference ends on 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn

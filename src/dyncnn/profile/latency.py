@@ -69,6 +69,18 @@ def time_callable(fn: Callable[[], object], *, warmup: int = 3, min_runs: int = 
     return times
 
 
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median milliseconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls (the benchmarks' timer)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
 def summarize(times_ms: list[float], backend: str, batch_size: int, threads: int) -> LatencyStats:
     q = statistics.quantiles(times_ms, n=4) if len(times_ms) > 1 else [times_ms[0]] * 3
     return LatencyStats(backend=backend, batch_size=batch_size, threads=threads,
