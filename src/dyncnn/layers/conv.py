@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
@@ -66,3 +67,14 @@ class DepthwiseSeparableConv(nn.Sequential):
                         activation_layer=act_layer if pw_act else None),
         )
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+
+
+def take_conv_weights(layer: nn.Module, conv: nn.Conv2d) -> nn.Module:
+    """Move ``layer`` to ``conv``'s device and dtype and copy its ``weight`` (and ``bias``) into it: how a dynamic
+    layer built ``from_conv`` starts equal to the static convolution it replaces."""
+    layer.to(conv.weight.device, conv.weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(conv.weight)
+        if conv.bias is not None:
+            layer.bias.copy_(conv.bias)
+    return layer

@@ -29,6 +29,8 @@ from torch.nn.modules.utils import _pair
 from torch.utils.flop_counter import register_flop_formula
 from torchvision.ops import deform_conv2d
 
+from .conv import take_conv_weights
+
 __all__ = ["DeformConv2d", "DEFORM_ONNX_OPSET"]
 
 DEFORM_ONNX_OPSET = 19   # first opset with the DeformConv operator
@@ -174,12 +176,7 @@ class DeformConv2d(nn.Module):
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, conv.groups, offset_groups, conv.bias is not None, modulated, mask_scale,
                     offset_scale)
-        layer.to(conv.weight.device, conv.weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        return layer
+        return take_conv_weights(layer, conv)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
+from .conv import take_conv_weights
 from .dynamic_conv import _exporting, conv_output_size, grouped_conv_per_sample
 
 __all__ = ["PredictedDepthwiseConv2d"]
@@ -84,12 +85,7 @@ class PredictedDepthwiseConv2d(nn.Module):
         layer = cls(c, conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0],
                     conv.bias is not None, hidden, residual=True)
         layer.stride, layer.padding, layer.dilation = conv.stride, conv.padding, conv.dilation
-        layer.to(conv.weight.device, conv.weight.dtype)
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        return layer
+        return take_conv_weights(layer, conv)
 
     def extra_repr(self) -> str:
         return (f"{self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
