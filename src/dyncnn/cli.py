@@ -157,7 +157,7 @@ def cmd_train(args) -> int:
         print(f"initialised {part} from {args.init}")
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                          weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, seed=args.seed,
-                         warmup_epochs=args.warmup_epochs)
+                         warmup_epochs=args.warmup_epochs, find_unused_parameters=args.find_unused_parameters)
     data_cfg = _cli_data_cfg(args)
     extra = {"data": {**data_cfg, "input_size": train_set.input_size}}
     if hasattr(model, "fit_stages"):
@@ -421,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cfg", nargs="*", metavar="KEY=VALUE", help="model keyword arguments")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors if present")
+    t.add_argument("--find-unused-parameters", action="store_true",
+                   help="under torchrun: for networks that skip layers, experts or paths (DistributedDataParallel)")
     t.add_argument("--init", default=None, metavar="CHECKPOINT", help="start from the weights of a trained "
                    "checkpoint: the same model, or the static backbone of a dynamic one (e.g. SkipNet from ResNet)")
     t.set_defaults(func=cmd_train)
