@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,7 +33,7 @@ from torch import Tensor, nn
 from ..dynamic.policy import ExitPolicy
 from .onnx import ExportError, export_graph, onnx_session, relative_error
 from .runtime import BundleError, _as_batch, confidence_np
-from .staged import FORMAT, MANIFEST, _base_manifest, _commit, _prepare_out_dir, file_record, sha256_file, \
+from .staged import FORMAT, MANIFEST, _base_manifest, writing_bundle, file_record, sha256_file, \
     write_manifest
 
 KIND = "glance"
@@ -81,10 +80,7 @@ def export_glance_bundle(model, out_dir: str | os.PathLike, *, input_size: int |
     if side < model.cfg.patch_size:
         raise ExportError(f"input size {side} is smaller than the patch size {model.cfg.patch_size}")
     policy = model._coerce_policy(policy)
-    was_training = model.training
-    model.eval()
-    tmp = _prepare_out_dir(out_dir)
-    try:
+    with writing_bundle(out_dir, model) as tmp:
         gen = torch.Generator().manual_seed(seed)
         image = torch.rand(2, model.in_chans, side, side, generator=gen)
         p, hid, pol = model.cfg.patch_size, model.cfg.hidden_dim, model.cfg.policy_dim
@@ -110,12 +106,7 @@ def export_glance_bundle(model, out_dir: str | os.PathLike, *, input_size: int |
         checks = [torch.rand(3, model.in_chans, side, side, generator=gen), *check_inputs]
         manifest["check"] = {"max_rel_err": check_glance_bundle(model, tmp, checks, policy), "batches": len(checks)}
         write_manifest(tmp, manifest)
-        _commit(tmp, out_dir)
-        return manifest
-    finally:
-        model.train(was_training)
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
 
 
 def check_glance_bundle(model, folder, inputs: Sequence[Tensor], policy: ExitPolicy | None = None,

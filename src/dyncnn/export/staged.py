@@ -26,6 +26,7 @@ built in a temporary folder beside ``out_dir`` and renamed into place, so an int
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -137,6 +138,22 @@ def _commit(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out_dir)
+
+
+@contextlib.contextmanager
+def writing_bundle(out_dir: Path, model: nn.Module):
+    """Yield a temporary folder beside ``out_dir`` with ``model`` in eval mode; on success the folder replaces
+    ``out_dir`` (see :func:`_commit`), on failure it is removed; the model's mode is restored either way."""
+    was_training = model.training
+    model.eval()
+    tmp = _prepare_out_dir(out_dir)
+    try:
+        yield tmp
+        _commit(tmp, out_dir)
+    finally:
+        model.train(was_training)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _base_manifest(model: nn.Module, kind: str, input_shape: Sequence[int], opset: int) -> dict:
@@ -277,11 +294,8 @@ def export_bundle(model: nn.Module, out_dir: str | os.PathLike, input_shape: Seq
         raise ExportError(f"input_shape must be (C, H, W), got {input_shape}")
     if quantize and calibration is None:
         raise ExportError("quantize=True needs calibration images (a few hundred from the validation split)")
-    was_training = model.training
-    model.eval()
     opset = required_opset(model, opset)
-    tmp = _prepare_out_dir(out_dir)
-    try:
+    with writing_bundle(out_dir, model) as tmp:
         gen = torch.Generator().manual_seed(seed)
         example = torch.randn(2, *input_shape, generator=gen)       # batch 2: nothing specialises to batch 1
         if is_multi_exit(model):
@@ -305,9 +319,4 @@ def export_bundle(model: nn.Module, out_dir: str | os.PathLike, input_shape: Seq
         if quantize:
             from .quantize import quantize_bundle
             manifest = quantize_bundle(tmp, calibration)
-        _commit(tmp, out_dir)
-        return manifest
-    finally:
-        model.train(was_training)
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
