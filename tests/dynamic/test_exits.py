@@ -124,9 +124,31 @@ def test_exits_on_a_timm_model():
     pytest.importorskip("timm")
     base = dyncnn.create_model("timm:mobilenetv3_small_050", num_classes=10).eval()
     net = attach_exits(base, ["blocks.1", "blocks.3", "blocks.5"]).eval()
+    assert net.num_exits == 4          # one exit per named cut, and the model's own classifier
     x = torch.randn(3, 3, 64, 64)
     torch.testing.assert_close(net(x)[-1], base(x))
     cum = net.exit_macs(x[:1])
-    assert cum[0] < cum[1] < cum[2]
-    r = net.infer(x, ExitPolicy.always_first(3))
+    assert cum[0] < cum[1] < cum[2] < cum[3]
+    r = net.infer(x, ExitPolicy.always_first(4))
     assert r.macs.tolist() == [cum[0]] * 3
+
+
+def test_every_named_cut_gets_an_exit_on_a_torchvision_resnet():
+    # regression: the last named cut used to be merged into the final segment (3 exits for 3 cuts)
+    base = dyncnn.create_model("torchvision:resnet18", num_classes=10).eval()
+    net = attach_exits(base, ["layer1", "layer2", "layer3"]).eval()
+    assert net.num_exits == 4
+    x = torch.randn(2, 3, 64, 64)
+    outs = net(x)
+    assert len(outs) == 4
+    torch.testing.assert_close(outs[-1], base(x))
+    cum = net.exit_macs(x[:1])
+    assert cum == sorted(cum) and len(set(cum)) == 4
+
+
+def test_default_exits_of_a_dyncnn_backbone_are_one_per_stage():
+    base = dyncnn.create_model("tiny_mobilenet", num_classes=10, widths=[8, 16, 32]).eval()
+    net = attach_exits(base).eval()
+    assert net.num_exits == len(base.stage_info) == 3     # the last stage's exit is the model's own classifier
+    x = torch.rand(2, 1, 32, 32)
+    torch.testing.assert_close(net(x)[-1], base(x))

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from ..errors import check_image_batch
 from ..layers import ConvNormAct
@@ -49,6 +50,25 @@ class ConvHead(nn.Module):
 HEADS: dict[str, Callable[[int, int], nn.Module]] = {"linear": LinearHead, "conv": ConvHead, "msdnet": ConvHead}
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.scale, None
+
+
+def scale_grad(state, scale: float):
+    """``state`` (a pytree) unchanged forward, its gradients multiplied by ``scale`` backward."""
+    return tree_map(lambda t: _ScaleGrad.apply(t, scale) if isinstance(t, Tensor) and t.requires_grad else t,
+                    state)
+
+
 class _Pick(nn.Module):
     """Apply ``head`` to one named value of a dict state."""
 
@@ -74,6 +94,11 @@ class MultiExitNetwork(nn.Module):
         self.stages, self.heads = nn.ModuleList(stages), nn.ModuleList(heads)
         self.num_classes, self.in_chans = num_classes, in_chans
         self.executor = Executor()
+        # Gradient equilibrium (Li, Huang et al., ICCV 2019): in training, the gradient that flows back into the
+        # shared trunk at exit k (of K) is rescaled, 1/(K-k) from exit k's own head and (K-k-1)/(K-k) from the
+        # later exits, so that the trunk's gradient does not grow with the number of exits behind it. A training
+        # recipe, not part of the architecture: inference and checkpoints do not depend on it.
+        self.gradient_equilibrium = False
 
     @property
     def num_exits(self) -> int:
@@ -84,9 +109,15 @@ class MultiExitNetwork(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         state, outs = self.initial_state(x), []
-        for stage, head in zip(self.stages, self.heads):
+        ge = self.gradient_equilibrium and self.training and torch.is_grad_enabled()
+        k_exits = self.num_exits
+        for k, (stage, head) in enumerate(zip(self.stages, self.heads)):
             state = stage(state)
-            outs.append(head(state))
+            if ge and k < k_exits - 1:
+                outs.append(head(scale_grad(state, 1.0 / (k_exits - k))))
+                state = scale_grad(state, (k_exits - k - 1) / (k_exits - k))
+            else:
+                outs.append(head(state))
         return outs
 
     @torch.no_grad()
@@ -144,9 +175,9 @@ class SplitMultiExit(MultiExitNetwork):
 
 def attach_exits(backbone: nn.Module, stages: Sequence[str] | None = None, head: str | Callable = "linear",
                  num_classes: int | None = None, example_size: int = 64) -> SplitMultiExit:
-    """Attach exits to ``backbone`` after each module path in ``stages``.
+    """Attach exits to ``backbone`` after each module path in ``stages``: ``len(stages) + 1`` exits.
 
-    For dyncnn backbones, ``stages`` defaults to every stage in ``backbone.stage_info``; for torchvision/timm
+    For dyncnn backbones, ``stages`` defaults to every stage but the last in ``backbone.stage_info``; for torchvision/timm
     models give the module paths (e.g. ``["features.6", "features.13", "features.18"]`` for torchvision's
     MobileNetV2). The model's own output is always the last exit: the segment after the last cut runs the rest
     of the network including its classifier.
@@ -158,7 +189,8 @@ def attach_exits(backbone: nn.Module, stages: Sequence[str] | None = None, head:
     if stages is None:
         if not own:
             raise ValueError("give the module paths to attach exits to (e.g. stages=['features.6', 'features.13'])")
-        stages = [s.module for s in backbone.stage_info]
+        # every stage but the last: the model's own classifier is the exit after the last stage
+        stages = [s.module for s in backbone.stage_info[:-1]]
     stages = list(stages)
     make_head = HEADS[head] if isinstance(head, str) else head
     if isinstance(head, str) and head not in HEADS:

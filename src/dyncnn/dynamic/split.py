@@ -79,7 +79,10 @@ def split_model(model: nn.Module, boundaries: list[str], method: str = "forward_
     out_val = output_node.args[0]
     if not isinstance(out_val, fx.Node):
         raise ValueError(f"{method}() must return one tensor to be split")
-    cut_at[-1] = max(cut_at[-1], nodes.index(out_val))
+    if method == "forward" and nodes.index(out_val) > cut_at[-1]:
+        cut_at.append(nodes.index(out_val))     # the rest of the network (its own classifier): one more segment
+    else:
+        cut_at[-1] = max(cut_at[-1], nodes.index(out_val))
     part_of = {}
     k = 0
     for i, n in enumerate(nodes):
