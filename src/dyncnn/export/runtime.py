@@ -48,7 +48,7 @@ def confidence_np(logits: np.ndarray, criterion: str = "max_prob", temperature: 
     if temperature != 1.0:
         z = z / np.float32(temperature)
     e = np.exp(z - z.max(axis=-1, keepdims=True))
-    inv = np.float32(1.0) / e.sum(axis=-1, keepdims=True, dtype=np.float32)
+    inv = np.float32(1.0) / e.sum(axis=-1, keepdims=True)
     if criterion == "max_prob":       # the top probability is exp(0) * inv = inv exactly
         return inv[:, 0]
     p = e * inv
@@ -130,6 +130,11 @@ def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int
 
 def _as_batch(x: Any, shape: Sequence[int]) -> np.ndarray:
     """Validate an input batch against the exported (C, H, W) and return it as contiguous float32 numpy."""
+    if type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 4 and x.shape[1:] == shape and \
+            x.flags.c_contiguous:       # the common case, checked without conversions (batch-1 latency)
+        if x.size and not np.isfinite(x.sum()) and not np.isfinite(x).all():
+            raise DyncnnError(f"input: expected finite values, got {int((~np.isfinite(x)).sum())} NaN/Inf entries")
+        return x
     if isinstance(x, torch.Tensor):
         if not x.is_floating_point():
             raise DyncnnError(f"input: expected a floating-point batch (float32 in [0, 1]), got {x.dtype}; "
@@ -155,7 +160,7 @@ def _as_batch(x: Any, shape: Sequence[int]) -> np.ndarray:
 class _Bundle:
     def __init__(self, folder: Path, manifest: dict, precision: str, threads: int):
         self.folder, self.manifest, self.precision, self.threads = folder, manifest, precision, threads
-        self.input_shape = tuple(manifest["input"]["shape"][1:])
+        self.input_shape = tuple(int(d) for d in manifest["input"]["shape"][1:])
         self.num_classes = int(manifest["num_classes"])
         self.session_seconds = 0.0      # time spent inside ONNX Runtime sessions (for the overhead share)
 
@@ -260,11 +265,11 @@ class DynamicBundle(_Bundle):
         policy = self._policy(policy)
         x = self.check_input(x)
         n = x.shape[0]
-        exit_index = np.full(n, self.num_exits - 1, dtype=np.int64)
-        logits_out = np.zeros((n, self.num_classes), dtype=np.float32)
         if n == 0:
-            return logits_out, exit_index, np.zeros(n, dtype=np.int64)
-        rows = np.arange(n)
+            return (np.zeros((0, self.num_classes), dtype=np.float32), np.zeros(0, dtype=np.int64),
+                    np.zeros(0, dtype=np.int64))
+        rows = None                   # the original rows still in the batch; None: all of them
+        exit_index = logits_out = None
         leaves: list = [x]
         last = self.num_exits - 1
         for k in range(self.num_exits):
@@ -282,10 +287,18 @@ class DynamicBundle(_Bundle):
                 done = None if thr == -np.inf else \
                     confidence_np(logits, policy.criterion, policy.temperature(k)) >= thr
             if done is None or done.all():
+                if rows is None:        # the whole batch leaves here together: no copies (batch-1 latency)
+                    index = np.empty(n, dtype=np.int64)
+                    index[:] = k
+                    return np.asarray(logits, dtype=np.float32), index, self._cum[index]
                 logits_out[rows] = logits
                 exit_index[rows] = k
                 break
             if done.any():
+                if rows is None:
+                    rows = np.arange(n)
+                    exit_index = np.full(n, last, dtype=np.int64)
+                    logits_out = np.zeros((n, self.num_classes), dtype=np.float32)
                 logits_out[rows[done]] = logits[done]
                 exit_index[rows[done]] = k
                 keep = ~done
@@ -293,6 +306,28 @@ class DynamicBundle(_Bundle):
                 rows = rows[keep]
         # every sample ran every stage and head up to its exit: the ledger is the exit's cumulative cost
         return logits_out, exit_index, self._cum[exit_index]
+
+    def stage_latency_ms(self, images: Any, repeats: int = 3) -> list[float]:
+        """Median milliseconds of each exit's step at batch 1 (stage graph + head + the driver's bookkeeping),
+        every image of ``images`` (N, C, H, W) run to full depth ``repeats`` times after one warm-up pass.
+
+        Their running sum is the latency of leaving at each exit: the cost table for latency budgets
+        (``dyncnn calibrate --budget-ms``), stored in the manifest by :func:`record_stage_latency`.
+        """
+        x = self.check_input(images)
+        if x.shape[0] == 0:
+            raise DyncnnError("stage latencies need at least one image")
+        times: list[list[float]] = [[] for _ in range(self.num_exits)]
+        for rep in range(repeats + 1):
+            for i in range(x.shape[0]):
+                leaves: list = [x[i:i + 1]]
+                for k in range(self.num_exits):
+                    t0 = time.perf_counter()
+                    leaves, logits = self._step(k, leaves)
+                    confidence_np(logits)          # the exit test the driver makes after each stage
+                    if rep:
+                        times[k].append((time.perf_counter() - t0) * 1e3)
+        return [float(np.median(t)) for t in times]
 
     def run(self, x: Any, policy=None):
         """Early-exit inference as eager ``infer``: an ``ExitResult`` of torch tensors."""
@@ -328,3 +363,32 @@ class DynamicBundle(_Bundle):
             leaves, logits = self._step(k, leaves)
             outs.append(logits)
         return outs
+
+
+def record_stage_latency(folder: str | os.PathLike, stage_ms: Sequence[float], threads: int,
+                         machine: str | None = None) -> dict:
+    """Store measured per-exit batch-1 latencies (ms, ONNX Runtime, ``threads`` threads) in the bundle manifest
+    under ``stage_latency_ms[str(threads)]``; returns the manifest. Latencies are a property of the machine that
+    measured them, which is recorded beside them."""
+    import platform
+    from .staged import write_manifest
+    folder = Path(folder)
+    manifest = _read_manifest(folder)
+    if manifest["kind"] != "multi_exit" or len(stage_ms) != int(manifest["num_exits"]):
+        raise BundleError(f"bundle {folder}: expected {manifest.get('num_exits')} stage latencies for a multi-exit "
+                          f"bundle, got {len(stage_ms)} for a {manifest['kind']} bundle")
+    if any(not (float(t) > 0 and math.isfinite(float(t))) for t in stage_ms):
+        raise BundleError(f"stage latencies must be positive and finite, got {list(stage_ms)}")
+    table = manifest.setdefault("stage_latency_ms", {})
+    table[str(int(threads))] = {"stage_ms": [float(t) for t in stage_ms],
+                                "cumulative_ms": np.cumsum(np.asarray(stage_ms, dtype=np.float64)).tolist(),
+                                "batch": 1, "runtime": "onnxruntime",
+                                "machine": machine or f"{platform.machine()} {platform.processor() or ''}".strip()}
+    write_manifest(folder, manifest)
+    return manifest
+
+
+def stage_latency_table(manifest: dict, threads: int) -> list[float] | None:
+    """Cumulative ms of leaving at each exit recorded for ``threads`` threads, or None when not measured."""
+    entry = (manifest.get("stage_latency_ms") or {}).get(str(int(threads)))
+    return [float(t) for t in entry["cumulative_ms"]] if entry else None
