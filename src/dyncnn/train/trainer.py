@@ -50,6 +50,7 @@ class TrainConfig:
     find_unused_parameters: bool = False   # needed under DDP by networks that skip layers
     progress: bool = True
     save_every_steps: int | None = None    # also checkpoint mid-epoch every N steps
+    device: str = "cpu"             # "cpu", "cuda", "cuda:1", "mps" or "auto" (cuda when available)
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1:
@@ -58,6 +59,25 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        resolve_device(self.device)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> cuda when available, else mps when available, else cpu; a device that is not there is
+    refused with a message saying which are."""
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r}: expected cpu, cuda, cuda:N, mps or auto ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here (use cpu or auto)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} asked for, but MPS is not available here (use cpu or auto)")
+    return dev
 
 
 def default_loss(label_smoothing: float = 0.0) -> LossFn:
@@ -83,9 +103,11 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, loss_fn:
     loss_fn = loss_fn or default_loss()
     was_training = model.training
     model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     total_loss, correct, n = 0.0, 0, 0
     try:
         for x, y in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
+            x, y = x.to(device), y.to(device)
             out = model(x)
             total_loss += float(loss_fn(out, y)) * len(y)
             correct += int((final_logits(out).argmax(1) == y).sum())
@@ -135,7 +157,8 @@ class Trainer:
         if self.dist.enabled and config.batch_size % self.dist.world_size:
             raise DyncnnError(f"batch_size {config.batch_size} must be divisible by the number of processes "
                               f"({self.dist.world_size})")
-        self.model = model
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
         self.train_set, self.val_set = train_set, val_set
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.loss_fn = loss_fn or default_loss(config.label_smoothing)
@@ -276,4 +299,4 @@ class Trainer:
         items = [self.train_set[i] for i in idx]
         x = torch.stack([it[0] for it in items])
         y = torch.as_tensor([int(it[1]) for it in items])
-        return x, y
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
