@@ -250,13 +250,65 @@ def cmd_calibrate(args) -> int:
     model, meta = load_checkpoint(args.checkpoint)
     data_cfg = _data_cfg_for(args, meta)
     val = _dataset(args, "val", data_cfg)
+    latency = None
+    if args.budget_ms is not None:
+        if args.budget_ms <= 0:
+            raise DyncnnError(f"--budget-ms must be a positive number of milliseconds, got {args.budget_ms}")
+        latency = _exit_latency_table(model, val, args)
     record = calibrate(model, val, target_macs=_parse_macs(args.budget_macs) if args.budget_macs else None,
-                       target_fraction=args.budget, target_accuracy=args.target_accuracy, criterion=args.criterion)
+                       target_fraction=args.budget, target_accuracy=args.target_accuracy, criterion=args.criterion,
+                       target_ms=args.budget_ms, latency_ms=latency)
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name("thresholds.json")
     save_thresholds(record, out)
     print(f"thresholds for {record['num_exits']} exits written to {out}: val accuracy {record['val_accuracy']:.4f} "
           f"at {record['val_mean_macs'] / 1e6:.3f}M mean MACs ({record['val_mean_macs'] / record['exit_macs'][-1]:.0%}"
           f" of full depth)")
+    if latency is not None:
+        print(f"predicted mean latency on the validation split: {record['val_predicted_ms']:.4f} ms per image "
+              f"(batch 1, ONNX Runtime, {args.threads} thread(s); full depth {latency[-1]:.4f} ms)")
+    return 0
+
+
+def _exit_latency_table(model, val, args) -> list[float]:
+    """Cumulative batch-1 ONNX Runtime latency of leaving at each exit: read from ``--bundle`` when it holds a
+    measurement for ``--threads``, else measured on the validation images (and stored in that bundle, or in a
+    temporary export)."""
+    import tempfile
+    import torch
+    from .export import export_bundle, load_bundle
+    from .export.runtime import record_stage_latency, stage_latency_table
+    images = torch.stack([val[i][0] for i in range(min(64, len(val)))])
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.bundle) if args.bundle else Path(tmp) / "bundle"
+        if not args.bundle:
+            export_bundle(model, folder, tuple(images.shape[1:]))
+        else:
+            from .export.runtime import _read_manifest
+            table = stage_latency_table(_read_manifest(folder), args.threads)
+            if table is not None:
+                print(f"exit latencies from {folder}/manifest.json ({args.threads} thread(s)): "
+                      + ", ".join(f"{t:.4f}" for t in table) + " ms")
+                return table
+        bundle = load_bundle(folder, threads=args.threads)
+        with torch.inference_mode():
+            ms = bundle.stage_latency_ms(images.numpy(), repeats=3)
+        manifest = record_stage_latency(folder, ms, args.threads)
+        table = stage_latency_table(manifest, args.threads)
+        print(f"measured exit latencies ({args.threads} thread(s), batch 1, ONNX Runtime, {len(images)} validation "
+              f"images): " + ", ".join(f"{t:.4f}" for t in table) + " ms")
+        return table
+
+
+def cmd_frontier(args) -> int:
+    from .frontier.runner import FrontierSettings, run_frontier
+    canvas = args.canvas or (128 if args.preset == "phone" else 64)
+    settings = FrontierSettings(out=Path(args.out), preset=args.preset, canvas=canvas, clutter=args.clutter,
+                                data_seed=args.seed, seeds=tuple(args.seeds), epochs=args.epochs,
+                                threads=tuple(args.threads), batch_sizes=tuple(args.batch_sizes),
+                                rounds=args.rounds, single_images=args.single_images, eager=not args.no_eager,
+                                device=args.device, only_train=args.only_train, lr=args.lr,
+                                test_repeats=args.test_repeats)
+    run_frontier(settings)
     return 0
 
 
@@ -450,10 +502,43 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--budget", type=float, help="target mean MACs as a fraction of full depth, e.g. 0.5")
     target.add_argument("--budget-macs", help="target mean MACs per image, e.g. 1.2M")
     target.add_argument("--target-accuracy", type=float, help="cheapest thresholds reaching this val accuracy")
+    target.add_argument("--budget-ms", type=float, help="target mean latency in ms per image (batch 1, ONNX "
+                        "Runtime), predicted from per-exit latencies measured on this machine")
     c.add_argument("--criterion", default="max_prob", choices=["max_prob", "entropy", "margin"])
     c.add_argument("--dataset-override", action="store_true")
     c.add_argument("--out", default=None, help="thresholds file (default: thresholds.json beside the checkpoint)")
+    c.add_argument("--bundle", default=None, help="with --budget-ms: an exported bundle of this checkpoint whose "
+                   "manifest holds (or receives) the measured exit latencies")
+    c.add_argument("--threads", type=int, default=1, help="with --budget-ms: ONNX Runtime threads (default: 1)")
     c.set_defaults(func=cmd_calibrate)
+
+    f = sub.add_parser("frontier", help="dynamic networks against the static accuracy-latency front (ONNX Runtime)",
+                       description="Train a static front (zoo networks at several widths and input resolutions) "
+                                   "and dynamic candidates with one training budget, choose each dynamic operating "
+                                   "point on the validation split, time everything in ONNX Runtime (interleaved "
+                                   "rounds, median and IQR) and write frontier.json / .md / .png with the speedup "
+                                   "at equal accuracy.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    f.add_argument("--preset", default="demo", choices=["demo", "full", "phone"],
+                   help="model set: demo (3 static, 2 cascades), full (8 static, 6 dynamic), phone (128x128 canvas, "
+                        "20-75M MAC networks)")
+    f.add_argument("--dataset", default="scaled_mnist", choices=["scaled_mnist"], help="data (the embedded digits)")
+    f.add_argument("--canvas", type=int, default=None, help="image side (default: 64, 128 for --preset phone)")
+    f.add_argument("--clutter", type=int, default=2, help="clutter fragments per image")
+    f.add_argument("--seed", type=int, default=0, help="data split and rendering seed")
+    f.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (every model trained with each)")
+    f.add_argument("--epochs", type=int, default=5, help="epochs for every model")
+    f.add_argument("--lr", type=float, default=0.1, help="peak learning rate (cosine schedule) for every model")
+    f.add_argument("--test-repeats", type=int, default=3, help="renderings of each test digit")
+    f.add_argument("--device", default="cpu", help="training device: cpu, cuda, mps or auto (timing is on the CPU)")
+    f.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="ONNX Runtime thread counts timed")
+    f.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="batch sizes timed")
+    f.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median and IQR over them)")
+    f.add_argument("--single-images", type=int, default=200, help="test images timed one at a time per round")
+    f.add_argument("--no-eager", action="store_true", help="skip the eager PyTorch timings")
+    f.add_argument("--only-train", action="store_true", help="train (or resume) every model and stop")
+    f.add_argument("--out", default="runs/frontier", help="output folder (checkpoints are reused from it)")
+    f.set_defaults(func=cmd_frontier)
 
     d = sub.add_parser("demo", help="the main job on the embedded data: train, evaluate, profile, report",
                        description="Train a small network on ScaledMNIST with clutter, evaluate it, measure its "

@@ -7,7 +7,9 @@ another number of exits, saying which.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Sequence
 
 from torch import nn
 from torch.utils.data import Dataset
@@ -22,11 +24,15 @@ FORMAT = "dyncnn-thresholds-1"
 
 def calibrate(model: nn.Module, val_set: Dataset, target_macs: float | None = None,
               target_fraction: float | None = None, target_accuracy: float | None = None,
-              criterion: str = "max_prob", temperature_scaling: bool = True) -> dict:
+              criterion: str = "max_prob", temperature_scaling: bool = True, target_ms: float | None = None,
+              latency_ms: Sequence[float] | None = None) -> dict:
     """Thresholds for one target: ``target_macs`` (mean MACs per image), ``target_fraction`` of the full-depth
-    MACs, or ``target_accuracy`` on the validation split. Returns the thresholds record (see module doc)."""
-    if sum(t is not None for t in (target_macs, target_fraction, target_accuracy)) != 1:
-        raise DyncnnError("give exactly one of target_macs, target_fraction, target_accuracy")
+    MACs, ``target_accuracy`` on the validation split, or ``target_ms``: a mean latency per image, predicted from
+    ``latency_ms``, the measured latency of leaving at each exit (cumulative, batch 1; see
+    ``DynamicBundle.stage_latency_ms``). MACs mispredict latency (per-call overhead, memory-bound layers), so a
+    latency budget is solved on measured stage times rather than on MACs. Returns the thresholds record."""
+    if sum(t is not None for t in (target_macs, target_fraction, target_accuracy, target_ms)) != 1:
+        raise DyncnnError("give exactly one of target_macs, target_fraction, target_accuracy, target_ms")
     if not hasattr(model, "exit_macs"):
         raise DyncnnError(f"{type(model).__name__} is not a multi-exit network (it has no exits to calibrate)")
     logits, targets = collect_exit_logits(model, val_set)
@@ -39,15 +45,42 @@ def calibrate(model: nn.Module, val_set: Dataset, target_macs: float | None = No
         target_macs = target_fraction * cum[-1]
     scores = exit_scores(logits, criterion, temps)
     correct = logits.argmax(-1) == targets
+    cost = cum
+    if target_ms is not None:
+        cost = check_latency_table(latency_ms, len(cum))
+        if not cost[0] <= target_ms <= cost[-1]:
+            raise DyncnnError(f"target latency {target_ms:.4g} ms per image is outside the feasible range "
+                              f"[{cost[0]:.4g} ms (everything at the first exit), {cost[-1]:.4g} ms (full depth)] "
+                              f"measured for this model")
     try:
-        point = solve_for_budget(scores, correct, cum, target_macs=target_macs, target_accuracy=target_accuracy)
+        point = solve_for_budget(scores, correct, cost, target_macs=target_ms if target_ms is not None
+                                 else target_macs, target_accuracy=target_accuracy)
     except ValueError as e:
         raise DyncnnError(str(e)) from None
     policy = point.policy(criterion, temps)
-    return {"format": FORMAT, "model": model_spec(model), "num_exits": len(cum), "criterion": criterion,
-            "temperatures": temps, "thresholds": policy.thresholds, "exit_macs": cum,
-            "input_shape": list(x0.shape[1:]), "target_macs": target_macs, "target_accuracy": target_accuracy,
-            "val_mean_macs": point.mean_macs, "val_accuracy": point.accuracy, "val_exit_fractions": point.exit_fractions}
+    fractions = point.exit_fractions
+    record = {"format": FORMAT, "model": model_spec(model), "num_exits": len(cum), "criterion": criterion,
+              "temperatures": temps, "thresholds": policy.thresholds, "exit_macs": cum,
+              "input_shape": list(x0.shape[1:]), "target_macs": target_macs, "target_accuracy": target_accuracy,
+              "val_mean_macs": float(sum(f * m for f, m in zip(fractions, cum))), "val_accuracy": point.accuracy,
+              "val_exit_fractions": fractions}
+    if target_ms is not None:
+        record.update(target_ms=target_ms, latency_ms=list(cost), val_predicted_ms=point.mean_macs)
+    return record
+
+
+def check_latency_table(latency_ms: Sequence[float] | None, num_exits: int) -> list[float]:
+    """A cumulative latency table (ms of leaving at each exit): one positive, finite, non-decreasing value per
+    exit, or a DyncnnError saying what came."""
+    if latency_ms is None:
+        raise DyncnnError("a latency budget needs the measured latency of each exit (latency_ms; `dyncnn "
+                          "calibrate --budget-ms` measures it on an exported bundle)")
+    table = [float(t) for t in latency_ms]
+    if len(table) != num_exits or any(not (t > 0 and math.isfinite(t)) for t in table) or \
+            any(b < a for a, b in zip(table, table[1:])):
+        raise DyncnnError(f"expected {num_exits} positive, non-decreasing cumulative exit latencies (ms), got "
+                          f"{latency_ms}")
+    return table
 
 
 def save_thresholds(record: dict, path: str | Path) -> Path:

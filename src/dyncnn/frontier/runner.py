@@ -1,0 +1,545 @@
+"""``dyncnn frontier``: dynamic networks against a real static accuracy-latency front, timed in ONNX Runtime.
+
+1. One training budget for every model (same epochs, schedule, augmentation, seed): a static front of zoo networks
+   at several widths *and* input resolutions (a network on a 2x / 4x downsampled input is a legitimate static
+   point), and the dynamic candidates that need training (exits on the static backbone trained with
+   self-distillation and gradient equilibrium, MSDNet with the same recipe). Cascades are built from the trained
+   static networks themselves: they need no training of their own.
+2. Validation split: per-exit temperatures, the MSDNet threshold sweep, and per-exit ONNX Runtime latencies
+   measured on the exported bundle; the operating point of each dynamic model is the cheapest (predicted latency)
+   whose validation accuracy reaches the validation accuracy of the best static model. The test split is read
+   once, after every choice is made.
+3. Every model and operating point exported (``export_bundle``) and timed in ONNX Runtime, at batch 1 and a larger
+   batch, with 1 and 2 threads, all of them interleaved in rounds within one process (a change of machine load hits
+   all alike), median and IQR over rounds; eager PyTorch beside it for the static models and the chosen points.
+4. ``frontier.json``, ``frontier.md``, ``frontier.png``, and the figure of merit: the speedup at equal accuracy
+   (:mod:`dyncnn.frontier.front`), per seed and averaged.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..data import ScaledMNIST
+from ..dynamic.budget import (assign_exits, collect_exit_logits, exit_proportions, exit_scores, fit_temperatures,
+                              msdnet_thresholds)
+from ..dynamic.losses import MultiExitLoss
+from ..dynamic.policy import ExitPolicy
+from ..export.runtime import load_bundle, record_stage_latency
+from ..export.staged import export_bundle
+from ..models import create_model
+from ..profile import count_macs
+from ..profile.latency import torch_threads
+from ..train import TrainConfig, Trainer, evaluate
+from ..train.checkpoint import atomic_write_text, load_checkpoint, read_checkpoint, save_checkpoint
+from .front import Point, pareto_front, select_on_validation, speedup_at_equal_accuracy
+
+# -- what is compared ------------------------------------------------------------------------------------------
+
+TINY_S, TINY_M, TINY_L = [16, 48, 96, 192], [32, 96, 192, 384], [48, 144, 288, 576]
+TINY_XL = [64, 192, 384, 768]
+
+
+def _static(label: str, name: str, factor: int = 1, **cfg) -> dict:
+    return {"label": label, "name": name, "factor": factor, "cfg": cfg}
+
+
+def presets(canvas: int) -> dict[str, dict]:
+    """The model sets: ``demo`` (small, for ``make demo``), ``full`` (the benchmark on the demo's 64x64 data) and
+    ``phone`` (128x128 canvas, networks of 20-75M MACs, where per-call overhead is a small share)."""
+    demo_static = [_static("tiny-S /4", "tiny_mobilenet", 4, widths=TINY_S),
+                   _static("tiny-M /2", "tiny_mobilenet", 2, widths=TINY_M),
+                   _static("tiny-M", "tiny_mobilenet", 1, widths=TINY_M)]
+    full_static = [_static("tiny-S /4", "tiny_mobilenet", 4, widths=TINY_S),
+                   _static("tiny-S /2", "tiny_mobilenet", 2, widths=TINY_S),
+                   _static("tiny-M /2", "tiny_mobilenet", 2, widths=TINY_M),
+                   _static("tiny-S", "tiny_mobilenet", 1, widths=TINY_S),
+                   _static("tiny-M", "tiny_mobilenet", 1, widths=TINY_M),
+                   _static("tiny-L", "tiny_mobilenet", 1, widths=TINY_L),
+                   _static("mnv3-small x0.5", "mobilenet_v3_small", 1, width_mult=0.5),
+                   _static("shufflenetv2 x0.5", "shufflenet_v2_x0_5", 1)]
+    phone_static = [_static("tiny-M /4", "tiny_mobilenet", 4, widths=TINY_M),
+                    _static("tiny-M /2", "tiny_mobilenet", 2, widths=TINY_M),
+                    _static("tiny-XL /2", "tiny_mobilenet", 2, widths=TINY_XL),
+                    _static("tiny-M", "tiny_mobilenet", 1, widths=TINY_M),
+                    _static("tiny-L", "tiny_mobilenet", 1, widths=TINY_L),
+                    _static("tiny-XL", "tiny_mobilenet", 1, widths=TINY_XL),
+                    _static("mnv3-small", "mobilenet_v3_small", 1),
+                    _static("shufflenetv2 x1.0", "shufflenet_v2_x1_0", 1)]
+    recipe = {"distill": 1.0, "temperature": 3.0, "gradient_equilibrium": True}
+    msdnet = {"label": "MSDNet (distill+GE)", "kind": "trained", "name": "msdnet_cifar", "recipe": recipe,
+              "cfg": {"data": "imagenet", "nBlocks": 5, "step": 1, "base": 1, "nChannels": 8, "growthRate": 6,
+                      "grFactor": [1, 2, 4], "bnFactor": [1, 2, 4]}}
+
+    def exits_on(widths, label):
+        # one exit, after stage 3 of 4: the first stages are cheap in MACs but not in latency (a head and an
+        # ONNX Runtime call cost about as much as an early stage), so exits go where the remaining work is large
+        return {"label": label, "kind": "trained", "name": "multi_exit", "recipe": recipe,
+                "cfg": {"backbone": "tiny_mobilenet", "backbone_cfg": {"widths": widths},
+                        "stages": ["stages.2"], "example_size": canvas}}
+
+    return {
+        "demo": {"static": demo_static,
+                 "dynamic": [{"label": "resolution cascade /2 -> full", "kind": "cascade",
+                              "members": ["tiny-M /2", "tiny-M"]},
+                             {"label": "resolution cascade /4 -> /2 -> full", "kind": "cascade",
+                              "members": ["tiny-S /4", "tiny-M /2", "tiny-M"]}]},
+        "full": {"static": full_static,
+                 "dynamic": [{"label": "resolution cascade /2 -> full", "kind": "cascade",
+                              "members": ["tiny-M /2", "tiny-M"]},
+                             {"label": "resolution cascade /4 -> /2 -> full", "kind": "cascade",
+                              "members": ["tiny-S /4", "tiny-M /2", "tiny-M"]},
+                             {"label": "resolution cascade /2 -> tiny-L", "kind": "cascade",
+                              "members": ["tiny-M /2", "tiny-L"]},
+                             {"label": "width cascade tiny-S -> tiny-M", "kind": "cascade",
+                              "members": ["tiny-S", "tiny-M"]},
+                             exits_on(TINY_M, "exits on tiny-M (distill+GE)"),
+                             msdnet]},
+        "phone": {"static": phone_static,
+                  "dynamic": [{"label": "resolution cascade /2 -> full", "kind": "cascade",
+                               "members": ["tiny-XL /2", "tiny-XL"]},
+                              {"label": "resolution cascade /4 -> /2 -> full", "kind": "cascade",
+                               "members": ["tiny-M /4", "tiny-XL /2", "tiny-XL"]},
+                              {"label": "resolution cascade tiny-M /2 -> tiny-L", "kind": "cascade",
+                               "members": ["tiny-M /2", "tiny-L"]},
+                              exits_on(TINY_XL, "exits on tiny-XL (distill+GE)")]},
+    }
+
+
+@dataclass
+class FrontierSettings:
+    out: Path = Path("runs/frontier")
+    preset: str = "full"
+    canvas: int = 64
+    clutter: int = 2
+    data_seed: int = 0
+    seeds: Sequence[int] = (0, 1)
+    epochs: int = 5
+    lr: float = 0.1
+    batch_size: int = 64
+    train_repeats: int = 3          # renderings per training digit
+    val_repeats: int = 2            # renderings per validation digit (calibration)
+    test_repeats: int = 3           # renderings per test digit (3,000 test images)
+    threads: Sequence[int] = (1, 2)
+    batch_sizes: Sequence[int] = (1, 64)
+    rounds: int = 7
+    single_images: int = 200        # images timed one by one per round (batch 1)
+    batch_images: int = 640         # images timed in batches per round (larger batch)
+    eager: bool = True
+    device: str = "cpu"             # training device ("auto": cuda when available); timing is always on the CPU
+    curve_points: int = 6           # operating points per dynamic model on the plot (besides the chosen one)
+    train_threads: int | None = None
+    only_train: bool = False
+    models: dict | None = None      # {"static": [...], "dynamic": [...]} instead of the preset (tests)
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        if self.models is None and self.preset not in ("demo", "full", "phone"):
+            raise ValueError(f"preset must be demo, full or phone, got {self.preset!r}")
+        if not self.seeds:
+            raise ValueError("give at least one training seed")
+        if min(self.threads, default=0) < 1 or min(self.batch_sizes, default=0) < 1:
+            raise ValueError(f"threads and batch sizes must be >= 1, got {self.threads}, {self.batch_sizes}")
+        if self.rounds < 3:
+            raise ValueError(f"rounds must be >= 3 (median and IQR over rounds), got {self.rounds}")
+
+    def model_set(self) -> dict:
+        return self.models or presets(self.canvas)[self.preset]
+
+
+# -- training --------------------------------------------------------------------------------------------------
+
+def build_static(spec: dict) -> nn.Module:
+    if spec["factor"] > 1:
+        return create_model("resized", backbone=spec["name"], factor=spec["factor"], num_classes=10, in_chans=1,
+                            backbone_cfg=spec["cfg"])
+    return create_model(spec["name"], num_classes=10, in_chans=1, **spec["cfg"])
+
+
+def member_spec(spec: dict) -> dict:
+    """The ``cascade`` member dict that rebuilds a static spec."""
+    if spec["factor"] > 1:
+        return {"name": "resized", "backbone": spec["name"], "factor": spec["factor"], "backbone_cfg": spec["cfg"]}
+    return {"name": spec["name"], **spec["cfg"]}
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label).strip("_")
+
+
+def train_one(model: nn.Module, label: str, seed: int, s: FrontierSettings, train, val, data_meta: dict,
+              loss=None) -> tuple[nn.Module, dict]:
+    """Train (or resume / reuse a finished run in ``out/models/seed{seed}/{label}``); the model comes back on
+    the CPU in eval mode."""
+    cfg = TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, label_smoothing=0.05, warmup_epochs=0.2,
+                      seed=seed, device=s.device, progress=False)
+    out = s.out / "models" / f"seed{seed}" / _slug(label)
+    last = out / "last.safetensors"
+    if last.exists():
+        _, meta = read_checkpoint(last)
+        state = meta.get("train_state") or {}
+        saved = state.get("config") or {}
+        mine = asdict(cfg)
+        same = all(saved.get(k) == mine[k] for k in ("epochs", "batch_size", "lr", "seed", "optimizer",
+                                                       "label_smoothing", "warmup_epochs"))
+        if same and state.get("epoch") == s.epochs and meta.get("data") == data_meta.get("data"):
+            # a finished run of the same model, schedule and data: reuse its weights (the optimizer state may
+            # have been stripped for transport, see ``slim``)
+            load_checkpoint(last, model)
+            return model.cpu().eval(), {"seconds": 0.0, "reused": str(last), "history": state.get("history", [])}
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    run = Trainer(model, train, val, cfg, out_dir=out, loss_fn=loss, extra=data_meta).fit(resume=True)
+    seconds = time.perf_counter() - t0
+    model = model.cpu().eval()
+    if s.only_train:     # trained here, timed elsewhere: ship weights and training record, not the optimizer
+        _, meta = read_checkpoint(last)
+        save_checkpoint(last, model, None, meta.get("train_state"), extra=data_meta)
+        (out / "best.safetensors").unlink(missing_ok=True)
+        (out / "best.json").unlink(missing_ok=True)
+    return model, {"seconds": seconds, "final_val_acc": run.final_val_acc, "history": run.history}
+
+
+def _loss(recipe: dict | None):
+    recipe = recipe or {}
+    return MultiExitLoss(weights=recipe.get("weights"), distill=recipe.get("distill", 0.0),
+                         temperature=recipe.get("temperature", 3.0), label_smoothing=0.05)
+
+
+def build_dynamic(spec: dict, statics: dict[str, nn.Module], static_specs: dict[str, dict]) -> nn.Module:
+    if spec["kind"] == "cascade":
+        net = create_model("cascade", members=[member_spec(static_specs[m]) for m in spec["members"]],
+                           num_classes=10, in_chans=1)
+        for head, m in zip(net.heads, spec["members"]):
+            head.load_state_dict(statics[m].state_dict())
+        return net.eval()
+    net = create_model(spec["name"], num_classes=10, in_chans=1, **spec["cfg"])
+    net.gradient_equilibrium = bool((spec.get("recipe") or {}).get("gradient_equilibrium"))
+    return net
+
+
+# -- timing ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Timed:
+    """One thing to time: ``run(x)`` on a numpy batch, at each batch size and thread count."""
+    key: str
+    make: Callable[[int], Callable[[np.ndarray], object]]    # threads -> runner
+
+
+def _quartiles(v: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3
+    return statistics.median(v), q[0], q[2]
+
+
+def time_interleaved(items: Sequence[Timed], images: np.ndarray, s: FrontierSettings, label: str = "ORT") -> dict:
+    """ms per image of every item, for every (threads, batch): all items timed in each round, their order
+    rotated between rounds; median and quartiles over rounds. Returns ``{key: {"t{threads}_b{batch}": {...}}}``."""
+    singles = [images[i:i + 1] for i in range(min(s.single_images, len(images)))]
+    out: dict[str, dict] = {it.key: {} for it in items}
+    for threads in s.threads:
+        runners = {it.key: it.make(threads) for it in items}
+        for b in s.batch_sizes:
+            n = min(s.batch_images, len(images)) // b * b if b > 1 else len(singles)
+            chunks = singles if b == 1 else [images[i:i + b] for i in range(0, n, b)]
+            for fn in runners.values():                        # warm-up: sessions, allocators, caches
+                for c in chunks[:4]:
+                    fn(c)
+            per: dict[str, list[float]] = {k: [] for k in runners}
+            keys = list(runners)
+            for r in tqdm(range(s.rounds), desc=f"{label} {threads} thread(s), batch {b}", leave=False):
+                shift = r % len(keys)
+                for k in keys[shift:] + keys[:shift]:
+                    fn = runners[k]
+                    t0 = time.perf_counter()
+                    for c in chunks:
+                        fn(c)
+                    per[k].append((time.perf_counter() - t0) * 1e3 / n)
+            for k, v in per.items():
+                med, p25, p75 = _quartiles(v)
+                out[k][f"t{threads}_b{b}"] = {"median_ms": med, "p25_ms": p25, "p75_ms": p75, "rounds": len(v)}
+    return out
+
+
+# -- one seed --------------------------------------------------------------------------------------------------
+
+def _sweep_candidates(val_scores: Tensor, val_correct: Tensor, cost: Sequence[float], temps) -> list[dict]:
+    """Threshold sets of the MSDNet sweep (a finer q grid than the official 39 points) on the validation split,
+    each with its validation accuracy and predicted cost; duplicates removed."""
+    k = val_scores.shape[0]
+    cands, seen = [], set()
+    cost_t = torch.as_tensor(cost, dtype=torch.float64)
+    for q in np.exp(np.linspace(math.log(0.02), math.log(50.0), 121)):
+        th = msdnet_thresholds(val_scores, exit_proportions(float(q), k))
+        idx = assign_exits(val_scores, th)
+        key = tuple(torch.bincount(idx, minlength=k).tolist())
+        if key in seen:
+            continue
+        seen.add(key)
+        frac = torch.bincount(idx, minlength=k).double() / len(idx)
+        acc = float(val_correct[idx, torch.arange(len(idx))].double().mean())
+        thresholds = [t if abs(t) < 1e8 else math.copysign(math.inf, t) for t in th.tolist()[:-1]]
+        cands.append({"q": float(q), "thresholds": thresholds, "temperatures": list(temps),
+                      "val_accuracy": acc, "val_cost": float((frac * cost_t).sum()),
+                      "val_exit_fractions": frac.tolist()})
+    full = {"q": math.inf, "thresholds": [math.inf] * (k - 1), "temperatures": list(temps),
+            "val_accuracy": float(val_correct[-1].double().mean()), "val_cost": float(cost[-1]),
+            "val_exit_fractions": [0.0] * (k - 1) + [1.0], "full_depth": True}
+    return cands + [full]
+
+
+def _curve(cands: list[dict], n: int) -> list[dict]:
+    """``n`` candidates spread over the validation cost range, from the cheapest to full depth."""
+    cands = sorted(cands, key=lambda c: c["val_cost"])
+    if len(cands) <= n:
+        return cands
+    picks = {round(i * (len(cands) - 1) / (n - 1)) for i in range(n)}
+    return [cands[i] for i in sorted(picks)]
+
+
+def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
+    """Train, calibrate and time everything for one training seed; returns the seed's results."""
+    models = s.model_set()
+    train, val, test = data["train"], data["val"], data["test"]
+    x_val = val.images.float() / 255
+    x_test = test.images.float() / 255
+    x_test_np = x_test.numpy()
+    y_test = test.targets
+    static_specs = {m["label"]: m for m in models["static"]}
+    result: dict = {"seed": seed, "static": {}, "dynamic": {}, "training_seconds": {}}
+    statics: dict[str, nn.Module] = {}
+    for spec in models["static"]:
+        log(f"  seed {seed}: training static {spec['label']}")
+        net, info = train_one(build_static(spec), spec["label"], seed, s, train, val, data["meta"])
+        statics[spec["label"]] = net
+        result["training_seconds"][spec["label"]] = info["seconds"]
+    trained_dyn: dict[str, nn.Module] = {}
+    for spec in models["dynamic"]:
+        if spec["kind"] == "trained":
+            log(f"  seed {seed}: training dynamic {spec['label']}")
+            net, info = train_one(build_dynamic(spec, statics, static_specs), spec["label"], seed, s, train, val,
+                                  data["meta"], loss=_loss(spec.get("recipe")))
+            trained_dyn[spec["label"]] = net
+            result["training_seconds"][spec["label"]] = info["seconds"]
+    if s.only_train:
+        return result
+
+    bundles = s.out / "bundles" / f"seed{seed}"
+    timed: list[Timed] = []
+    eager_timed: list[Timed] = []
+    t_cost = s.threads[0]
+    # static models: accuracy on val (for the target) and test, MACs, one bundle each
+    with torch_threads(max(s.threads)):
+        for label, net in statics.items():
+            folder = bundles / _slug(label)
+            export_bundle(net, folder, tuple(x_test.shape[1:]))
+            acc_val = evaluate(net, val)["acc"]
+            acc_test = evaluate(net, test)["acc"]
+            macs = count_macs(net, x_test[:1]).per_sample
+            result["static"][label] = {"val_accuracy": acc_val, "test_accuracy": acc_test, "macs": macs,
+                                       "params": sum(p.numel() for p in net.parameters())}
+            timed.append(Timed(f"static|{label}", lambda t, f=folder: load_bundle(f, threads=t).run_numpy))
+            eager_timed.append(Timed(f"static|{label}", lambda t, m=net: _eager_static(m)))
+    best_static = max(result["static"], key=lambda k: result["static"][k]["val_accuracy"])
+    target_val = result["static"][best_static]["val_accuracy"]
+    result["best_static_by_val"] = best_static
+
+    for spec in models["dynamic"]:
+        label = spec["label"]
+        net = build_dynamic(spec, statics, static_specs) if spec["kind"] == "cascade" else trained_dyn[label]
+        net.eval()
+        with torch_threads(max(s.threads)):
+            val_logits, val_y = collect_exit_logits(net, val)
+            test_logits, test_y = collect_exit_logits(net, test)
+            temps = fit_temperatures(val_logits, val_y)
+            exit_macs = net.exit_macs(x_test[:1])
+            folder = bundles / _slug(label)
+            export_bundle(net, folder, tuple(x_test.shape[1:]))
+        # per-exit latency at batch 1 (ONNX Runtime, each thread count), measured on validation images
+        stage_tables = {}
+        for t in s.threads:
+            with torch_threads(t):
+                ms = load_bundle(folder, threads=t).stage_latency_ms(x_val[:64].numpy(), repeats=3)
+            record_stage_latency(folder, ms, t)
+            stage_tables[t] = np.cumsum(ms).tolist()
+        val_scores = exit_scores(val_logits, temperatures=temps)
+        test_scores = exit_scores(test_logits, temperatures=temps)
+        val_correct = val_logits.argmax(-1) == val_y
+        test_correct = test_logits.argmax(-1) == test_y
+        cands = _sweep_candidates(val_scores, val_correct, stage_tables[t_cost], temps)
+        chosen = select_on_validation(cands, target_val)
+        picked = {tuple(p["thresholds"]): p for p in [*_curve(cands, s.curve_points), chosen, cands[-1]]}
+        points = [dict(p, chosen=p["thresholds"] == chosen["thresholds"]) for p in picked.values()]
+        bundle = load_bundle(folder, threads=1)
+        entries = []
+        for i, p in enumerate(sorted(points, key=lambda p: p["val_cost"])):
+            policy = ExitPolicy(p["thresholds"], "max_prob", p["temperatures"])
+            res = bundle.run(x_test, policy)          # the deployed driver's decisions on the test split
+            offline = assign_exits(test_scores, torch.tensor([*p["thresholds"], -math.inf],
+                                                            dtype=test_scores.dtype))
+            acc = float((res.logits.argmax(1) == y_test).double().mean())
+            frac = (torch.bincount(res.exit_index, minlength=net.num_exits).double() / len(y_test)).tolist()
+            cum_t = {t: stage_tables[t] for t in s.threads}
+            entries.append({**p, "test_accuracy": acc, "test_mean_macs": float(res.macs.double().mean()),
+                            "test_exit_fractions": frac,
+                            "offline_agrees": int((offline == res.exit_index).sum()), "n_test": len(y_test),
+                            "offline_accuracy": float(test_correct[offline, torch.arange(len(y_test))]
+                                                      .double().mean()),
+                            "predicted_ms_b1": {str(t): float(np.dot(frac, cum_t[t])) for t in s.threads}})
+            key = f"dynamic|{label}|{i}"
+            entries[-1]["key"] = key
+            timed.append(Timed(key, lambda t, f=folder, pol=policy: _dyn_runner(load_bundle(f, threads=t), pol)))
+            if p["chosen"] or p.get("full_depth"):
+                eager_timed.append(Timed(key, lambda t, m=net, pol=policy: _eager_dynamic(m, pol)))
+        result["dynamic"][label] = {"kind": spec["kind"], "members": spec.get("members"),
+                                    "exit_macs": exit_macs, "temperatures": temps,
+                                    "stage_cumulative_ms": {str(t): v for t, v in stage_tables.items()},
+                                    "anytime_test": [float(test_correct[k].double().mean())
+                                                     for k in range(net.num_exits)],
+                                    "points": entries}
+
+    log(f"  seed {seed}: timing {len(timed)} models / operating points in ONNX Runtime "
+        f"(threads {list(s.threads)}, batches {list(s.batch_sizes)}, {s.rounds} interleaved rounds)")
+    ort = time_interleaved(timed, x_test_np, s, "ORT")
+    eager = {}
+    if s.eager:
+        es = FrontierSettings(**{**asdict(s), "threads": (max(s.threads),), "rounds": max(3, s.rounds // 2),
+                                 "single_images": max(10, s.single_images // 4),
+                                 "batch_images": max(max(s.batch_sizes), s.batch_images // 2),
+                                 "models": s.models})
+        with torch.inference_mode():
+            eager = time_interleaved(eager_timed, x_test, es, "eager")
+    for label, r in result["static"].items():
+        r["ort"], r["eager"] = ort[f"static|{label}"], eager.get(f"static|{label}", {})
+    for label, d in result["dynamic"].items():
+        for p in d["points"]:
+            p["ort"], p["eager"] = ort[p["key"]], eager.get(p["key"], {})
+    result["merit"] = figures_of_merit(result, s)
+    return result
+
+
+def _eager_static(model: nn.Module):
+    return lambda x: model(x)
+
+
+def _eager_dynamic(model: nn.Module, policy: ExitPolicy):
+    return lambda x: model.infer(x, policy)
+
+
+def _dyn_runner(bundle, policy):
+    return lambda x: bundle.run_numpy(x, policy)
+
+
+def figures_of_merit(result: dict, s: FrontierSettings) -> dict:
+    """Per dynamic model and (threads, batch): the speedup at equal accuracy of its chosen point, the realized
+    speedup over its own full depth and the share of the MAC speedup it keeps, predicted vs measured latency."""
+    out: dict = {}
+    for cond in [f"t{t}_b{b}" for t in s.threads for b in s.batch_sizes]:
+        front = pareto_front([Point(r["ort"][cond]["median_ms"], r["test_accuracy"], k)
+                              for k, r in result["static"].items()])
+        out[cond] = {"front": [asdict(p) for p in front], "models": {}}
+        for label, d in result["dynamic"].items():
+            chosen = next(p for p in d["points"] if p["chosen"])
+            full = next(p for p in d["points"] if p.get("full_depth"))
+            sp = speedup_at_equal_accuracy(front, Point(chosen["ort"][cond]["median_ms"], chosen["test_accuracy"]))
+            realized = full["ort"][cond]["median_ms"] / chosen["ort"][cond]["median_ms"]
+            mac_speedup = d["exit_macs"][-1] / chosen["test_mean_macs"]
+            t = cond.split("_")[0][1:]
+            out[cond]["models"][label] = {**asdict(sp), "realized_vs_full": realized, "mac_speedup": mac_speedup,
+                                          "kept": realized / mac_speedup,
+                                          "predicted_ms": chosen["predicted_ms_b1"].get(t) if cond.endswith("_b1")
+                                          else None,
+                                          "measured_ms": chosen["ort"][cond]["median_ms"],
+                                          "iqr_ms": chosen["ort"][cond]["p75_ms"] - chosen["ort"][cond]["p25_ms"]}
+    return out
+
+
+# -- the whole run ---------------------------------------------------------------------------------------------
+
+def load_data(s: FrontierSettings) -> dict:
+    cfg = {"canvas": s.canvas, "clutter": s.clutter, "seed": s.data_seed}
+    return {"train": ScaledMNIST("train", repeats=s.train_repeats, **cfg),
+            "val": ScaledMNIST("val", repeats=s.val_repeats, **cfg),
+            "test": ScaledMNIST("test", repeats=s.test_repeats, **cfg),
+            "meta": {"data": {"name": "scaled_mnist", **cfg, "input_size": s.canvas}}}
+
+
+def run_frontier(s: FrontierSettings, log=print) -> dict:
+    """Everything in the module docstring; writes ``frontier.json``, ``frontier.md`` and ``frontier.png`` into
+    ``s.out`` and returns the results."""
+    t0 = time.perf_counter()
+    torch.set_flush_denormal(True)
+    s.out.mkdir(parents=True, exist_ok=True)
+    log(f"frontier: ScaledMNIST {s.canvas}x{s.canvas} clutter {s.clutter}, preset {s.preset}, seeds "
+        f"{list(s.seeds)}, {s.epochs} epochs for every model")
+    data = load_data(s)
+    log(f"  data: {len(data['train'])} training renderings, {len(data['val'])} validation, {len(data['test'])} "
+        f"test ({s.test_repeats} renderings per test digit)")
+    threads = s.train_threads or torch.get_num_threads()
+    seeds = []
+    for seed in s.seeds:
+        with torch_threads(threads):
+            seeds.append(run_seed(seed, s, data, log))
+    results = {"settings": {**asdict(s), "out": str(s.out)}, "machine": machine_info(), "seeds": seeds,
+               "seconds": time.perf_counter() - t0}
+    if s.only_train:
+        return results
+    results["summary"] = summarize_seeds(seeds, s)
+    from .report import render_markdown, plot_frontier
+    atomic_write_text(s.out / "frontier.json", json.dumps(results, indent=1, default=_jsonable) + "\n")
+    plot_frontier(results, s.out / "frontier.png")
+    md = render_markdown(results)
+    atomic_write_text(s.out / "frontier.md", md)
+    log("")
+    log(md.split("\n## ")[0])
+    return results
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, Path):
+        return str(v)
+    raise TypeError(f"not JSON serializable: {type(v).__name__}")
+
+
+def machine_info() -> dict:
+    import os
+    import onnxruntime
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "load_average": load, "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+def summarize_seeds(seeds: list[dict], s: FrontierSettings) -> dict:
+    """Mean and spread over seeds of each dynamic model's figure of merit, per (threads, batch)."""
+    out: dict = {}
+    for cond in seeds[0]["merit"]:
+        out[cond] = {}
+        for label in seeds[0]["merit"][cond]["models"]:
+            rows = [sd["merit"][cond]["models"][label] for sd in seeds]
+            sp = [r["speedup"] for r in rows]
+            gap = [r["accuracy_gap"] for r in rows]
+            out[cond][label] = {"speedup_mean": statistics.fmean(sp), "speedup_min": min(sp),
+                                "speedup_max": max(sp), "accuracy_gap_mean": statistics.fmean(gap),
+                                "accuracy_gap_min": min(gap), "kept_mean": statistics.fmean(r["kept"] for r in rows),
+                                "best_static_mean": statistics.fmean(r["best_static"] for r in rows),
+                                "within_0.3_points": statistics.fmean(gap) >= -0.003}
+    return out
