@@ -21,7 +21,7 @@ CONFIGS = {
     "msdnet_cifar": dict(name="msdnet_cifar", kw={"num_classes": 10}, shape=(3, 32, 32)),
     "ranet_cifar": dict(name="ranet_cifar", kw={"num_classes": 10}, shape=(3, 32, 32)),
     "multi_exit(mobilenet_v2)": dict(name="multi_exit", kw={"backbone": "mobilenet_v2", "num_classes": 10,
-                                                             "stages": ["stages.2", "stages.4", "conv_head"]},
+                                                             "stages": ["stages.2", "stages.4"]},
                                      shape=(3, 96, 96)),
     "multi_exit(tiny_mobilenet, demo)": dict(name="multi_exit", kw={"backbone": "tiny_mobilenet", "num_classes": 10,
                                                                     "in_chans": 1,

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dyncnn.dynamic import ExitPolicy
 print("torch", torch.__version__, "cuda", torch.cuda.is_available())
 for name, kw, shape in [("msdnet_cifar", {}, (3, 32, 32)), ("ranet_cifar", {}, (3, 32, 32)),
-                        ("multi_exit", {"backbone": "mobilenet_v2", "stages": ["stages.2", "stages.4", "conv_head"]}, (3, 96, 96))]:
+                        ("multi_exit", {"backbone": "mobilenet_v2", "stages": ["stages.2", "stages.4"]}, (3, 96, 96))]:
     torch.manual_seed(0)
     net = dyncnn.create_model(name, num_classes=10, **kw).eval()
     x = torch.randn(64, *shape)

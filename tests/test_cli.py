@@ -7,14 +7,14 @@ from dyncnn.cli import build_parser, main
 
 def test_help_of_every_command(capsys):
     for argv in (["--help"], ["zoo", "--help"], ["profile", "--help"], ["train", "--help"], ["eval", "--help"], ["calibrate", "--help"], ["export", "--help"], ["bench", "--help"],
-                 ["demo", "--help"]):
+                 ["demo", "--help"], ["frontier", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 0
         out = capsys.readouterr().out
         assert "usage: dyncnn" in out
     sub = build_parser()._subparsers._group_actions[0].choices
-    assert set(sub) == {"zoo", "profile", "train", "eval", "calibrate", "demo", "export", "bench"}
+    assert set(sub) == {"zoo", "profile", "train", "eval", "calibrate", "demo", "export", "bench", "frontier"}
 
 
 def test_zoo_lists_models_with_macs(capsys):

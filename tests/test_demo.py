@@ -4,16 +4,17 @@ from dyncnn.demo import run_demo
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    """One epoch, no naive network, short timings: the pipeline, not the figures (those are in the report)."""
-    out = run_demo(tmp_path, epochs=1, threads=1, naive=False, min_time_s=0.0)
+    """One epoch, short timings: the pipeline, not the figures (those are in the report)."""
+    out = run_demo(tmp_path, epochs=1, threads=1, rounds=3, single_images=8)
     report = (tmp_path / "report.md").read_text()
-    assert "MSDNet, full depth" in report and "budget 50%" in report
-    for name in ("accuracy_vs_macs.png", "exit_histogram.png", "easy_hard.png", "training.png"):
+    assert "faster than the static front at equal accuracy" in report and "leave at the first" in report
+    for name in ("frontier.png", "exit_histogram.png", "easy_hard.png", "training.png", "accuracy_by_scale.png"):
         assert (tmp_path / name).stat().st_size > 1000
-    rows = out["rows"]["MSDNet"]
-    full = rows[0]
-    assert full["exit_histogram"][-1] == 1000                       # full depth: everyone at the last exit
-    for r in rows[1:]:
-        assert r["mean_macs"] < full["mean_macs"] and sum(r["exit_histogram"]) == 1000
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert len(saved["curves"]["MSDNet"]) == 39
+    saved = json.loads((tmp_path / "frontier.json").read_text())
+    seed = saved["seeds"][0]
+    assert set(seed["static"]) == {"tiny-S /4", "tiny-M /2", "tiny-M"}
+    assert out["selected"] in seed["dynamic"] and len(out["exit_index"]) == 3000
+    chosen = next(p for p in seed["dynamic"][out["selected"]]["points"] if p["chosen"])
+    # the eager cascade rebuilt from the checkpoints takes the decisions the bundle took on the test split
+    fractions = [float((out["exit_index"] == k).double().mean()) for k in range(len(chosen["test_exit_fractions"]))]
+    assert fractions == chosen["test_exit_fractions"]

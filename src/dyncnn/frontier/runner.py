@@ -75,6 +75,7 @@ def presets(canvas: int) -> dict[str, dict]:
                     _static("tiny-M", "tiny_mobilenet", 1, widths=TINY_M),
                     _static("tiny-L", "tiny_mobilenet", 1, widths=TINY_L),
                     _static("tiny-XL", "tiny_mobilenet", 1, widths=TINY_XL),
+                    _static("mnv3-small /2", "mobilenet_v3_small", 2),
                     _static("mnv3-small", "mobilenet_v3_small", 1),
                     _static("shufflenetv2 x1.0", "shufflenet_v2_x1_0", 1)]
     recipe = {"distill": 1.0, "temperature": 3.0, "gradient_equilibrium": True}
@@ -102,17 +103,21 @@ def presets(canvas: int) -> dict[str, dict]:
                               "members": ["tiny-S /4", "tiny-M /2", "tiny-M"]},
                              {"label": "resolution cascade /2 -> tiny-L", "kind": "cascade",
                               "members": ["tiny-M /2", "tiny-L"]},
+                             {"label": "cascade /2 -> tiny-M -> tiny-L", "kind": "cascade",
+                              "members": ["tiny-M /2", "tiny-M", "tiny-L"]},
                              {"label": "width cascade tiny-S -> tiny-M", "kind": "cascade",
                               "members": ["tiny-S", "tiny-M"]},
                              exits_on(TINY_M, "exits on tiny-M (distill+GE)"),
                              msdnet]},
         "phone": {"static": phone_static,
-                  "dynamic": [{"label": "resolution cascade /2 -> full", "kind": "cascade",
+                  "dynamic": [{"label": "resolution cascade mnv3-small /2 -> full", "kind": "cascade",
+                               "members": ["mnv3-small /2", "mnv3-small"]},
+                              {"label": "resolution cascade tiny-M /4 -> mnv3-small /2 -> full", "kind": "cascade",
+                               "members": ["tiny-M /4", "mnv3-small /2", "mnv3-small"]},
+                              {"label": "cascade tiny-XL /2 -> mnv3-small", "kind": "cascade",
+                               "members": ["tiny-XL /2", "mnv3-small"]},
+                              {"label": "resolution cascade tiny-XL /2 -> full", "kind": "cascade",
                                "members": ["tiny-XL /2", "tiny-XL"]},
-                              {"label": "resolution cascade /4 -> /2 -> full", "kind": "cascade",
-                               "members": ["tiny-M /4", "tiny-XL /2", "tiny-XL"]},
-                              {"label": "resolution cascade tiny-M /2 -> tiny-L", "kind": "cascade",
-                               "members": ["tiny-M /2", "tiny-L"]},
                               exits_on(TINY_XL, "exits on tiny-XL (distill+GE)")]},
     }
 
@@ -403,6 +408,8 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
             if p["chosen"] or p.get("full_depth"):
                 eager_timed.append(Timed(key, lambda t, m=net, pol=policy: _eager_dynamic(m, pol)))
         result["dynamic"][label] = {"kind": spec["kind"], "members": spec.get("members"),
+                                    "chosen_val_accuracy": chosen["val_accuracy"],
+                                    "chosen_val_cost_ms": chosen["val_cost"], "target_val_accuracy": target_val,
                                     "exit_macs": exit_macs, "temperatures": temps,
                                     "stage_cumulative_ms": {str(t): v for t, v in stage_tables.items()},
                                     "anytime_test": [float(test_correct[k].double().mean())
@@ -496,13 +503,41 @@ def run_frontier(s: FrontierSettings, log=print) -> dict:
     if s.only_train:
         return results
     results["summary"] = summarize_seeds(seeds, s)
-    from .report import render_markdown, plot_frontier
-    atomic_write_text(s.out / "frontier.json", json.dumps(results, indent=1, default=_jsonable) + "\n")
-    plot_frontier(results, s.out / "frontier.png")
-    md = render_markdown(results)
-    atomic_write_text(s.out / "frontier.md", md)
+    write_outputs(results, s.out)
     log("")
-    log(md.split("\n## ")[0])
+    log((s.out / "frontier.md").read_text().split("\n## ")[0])
+    return results
+
+
+def write_outputs(results: dict, out: Path) -> None:
+    from .report import plot_frontier, render_markdown
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "frontier.json", json.dumps(results, indent=1, default=_jsonable) + "\n")
+    plot_frontier(results, out / "frontier.png")
+    atomic_write_text(out / "frontier.md", render_markdown(results))
+
+
+def merge_runs(folders: Sequence[str | Path], out: str | Path) -> dict:
+    """One report from runs of the same models and settings made for different seeds (e.g. in parallel
+    processes): their seeds side by side, summarized again, written to ``out``."""
+    runs = [json.loads((Path(f) / "frontier.json").read_text()) for f in folders]
+    first = runs[0]
+    keys = ("preset", "canvas", "clutter", "data_seed", "epochs", "threads", "batch_sizes", "test_repeats")
+    for f, r in zip(folders, runs):
+        diff = [k for k in keys if r["settings"][k] != first["settings"][k]]
+        if diff or set(r["seeds"][0]["dynamic"]) != set(first["seeds"][0]["dynamic"]):
+            raise ValueError(f"{f} was run with other settings or models than {folders[0]} ({diff or 'models'})")
+    seeds = [sd for r in runs for sd in r["seeds"]]
+    if len({sd["seed"] for sd in seeds}) != len(seeds):
+        raise ValueError(f"the runs share a seed: {[sd['seed'] for sd in seeds]}")
+    st = first["settings"]
+    settings = FrontierSettings(**{**{k: v for k, v in st.items() if k != "out"}, "out": Path(out),
+                                   "seeds": tuple(sd["seed"] for sd in seeds)})
+    results = {**first, "settings": {**st, "out": str(out), "seeds": [sd["seed"] for sd in seeds]},
+               "seeds": seeds, "merged_from": [str(f) for f in folders],
+               "machines": [r["machine"] for r in runs], "seconds": max(r["seconds"] for r in runs)}
+    results["summary"] = summarize_seeds(seeds, settings)
+    write_outputs(results, Path(out))
     return results
 
 
@@ -528,9 +563,22 @@ def machine_info() -> dict:
             "onnxruntime": onnxruntime.__version__}
 
 
+def select_model(seeds: list[dict]) -> str:
+    """The dynamic model to quote, chosen on the validation split only: among the models whose chosen point
+    reached the target validation accuracy for every seed, the lowest mean predicted latency; if none did, the
+    highest mean validation accuracy."""
+    labels = list(seeds[0]["dynamic"])
+    reached = [m for m in labels if all(sd["dynamic"][m]["chosen_val_accuracy"] >= sd["dynamic"][m]
+                                        ["target_val_accuracy"] for sd in seeds)]
+    if reached:
+        return min(reached, key=lambda m: statistics.fmean(sd["dynamic"][m]["chosen_val_cost_ms"] for sd in seeds))
+    return max(labels, key=lambda m: statistics.fmean(sd["dynamic"][m]["chosen_val_accuracy"] for sd in seeds))
+
+
 def summarize_seeds(seeds: list[dict], s: FrontierSettings) -> dict:
-    """Mean and spread over seeds of each dynamic model's figure of merit, per (threads, batch)."""
-    out: dict = {}
+    """Mean and spread over seeds of each dynamic model's figure of merit, per (threads, batch), and the model
+    selected on validation (``select_model``) under ``"selected"``."""
+    out: dict = {"selected": select_model(seeds)}
     for cond in seeds[0]["merit"]:
         out[cond] = {}
         for label in seeds[0]["merit"][cond]["models"]:

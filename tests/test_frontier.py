@@ -1,0 +1,246 @@
+"""The accuracy-latency frontier: front arithmetic, selection on validation, latency budgets, the resolution
+cascade and its bundle, gradient equilibrium, and a tiny end-to-end ``frontier`` run."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dyncnn
+from dyncnn.cli import main
+from dyncnn.dynamic.calibration import calibrate, check_latency_table
+from dyncnn.dynamic.policy import ExitPolicy
+from dyncnn.errors import DyncnnError
+from dyncnn.export import export_bundle, load_bundle
+from dyncnn.export.runtime import BundleError, record_stage_latency, stage_latency_table
+from dyncnn.frontier import (Point, front_latency_at, pareto_front, select_on_validation,
+                             speedup_at_equal_accuracy)
+from dyncnn.train.checkpoint import load_checkpoint, save_checkpoint
+
+
+# -- front arithmetic -------------------------------------------------------------------------------------------
+
+def test_pareto_front_drops_dominated_points_and_sorts_by_latency():
+    pts = [Point(2.0, 0.90, "b"), Point(1.0, 0.80, "a"), Point(3.0, 0.85, "dominated"), Point(4.0, 0.95, "c"),
+           Point(1.5, 0.80, "slower, same accuracy")]
+    assert [p.label for p in pareto_front(pts)] == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="positive finite latency"):
+        pareto_front([Point(0.0, 0.5)])
+    with pytest.raises(ValueError, match="at least one"):
+        pareto_front([])
+
+
+def test_front_latency_is_log_linear_between_points_and_clamped_below():
+    front = [Point(1.0, 0.80), Point(4.0, 0.90)]
+    assert front_latency_at(front, 0.70) == 1.0                        # the cheapest static model already does
+    assert front_latency_at(front, 0.80) == 1.0
+    assert math.isclose(front_latency_at(front, 0.85), 2.0)            # geometric midpoint of 1 and 4
+    assert math.isclose(front_latency_at(front, 0.90), 4.0)
+    with pytest.raises(ValueError, match="above the best static accuracy"):
+        front_latency_at(front, 0.91)
+
+
+def test_speedup_compares_at_the_dynamic_accuracy_capped_at_the_best_static():
+    front = [Point(1.0, 0.80), Point(4.0, 0.90)]
+    sp = speedup_at_equal_accuracy(front, Point(1.0, 0.92))            # more accurate than A*: read at A*
+    assert sp.speedup == 4.0 and sp.compared_at == 0.90 and math.isclose(sp.accuracy_gap, 0.02)
+    sp = speedup_at_equal_accuracy(front, Point(1.0, 0.85))            # less accurate: the front at 0.85
+    assert math.isclose(sp.speedup, 2.0) and math.isclose(sp.accuracy_gap, -0.05)
+    assert speedup_at_equal_accuracy(front, Point(8.0, 0.90)).speedup == 0.5
+
+
+def test_selection_reads_validation_figures_only():
+    cands = [{"val_accuracy": 0.91, "val_cost": 3.0, "test_accuracy": 0.5},
+             {"val_accuracy": 0.90, "val_cost": 2.0, "test_accuracy": 0.99},
+             {"val_accuracy": 0.95, "val_cost": 5.0, "test_accuracy": 0.1},
+             {"val_accuracy": 0.80, "val_cost": 1.0, "test_accuracy": 1.0}]
+    assert select_on_validation(cands, 0.905)["val_cost"] == 3.0
+    assert select_on_validation(cands, 0.90)["val_cost"] == 2.0
+    assert select_on_validation(cands, 0.99)["val_accuracy"] == 0.95     # none reaches: the most accurate
+    with pytest.raises(ValueError):
+        select_on_validation([], 0.9)
+
+
+# -- latency budgets --------------------------------------------------------------------------------------------
+
+def _tiny_multi_exit():
+    return dyncnn.create_model("multi_exit", backbone="tiny_mobilenet", backbone_cfg={"widths": [8, 16, 32]},
+                               num_classes=10, in_chans=1, example_size=32).eval()
+
+
+def _val_set(n=120, size=32):
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(n, 1, size, size, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return list(zip(x, y.tolist()))
+
+
+def test_latency_budget_solves_on_the_given_exit_latencies():
+    net, val = _tiny_multi_exit(), _val_set()
+    table = [1.0, 2.0, 4.0]           # ms of leaving at exits 0, 1, 2
+    rec = calibrate(net, val, target_ms=2.5, latency_ms=table)
+    assert rec["val_predicted_ms"] <= 2.5
+    fractions = rec["val_exit_fractions"]
+    assert math.isclose(rec["val_predicted_ms"], sum(f * t for f, t in zip(fractions, table)))
+    assert rec["latency_ms"] == table and rec["target_ms"] == 2.5
+    # a looser budget never predicts a slower operating point than it allows, and uses more of it
+    loose = calibrate(net, val, target_ms=3.5, latency_ms=table)
+    assert rec["val_predicted_ms"] <= loose["val_predicted_ms"] <= 3.5
+    with pytest.raises(DyncnnError, match="feasible range"):
+        calibrate(net, val, target_ms=0.5, latency_ms=table)
+    with pytest.raises(DyncnnError, match="measured latency of each exit"):
+        calibrate(net, val, target_ms=2.0)
+    for bad in ([1.0, 2.0], [1.0, 0.5, 2.0], [1.0, float("nan"), 2.0], [0.0, 1.0, 2.0]):
+        with pytest.raises(DyncnnError, match="non-decreasing"):
+            check_latency_table(bad, 3)
+
+
+def test_stage_latencies_are_measured_and_stored_in_the_manifest(tmp_path):
+    net = _tiny_multi_exit()
+    export_bundle(net, tmp_path / "b", (1, 32, 32))
+    bundle = load_bundle(tmp_path / "b")
+    ms = bundle.stage_latency_ms(np.random.rand(4, 1, 32, 32).astype(np.float32), repeats=1)
+    assert len(ms) == 3 and all(t > 0 for t in ms)
+    manifest = record_stage_latency(tmp_path / "b", ms, threads=1)
+    assert stage_latency_table(manifest, 1) == pytest.approx(np.cumsum(ms).tolist())
+    assert stage_latency_table(manifest, 2) is None
+    load_bundle(tmp_path / "b")                   # the manifest stays valid
+    with pytest.raises(BundleError, match="expected 3 stage latencies"):
+        record_stage_latency(tmp_path / "b", ms[:2], threads=1)
+
+
+def test_cli_calibrate_budget_ms_uses_the_bundle_latencies(tmp_path, capsys):
+    out = tmp_path / "me"
+    assert main(["train", "--model", "multi_exit", "--cfg", "backbone=tiny_mobilenet",
+                 'backbone_cfg={"widths": [8, 16, 32]}', "--dataset", "mnist", "--epochs", "1",
+                 "--out", str(out)]) == 0
+    ckpt = str(out / "last.safetensors")
+    model, _ = load_checkpoint(ckpt)
+    export_bundle(model, tmp_path / "bundle", (1, 28, 28))
+    record_stage_latency(tmp_path / "bundle", [0.1, 0.1, 0.2], threads=1)      # cumulative 0.1, 0.2, 0.4 ms
+    capsys.readouterr()
+    assert main(["calibrate", ckpt, "--budget-ms", "0.3", "--bundle", str(tmp_path / "bundle")]) == 0
+    assert "exit latencies from" in capsys.readouterr().out
+    rec = json.loads((out / "thresholds.json").read_text())
+    assert rec["latency_ms"] == pytest.approx([0.1, 0.2, 0.4]) and rec["val_predicted_ms"] <= 0.3
+    assert main(["calibrate", ckpt, "--budget-ms", "0.05", "--bundle", str(tmp_path / "bundle")]) == 2
+    assert "feasible range" in capsys.readouterr().err
+    assert main(["calibrate", ckpt, "--budget-ms", "-1"]) == 2
+
+
+# -- resolution cascade -----------------------------------------------------------------------------------------
+
+def test_resized_network_sees_the_area_downsampled_image():
+    net = dyncnn.create_model("resized", backbone="tiny_mobilenet", factor=2, backbone_cfg={"widths": [8, 16]},
+                              num_classes=10, in_chans=1).eval()
+    x = torch.rand(3, 1, 32, 32)
+    torch.testing.assert_close(net(x), net.backbone(F.avg_pool2d(x, 2)))
+    with pytest.raises(ValueError, match="not divisible"):
+        net(torch.rand(1, 1, 33, 33))
+    with pytest.raises(ValueError, match="positive integer"):
+        dyncnn.create_model("resized", factor=0)
+
+
+def _cascade():
+    return dyncnn.create_model("cascade", members=[
+        {"name": "resized", "backbone": "tiny_mobilenet", "factor": 2, "backbone_cfg": {"widths": [8, 16]}},
+        {"name": "tiny_mobilenet", "widths": [8, 16, 32]}], num_classes=10, in_chans=1).eval()
+
+
+def test_resolution_cascade_checkpoint_round_trip(tmp_path):
+    net = _cascade()
+    save_checkpoint(tmp_path / "c.safetensors", net)
+    again, _ = load_checkpoint(tmp_path / "c.safetensors")
+    again.eval()
+    x = torch.rand(4, 1, 32, 32)
+    for a, b in zip(net(x), again(x)):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="at least two members"):
+        dyncnn.create_model("cascade", members=[{"name": "tiny_mobilenet"}])
+
+
+def test_resolution_cascade_bundle_makes_eager_decisions(tmp_path):
+    net = _cascade()
+    x = torch.rand(64, 1, 32, 32)
+    conf = torch.softmax(net(x)[0], 1).max(1).values
+    policy = ExitPolicy([float(conf.median())], "max_prob", [1.0, 1.0])
+    eager = net.infer(x, policy)
+    assert 0 < int((eager.exit_index == 0).sum()) < 64          # both exits taken: the check is not trivial
+    export_bundle(net, tmp_path / "b", (1, 32, 32))
+    bundle = load_bundle(tmp_path / "b")
+    res = bundle.run(x, policy)
+    assert torch.equal(res.exit_index, eager.exit_index) and torch.equal(res.macs, eager.macs)
+    torch.testing.assert_close(res.logits, eager.logits, rtol=1e-4, atol=1e-5)
+    singles = [bundle.run(x[i:i + 1], policy) for i in range(8)]          # batch 1 takes the no-copy path
+    assert [int(r.exit_index) for r in singles] == eager.exit_index[:8].tolist()
+    # the small member costs a quarter of the input: its exit is much cheaper than the full network's
+    cum = net.exit_macs(x[:1])
+    assert cum[0] * 3 < cum[1] - cum[0]
+
+
+# -- gradient equilibrium ---------------------------------------------------------------------------------------
+
+def test_gradient_equilibrium_rescales_the_trunk_gradient():
+    net = _tiny_multi_exit().train()
+    for m in net.modules():                      # BatchNorm in eval: the same forward with and without GE
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    x, y = torch.rand(4, 1, 32, 32), torch.randint(0, 10, (4,))
+    trunk = next(net.stages[0].parameters())
+
+    def grad(loss_of):
+        net.zero_grad()
+        loss_of(net(x)).backward()
+        return trunk.grad.clone()
+    g = [grad(lambda o, k=k: F.cross_entropy(o[k], y)) for k in range(3)]
+    net.gradient_equilibrium = True
+    got = grad(lambda o: sum(F.cross_entropy(z, y) for z in o))
+    # K = 3 exits: stage 0's gradient is 1/3 from exit 0, and 2/3 of what comes back from later stages, where
+    # stage 1 splits it again into 1/2 (exit 1) and 1/2 (exit 2)
+    torch.testing.assert_close(got, g[0] / 3 + (2 / 3) * (g[1] / 2 + g[2] / 2))
+    net.eval()
+    with torch.no_grad():
+        assert [o.shape for o in net(x)] == [(4, 10)] * 3       # inference is unchanged
+
+
+# -- the whole run ----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_tiny_frontier_run_writes_its_three_files(tmp_path):
+    from dyncnn.frontier.runner import FrontierSettings, _static, merge_runs, run_frontier
+    models = {"static": [_static("small /2", "tiny_mobilenet", 2, widths=[8, 16]),
+                         _static("big", "tiny_mobilenet", 1, widths=[8, 16, 32])],
+              "dynamic": [{"label": "cascade", "kind": "cascade", "members": ["small /2", "big"]}]}
+    s = FrontierSettings(out=tmp_path / "fr", canvas=32, seeds=(0,), epochs=1, train_repeats=1, val_repeats=1,
+                         test_repeats=1, rounds=3, single_images=8, batch_images=32, batch_sizes=(1, 16),
+                         threads=(1,), models=models)
+    r = run_frontier(s, log=lambda *a: None)
+    for name in ("frontier.json", "frontier.md", "frontier.png"):
+        assert (tmp_path / "fr" / name).stat().st_size > 500
+    saved = json.loads((tmp_path / "fr" / "frontier.json").read_text())
+    seed = saved["seeds"][0]
+    assert set(seed["static"]) == {"small /2", "big"} and saved["summary"]["selected"] == "cascade"
+    points = seed["dynamic"]["cascade"]["points"]
+    assert sum(p["chosen"] for p in points) == 1 and any(p.get("full_depth") for p in points)
+    # the bundle driver's decisions on the test split equal the offline assignment from eager logits
+    assert all(p["offline_agrees"] == p["n_test"] for p in points)
+    merit = seed["merit"]["t1_b1"]["models"]["cascade"]
+    assert merit["speedup"] > 0 and merit["dynamic_latency"] > 0
+    assert "faster than the static front" in (tmp_path / "fr" / "frontier.md").read_text()
+    # runs of other seeds (say, made in parallel) merge into one report, summarized over both
+    other = tmp_path / "fr_seed1"
+    other.mkdir()
+    saved["seeds"][0]["seed"] = 1
+    (other / "frontier.json").write_text(json.dumps(saved))
+    merged = merge_runs([tmp_path / "fr", other], tmp_path / "merged")
+    assert [sd["seed"] for sd in merged["seeds"]] == [0, 1]
+    assert (tmp_path / "merged" / "frontier.png").exists() and "2 training seeds" in \
+        (tmp_path / "merged" / "frontier.md").read_text()
+    with pytest.raises(ValueError, match="share a seed"):
+        merge_runs([tmp_path / "fr", tmp_path / "fr"], tmp_path / "bad")
+    # a second run reuses the finished checkpoints instead of training again
+    again = run_frontier(s, log=lambda *a: None)
+    assert all(v == 0.0 for v in again["seeds"][0]["training_seconds"].values())
+    assert r["seeds"][0]["static"]["big"]["test_accuracy"] == again["seeds"][0]["static"]["big"]["test_accuracy"]
