@@ -498,6 +498,8 @@ def run_frontier(s: FrontierSettings, log=print) -> dict:
     for seed in s.seeds:
         with torch_threads(threads):
             seeds.append(run_seed(seed, s, data, log))
+        if not s.only_train:     # each seed's results as soon as they exist: a long run interrupted keeps them
+            atomic_write_text(s.out / f"seed{seed}.json", json.dumps(seeds[-1], indent=1, default=_jsonable))
     results = {"settings": {**asdict(s), "out": str(s.out)}, "machine": machine_info(), "seeds": seeds,
                "seconds": time.perf_counter() - t0}
     if s.only_train:
