@@ -210,3 +210,27 @@ def test_bad_inputs_raise_clear_errors():
         SuperNetCfg(cells_per_stage=0)
     with pytest.raises(ValueError, match="input channels"):
         net.eval().infer(torch.rand(2, 3, 32, 32))
+
+
+def test_checkpoint_round_trip_keeps_the_shared_shortcuts(tmp_path):
+    """Issue 14, bug 1: safetensors refused the shortcut tensors the paths share, so ``dyncnn train`` crashed at
+    its first checkpoint. Save -> load (model rebuilt from the recorded spec) -> the same routes and logits, and
+    the loaded paths still share one shortcut."""
+    from dyncnn.train.checkpoint import load_checkpoint, save_checkpoint
+    net = routed_net(widths=(4, 8, 8)).eval()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    x = varied_batch(6)
+    nn.functional.cross_entropy(net.train()(x), torch.arange(6)).backward()
+    opt.step()
+    net.eval()
+    path = save_checkpoint(tmp_path / "last.safetensors", net, opt, {"epoch": 1})
+    loaded, meta = load_checkpoint(path)
+    assert meta["train_state"] == {"epoch": 1}
+    assert all(p.shortcut is c.paths[0].shortcut for c in loaded.cells for p in c.paths)
+    loaded.eval()
+    ours, theirs = net.infer(x), loaded.infer(x)
+    assert len({tuple(c) for c in ours.choices.tolist()}) > 1
+    assert torch.equal(ours.choices, theirs.choices) and torch.equal(ours.logits, theirs.logits)
+    opt2 = torch.optim.SGD(loaded.parameters(), lr=0.1, momentum=0.9)
+    load_checkpoint(path, loaded, opt2)                # the optimizer state resumes too
+    assert len(opt2.state_dict()["state"]) == len(opt.state_dict()["state"])
