@@ -326,12 +326,19 @@ def _deploy_policy(args, model, meta: dict):
             f"calibrated on the validation split for {what}")
 
 
+def _takes_exit_policy(model) -> bool:
+    """Multi-exit networks and glance-and-focus networks (exits between steps, their own bundle writer) both run
+    under an exit policy: --thresholds / --budget apply to either."""
+    from .export import is_multi_exit
+    return is_multi_exit(model) or hasattr(model, "export_bundle")
+
+
 def cmd_export(args) -> int:
-    from .export import export_bundle, is_multi_exit
+    from .export import export_bundle
     model, meta = _load_model(args.model, cfg=_parse_cfg(args.cfg))
     model.eval()
     shape = _deploy_shape(model, args, meta)
-    policy, source = (_deploy_policy(args, model, meta) if is_multi_exit(model) else (None, None))
+    policy, source = (_deploy_policy(args, model, meta) if _takes_exit_policy(model) else (None, None))
     if hasattr(model, "export_bundle"):      # glance-and-focus: glance/focus graphs + a driver that crops patches
         if args.quantize or args.single_graph:
             raise DyncnnError(f"--quantize and --single-graph are not available for {type(model).__name__} bundles")
@@ -358,12 +365,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .export import is_multi_exit
     from .export.bench import bench_model, format_table
     model, meta = _load_model(args.model, cfg=_parse_cfg(args.cfg))
     model.eval()
     shape = _deploy_shape(model, args, meta)
-    policy, source = (_deploy_policy(args, model, meta) if is_multi_exit(model) else (None, None))
+    policy, source = (_deploy_policy(args, model, meta) if _takes_exit_policy(model) else (None, None))
     images, labels = _deploy_images(args, model, meta, shape, "test", args.images)
     calib, _ = _deploy_images(args, model, meta, shape, "val", 128)
     result = bench_model(model, images, labels, policy=policy, threads=args.threads, batch_sizes=args.batch_sizes,
