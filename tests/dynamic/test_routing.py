@@ -234,3 +234,22 @@ def test_checkpoint_round_trip_keeps_the_shared_shortcuts(tmp_path):
     opt2 = torch.optim.SGD(loaded.parameters(), lr=0.1, momentum=0.9)
     load_checkpoint(path, loaded, opt2)                # the optimizer state resumes too
     assert len(opt2.state_dict()["state"]) == len(opt.state_dict()["state"])
+
+
+def test_evaluate_dynamic_reports_per_path_rates():
+    """Issue 14, bug 5: ``choices`` of a routing network are path indices; evaluate_dynamic averaged them as if
+    they were 0/1 decisions. It now reports, per cell, the share of samples that took each path."""
+    from dyncnn.dynamic.evaluation import evaluate_dynamic, format_dynamic
+    net = routed_net()
+    x = varied_batch(12)
+    r = evaluate_dynamic(net, list(zip(x, torch.zeros(12, dtype=torch.int64))), batch_size=5)
+    choices = net.infer(x).choices
+    cells, paths = len(net.cells), net.num_paths
+    assert r["decision_names"][:paths] == ["cell0.path0", "cell0.path1", "cell0.path2"]
+    assert len(r["choice_rate"]) == len(r["decision_names"]) == cells * paths
+    rates = torch.tensor(r["choice_rate"]).view(cells, paths)
+    expected = torch.stack([(choices == p).double().mean(0) for p in range(paths)], 1)
+    assert torch.allclose(rates.double(), expected, atol=1e-4)
+    assert torch.allclose(rates.sum(1).double(), torch.ones(cells, dtype=torch.float64), atol=1e-3)
+    assert (rates > 0).sum() > cells                   # the routes really differ between samples
+    assert "cell0.path0=" in format_dynamic(r)
