@@ -23,6 +23,20 @@ def test_zoo_lists_models_with_macs(capsys):
     assert rows[0]["model"] == "tiny_mobilenet" and rows[0]["macs_m"] > 0 and rows[0]["params_m"] > 0
 
 
+def test_zoo_profiles_clip_and_sequence_models_at_their_own_input(capsys):
+    """Issue 14, bug 4: `dyncnn zoo` crashed at the first clip model. Every kind is profiled at its default input,
+    stdout holds only the JSON (progress goes to stderr)."""
+    assert main(["zoo", "--pattern", "adafocus_baseline_*", "--json"]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out)
+    assert [r["model"] for r in rows] == ["adafocus_baseline_allframes", "adafocus_baseline_uniform"]
+    assert all(r["input_kind"] == "clip" and r["input_shape"] == [16, 1, 64, 64] for r in rows)
+    assert 3.9 < rows[0]["macs_m"] / rows[1]["macs_m"] < 4       # 16 frames vs 4 sampled (one head per clip)
+    assert main(["zoo", "--pattern", "skiprnn_plain_gru_mnist_rows"]) == 0
+    table = capsys.readouterr().out
+    assert "| skiprnn_plain_gru_mnist_rows | sequence 28x28 |" in table
+
+
 def test_profile_torchvision_model(capsys):
     assert main(["profile", "torchvision:mobilenet_v3_small", "--input-size", "64", "--batch-sizes", "1",
                  "--min-time", "0", "--threads", "1", "--json"]) == 0

@@ -103,3 +103,29 @@ def test_median_ms_warms_up_and_times_each_call():
     calls = []
     ms = median_ms(lambda: calls.append(1), repeats=7, warmup=2)
     assert len(calls) == 9 and 0 <= ms < 5
+
+
+def test_count_macs_takes_clips_and_sequences():
+    """Issue 14, bug 4: count_macs rejected 5-D clips (the AdaFocus baselines). The every-frame baseline costs T
+    times its backbone's features on one frame, plus its head once per clip; sequences are counted on (N, T, F)."""
+    clip_model = dyncnn.create_model("adafocus_baseline_allframes", frames=4).eval()
+    clip = torch.rand(2, 4, 1, 32, 32)
+    frame = count_macs(clip_model.backbone, clip[:1, 0])
+    r = count_macs(clip_model, clip)
+    head = frame.by_module["fc"]
+    assert r.per_sample == 4 * (frame.total - head) + head
+    with pytest.raises(DyncnnError, match="frames of the clips.*finite"):
+        count_macs(clip_model, torch.full((1, 4, 1, 32, 32), float("nan")))
+    seq_model = dyncnn.create_model("skiprnn_plain_gru_mnist_rows").eval()
+    assert count_macs(seq_model, torch.rand(1, 28, 28)).total > 0
+    with pytest.raises(DyncnnError, match=r"3-D batch of sequences \(N, T, F\)"):
+        count_macs(seq_model, torch.rand(28, 28))
+
+
+def test_example_input_is_each_models_own():
+    from dyncnn.profile import example_input
+    assert example_input(dyncnn.create_model("adafocus_tiny", frames=8)) == ("clip", (8, 1, 64, 64))
+    assert example_input(dyncnn.create_model("skiprnn_gru_clips")) == ("sequence", (16, 256))
+    assert example_input(dyncnn.create_model("tiny_mobilenet"), published_size=32) == ("image", (1, 32, 32))
+    assert example_input(dyncnn.create_model("tiny_mobilenet"), input_size=48) == ("image", (1, 48, 48))
+    assert example_input(dyncnn.create_model("skiprnn_gru_clips"), input_size=48) == ("sequence", (16, 256))

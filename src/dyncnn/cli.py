@@ -79,35 +79,55 @@ def _input_shape(model, input_size: int | None, in_chans: int | None, meta: dict
     return c, s, s
 
 
-def cmd_zoo(args) -> int:
+def _zoo_row(name: str, input_size: int | None) -> dict:
+    """Parameters and MACs of one registered model at its own default input (image, clip or sequence)."""
     import torch
+
+    from .models import create_model, published_figures
+    from .profile import count_macs, example_input
+    pub = published_figures(name)
+    # e.g. CondenseNet: the published figures are those of the converted inference network
+    model = create_model(name, **pub.get("profile_cfg", {}))
+    kind, shape = example_input(model, input_size, pub.get("input_size"))
+    r = count_macs(model, torch.randn(1, *shape))
+    return {"model": name, "input_kind": kind, "input_shape": list(shape),
+            "input": shape[-1] if kind != "sequence" else None, "params_m": r.params / 1e6, "macs_m": r.total / 1e6,
+            "published_params_m": pub["params"] / 1e6 if "params" in pub else None,
+            "published_macs_m": pub["macs"] / 1e6 if "macs" in pub else None}
+
+
+def cmd_zoo(args) -> int:
+    import contextlib
+
     from tqdm.auto import tqdm
 
-    from .models import create_model, list_models, published_figures
-    from .profile import count_macs
-    rows = []
-    for name in tqdm(list_models(args.pattern), desc="profiling", leave=False, disable=args.json):
-        pub = published_figures(name)
-        # e.g. CondenseNet: the published figures are those of the converted inference network
-        model = create_model(name, **pub.get("profile_cfg", {}))
-        size = args.input_size or pub.get("input_size", 224)
-        x = torch.randn(1, getattr(model, "in_chans", 3), size, size)
-        r = count_macs(model, x)
-        rows.append({"model": name, "input": size, "params_m": r.params / 1e6, "macs_m": r.total / 1e6,
-                     "published_params_m": pub["params"] / 1e6 if "params" in pub else None,
-                     "published_macs_m": pub["macs"] / 1e6 if "macs" in pub else None})
+    from .models import list_models
+    rows, failed = [], []
+    # stdout carries the table or the JSON only: progress, warnings and anything a model prints go to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        for name in tqdm(list_models(args.pattern), desc="profiling", leave=False, file=sys.stderr):
+            try:
+                rows.append(_zoo_row(name, args.input_size))
+            except Exception as e:  # noqa: BLE001 - one model that cannot be profiled must not hide the others
+                failed.append(name)
+                rows.append({"model": name, "error": f"{type(e).__name__}: {e}"})
+                print(f"dyncnn zoo: {name}: {type(e).__name__}: {e}", file=sys.stderr)
     if args.json:
         print(json.dumps(rows, indent=2))
-        return 0
+        return 1 if failed else 0
 
     def fmt(v):
         return f"{v:.2f}" if v is not None else "-"
     print("| model | input | params (M) | MACs (M) | published params (M) | published MACs (M) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['input']} | {fmt(r['params_m'])} | {fmt(r['macs_m'])} | "
+        if "error" in r:
+            print(f"| {r['model']} | - | - | - | - | - |")
+            continue
+        shape = "x".join(map(str, r["input_shape"]))
+        print(f"| {r['model']} | {r['input_kind']} {shape} | {fmt(r['params_m'])} | {fmt(r['macs_m'])} | "
               f"{fmt(r['published_params_m'])} | {fmt(r['published_macs_m'])} |")
-    return 0
+    return 1 if failed else 0
 
 
 def cmd_profile(args) -> int:
@@ -383,12 +403,19 @@ def _deploy_policy(args, model, meta: dict):
             f"calibrated on the validation split for {what}")
 
 
+def _takes_exit_policy(model) -> bool:
+    """Multi-exit networks and glance-and-focus networks (exits between steps, their own bundle writer) both run
+    under an exit policy: --thresholds / --budget apply to either."""
+    from .export import is_multi_exit
+    return is_multi_exit(model) or hasattr(model, "export_bundle")
+
+
 def cmd_export(args) -> int:
-    from .export import export_bundle, is_multi_exit
+    from .export import export_bundle
     model, meta = _load_model(args.model, cfg=_parse_cfg(args.cfg))
     model.eval()
     shape = _deploy_shape(model, args, meta)
-    policy, source = (_deploy_policy(args, model, meta) if is_multi_exit(model) else (None, None))
+    policy, source = (_deploy_policy(args, model, meta) if _takes_exit_policy(model) else (None, None))
     if hasattr(model, "export_bundle"):      # glance-and-focus: glance/focus graphs + a driver that crops patches
         if args.quantize or args.single_graph:
             raise DyncnnError(f"--quantize and --single-graph are not available for {type(model).__name__} bundles")
@@ -415,12 +442,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .export import is_multi_exit
     from .export.bench import bench_model, format_table
     model, meta = _load_model(args.model, cfg=_parse_cfg(args.cfg))
     model.eval()
     shape = _deploy_shape(model, args, meta)
-    policy, source = (_deploy_policy(args, model, meta) if is_multi_exit(model) else (None, None))
+    policy, source = (_deploy_policy(args, model, meta) if _takes_exit_policy(model) else (None, None))
     images, labels = _deploy_images(args, model, meta, shape, "test", args.images)
     calib, _ = _deploy_images(args, model, meta, shape, "val", 128)
     result = bench_model(model, images, labels, policy=policy, threads=args.threads, batch_sizes=args.batch_sizes,
@@ -441,9 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     z = sub.add_parser("zoo", help="table of registered models with measured parameters and MACs",
                        description="List registered models with parameters and MACs measured by FlopCounterMode "
-                                   "at the published input size (or --input-size), beside published figures.")
+                                   "at each model's own default input (images at the published size, clips and "
+                                   "sequences at the shape the model declares; --input-size sets the side of "
+                                   "images and frames), beside published figures. Progress goes to stderr.")
     z.add_argument("--pattern", default="*", help="shell pattern over model names (default: all)")
-    z.add_argument("--input-size", type=int, default=None, help="square input side (default: each model's own)")
+    z.add_argument("--input-size", type=int, default=None, help="square image / frame side (default: each "
+                   "model's own)")
     z.add_argument("--json", action="store_true", help="print JSON instead of a table")
     z.set_defaults(func=cmd_zoo)
 

@@ -40,3 +40,31 @@ def check_image_batch(x: object, channels: int | None = None, *, name: str = "in
         bad = int((~torch.isfinite(x)).sum())
         raise DyncnnError(f"{name}: expected finite values, got {bad} NaN/Inf entries")
     return x
+
+
+INPUT_KINDS = ("image", "clip", "sequence")
+
+
+def check_batch(x: object, kind: str = "image", *, name: str = "input", check_finite: bool = True) -> Tensor:
+    """Validate a batch of ``kind``: images (N, C, H, W), clips (N, T, C, H, W) or sequences (N, T, F);
+    floating point, finite, non-empty. Returns ``x``."""
+    if kind == "image":
+        return check_image_batch(x, name=name, check_finite=check_finite)
+    if kind not in INPUT_KINDS:
+        raise ValueError(f"unknown input kind {kind!r}; expected one of {INPUT_KINDS}")
+    want = "(N, T, C, H, W)" if kind == "clip" else "(N, T, F)"
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape {want}, got {type(x).__name__}")
+    if x.dim() != len(want.split(",")):
+        raise DyncnnError(f"{name}: expected a {len(want.split(','))}-D batch of {kind}s {want}, got shape "
+                          f"{tuple(x.shape)}")
+    if kind == "clip":
+        check_image_batch(x.flatten(0, 1), name=f"{name} (frames of the clips)", check_finite=check_finite)
+        return x
+    if 0 in x.shape:
+        raise DyncnnError(f"{name}: expected a non-empty batch of sequences {want}, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise DyncnnError(f"{name}: expected a floating-point tensor, got {x.dtype}")
+    if check_finite and not bool(torch.isfinite(x).all()):
+        raise DyncnnError(f"{name}: expected finite values, got {int((~torch.isfinite(x)).sum())} NaN/Inf entries")
+    return x

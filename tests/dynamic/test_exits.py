@@ -133,17 +133,54 @@ def test_exits_on_a_timm_model():
     assert r.macs.tolist() == [cum[0]] * 3
 
 
-def test_every_named_cut_gets_an_exit_on_a_torchvision_resnet():
-    # regression: the last named cut used to be merged into the final segment (3 exits for 3 cuts)
-    base = dyncnn.create_model("torchvision:resnet18", num_classes=10).eval()
+def test_every_named_cut_gets_an_exit_when_more_network_follows():
+    """Issue 14, bug 3: the last named cut was merged with the model's output, so layer1..layer3 of a ResNet gave
+    3 exits (the one after layer3 was lost). A cut followed only by the head still is the model's output."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    base = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
     net = attach_exits(base, ["layer1", "layer2", "layer3"]).eval()
-    assert net.num_exits == 4
-    x = torch.randn(2, 3, 64, 64)
     outs = net(x)
-    assert len(outs) == 4
+    assert net.num_exits == len(outs) == 4
+    assert [h.head.fc.in_features for h in net.heads[:-1]] == [64, 128, 256]
     torch.testing.assert_close(outs[-1], base(x))
     cum = net.exit_macs(x[:1])
-    assert cum == sorted(cum) and len(set(cum)) == 4
+    assert cum[0] < cum[1] < cum[2] < cum[3]
+    assert attach_exits(base, ["layer1", "layer2", "layer4"]).num_exits == 3   # only pool + fc after layer4
+
+
+def test_exit_reads_the_stage_output_not_an_op_inside_it():
+    """A cut ends after the module's last op, functional ones included: CondenseNetV2's dense stage ends with a
+    concat after its last module call, and the exit used to read that layer's reactivation instead."""
+    base = dyncnn.create_model("condensenetv2_cifar", num_classes=10).eval()
+    net = attach_exits(base, example_size=32).eval()
+    seen = []
+    base.stages[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    base(torch.randn(1, 3, 32, 32))
+    assert net.heads[0].head.fc.in_features == seen[0]
+
+
+def test_exits_on_a_timm_vit():
+    """timm's ViT forward has optional arguments (attn_mask, is_causal): it is traced with their defaults, and the
+    exits after transformer blocks pool the tokens."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    base = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=4, num_classes=10, pretrained=False).eval()
+    with pytest.raises(ValueError, match="pass example_size"):
+        attach_exits(base, ["blocks.0", "blocks.2"])              # the dummy pass at 64x64 does not fit
+    net = attach_exits(base, ["blocks.0", "blocks.2"], example_size=32).eval()
+    x = torch.randn(3, 3, 32, 32)
+    outs = net(x)
+    assert len(outs) == 3 and all(o.shape == (3, 10) for o in outs)
+    torch.testing.assert_close(outs[-1], base(x))
+    with pytest.raises(ValueError, match="tokens"):
+        attach_exits(base, ["blocks.0"], head="conv", example_size=32)
+    cum = net.exit_macs(x[:1])
+    assert cum[0] < cum[1] < cum[2]
+    r = net.infer(x, ExitPolicy.always_first(3))
+    assert r.macs.tolist() == [cum[0]] * 3
+    torch.testing.assert_close(r.logits, outs[0])
 
 
 def test_default_exits_of_a_dyncnn_backbone_are_one_per_stage():

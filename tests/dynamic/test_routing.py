@@ -210,3 +210,46 @@ def test_bad_inputs_raise_clear_errors():
         SuperNetCfg(cells_per_stage=0)
     with pytest.raises(ValueError, match="input channels"):
         net.eval().infer(torch.rand(2, 3, 32, 32))
+
+
+def test_checkpoint_round_trip_keeps_the_shared_shortcuts(tmp_path):
+    """Issue 14, bug 1: safetensors refused the shortcut tensors the paths share, so ``dyncnn train`` crashed at
+    its first checkpoint. Save -> load (model rebuilt from the recorded spec) -> the same routes and logits, and
+    the loaded paths still share one shortcut."""
+    from dyncnn.train.checkpoint import load_checkpoint, save_checkpoint
+    net = routed_net(widths=(4, 8, 8)).eval()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    x = varied_batch(6)
+    nn.functional.cross_entropy(net.train()(x), torch.arange(6)).backward()
+    opt.step()
+    net.eval()
+    path = save_checkpoint(tmp_path / "last.safetensors", net, opt, {"epoch": 1})
+    loaded, meta = load_checkpoint(path)
+    assert meta["train_state"] == {"epoch": 1}
+    assert all(p.shortcut is c.paths[0].shortcut for c in loaded.cells for p in c.paths)
+    loaded.eval()
+    ours, theirs = net.infer(x), loaded.infer(x)
+    assert len({tuple(c) for c in ours.choices.tolist()}) > 1
+    assert torch.equal(ours.choices, theirs.choices) and torch.equal(ours.logits, theirs.logits)
+    opt2 = torch.optim.SGD(loaded.parameters(), lr=0.1, momentum=0.9)
+    load_checkpoint(path, loaded, opt2)                # the optimizer state resumes too
+    assert len(opt2.state_dict()["state"]) == len(opt.state_dict()["state"])
+
+
+def test_evaluate_dynamic_reports_per_path_rates():
+    """Issue 14, bug 5: ``choices`` of a routing network are path indices; evaluate_dynamic averaged them as if
+    they were 0/1 decisions. It now reports, per cell, the share of samples that took each path."""
+    from dyncnn.dynamic.evaluation import evaluate_dynamic, format_dynamic
+    net = routed_net()
+    x = varied_batch(12)
+    r = evaluate_dynamic(net, list(zip(x, torch.zeros(12, dtype=torch.int64))), batch_size=5)
+    choices = net.infer(x).choices
+    cells, paths = len(net.cells), net.num_paths
+    assert r["decision_names"][:paths] == ["cell0.path0", "cell0.path1", "cell0.path2"]
+    assert len(r["choice_rate"]) == len(r["decision_names"]) == cells * paths
+    rates = torch.tensor(r["choice_rate"]).view(cells, paths)
+    expected = torch.stack([(choices == p).double().mean(0) for p in range(paths)], 1)
+    assert torch.allclose(rates.double(), expected, atol=1e-4)
+    assert torch.allclose(rates.sum(1).double(), torch.ones(cells, dtype=torch.float64), atol=1e-3)
+    assert (rates > 0).sum() > cells                   # the routes really differ between samples
+    assert "cell0.path0=" in format_dynamic(r)

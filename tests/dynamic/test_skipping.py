@@ -171,12 +171,24 @@ def test_skipnet_reinforce_finetune_updates_gates():
 
 
 def test_trainer_runs_gated_models():
+    """The Trainer trains what each gated model learns (SkipNet: gates and backbone; BlockDrop's policy phase: the
+    policy only, the backbone frozen), and the accuracy it reports is that of the executed ``infer``."""
     from dyncnn.train.trainer import TrainConfig, Trainer
-    data = TensorDataset(_x(1, 16), torch.randint(0, 10, (16,)))
-    for name in ("skipnet_resnet20_cifar", "blockdrop_resnet20_cifar"):
+    x, y = _x(1, 16), torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(4))
+    data = TensorDataset(x, y)
+    learns = {"skipnet_resnet20_cifar": ("gates.", "backbone."), "blockdrop_resnet20_cifar": ("policy.",)}
+    for name, trained in learns.items():
         model = create_model(name, in_chans=1, width_mult=0.25, budget=0.5)
-        res = Trainer(model, data, data, TrainConfig(epochs=1, batch_size=8, progress=False)).fit()
-        assert res.steps == 2 and 0.0 <= res.final_val_acc <= 1.0
+        before = {k: p.detach().clone() for k, p in model.named_parameters()}
+        res = Trainer(model, data, data, TrainConfig(epochs=1, batch_size=8, lr=0.1, progress=False)).fit()
+        assert res.steps == 2
+        changed = {k for k, p in model.named_parameters() if not torch.equal(p, before[k])}
+        for prefix in trained:
+            assert any(k.startswith(prefix) for k in changed), (name, prefix)
+        assert all(k.startswith(trained) for k in changed), (name, sorted(changed)[:3])
+        r = model.eval().infer(x)
+        assert res.final_val_acc == pytest.approx(float((r.logits.argmax(1) == y).double().mean()))
+        assert res.history[-1]["val_acc"] == res.final_val_acc
 
 
 def test_skippable_blocks_and_names():

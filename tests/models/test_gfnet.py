@@ -260,30 +260,46 @@ def test_bad_inputs(model):
 
 
 def test_cli_export_and_bench_glance_bundle(tmp_path, capsys):
-    """`dyncnn export` writes the glance bundle, `load_bundle` reads it, `dyncnn bench` times eager vs the driver."""
+    """`dyncnn export` writes the glance bundle, `load_bundle` reads it, `dyncnn bench` times eager vs the driver.
+    Issue 14, bug 2: both ignored --thresholds / --budget for GFNet (not a MultiExitNetwork), so the bundle always
+    ran every step; now the bundle's decisions follow the given policy and equal eager ``infer`` under it."""
     import json
 
     from dyncnn.cli import main
     from dyncnn.data import MNISTDigits
+    from dyncnn.dynamic.calibration import load_thresholds
     from dyncnn.export import load_bundle
     from dyncnn.train import save_checkpoint
     val = MNISTDigits("val")
     m = tiny_gfnet(4, torch.stack([val[i][0] for i in range(64)]))
     ckpt = tmp_path / "gf.safetensors"
     save_checkpoint(ckpt, m, extra={"data": {"name": "mnist", "seed": 0, "input_size": 28}})
-    assert main(["export", str(ckpt), "--out", str(tmp_path / "bundle")]) == 0
+    x = torch.stack([val[i][0] for i in range(64)])
+    thresholds = tmp_path / "elsewhere" / "th.json"
+    assert main(["calibrate", str(ckpt), "--budget", "0.6", "--out", str(thresholds)]) == 0
+    # the same file with thresholds that no image sits within ONNX Runtime's rounding of (temperature 1)
+    record = json.loads(thresholds.read_text())
+    record.update(thresholds=median_thresholds(m.eval(), x), temperatures=[1.0] * 3)
+    thresholds.write_text(json.dumps(record))
+    policy, _ = load_thresholds(thresholds, m)
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "bundle"), "--thresholds", str(thresholds)]) == 0
     assert "glance" in capsys.readouterr().out
-    x = torch.stack([val[i][0] for i in range(8)])
     bundle = load_bundle(tmp_path / "bundle")
+    assert bundle.policy.thresholds == pytest.approx(policy.thresholds)
     m.eval()
-    eager = m.infer(x, bundle.policy)
+    eager, every_step = m.infer(x, policy), m.infer(x)
     r = bundle.run(x)
     assert torch.equal(r.exit_index, eager.exit_index) and torch.equal(r.macs, eager.macs)
-    assert main(["bench", str(ckpt), "--budget", "0.8", "--images", "8", "--batch-sizes", "1", "4",
+    assert not torch.equal(r.exit_index, every_step.exit_index)      # the policy is really applied
+    assert float(r.macs.double().mean()) < float(every_step.macs.double().mean())
+    assert main(["bench", str(ckpt), "--budget", "0.6", "--images", "8", "--batch-sizes", "1", "4",
                  "--min-time", "0.01", "--json"]) == 0
     out = capsys.readouterr().out
     report = json.loads(out[out.index("{"):])
     assert report["kind"] == "glance" and report["dynamic"]["parity"]["same_exit"] == 8
+    assert report["policy_source"].startswith("calibrated") and math.isfinite(
+        report["dynamic"]["policy"]["thresholds"][0])
+    assert report["dynamic"]["exit_histogram"][-1] < 8                 # some images leave before the last step
     assert {(s["backend"], s["batch"]) for s in report["dynamic"]["speedups"]} == {
         ("eager", 1), ("eager", 4), ("onnxruntime", 1), ("onnxruntime", 4)}
 

@@ -2,7 +2,10 @@
 
 These models share one inference contract (see ``DynamicModel``): ``infer(x)`` returns an ``ExitResult`` whose
 ``macs`` are the MACs each sample really ran and whose ``choices`` (N, D) are the per-sample decisions (1 = that
-block / channel group / expert / path ran). ``full_macs(x)`` is the per-sample cost with every gate on.
+block / channel group / expert ran, or the fraction of positions that ran). A model whose decisions pick one of
+several options (a routing network's path per cell) returns the index taken per decision and names the options in
+``choice_options``; its rates are reported per option (one-hot per decision). ``full_macs(x)`` is the per-sample
+cost with every gate on.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ def evaluate_dynamic(model, dataset: Dataset, batch_size: int = 256, progress: b
             correct += int((r.logits.argmax(1).cpu() == torch.as_tensor(y)).sum())
             macs.append(r.macs.cpu())
             if r.choices is not None:
-                choices.append(r.choices.float().cpu())
+                choices.append(_one_hot(model, r.choices.cpu()))
         full = int(model.full_macs(dataset[0][0].unsqueeze(0)))
     finally:
         model.train(was_training)
@@ -56,8 +59,17 @@ def evaluate_dynamic(model, dataset: Dataset, batch_size: int = 256, progress: b
         out["choice_rate"] = [round(float(v), 4) for v in c.mean(0)]
         names = getattr(model, "decision_names", None)
         if names is not None:
-            out["decision_names"] = list(names)
+            options = getattr(model, "choice_options", None)
+            out["decision_names"] = [f"{n}.{o}" for n in names for o in options] if options else list(names)
     return out
+
+
+def _one_hot(model, choices: Tensor) -> Tensor:
+    """(N, D) decisions as (N, D * options) 0/1 for models whose choices are option indices, else as floats."""
+    options = getattr(model, "choice_options", None)
+    if not options:
+        return choices.float()
+    return torch.nn.functional.one_hot(choices.long(), len(options)).flatten(1).float()
 
 
 def format_dynamic(result: dict) -> str:

@@ -47,6 +47,19 @@ class ConvHead(nn.Module):
         return self.fc(self.pool(self.convs(x)).flatten(1))
 
 
+class TokenHead(nn.Module):
+    """The ``linear`` exit of a transformer block's output (N, tokens, C): layer norm, mean over tokens, linear."""
+
+    def __init__(self, channels: int, num_classes: int, drop_rate: float = 0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.drop(self.norm(x).mean(1)))
+
+
 HEADS: dict[str, Callable[[int, int], nn.Module]] = {"linear": LinearHead, "conv": ConvHead, "msdnet": ConvHead}
 
 
@@ -67,6 +80,21 @@ def scale_grad(state, scale: float):
     """``state`` (a pytree) unchanged forward, its gradients multiplied by ``scale`` backward."""
     return tree_map(lambda t: _ScaleGrad.apply(t, scale) if isinstance(t, Tensor) and t.requires_grad else t,
                     state)
+
+
+def _exit_head(head: str | Callable, shape: torch.Size, num_classes: int, where: str) -> nn.Module:
+    """The head for a cut whose feature has ``shape``: a feature map (N, C, H, W) or tokens (N, L, C)."""
+    if len(shape) == 3:
+        if head == "linear":
+            return TokenHead(shape[-1], num_classes)
+        if isinstance(head, str):
+            raise ValueError(f"head {head!r} needs a feature map (N, C, H, W), but the output of {where!r} is "
+                             f"tokens {tuple(shape)}; use head='linear' or a callable (channels = last dim)")
+        return head(shape[-1], num_classes)
+    if len(shape) != 4:
+        raise ValueError(f"cannot attach an exit after {where!r}: its output has shape {tuple(shape)}, expected a "
+                         f"feature map (N, C, H, W) or tokens (N, L, C)")
+    return (HEADS[head] if isinstance(head, str) else head)(shape[1], num_classes)
 
 
 class _Pick(nn.Module):
@@ -175,24 +203,26 @@ class SplitMultiExit(MultiExitNetwork):
 
 def attach_exits(backbone: nn.Module, stages: Sequence[str] | None = None, head: str | Callable = "linear",
                  num_classes: int | None = None, example_size: int = 64) -> SplitMultiExit:
-    """Attach exits to ``backbone`` after each module path in ``stages``: ``len(stages) + 1`` exits.
+    """Attach exits to ``backbone`` after each module path in ``stages``.
 
-    For dyncnn backbones, ``stages`` defaults to every stage but the last in ``backbone.stage_info``; for torchvision/timm
+    For dyncnn backbones, ``stages`` defaults to every stage in ``backbone.stage_info``; for torchvision/timm
     models give the module paths (e.g. ``["features.6", "features.13", "features.18"]`` for torchvision's
-    MobileNetV2). The model's own output is always the last exit: the segment after the last cut runs the rest
-    of the network including its classifier.
-    ``head`` is ``"linear"`` (pool + linear), ``"conv"``/``"msdnet"`` (MSDNet's head) or a callable
-    ``(channels, num_classes) -> nn.Module``.
+    MobileNetV2, ``["layer1", "layer2", "layer3"]`` for a ResNet, ``["blocks.3", "blocks.7"]`` for a timm ViT).
+    The model's own output is always the last exit: every named cut gets an exit head, and the rest of the
+    network after the last cut, classifier included, is one more exit; when only the head (pooling,
+    normalization, classifier) follows the last cut, the model's output is that cut's exit (so ``["layer1",
+    "layer2", "layer3"]`` gives 4 exits, ``["features.6", "features.13", "features.18"]`` 3).
+    ``head`` is ``"linear"`` (pool + linear; on transformer tokens, norm + token mean + linear),
+    ``"conv"``/``"msdnet"`` (MSDNet's head) or a callable ``(channels, num_classes) -> nn.Module``.
+    ``example_size`` is the input side of the one pass that finds each cut's channels.
     """
     own = hasattr(backbone, "forward_features") and hasattr(backbone, "forward_head") and \
         hasattr(backbone, "stage_info")
     if stages is None:
         if not own:
             raise ValueError("give the module paths to attach exits to (e.g. stages=['features.6', 'features.13'])")
-        # every stage but the last: the model's own classifier is the exit after the last stage
-        stages = [s.module for s in backbone.stage_info[:-1]]
+        stages = [s.module for s in backbone.stage_info]
     stages = list(stages)
-    make_head = HEADS[head] if isinstance(head, str) else head
     if isinstance(head, str) and head not in HEADS:
         raise ValueError(f"unknown head {head!r}; expected one of {sorted(HEADS)} or a callable")
     # Split the whole forward: the last segment ends with the model's own classifier, the last exit.
@@ -202,16 +232,23 @@ def attach_exits(backbone: nn.Module, stages: Sequence[str] | None = None, head:
     # channels at each cut, from a dummy pass
     was_training = backbone.training
     backbone.eval()
-    with torch.no_grad():
-        state = {segments[0].input_name: torch.zeros(1, in_chans, example_size, example_size)}
-        shapes = []
-        for seg in segments:
-            state = seg(state)
-            shapes.append(state[seg.boundary].shape)
-    backbone.train(was_training)
+    try:
+        with torch.no_grad():
+            state = {segments[0].input_name: torch.zeros(1, in_chans, example_size, example_size)}
+            shapes = []
+            for seg in segments:
+                state = seg(state)
+                shapes.append(state[seg.boundary].shape)
+    except Exception as e:  # noqa: BLE001 - whatever the backbone raises on an input size it does not take
+        raise ValueError(f"attach_exits runs {type(backbone).__name__} once on a {in_chans}x{example_size}x"
+                         f"{example_size} input to find the features at each cut, and it failed ({e}); pass "
+                         f"example_size (and give the model in_chans) that the model accepts") from e
+    finally:
+        backbone.train(was_training)
     if num_classes is None:
         num_classes = shapes[-1][1]
-    heads: list[nn.Module] = [_Pick(seg.boundary, make_head(shapes[k][1], num_classes))
+    names = stages + ["(rest of the network)"]
+    heads: list[nn.Module] = [_Pick(seg.boundary, _exit_head(head, shapes[k], num_classes, names[k]))
                               for k, seg in enumerate(segments[:-1])]
     heads.append(_Pick(segments[-1].boundary, nn.Identity()))
     net = SplitMultiExit(segments, heads, num_classes, in_chans, segments[0].input_name)

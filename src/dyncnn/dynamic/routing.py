@@ -147,6 +147,7 @@ class RoutingSuperNet(Backbone):
         self.stage_info = []
         self.min_input_size = 2 ** (len(cfg.widths) - 1)
         self.decision_names = [f"cell{i}" for i in range(len(cells))]
+        self.choice_options = [f"path{p}" for p in range(len(cfg.paths))]   # infer's choices: path per cell
         self.executor = Executor()
         self.tau = cfg.tau[0]
         self.progress = 1.0       # without set_progress (no schedule): full cost weight, no Gumbel noise

@@ -123,11 +123,15 @@ class AdaFocusResult(ExitResult):
 class AdaFocus(nn.Module):
     """Glance (all frames, low resolution) -> policy (patch per frame) -> focus (local network on the patch) ->
     recurrent classifier; see the module docstring. Training ``forward`` returns a list of T logits (one per
-    frame, the exits over time); so does eval ``forward`` (the executed deterministic policy on every frame)."""
+    frame, the exits over time); so does eval ``forward`` (the executed deterministic policy on every frame).
+    ``frame_size`` is only the frame side it is profiled at (``default_input_shape``); it takes any size."""
+
+    input_kind = "clip"
 
     def __init__(self, global_net: nn.Module, local_net: nn.Module, num_classes: int, in_chans: int = 1,
                  frames: int = 16, patch_size: int = 32, glance_size: int = 32, policy: str = "ppo",
-                 policy_hidden: int = 64, hidden: int = 128, std: float = 0.1, drop_rate: float = 0.0):
+                 policy_hidden: int = 64, hidden: int = 128, std: float = 0.1, drop_rate: float = 0.0,
+                 frame_size: int = 64):
         super().__init__()
         if policy not in POLICIES:
             raise ValueError(f"unknown patch policy {policy!r}; expected one of {POLICIES}")
@@ -135,6 +139,7 @@ class AdaFocus(nn.Module):
             raise ValueError(f"frames, patch_size and glance_size must be >= 1, got {frames}, {patch_size}, "
                              f"{glance_size}")
         self.num_classes, self.in_chans, self.frames = num_classes, in_chans, frames
+        self.default_input_shape = (frames, in_chans, frame_size, frame_size)
         self.patch_size, self.glance_size, self.policy, self.std = patch_size, glance_size, policy, std
         self.glance = PooledFeatures(global_net, glance_size)
         self.local = PooledFeatures(local_net)
@@ -302,13 +307,16 @@ class FrameAverage(nn.Module):
     """Baseline: the backbone on full frames (all T, or ``sample_frames`` uniformly spaced ones), features
     averaged over time, the backbone's own head. Static: every clip costs the same."""
 
+    input_kind = "clip"
+
     def __init__(self, backbone: nn.Module, num_classes: int, in_chans: int = 1, frames: int = 16,
-                 sample_frames: int | None = None):
+                 sample_frames: int | None = None, frame_size: int = 64):
         super().__init__()
         k = frames if sample_frames is None else int(sample_frames)
         if not 1 <= k <= frames:
             raise ValueError(f"sample_frames must be in [1, {frames}], got {sample_frames}")
         self.backbone, self.num_classes, self.in_chans, self.frames = backbone, num_classes, in_chans, frames
+        self.default_input_shape = (frames, in_chans, frame_size, frame_size)
         # the centre frame of each of k equal segments (TSN's uniform sampling at test time)
         self.register_buffer("frame_index", torch.tensor([int((i + 0.5) * frames / k) for i in range(k)]),
                              persistent=False)
@@ -347,6 +355,7 @@ def adafocus_tiny(num_classes: int = 10, in_chans: int = 1, frames: int = 16, pa
 def adafocus_mobilenet_v2(num_classes: int = 400, in_chans: int = 3, frames: int = 16, patch_size: int = 128,
                           glance_size: int = 96, policy: str = "ppo", **kwargs) -> AdaFocus:
     """The published pairing: MobileNetV2 as the local network, a small MobileNetV3 glancing at low resolution."""
+    kwargs.setdefault("frame_size", 224)
     return AdaFocus(_backbone("mobilenet_v3_small", {}, in_chans), _backbone("mobilenet_v2", {}, in_chans),
                     num_classes, in_chans, frames, patch_size, glance_size, policy, **kwargs)
 
@@ -357,7 +366,7 @@ def adafocus_baseline_allframes(num_classes: int = 10, in_chans: int = 1, frames
     """Every-frame baseline: the (local) backbone on every full frame, temporal average pooling."""
     cfg = backbone_cfg if backbone_cfg is not None else (TINY_LOCAL if backbone == "tiny_mobilenet" else {})
     return FrameAverage(create_model(backbone, num_classes=num_classes, in_chans=in_chans, **cfg), num_classes,
-                        in_chans, frames)
+                        in_chans, frames, frame_size=64 if backbone == "tiny_mobilenet" else 224)
 
 
 @register_model(name="adafocus_baseline_uniform")
@@ -366,5 +375,5 @@ def adafocus_baseline_uniform(num_classes: int = 10, in_chans: int = 1, frames: 
     """Uniform frame sampling: the backbone on ``sample_frames`` evenly spaced full frames, averaged."""
     cfg = backbone_cfg if backbone_cfg is not None else (TINY_LOCAL if backbone == "tiny_mobilenet" else {})
     return FrameAverage(create_model(backbone, num_classes=num_classes, in_chans=in_chans, **cfg), num_classes,
-                        in_chans, frames, sample_frames)
+                        in_chans, frames, sample_frames, frame_size=64 if backbone == "tiny_mobilenet" else 224)
 

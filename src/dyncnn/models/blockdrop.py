@@ -25,6 +25,7 @@ import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +36,12 @@ from ..dynamic.skipping import Decide, LayerSkipNetwork
 from ..layers.gates import budget_loss, check_budget
 from ..train.rl import blockdrop_reward, reinforce_loss, sample_bernoulli
 from ..train.checkpoint import save_checkpoint
-from ..train.trainer import TrainConfig, Trainer, TrainResult
 from .registry import register_model
 from .resnet import resnet_cifar
 from .tiny import TinyMobileNet
+
+if TYPE_CHECKING:  # the trainer is imported when training starts, not when the model family registers
+    from ..train.trainer import TrainConfig, TrainResult
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,7 @@ class BlockDrop(LayerSkipNetwork):
                    extra: dict | None = None) -> TrainResult:
         """``dyncnn train``: with ``joint_epochs > 0`` the two phases (``config`` for the policy phase, then
         ``joint_epochs`` at ``joint_lr_scale * config.lr``), else one Trainer run in the configured phase."""
+        from ..train.trainer import TrainConfig, Trainer
         if self.cfg.joint_epochs == 0:
             return Trainer(self, train_set, val_set, config, out_dir=out_dir, extra=extra).fit(resume=resume)
         joint = TrainConfig(**{**asdict(config), "epochs": self.cfg.joint_epochs,
@@ -188,6 +192,7 @@ def fit_two_phase(model: BlockDrop, train_set, val_set, policy_config: TrainConf
     """BlockDrop's schedule: the policy on the frozen backbone with the curriculum (``out_dir/policy``), then policy
     and backbone jointly (``out_dir/joint``); the final model is also saved as ``out_dir/last.safetensors``.
     Returns both phases' results."""
+    from ..train.trainer import Trainer
     results = []
     for phase, cfg in (("policy", policy_config), ("joint", joint_config)):
         model.set_phase(phase)

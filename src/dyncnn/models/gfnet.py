@@ -171,6 +171,7 @@ class GFNet(nn.Module):
     def __init__(self, cfg: GFNetConfig, num_classes: int = 10, in_chans: int = 1):
         super().__init__()
         self.cfg, self.num_classes, self.in_chans = cfg, num_classes, in_chans
+        self.default_input_shape = (in_chans, cfg.input_size, cfg.input_size)
         gname = cfg.global_backbone or cfg.backbone
         gcfg = dict(cfg.backbone_cfg if cfg.global_cfg is None else cfg.global_cfg)
         self.global_encoder = Encoder(create_model(gname, num_classes=num_classes, in_chans=in_chans, **gcfg),

@@ -87,9 +87,12 @@ class RecurrentStep(nn.Module):
 class SkipRNN(nn.Module):
     """Skip-GRU / Skip-LSTM classifier of sequences (N, T, input_size): the last hidden state -> linear head."""
 
+    input_kind = "sequence"
+
     def __init__(self, config: SkipRNNConfig = SkipRNNConfig()):
         super().__init__()
         self.config = c = config
+        self.default_input_shape = (c.seq_len, c.input_size)
         self.input_size, self.hidden_size, self.num_classes = c.input_size, c.hidden_size, c.num_classes
         self.force_update = c.force_update
         self.step = RecurrentStep(c.cell, c.input_size, c.hidden_size)

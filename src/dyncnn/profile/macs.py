@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..errors import check_image_batch
+from ..errors import check_batch
 
 
 @dataclass
@@ -41,11 +41,13 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 def count_macs(model: nn.Module | Any, input: Tensor, *args, check: bool = True, **kwargs) -> MacReport:
     """Count the MACs of ``model(input, *args, **kwargs)`` as executed, in eval mode and without gradients.
 
-    ``model`` may be any callable; ``by_module`` is filled when it is an ``nn.Module``. The model's train/eval
-    state is restored afterwards.
+    ``input`` is a batch of what the model takes (its ``input_kind``): images (N, C, H, W), clips
+    (N, T, C, H, W; a 5-D input is read as clips) or sequences (N, T, F). ``model`` may be any callable;
+    ``by_module`` is filled when it is an ``nn.Module``. The model's train/eval state is restored afterwards.
     """
     if check:
-        check_image_batch(input)
+        kind = getattr(model, "input_kind", None)
+        check_batch(input, kind or ("clip" if isinstance(input, Tensor) and input.dim() == 5 else "image"))
     was_training = getattr(model, "training", None)
     if isinstance(model, nn.Module):
         model.eval()
@@ -69,3 +71,25 @@ def count_macs(model: nn.Module | Any, input: Tensor, *args, check: bool = True,
     params = count_params(model) if isinstance(model, nn.Module) else 0
     return MacReport(total=int(total), batch_size=int(input.shape[0]), params=params,
                      by_module=by_module, by_op=by_op)
+
+
+def example_input(model: nn.Module, input_size: int | None = None, published_size: int | None = None,
+                  ) -> tuple[str, tuple[int, ...]]:
+    """(input kind, shape of one sample) that profiles ``model`` at its own default input.
+
+    A model that takes something other than square images declares it: ``input_kind`` ("image", "clip" or
+    "sequence") and ``default_input_shape`` (one sample: (C, H, W), (T, C, H, W) or (T, F)). Otherwise it takes
+    images of ``in_chans`` channels at ``published_size`` (the registry's published input size), else 224.
+    ``input_size`` overrides the side of images and clip frames (sequences keep their shape).
+    """
+    kind = getattr(model, "input_kind", "image")
+    shape = getattr(model, "default_input_shape", None)
+    if shape is None:
+        if kind != "image":
+            raise ValueError(f"{type(model).__name__} takes {kind}s but declares no default_input_shape")
+        size = published_size or 224
+        shape = (int(getattr(model, "in_chans", 3)), size, size)
+    shape = tuple(int(s) for s in shape)
+    if input_size is not None and kind in ("image", "clip"):
+        shape = (*shape[:-2], input_size, input_size)
+    return kind, shape

@@ -72,14 +72,36 @@ def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _dedupe_shared(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors for safetensors, which refuses tensors that share memory: a module registered under two names
+    (the shortcut that a routing cell's paths share) appears once, and ``aliases`` maps each other name to it."""
+    kept: dict[tuple, str] = {}
+    storages: set[int] = set()
+    tensors, aliases = {}, {}
+    for name, value in state.items():
+        value = value.detach()
+        ptr = value.untyped_storage().data_ptr()
+        view = (ptr, value.storage_offset(), tuple(value.shape), value.stride(), value.dtype, value.device)
+        if value.numel() and view in kept:
+            aliases[name] = kept[view]
+            continue
+        kept[view] = name
+        out = value.cpu().contiguous()
+        tensors[name] = out.clone() if value.numel() and ptr in storages else out  # another view of saved memory
+        storages.add(ptr)
+    return tensors, aliases
+
+
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     train_state: dict | None = None, extra: dict | None = None) -> Path:
     """Write ``path`` (``.safetensors``) and ``path`` with ``.json``; both atomically."""
     path = Path(path)
     model = getattr(model, "module", model)
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors, aliases = _dedupe_shared({f"model.{k}": v for k, v in model.state_dict().items()})
     meta: dict[str, Any] = {"format": FORMAT, "model": model_spec(model), "train_state": train_state or {},
                             **(extra or {})}
+    if aliases:
+        meta["aliases"] = aliases
     if optimizer is not None:
         opt_tensors, meta["optimizer"] = _flatten_optimizer(optimizer.state_dict())
         tensors.update(opt_tensors)
@@ -119,6 +141,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     meta = json.loads(header)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    for name, source in meta.get("aliases", {}).items():
+        if source not in tensors:
+            raise CheckpointError(f"checkpoint {path} names {name!r} an alias of {source!r}, which it does not hold")
+        tensors[name] = tensors[source]
     return tensors, meta
 
 
