@@ -27,7 +27,7 @@ from .dynamic.losses import MultiExitLoss
 from .dynamic.policy import ExitPolicy
 from .models import create_model
 from .profile import count_macs
-from .profile.latency import summarize, time_callable
+from .profile.latency import DEFAULT_THREADS, spread_warning, summarize, time_callable
 from .train import TrainConfig, Trainer, evaluate
 from .train.checkpoint import atomic_write_text
 from .viz import plot_accuracy_vs_macs, plot_easy_hard_gallery, plot_exit_histogram, plot_training_curves
@@ -44,15 +44,23 @@ STATIC = {"name": "tiny_mobilenet", "label": "static", "cfg": {"widths": [32, 96
 BUDGETS = (0.35, 0.5, 0.75)      # fractions of the full-depth MACs
 TRAIN_REPEATS = 3
 
-def _latency(fn, x: torch.Tensor, batch: int, min_time_s: float = 1.0) -> float:
-    """Median ms per image of ``fn`` over consecutive test batches of ``batch`` images."""
+def _latency(fn, x: torch.Tensor, batch: int, min_time_s: float = 1.0) -> tuple[float, float]:
+    """Median and interquartile range, in ms per image, of ``fn`` over consecutive test batches of ``batch``
+    images."""
     chunks = [x[i:i + batch] for i in range(0, len(x) - batch + 1, batch)]
     it = iter(range(10 ** 9))
 
     def call():
         fn(chunks[next(it) % len(chunks)])
     times = time_callable(call, warmup=2, min_runs=5, min_time_s=min_time_s)
-    return summarize(times, "eager", batch, torch.get_num_threads()).median_ms / batch
+    stats = summarize(times, "eager", batch, torch.get_num_threads())
+    return stats.median_ms / batch, stats.spread_ms / batch
+
+
+def _latency_rows(rows: list) -> list[dict]:
+    """The timings of report rows in the form :func:`spread_warning` reads."""
+    return [{"config": r["config"], "batch": b, "median_ms": r[f"latency_ms_b{b}"], "spread_ms": r[f"iqr_ms_b{b}"]}
+            for r in rows for b in (1, 64)]
 
 
 def _train(spec: dict, train, val, cfg: TrainConfig, out_dir: Path, data_meta: dict, multi_exit: bool):
@@ -83,7 +91,8 @@ def _evaluate_dynamic(label: str, net, val, test, x_test: Tensor, budgets, rows:
         acc = float((res.logits.argmax(1) == test.targets).float().mean())
         lat = {b: _latency(lambda xb: net.infer(xb, policy), x_test, b, min_time_s) for b in (1, 64)}
         rows.append({"config": name, "accuracy": acc, "mean_macs": float(res.macs.double().mean()),
-                     "latency_ms_b1": lat[1], "latency_ms_b64": lat[64],
+                     "latency_ms_b1": lat[1][0], "latency_ms_b64": lat[64][0],
+                     "iqr_ms_b1": lat[1][1], "iqr_ms_b64": lat[64][1],
                      "exit_histogram": torch.bincount(res.exit_index, minlength=net.num_exits).tolist()})
         return res
 
@@ -99,15 +108,28 @@ def _evaluate_dynamic(label: str, net, val, test, x_test: Tensor, budgets, rows:
 
 
 def _table(rows: list, base: dict) -> str:
-    header = ("| configuration | test acc | mean MACs | MAC speedup | ms/img b=1 | speedup b=1 | ms/img b=64 | "
-              "speedup b=64 | exits taken |\n|---|---|---|---|---|---|---|---|---|\n")
+    """Markdown table; every speedup is the first row's (``base``: the network at full depth) MACs or time divided by
+    the row's, as the column names say."""
+    header = ("| configuration | test acc | mean MACs | MACs: full depth / this | ms/img b=1 | time b=1: full depth / "
+              "this | ms/img b=64 | time b=64: full depth / this | exits taken |\n|---|---|---|---|---|---|---|---|---|\n")
     return header + "".join(
         f"| {r['config']} | {r['accuracy']:.4f} | {r['mean_macs'] / 1e6:.3f}M | {base['mean_macs'] / r['mean_macs']:.2f}x | "
         f"{r['latency_ms_b1']:.3f} | {base['latency_ms_b1'] / r['latency_ms_b1']:.2f}x | {r['latency_ms_b64']:.3f} | "
         f"{base['latency_ms_b64'] / r['latency_ms_b64']:.2f}x | {r['exit_histogram'] or '-'} |\n" for r in rows)
 
 
-def run_demo(out_dir: Path = Path("runs/demo"), epochs: int | None = None, threads: int = 2,
+def _static_note(label: str, base: dict, static: dict) -> str:
+    """What the static row's ratios compare: the static network against the dynamic one at full depth."""
+    def ratio(key: str) -> str:
+        r = static[key] / base[key]
+        return f"{r:.2f}x the" if abs(r - 1) >= 0.005 else "the same as"
+    return (f"The static row compares a separate static network with {label} at full depth: it costs "
+            f"{ratio('mean_macs')} MACs of {label} at full depth and takes {ratio('latency_ms_b1')} time at batch 1 "
+            f"({ratio('latency_ms_b64')} at batch 64); its ratios above are {label}'s full-depth figures divided by "
+            f"its own (above 1x: the static network is cheaper).")
+
+
+def run_demo(out_dir: Path = Path("runs/demo"), epochs: int | None = None, threads: int = DEFAULT_THREADS,
              naive: bool = True, min_time_s: float = 1.0) -> dict:
     t0 = time.perf_counter()
     torch.set_num_threads(threads)
@@ -143,11 +165,14 @@ def run_demo(out_dir: Path = Path("runs/demo"), epochs: int | None = None, threa
     with torch.inference_mode():
         s_lat = {b: _latency(static, x_test, b, min_time_s) for b in (1, 64)}
     static_row = {"config": f"static {STATIC['name']} {STATIC['cfg']['widths']}", "accuracy": s_acc,
-                  "mean_macs": s_macs, "latency_ms_b1": s_lat[1], "latency_ms_b64": s_lat[64], "exit_histogram": None}
+                  "mean_macs": s_macs, "latency_ms_b1": s_lat[1][0], "latency_ms_b64": s_lat[64][0],
+                  "iqr_ms_b1": s_lat[1][1], "iqr_ms_b64": s_lat[64][1], "exit_histogram": None}
 
     print("[5/5] writing plots and report")
     main = evals[DYNAMIC["label"]]
-    plot_training_curves(dyn_run.history, out_dir / "training.png", title=f"{DYNAMIC['label']} (last exit)")
+    plot_training_curves(dyn_run.history, out_dir / "training.png", title=f"{DYNAMIC['label']} training",
+                         loss_label=f"loss: sum over the {dyn.num_exits} exits' cross-entropy",
+                         accuracy_label="accuracy of the last exit (%)")
     plot_accuracy_vs_macs({label: [(p.mean_macs, p.accuracy) for p in ev["sweep"]] for label, ev in evals.items()},
                           out_dir / "accuracy_vs_macs.png", anytime={k: ev["anytime"] for k, ev in evals.items()},
                           static={static_row["config"]: (s_macs, s_acc)},
@@ -155,13 +180,20 @@ def run_demo(out_dir: Path = Path("runs/demo"), epochs: int | None = None, threa
     mid = main["results"].get(0.5) or next(iter(main["results"].values()))
     plot_exit_histogram(mid.exit_index, dyn.num_exits, out_dir / "exit_histogram.png",
                         title=f"{DYNAMIC['label']}: exits taken at the 50% budget")
-    plot_easy_hard_gallery(x_test, test.targets.tolist(), mid.exit_index, out_dir / "easy_hard.png")
+    plot_easy_hard_gallery(x_test, test.targets.tolist(), mid.exit_index, out_dir / "easy_hard.png",
+                           predictions=mid.logits.argmax(1).tolist())
     small = test.scales < 0.4
     scale_line = (f"{DYNAMIC['label']} at the 50% budget: digits smaller than 0.4 of the canvas use "
                   f"{float(mid.macs[small].double().mean()) / 1e6:.2f}M MACs on average, larger ones "
                   f"{float(mid.macs[~small].double().mean()) / 1e6:.2f}M.")
     base = rows[DYNAMIC["label"]][0]
     table = _table(rows[DYNAMIC["label"]] + [static_row], base)
+    table += "\n" + _static_note(DYNAMIC["label"], base, static_row) + "\n"
+    timing = (f"Timings: eager PyTorch, {threads} threads, median per image of repeated runs after warm-up "
+              f"(IQR in results.json).")
+    warning = spread_warning(_latency_rows(rows[DYNAMIC["label"]] + [static_row]) +
+                             [t for label, r in rows.items() if label != DYNAMIC["label"] for t in _latency_rows(r)])
+    timing += f"\n\n**{warning}**" if warning else ""
     others = "".join(f"\n### {label}\n\n{_table(r, r[0])}" for label, r in rows.items() if label != DYNAMIC["label"])
     anytime_table = "| exit | " + " | ".join(f"{k} MACs | {k} acc" for k in evals) + " |\n|---|" + \
         "---|---|" * len(evals) + "\n"
@@ -178,7 +210,7 @@ def run_demo(out_dir: Path = Path("runs/demo"), epochs: int | None = None, threa
               f"per image (median of repeated runs over consecutive test batches); speedups are against the same "
               f"network at full depth, measured in the same run. Thresholds are solved on the validation split and "
               f"applied with real early exit (exited samples leave the batch).\n\n## {DYNAMIC['label']}\n\n"
-              f"{table}\n{scale_line}\n{others}\n## Anytime prediction (every exit on the whole test split)\n\n"
+              f"{timing}\n\n{table}\n{scale_line}\n{others}\n## Anytime prediction (every exit on the whole test split)\n\n"
               f"{anytime_table}\n![accuracy vs MACs](accuracy_vs_macs.png)\n![exits](exit_histogram.png)\n"
               f"![easy and hard](easy_hard.png)\n![training](training.png)\n\nTotal time: {elapsed:.0f}s.\n")
     atomic_write_text(out_dir / "report.md", report)
@@ -187,6 +219,7 @@ def run_demo(out_dir: Path = Path("runs/demo"), epochs: int | None = None, threa
          "curves": {k: [(p.mean_macs, p.accuracy) for p in ev["sweep"]] for k, ev in evals.items()},
          "anytime": {k: ev["anytime"] for k, ev in evals.items()}}, indent=2))
     print()
+    print(timing.replace("**", ""))
     print(table)
     print(scale_line)
     print(others)

@@ -54,7 +54,7 @@ def test_bench_json_of_a_dynamic_checkpoint(checkpoint, capsys):
     assert main(["bench", str(path), "--json", "--min-time", "0.02", "--images", "12", "--batch-sizes", "1",
                  "4"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["kind"] == "multi_exit" and result["threads"] == 1 and result["policy_source"].endswith(
+    assert result["kind"] == "multi_exit" and result["threads"] == 2 and result["policy_source"].endswith(
         "thresholds.json")
     keys = {(r["backend"], r["precision"], r["batch"], r["mode"]) for r in result["rows"]}
     assert keys == {(b, p, n, m) for b, p in [("eager", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")]
