@@ -8,6 +8,9 @@ def test_demo_runs_end_to_end(tmp_path):
     out = run_demo(tmp_path, epochs=1, threads=1, naive=False, min_time_s=0.0)
     report = (tmp_path / "report.md").read_text()
     assert "MSDNet, full depth" in report and "budget 50%" in report
+    # the thread count is stated, and the static row says what its ratios compare it with
+    assert "Timings: eager PyTorch, 1 thread," in report and "MACs: full depth / this" in report
+    assert "The static row compares a separate static network with MSDNet at full depth" in report
     for name in ("accuracy_vs_macs.png", "exit_histogram.png", "easy_hard.png", "training.png"):
         assert (tmp_path / name).stat().st_size > 1000
     rows = out["rows"]["MSDNet"]

@@ -176,14 +176,15 @@ def _print_latency(rows: list[dict]) -> None:
 def _profile_bundle(args) -> int:
     """`dyncnn profile DIR` of an exported bundle: the manifest's MACs and ONNX Runtime latency."""
     from .export.bench import profile_bundle
+    from .export.runtime import _read_manifest
     if args.cfg or args.no_onnx:
         raise DyncnnError("--cfg and --no-onnx do not apply to an exported bundle (its graphs are fixed, and ONNX "
                           "Runtime is what runs them)")
-    result = profile_bundle(args.model, args.batch_sizes, threads=args.threads, min_time_s=args.min_time)
-    shape = result["input_shape"]
+    shape = [int(s) for s in _read_manifest(Path(args.model))["input"]["shape"][1:]]
     if (args.input_size not in (None, shape[1])) or (args.in_chans not in (None, shape[0])):
         raise DyncnnError(f"bundle {args.model} was exported for inputs {'x'.join(map(str, shape))}; its input size "
                           f"is fixed (drop --input-size/--in-chans, or export again)")
+    result = profile_bundle(args.model, args.batch_sizes, threads=args.threads, min_time_s=args.min_time)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -409,8 +410,8 @@ def _size(n: int) -> str:
 
 def cmd_export(args) -> int:
     from .export import export_bundle, is_multi_exit
-    _untrained_warning(args.model)
     model, meta = _load_model(args.model, cfg=_parse_cfg(args.cfg))
+    _untrained_warning(args.model)
     model.eval()
     shape = _deploy_shape(model, args, meta)
     policy, source = (_deploy_policy(args, model, meta) if is_multi_exit(model) else (None, None))

@@ -120,13 +120,11 @@ def _table(rows: list, base: dict) -> str:
 
 def _static_note(label: str, base: dict, static: dict) -> str:
     """What the static row's ratios compare: the static network against the dynamic one at full depth."""
-    def ratio(key: str) -> str:
-        r = static[key] / base[key]
-        return f"{r:.2f}x the" if abs(r - 1) >= 0.005 else "the same as"
+    r = {k: static[k] / base[k] for k in ("mean_macs", "latency_ms_b1", "latency_ms_b64")}
     return (f"The static row compares a separate static network with {label} at full depth: it costs "
-            f"{ratio('mean_macs')} MACs of {label} at full depth and takes {ratio('latency_ms_b1')} time at batch 1 "
-            f"({ratio('latency_ms_b64')} at batch 64); its ratios above are {label}'s full-depth figures divided by "
-            f"its own (above 1x: the static network is cheaper).")
+            f"{r['mean_macs']:.2f}x the MACs of {label} at full depth and takes {r['latency_ms_b1']:.2f}x its time "
+            f"at batch 1, {r['latency_ms_b64']:.2f}x at batch 64; the ratios in its row are {label}'s full-depth "
+            f"figures divided by its own (above 1x: the static network is cheaper).")
 
 
 def run_demo(out_dir: Path = Path("runs/demo"), epochs: int | None = None, threads: int = DEFAULT_THREADS,
@@ -189,7 +187,7 @@ def run_demo(out_dir: Path = Path("runs/demo"), epochs: int | None = None, threa
     base = rows[DYNAMIC["label"]][0]
     table = _table(rows[DYNAMIC["label"]] + [static_row], base)
     table += "\n" + _static_note(DYNAMIC["label"], base, static_row) + "\n"
-    timing = (f"Timings: eager PyTorch, {threads} threads, median per image of repeated runs after warm-up "
+    timing = (f"Timings: eager PyTorch, {threads} thread{'s' * (threads != 1)}, median per image of repeated runs after warm-up "
               f"(IQR in results.json).")
     warning = spread_warning(_latency_rows(rows[DYNAMIC["label"]] + [static_row]) +
                              [t for label, r in rows.items() if label != DYNAMIC["label"] for t in _latency_rows(r)])
@@ -215,7 +213,7 @@ def run_demo(out_dir: Path = Path("runs/demo"), epochs: int | None = None, threa
               f"![easy and hard](easy_hard.png)\n![training](training.png)\n\nTotal time: {elapsed:.0f}s.\n")
     atomic_write_text(out_dir / "report.md", report)
     atomic_write_text(out_dir / "results.json", json.dumps(
-        {"rows": rows, "static": static_row,
+        {"threads": threads, "rows": rows, "static": static_row,
          "curves": {k: [(p.mean_macs, p.accuracy) for p in ev["sweep"]] for k, ev in evals.items()},
          "anytime": {k: ev["anytime"] for k, ev in evals.items()}}, indent=2))
     print()
