@@ -1,4 +1,8 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,9 +59,10 @@ def test_train_eval_resume(tmp_path, capsys):
     assert main(["eval", str(out / "last.safetensors"), "--split", "val", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["dataset"] == "mnist" and r["n"] == 500 and r["acc"] > 0.2
-    # resuming a finished run trains no further steps
+    # resuming a finished run trains no further steps, and says so in one line
     assert main(args + ["--resume"]) == 0
-    assert "for 108 steps" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "for 108 steps" in out and out.count("nothing to resume") == 1
 
 
 def test_errors_exit_2_with_message(tmp_path, capsys):
@@ -122,4 +127,82 @@ def test_gated_model_from_a_static_checkpoint_and_its_executed_eval(tmp_path, ca
     # a checkpoint that fits neither the model nor its backbone is refused with both reasons
     assert main(["train", "--model", "skipnet_resnet32_cifar", *common, "--cfg", "width_mult=0.25",
                  "--init", str(tmp_path / "static" / "last.safetensors"), "--out", str(tmp_path / "bad")]) == 2
-    assert "fits neither the model nor its backbone" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # it says which checkpoint is needed (the backbone's registered name), not a list of state-dict keys
+    assert "is of model 'resnet20_cifar'" in err and "of its static backbone 'resnet32_cifar'" in err
+    assert "dyncnn train --model resnet32_cifar" in err and "missing keys" not in err and len(err) < 500
+
+
+def _env():
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+
+
+def test_help_imports_no_torch_and_documents_every_option():
+    code = ("import sys, contextlib, io\nfrom dyncnn.cli import main\n"
+            "for argv in (['--help'], ['train', '--help']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        try: main(argv)\n"
+            "        except SystemExit: pass\n"
+            "print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+    parser = build_parser()
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        text = " ".join(sub.format_help().split())
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+            if action.option_strings and action.default is not None and action.default is not False:
+                assert "default" in action.help or f"(default: {action.default})" in text or \
+                    f"(default: {' '.join(map(str, action.default))})" in text, (name, action.option_strings)
+    train = " ".join(parser.parse_args(["train", "--model", "x", "--out", "y"]).func.__name__.split())
+    assert train == "cmd_train"
+    sub = parser._subparsers._group_actions[0].choices
+    assert "--epochs EPOCHS passes over the training split (default: 10)" in " ".join(sub["train"].format_help().split())
+    for cmd in ("profile", "bench", "demo"):       # one timing policy: the same default thread count
+        assert sub[cmd].get_default("threads") == 2
+
+
+def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
+    import dyncnn.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "cmd_zoo", interrupted)
+    assert main(["zoo"]) == 130
+    err = capsys.readouterr().err
+    assert err == "dyncnn zoo: interrupted\n"
+
+
+def test_train_piped_into_head_exits_cleanly(tmp_path):
+    """`dyncnn train ... | head -1`: no BrokenPipeError traceback, the exit status of a closed pipe (141)."""
+    cmd = [sys.executable, "-m", "dyncnn.cli", "train", "--model", "tiny_mobilenet", "--dataset", "mnist",
+           "--epochs", "2", "--batch-size", "256", "--cfg", "widths=[8]", "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**_env(), "PYTHONUNBUFFERED": "1"})
+    first = proc.stdout.readline()
+    proc.stdout.close()                                   # as `head -1` does after its line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 141, err
+    assert first.startswith("epoch") and "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_only_the_main_process_reports_under_torchrun(tmp_path, capsys, monkeypatch):
+    import dyncnn.train.distributed as distributed
+    args = ["train", "--model", "tiny_mobilenet", "--dataset", "mnist", "--epochs", "1", "--batch-size", "256",
+            "--cfg", "widths=[8]", "--out", str(tmp_path / "run")]
+    monkeypatch.setattr(distributed, "is_main_process", lambda: False)     # as rank 1 sees it
+    assert main(args) == 0
+    assert "final val acc" not in capsys.readouterr().out
+
+
+def test_export_lists_its_files_and_warns_about_random_weights(tmp_path, capsys):
+    assert main(["export", "tiny_mobilenet", "--input-size", "32", "--dataset", "mnist", "--out",
+                 str(tmp_path / "b")]) == 0
+    cap = capsys.readouterr()
+    assert "(random, untrained) weights" in cap.err and "pass a checkpoint" in cap.err
+    assert "wrote 2 files" in cap.out
+    lines = {ln.split()[0]: ln for ln in cap.out.splitlines() if ln.startswith("  ")}
+    assert set(lines) == {"manifest.json", "model.onnx"} and lines["model.onnx"].endswith("kB")

@@ -129,3 +129,31 @@ def test_example_input_is_each_models_own():
     assert example_input(dyncnn.create_model("tiny_mobilenet"), published_size=32) == ("image", (1, 32, 32))
     assert example_input(dyncnn.create_model("tiny_mobilenet"), input_size=48) == ("image", (1, 48, 48))
     assert example_input(dyncnn.create_model("skiprnn_gru_clips"), input_size=48) == ("sequence", (16, 256))
+
+
+def test_spread_warning_names_the_noisy_rows():
+    from dyncnn.cli import THREADS
+    from dyncnn.profile.latency import DEFAULT_THREADS, LatencyStats, spread_warning
+    assert DEFAULT_THREADS == THREADS == 2          # one timing policy: the CLI's default is the library's
+    quiet = LatencyStats("eager", 1, 2, median_ms=7.4, p25_ms=7.2, p75_ms=7.9, runs=20)
+    noisy = LatencyStats("eager", 1, 2, median_ms=38.9, p25_ms=10.0, p75_ms=66.9, runs=20)
+    assert spread_warning([quiet]) is None
+    line = spread_warning([quiet, noisy])
+    assert line.startswith("warning: noisy timings, IQR > 0.5 x median for eager b=1 (median 38.9 ms, IQR 56.9 ms)")
+    assert "machine busy? rerun" in line and "\n" not in line
+    rows = [{"backend": "onnxruntime", "precision": "int8", "batch": 64, "mode": "policy", "median_ms": 2.0,
+             "spread_ms": 1.5}]
+    assert "onnxruntime int8 policy b=64" in spread_warning(rows)
+
+
+def test_profile_prints_threads_and_the_warning(monkeypatch, capsys):
+    import dyncnn.profile as profile
+    from dyncnn.cli import main
+    from dyncnn.profile.latency import LatencyStats
+
+    def fake(model, x, batch_sizes, threads, backend, min_time_s):
+        return {b: LatencyStats(backend, b, threads, 10.0, 2.0, 9.0, 5) for b in batch_sizes}
+    monkeypatch.setattr(profile, "measure_latency", fake)
+    assert main(["profile", "tiny_mobilenet", "--input-size", "32", "--batch-sizes", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "threads: 2" in out and out.count("machine busy? rerun") == 1

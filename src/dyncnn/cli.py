@@ -3,10 +3,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from .errors import DyncnnError
+
+# The one timing policy's thread count (profile.latency.DEFAULT_THREADS; not imported here: `--help` must not
+# import torch).
+THREADS = 2
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option shows its default, unless its help already speaks of it or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or \
+                action.default == argparse.SUPPRESS or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -60,6 +76,11 @@ def _parse_cfg(items: list[str] | None) -> dict:
         except json.JSONDecodeError:
             cfg[key] = value
     return cfg
+
+
+def _is_bundle(spec: str) -> bool:
+    """An exported bundle folder (``dyncnn export --out DIR``): it holds a manifest.json."""
+    return (Path(spec) / "manifest.json").is_file()
 
 
 def _load_model(spec: str, num_classes: int | None = None, cfg: dict | None = None):
@@ -134,6 +155,8 @@ def cmd_profile(args) -> int:
     import torch
 
     from .profile import count_macs, measure_latency, peak_memory
+    if _is_bundle(args.model):
+        return _profile_bundle(args)
     model, meta = _load_model(args.model, cfg=_parse_cfg(args.cfg))
     shape = _input_shape(model, args.input_size, args.in_chans, meta)
     x = torch.randn(1, *shape)
@@ -153,11 +176,47 @@ def cmd_profile(args) -> int:
     print(f"model: {args.model}   input: 1x{shape[0]}x{shape[1]}x{shape[2]}   threads: {args.threads}")
     print(f"MACs: {macs.total / 1e6:.2f}M   params: {macs.params / 1e6:.3f}M   "
           f"peak activations (batch 1): {result['peak_activation_mb']:.2f} MiB   weights: {result['param_mb']:.2f} MiB")
+    _print_latency(result["latency"])
+    return 0
+
+
+def _print_latency(rows: list[dict]) -> None:
+    """The latency table of `dyncnn profile`, and the one-line warning when the spread is large."""
+    from .profile.latency import spread_warning
     print("| backend | batch | median ms | IQR ms | ms/sample | runs |")
     print("|---|---|---|---|---|---|")
-    for s in result["latency"]:
-        print(f"| {s['backend']} | {s['batch_size']} | {s['median_ms']:.2f} | {s['spread_ms']:.2f} | "
-              f"{s['median_ms'] / s['batch_size']:.3f} | {s['runs']} |")
+    for s in rows:
+        print(f"| {s['backend']}{' (' + s['mode'] + ')' if s.get('mode') else ''} | {s['batch_size']} | "
+              f"{s['median_ms']:.2f} | {s['spread_ms']:.2f} | {s['median_ms'] / s['batch_size']:.3f} | {s['runs']} |")
+    warning = spread_warning(rows)
+    if warning:
+        print(warning)
+
+
+def _profile_bundle(args) -> int:
+    """`dyncnn profile DIR` of an exported bundle: the manifest's MACs and ONNX Runtime latency."""
+    from .export.bench import profile_bundle
+    from .export.runtime import _read_manifest
+    if args.cfg or args.no_onnx:
+        raise DyncnnError("--cfg and --no-onnx do not apply to an exported bundle (its graphs are fixed, and ONNX "
+                          "Runtime is what runs them)")
+    shape = [int(s) for s in _read_manifest(Path(args.model))["input"]["shape"][1:]]
+    if (args.input_size not in (None, shape[1])) or (args.in_chans not in (None, shape[0])):
+        raise DyncnnError(f"bundle {args.model} was exported for inputs {'x'.join(map(str, shape))}; its input size "
+                          f"is fixed (drop --input-size/--in-chans, or export again)")
+    result = profile_bundle(args.model, args.batch_sizes, threads=args.threads, min_time_s=args.min_time)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"bundle: {args.model} ({result['bundle_kind']}, {result['model_class']})   input: 1x{shape[0]}x{shape[1]}"
+          f"x{shape[2]}   threads: {args.threads}   ONNX Runtime, median and IQR of repeated runs after warm-up")
+    exits = (f" at full depth; per exit (cumulative): {', '.join(f'{m / 1e6:.2f}M' for m in result['exit_macs'])}"
+             if result["exit_macs"] else "")
+    print(f"MACs (from the manifest): {result['macs'] / 1e6:.2f}M{exits}")
+    print(f"weights in the FP32 graphs: {result['params'] / 1e6:.3f}M   bundle on disk: {result['bundle_mb']:.2f} MiB")
+    _print_latency(result["latency"])
+    if result["exit_macs"]:
+        print(f"(random inputs at full depth; `dyncnn bench {args.model}` times the exit policy on real images)")
     return 0
 
 
@@ -187,6 +246,9 @@ def cmd_train(args) -> int:
     else:
         trainer = Trainer(model, train_set, val_set, config, out_dir=args.out, extra=extra)
         result = trainer.fit(resume=args.resume)
+    from .train.distributed import is_main_process
+    if not is_main_process():       # under torchrun: the other processes have no validation figures to report
+        return 0
     print(f"trained {args.model} for {result.steps} steps in {result.seconds:.1f}s: "
           f"final val acc {result.final_val_acc:.4f}, best {result.best_val_acc:.4f}; checkpoints in {args.out}")
     return 0
@@ -410,9 +472,30 @@ def _takes_exit_policy(model) -> bool:
     return is_multi_exit(model) or hasattr(model, "export_bundle")
 
 
+def _untrained_warning(spec: str) -> None:
+    if not (spec.endswith(".safetensors") or Path(spec).is_dir()):
+        print(f"warning: {spec} is a model name, not a checkpoint: the bundle holds its initial (random, untrained) "
+              f"weights; pass a checkpoint from `dyncnn train` (e.g. OUT/best.safetensors) to export a trained "
+              f"model", file=sys.stderr)
+
+
+def _list_files(folder: str) -> None:
+    """The files of a bundle folder with their sizes (a user should not find a 30 MB single.onnx by surprise)."""
+    files = sorted(f for f in Path(folder).rglob("*") if f.is_file())
+    total = sum(f.stat().st_size for f in files)
+    print(f"wrote {len(files)} files, {_size(total)} in all:")
+    for f in files:
+        print(f"  {f.relative_to(folder)}  {_size(f.stat().st_size)}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} kB" if n >= 2**10 else f"{n} B"
+
+
 def cmd_export(args) -> int:
     from .export import export_bundle
     model, meta = _load_model(args.model, cfg=_parse_cfg(args.cfg))
+    _untrained_warning(args.model)
     model.eval()
     shape = _deploy_shape(model, args, meta)
     policy, source = (_deploy_policy(args, model, meta) if _takes_exit_policy(model) else (None, None))
@@ -424,6 +507,8 @@ def cmd_export(args) -> int:
         print(json.dumps(manifest, indent=2, allow_nan=True) if args.json else
               f"exported {args.model} (glance, {len(manifest['graphs'])} ONNX graphs) to {args.out}; max relative "
               f"error against eager {manifest['check']['max_rel_err']:.1e}; exit policy: {source}")
+        if not args.json:
+            _list_files(args.out)
         return 0
     real, _ = _deploy_images(args, model, meta, shape, "val", max(args.calib_images, 16))
     manifest = export_bundle(model, args.out, shape, policy=policy, check_inputs=[real[:16]],
@@ -438,11 +523,14 @@ def cmd_export(args) -> int:
           f"against eager {manifest['check']['max_rel_err']:.1e} on {manifest['check']['batches']} batches")
     if policy is not None:
         print(f"exit policy: {source}; thresholds {[round(t, 4) for t in policy.thresholds]}")
+    _list_files(args.out)
     return 0
 
 
 def cmd_bench(args) -> int:
     from .export.bench import bench_model, format_table
+    if _is_bundle(args.model):
+        return _bench_bundle(args)
     model, meta = _load_model(args.model, cfg=_parse_cfg(args.cfg))
     model.eval()
     shape = _deploy_shape(model, args, meta)
@@ -456,6 +544,32 @@ def cmd_bench(args) -> int:
         print(json.dumps(result, indent=2, allow_nan=True))
         return 0
     print(f"model: {args.model} ({result['kind']})" + (f"   exit policy: {source}" if source else ""))
+    print(format_table(result))
+    return 0
+
+
+def _bench_bundle(args) -> int:
+    """`dyncnn bench DIR` of an exported bundle: its own ONNX Runtime rows (every precision it holds) on real
+    images of --dataset, resized to the bundle's input; the exit policy is the manifest's."""
+    from types import SimpleNamespace
+
+    from .export.bench import bench_bundle, format_table
+    from .export.runtime import _read_manifest
+    if args.thresholds or args.budget is not None or args.cfg:
+        raise DyncnnError("--thresholds, --budget and --cfg do not apply to an exported bundle: its exit policy is "
+                          "the one in its manifest.json (export again to change it)")
+    manifest = _read_manifest(Path(args.model))
+    shape = tuple(int(s) for s in manifest["input"]["shape"][1:])
+    labelled = SimpleNamespace(num_classes=int(manifest.get("num_classes") or 0))
+    images, labels = _deploy_images(args, labelled, {}, shape, "test", args.images)
+    result = bench_bundle(args.model, images, labels, threads=args.threads, batch_sizes=args.batch_sizes,
+                          min_time_s=args.min_time)
+    if args.json:
+        print(json.dumps(result, indent=2, allow_nan=True))
+        return 0
+    policy = manifest.get("policy")
+    print(f"bundle: {args.model} ({result['kind']}, {result['model_class']})" +
+          (f"   exit policy (manifest): thresholds {[round(t, 4) for t in policy['thresholds']]}" if policy else ""))
     print(format_table(result))
     return 0
 
@@ -480,30 +594,31 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Profile MODEL (registered name, torchvision:NAME, timm:NAME or a checkpoint): "
                                     "MACs, parameters, peak activation memory, and latency in eager PyTorch and "
                                     "ONNX Runtime at each batch size with a fixed thread count.")
-    pr.add_argument("model")
+    pr.add_argument("model", help="registered name, torchvision:NAME, timm:NAME, checkpoint (.safetensors) or an "
+                    "exported bundle folder (with manifest.json)")
     pr.add_argument("--input-size", type=int, default=None, help="square input side (default 224, or the "
                     "checkpoint's data size)")
     pr.add_argument("--in-chans", type=int, default=None, help="input channels (default: the model's)")
-    pr.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    pr.add_argument("--threads", type=int, default=2)
+    pr.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="batch sizes timed")
+    pr.add_argument("--threads", type=int, default=THREADS, help="intra-op threads of eager PyTorch and ONNX Runtime")
     pr.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs per point")
     pr.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime measurement")
     pr.add_argument("--cfg", nargs="*", metavar="KEY=VALUE", help="model keyword arguments")
-    pr.add_argument("--json", action="store_true")
+    pr.add_argument("--json", action="store_true", help="print JSON instead of tables")
     pr.set_defaults(func=cmd_profile)
 
     t = sub.add_parser("train", help="train a model on a dataset, with checkpoints and --resume",
                        description="Train MODEL on DATASET; writes last/best checkpoints (safetensors + JSON) and "
                                    "metrics.jsonl to --out. Under torchrun, trains with DistributedDataParallel.")
-    t.add_argument("--model", required=True)
+    t.add_argument("--model", required=True, help="registered name (see `dyncnn zoo`), torchvision:NAME or timm:NAME")
     _add_data_args(t)
-    t.add_argument("--epochs", type=int, default=10)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=0.05)
-    t.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
-    t.add_argument("--weight-decay", type=float, default=5e-4)
-    t.add_argument("--label-smoothing", type=float, default=0.0)
-    t.add_argument("--warmup-epochs", type=float, default=0.0)
+    t.add_argument("--epochs", type=int, default=10, help="passes over the training split")
+    t.add_argument("--batch-size", type=int, default=64, help="global batch size (split across torchrun processes)")
+    t.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the cosine schedule")
+    t.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="sgd: momentum 0.9, Nesterov")
+    t.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (not on norms and biases)")
+    t.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
+    t.add_argument("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up, in epochs")
     t.add_argument("--cfg", nargs="*", metavar="KEY=VALUE", help="model keyword arguments")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors if present")
@@ -515,22 +630,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="accuracy of a checkpoint on a data split",
                        description="Evaluate CHECKPOINT on a split of the dataset it was trained on (or --dataset).")
-    e.add_argument("checkpoint")
+    e.add_argument("checkpoint", help="a .safetensors checkpoint written by `dyncnn train`")
     _add_data_args(e)
-    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--split", default="test", choices=["train", "val", "test"], help="data split evaluated")
     e.add_argument("--dataset-override", action="store_true",
                    help="use --dataset/--data-root instead of the dataset recorded in the checkpoint")
     e.add_argument("--budget", default=None, metavar="THRESHOLDS_JSON",
                    help="real early-exit evaluation with thresholds from `dyncnn calibrate`")
     e.add_argument("--anytime", action="store_true", help="accuracy of every exit with its cumulative MACs")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--json", action="store_true", help="print JSON instead of text")
     e.set_defaults(func=cmd_eval)
 
     c = sub.add_parser("calibrate", help="solve exit thresholds for a target budget on the validation split",
                        description="Fit per-exit temperatures and solve the early-exit thresholds of a multi-exit "
                                    "CHECKPOINT on the validation split for a target mean MACs (MSDNet protocol + "
                                    "bisection); writes a thresholds JSON for `dyncnn eval --budget`.")
-    c.add_argument("checkpoint")
+    c.add_argument("checkpoint", help="a multi-exit .safetensors checkpoint written by `dyncnn train`")
     _add_data_args(c)
     target = c.add_mutually_exclusive_group(required=True)
     target.add_argument("--budget", type=float, help="target mean MACs as a fraction of full depth, e.g. 0.5")
@@ -538,8 +653,10 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--target-accuracy", type=float, help="cheapest thresholds reaching this val accuracy")
     target.add_argument("--budget-ms", type=float, help="target mean latency in ms per image (batch 1, ONNX "
                         "Runtime), predicted from per-exit latencies measured on this machine")
-    c.add_argument("--criterion", default="max_prob", choices=["max_prob", "entropy", "margin"])
-    c.add_argument("--dataset-override", action="store_true")
+    c.add_argument("--criterion", default="max_prob", choices=["max_prob", "entropy", "margin"],
+                   help="exit confidence: top softmax probability, negative entropy or top-2 margin")
+    c.add_argument("--dataset-override", action="store_true",
+                   help="use --dataset/--data-root instead of the dataset recorded in the checkpoint")
     c.add_argument("--out", default=None, help="thresholds file (default: thresholds.json beside the checkpoint)")
     c.add_argument("--bundle", default=None, help="with --budget-ms: an exported bundle of this checkpoint whose "
                    "manifest holds (or receives) the measured exit latencies")
@@ -551,8 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and dynamic candidates with one training budget, choose each dynamic operating "
                                    "point on the validation split, time everything in ONNX Runtime (interleaved "
                                    "rounds, median and IQR) and write frontier.json / .md / .png with the speedup "
-                                   "at equal accuracy.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "at equal accuracy.")
     f.add_argument("--preset", default="demo", choices=["demo", "full", "phone"],
                    help="model set: demo (3 static, 2 cascades), full (8 static, 6 dynamic), phone (128x128 canvas, "
                         "20-75M MAC networks)")
@@ -581,10 +697,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a small static front on ScaledMNIST with clutter, build resolution "
                                    "cascades from it, calibrate them on the validation split, time everything in "
                                    "ONNX Runtime and write report.md and plots to --out (a small `dyncnn "
-                                   "frontier`).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "frontier`).")
     d.add_argument("--out", default="runs/demo", help="output folder")
     d.add_argument("--epochs", type=int, default=None, help="override the demo's epoch count (5)")
-    d.add_argument("--threads", type=int, default=2, help="torch threads for training; ONNX Runtime is timed with "
+    d.add_argument("--threads", type=int, default=THREADS, help="torch threads for training; ONNX Runtime is timed with "
                    "1 and this many threads")
     d.set_defaults(func=cmd_demo)
 
@@ -594,7 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "as one graph per stage with its exit head and a manifest (policy, per-stage "
                                     "MACs) that `dyncnn.export.load_bundle` runs with ONNX Runtime. Checked "
                                     "against eager on random and real (validation) images.")
-    ex.add_argument("model")
+    ex.add_argument("model", help="registered name, torchvision:NAME, timm:NAME or a checkpoint (.safetensors)")
     ex.add_argument("--out", required=True, help="bundle folder (new, empty, or an older bundle to replace)")
     ex.add_argument("--quantize", action="store_true", help="also write INT8 graphs (static post-training "
                     "quantization calibrated on validation images)")
@@ -605,10 +721,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--calib-images", type=int, default=256, help="validation images for INT8 calibration")
     ex.add_argument("--input-size", type=int, default=None, help="square input side (default: checkpoint's data "
                     "size, the model's published size, or 224)")
-    ex.add_argument("--in-chans", type=int, default=None)
+    ex.add_argument("--in-chans", type=int, default=None, help="input channels (default: the model's)")
     ex.add_argument("--cfg", nargs="*", metavar="KEY=VALUE", help="model keyword arguments")
     _add_data_args(ex)
-    ex.add_argument("--dataset-override", action="store_true")
+    ex.add_argument("--dataset-override", action="store_true",
+                    help="use --dataset/--data-root instead of the dataset recorded in the checkpoint")
     ex.add_argument("--json", action="store_true", help="print the manifest")
     ex.set_defaults(func=cmd_export)
 
@@ -617,34 +734,53 @@ def build_parser() -> argparse.ArgumentParser:
                                     "fixed threads, median and IQR; for multi-exit networks also the realized "
                                     "speedup of the exits against the same bundle forced to full depth, beside the "
                                     "MAC speedup, and the driver's overhead.")
-    be.add_argument("model")
+    be.add_argument("model", help="registered name, torchvision:NAME, timm:NAME, checkpoint (.safetensors) or an "
+                    "exported bundle folder (with manifest.json)")
     be.add_argument("--thresholds", default=None, help="exit thresholds file (multi-exit)")
     be.add_argument("--budget", type=float, default=None, help="without thresholds: calibrate for this fraction "
                     "of full-depth MACs on the validation split (default: halfway between the first exit's and "
                     "full-depth MACs)")
     be.set_defaults(calibrate=True)
-    be.add_argument("--threads", type=int, default=1)
-    be.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    be.add_argument("--threads", type=int, default=THREADS, help="intra-op threads of eager PyTorch and ONNX Runtime")
+    be.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="batch sizes timed")
     be.add_argument("--images", type=int, default=256, help="test images used (accuracy, dynamic timings)")
     be.add_argument("--min-time", type=float, default=0.5, help="seconds of timed runs per point")
     be.add_argument("--no-quantize", action="store_true", help="skip the INT8 rows")
-    be.add_argument("--input-size", type=int, default=None)
-    be.add_argument("--in-chans", type=int, default=None)
+    be.add_argument("--input-size", type=int, default=None, help="square input side (default: checkpoint's data "
+                    "size, the model's published size, or 224)")
+    be.add_argument("--in-chans", type=int, default=None, help="input channels (default: the model's)")
     be.add_argument("--cfg", nargs="*", metavar="KEY=VALUE", help="model keyword arguments")
     _add_data_args(be)
-    be.add_argument("--dataset-override", action="store_true")
-    be.add_argument("--json", action="store_true")
+    be.add_argument("--dataset-override", action="store_true",
+                    help="use --dataset/--data-root instead of the dataset recorded in the checkpoint")
+    be.add_argument("--json", action="store_true", help="print JSON instead of tables")
     be.set_defaults(func=cmd_bench)
+    for sp in sub.choices.values():
+        sp.formatter_class = _HelpFormatter
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()          # a closed pipe shows here, inside the handlers below, not at exit
+        return code
     except (DyncnnError, FileNotFoundError, ValueError) as e:
         print(f"dyncnn {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"dyncnn {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader went away (`dyncnn ... | head -1`): stop quietly, as `yes | head -1` does; stdout now points
+        # at /dev/null so that the interpreter's last flush does not fail again
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 141
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ Each check raises an error whose message says what was expected and what came, s
 """
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:      # torch is imported by the checks themselves: `dyncnn --help` must not pay for it
+    from torch import Tensor
 
 
 class DyncnnError(ValueError):
@@ -23,7 +25,8 @@ def check_image_batch(x: object, channels: int | None = None, *, name: str = "in
 
     Returns ``x`` unchanged so that it can be used inline.
     """
-    if not isinstance(x, Tensor):
+    import torch
+    if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}")
     if x.dim() != 4:
         hint = " (add a batch axis with x.unsqueeze(0))" if x.dim() == 3 else ""

@@ -54,7 +54,7 @@ def test_bench_json_of_a_dynamic_checkpoint(checkpoint, capsys):
     assert main(["bench", str(path), "--json", "--min-time", "0.02", "--images", "12", "--batch-sizes", "1",
                  "4"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["kind"] == "multi_exit" and result["threads"] == 1 and result["policy_source"].endswith(
+    assert result["kind"] == "multi_exit" and result["threads"] == 2 and result["policy_source"].endswith(
         "thresholds.json")
     keys = {(r["backend"], r["precision"], r["batch"], r["mode"]) for r in result["rows"]}
     assert keys == {(b, p, n, m) for b, p in [("eager", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")]
@@ -83,3 +83,48 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert main(["export", "tiny_mobilenet", "--input-size", "32", "--dataset", "mnist", "--out",
                  str(tmp_path / "mine")]) == 2
     assert "non-empty folder without a dyncnn bundle" in capsys.readouterr().err
+
+
+def test_bench_and_profile_of_an_exported_bundle_folder(tmp_path, checkpoint, capsys):
+    """`dyncnn bench DIR` / `dyncnn profile DIR` time the bundle as exported (its own policy, every precision)."""
+    path, model = checkpoint
+    out = tmp_path / "b"
+    assert main(["export", str(path), "--out", str(out), "--quantize", "--calib-images", "16"]) == 0
+    capsys.readouterr()
+    assert main(["bench", str(out), "--dataset", "mnist", "--json", "--min-time", "0.01", "--images", "8",
+                 "--batch-sizes", "1", "4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["kind"] == "multi_exit" and result["threads"] == 2
+    keys = {(r["backend"], r["precision"], r["batch"], r["mode"]) for r in result["rows"]}
+    assert keys == {("onnxruntime", p, n, m) for p in ("fp32", "int8") for n in (1, 4) for m in ("policy", "full")}
+    bundle = load_bundle(out)
+    assert result["dynamic"]["policy"]["thresholds"] == bundle.policy.thresholds
+    assert result["dynamic"]["parity"] is None and sum(result["dynamic"]["exit_histogram"]) == 8
+    assert set(result["accuracy"]) >= {"onnxruntime_fp32", "onnxruntime_int8"}      # mnist fits: labels are used
+    assert main(["bench", str(out), "--dataset", "mnist", "--min-time", "0.01", "--images", "4",
+                 "--batch-sizes", "1"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"bundle: {out} (multi_exit, ") and "threads: 2" in text
+    assert "| onnxruntime | int8 | 1 | policy |" in text and "eager" not in text
+    # profile: the manifest's MACs (per exit), the graphs' weights, ONNX Runtime latency at full depth
+    assert main(["profile", str(out), "--batch-sizes", "1", "2", "--min-time", "0.01", "--json"]) == 0
+    prof = json.loads(capsys.readouterr().out)
+    assert prof["exit_macs"] == bundle.exit_macs and prof["macs"] == bundle.exit_macs[-1]
+    assert prof["params"] > 0.9 * sum(p.numel() for p in model.parameters() if p.dim() > 1)
+    assert [r["batch_size"] for r in prof["latency"]] == [1, 2] and prof["threads"] == 2
+    assert all(r["backend"] == "onnxruntime" and r["mode"] == "full depth" for r in prof["latency"])
+    # options that cannot apply to a fixed bundle are refused with the reason
+    assert main(["bench", str(out), "--budget", "0.5"]) == 2
+    assert "its exit policy is the one in its manifest.json" in capsys.readouterr().err
+    assert main(["profile", str(out), "--input-size", "64", "--min-time", "0", "--batch-sizes", "1"]) == 2
+    assert "exported for inputs 1x28x28" in capsys.readouterr().err
+
+
+def test_int8_slower_than_fp32_gets_a_note():
+    from dyncnn.export.bench import int8_notes
+    rows = [{"backend": "onnxruntime", "precision": "fp32", "batch": 1, "median_ms": 1.0},
+            {"backend": "onnxruntime", "precision": "int8", "batch": 1, "median_ms": 1.5},
+            {"backend": "onnxruntime", "precision": "fp32", "batch": 64, "median_ms": 10.0},
+            {"backend": "onnxruntime", "precision": "int8", "batch": 64, "median_ms": 6.0}]
+    notes = int8_notes(rows)
+    assert len(notes) == 1 and notes[0].startswith("note: INT8 is slower than FP32 at batch 1 (1.500 vs 1.000 ms)")

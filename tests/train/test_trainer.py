@@ -180,3 +180,15 @@ def test_config_validation(data):
         TrainConfig(optimizer="adam")
     with pytest.raises(DyncnnError, match="fewer than one batch"):
         Trainer(_model(), Subset(data[0], range(10)), None, _cfg())
+
+
+def test_progress_off_a_terminal_and_finished_run_says_nothing_to_resume(tmp_path, data, capsys):
+    """stderr is not a terminal under pytest: no bar fragments ("\\r"), only the per-epoch lines on stdout."""
+    train, val = data
+    Trainer(_model(), train, val, _cfg(epochs=1, progress=True), out_dir=tmp_path).fit()
+    cap = capsys.readouterr()
+    assert "\r" not in cap.err and "\r" not in cap.out and cap.out.startswith("epoch   1/1")
+    result = Trainer(_model(), train, val, _cfg(epochs=1, progress=True), out_dir=tmp_path).fit(resume=True)
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "finished its 1 epoch (5 steps): nothing to resume" in out
+    assert result.steps == 5

@@ -11,6 +11,9 @@ divided by their number, so easy and hard images are both in it); a larger batch
 compaction. The realized speedup (full-depth time / policy time) is reported beside the MAC speedup (full-depth
 MACs / mean MACs of the ledger), and for the ONNX Runtime FP32 bundle the driver's own overhead: the share of a
 full-depth batch-1 call spent outside ONNX Runtime sessions.
+
+:func:`bench_bundle` times an exported bundle folder as it is (no model, no eager rows): the ONNX Runtime rows of
+each precision the bundle holds, and for a multi-exit bundle the same paired policy / full-depth rounds.
 """
 from __future__ import annotations
 
@@ -23,8 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..profile.latency import summarize, time_callable, torch_threads
-from .runtime import load_bundle
+from ..profile.latency import DEFAULT_THREADS, spread_warning, summarize, time_callable, torch_threads
+from .runtime import _read_manifest, load_bundle
 from .staged import export_bundle, is_multi_exit
 
 
@@ -57,7 +60,7 @@ def _paired(fns: dict[str, Callable[[], object]], calls: int, min_time_s: float,
 
 
 def bench_model(model: nn.Module, images: Tensor, labels: Tensor | None = None, *, policy=None,
-                threads: int = 1, batch_sizes: Sequence[int] = (1, 64), quantize: bool = True,
+                threads: int = DEFAULT_THREADS, batch_sizes: Sequence[int] = (1, 64), quantize: bool = True,
                 calibration: Tensor | None = None, min_time_s: float = 0.5, single_images: int = 32,
                 workdir: str | Path | None = None) -> dict:
     """Latency (and accuracy when ``labels`` are given) of ``model`` in eager and as an exported bundle.
@@ -103,6 +106,43 @@ def bench_model(model: nn.Module, images: Tensor, labels: Tensor | None = None, 
                               out)
 
 
+def bench_bundle(folder: str | Path, images: Tensor, labels: Tensor | None = None, *, threads: int = DEFAULT_THREADS,
+                 batch_sizes: Sequence[int] = (1, 64), min_time_s: float = 0.5, single_images: int = 32) -> dict:
+    """Latency (and accuracy when ``labels`` are given) of the exported bundle in ``folder`` with ONNX Runtime,
+    for every precision it holds (FP32, and INT8 when exported with ``--quantize``); the result has the shape of
+    :func:`bench_model`'s, without eager rows and eager parity."""
+    folder = Path(folder)
+    manifest = _read_manifest(folder)
+    kind = manifest["kind"]
+    precisions = ["fp32"]
+    if kind != "glance":
+        graphs = [manifest["graph"]] if kind == "static" else [st for st in manifest["stages"] if st["files"]]
+        if graphs and all("int8" in g["files"] for g in graphs):
+            precisions.append("int8")
+    out: dict = {"bundle": str(folder), "model_class": manifest.get("model_class"), "kind": kind,
+                 "input_shape": list(manifest["input"]["shape"][1:]), "threads": threads,
+                 "batch_sizes": list(batch_sizes), "rows": []}
+    with torch_threads(threads):
+        if kind == "glance":
+            from .glance import load_glance_bundle
+            bundles = {"fp32": load_glance_bundle(folder, threads=threads)}
+        else:
+            bundles = {p: load_bundle(folder, p, threads=threads) for p in precisions}
+        if kind != "static":
+            return _bench_dynamic(None, images, labels, bundles, manifest, batch_sizes, min_time_s, single_images,
+                                  out)
+        out["macs"] = manifest["macs"]
+        for prec, bundle in bundles.items():
+            for b in batch_sizes:
+                xin = _repeat_to(images, b).numpy()
+                stats = _point(lambda: bundle.run_numpy(xin), 1, min_time_s)
+                out["rows"].append({"backend": "onnxruntime", "precision": prec, "batch": b, **_clean(stats)})
+        if labels is not None:
+            out["accuracy"] = {f"onnxruntime_{p}": _accuracy(_predict(b.run_numpy, images, "onnxruntime"), labels)
+                               for p, b in bundles.items()}
+    return out
+
+
 def _predict(fn, images: Tensor, backend: str, batch: int = 256) -> np.ndarray:
     preds = []
     for i in range(0, len(images), batch):
@@ -120,7 +160,7 @@ def _bench_dynamic(model, images, labels, bundles, manifest, batch_sizes, min_ti
     from ..dynamic.policy import ExitPolicy
     policy = bundles["fp32"].policy
     full = ExitPolicy.never(bundles["fp32"].num_exits)
-    runners = {("eager", "fp32"): lambda x, p: model.infer(x, p)}
+    runners = {} if model is None else {("eager", "fp32"): lambda x, p: model.infer(x, p)}
     runners.update({("onnxruntime", prec): b.run for prec, b in bundles.items()})
     singles = [images[i:i + 1].contiguous() for i in range(min(single_images, len(images)))]
     singles_np = [s.numpy() for s in singles]
@@ -159,16 +199,18 @@ def _bench_dynamic(model, images, labels, bundles, manifest, batch_sizes, min_ti
             reps += 1
         overhead = 1.0 - b32.session_seconds / (time.perf_counter() - t0)
     res = b32.run(images, policy)
-    eager = model.infer(images, policy)
-    parity = {"n": len(images), "same_exit": int((res.exit_index == eager.exit_index).sum()),
-              "same_macs": int((res.macs == eager.macs).sum()),
-              "max_rel_err": float((res.logits - eager.logits).abs().max() / eager.logits.abs().max())}
+    parity = None                       # a bundle benchmarked on its own has no eager model to agree with
+    if model is not None:
+        eager = model.infer(images, policy)
+        parity = {"n": len(images), "same_exit": int((res.exit_index == eager.exit_index).sum()),
+                  "same_macs": int((res.macs == eager.macs).sum()),
+                  "max_rel_err": float((res.logits - eager.logits).abs().max() / eager.logits.abs().max())}
     out["dynamic"] = {"exit_macs": manifest["exit_macs"], "policy": manifest["policy"], "parity": parity,
                       "exit_histogram": np.bincount(res.exit_index.numpy(), minlength=b32.num_exits).tolist(),
                       "mean_macs": float(res.macs.double().mean()), "speedups": speedups,
                       "driver_overhead_full_depth_b1": overhead}
     if labels is not None:
-        acc = {"eager_fp32": _accuracy(model.infer(images, policy).logits.argmax(1), labels)}
+        acc = {} if model is None else {"eager_fp32": _accuracy(model.infer(images, policy).logits.argmax(1), labels)}
         for prec, b in bundles.items():
             r = b.run(images, policy)
             acc[f"onnxruntime_{prec}"] = _accuracy(r.logits.argmax(1), labels)
@@ -180,7 +222,8 @@ def _bench_dynamic(model, images, labels, bundles, manifest, batch_sizes, min_ti
 def format_table(result: dict) -> str:
     """Markdown tables of a :func:`bench_model` result."""
     dyn = result["kind"] in ("multi_exit", "glance")
-    lines = [f"threads: {result['threads']}   input: {'x'.join(map(str, result['input_shape']))}"]
+    lines = [f"threads: {result['threads']}   input: {'x'.join(map(str, result['input_shape']))}   median and IQR "
+             f"of repeated runs after warm-up"]
     head = "| backend | precision | batch |" + (" mode |" if dyn else "") + \
         " median ms/call | IQR ms | ms/sample | runs |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
@@ -191,11 +234,12 @@ def format_table(result: dict) -> str:
     if dyn:
         d = result["dynamic"]
         p = d["parity"]
-        lines += ["", f"exits taken (all {p['n']} images): {d['exit_histogram']}   mean MACs "
-                      f"{d['mean_macs'] / 1e6:.3f}M of {d['exit_macs'][-1] / 1e6:.3f}M at full depth",
-                  f"ONNX Runtime FP32 bundle vs eager infer: same exit for {p['same_exit']}/{p['n']}, same MACs for "
-                  f"{p['same_macs']}/{p['n']}, logits max relative error {p['max_rel_err']:.1e}",
-                  "| backend | precision | batch | MAC speedup | realized speedup | kept |",
+        lines += ["", f"exits taken (all {sum(d['exit_histogram'])} images): {d['exit_histogram']}   mean MACs "
+                      f"{d['mean_macs'] / 1e6:.3f}M of {d['exit_macs'][-1] / 1e6:.3f}M at full depth"]
+        if p is not None:
+            lines.append(f"ONNX Runtime FP32 bundle vs eager infer: same exit for {p['same_exit']}/{p['n']}, same "
+                         f"MACs for {p['same_macs']}/{p['n']}, logits max relative error {p['max_rel_err']:.1e}")
+        lines += ["| backend | precision | batch | MAC speedup | realized speedup | kept |",
                   "|---|---|---|---|---|---|"]
         for s in d["speedups"]:
             lines.append(f"| {s['backend']} | {s['precision']} | {s['batch']} | {s['mac_speedup']:.2f}x | "
@@ -203,7 +247,70 @@ def format_table(result: dict) -> str:
         if d["driver_overhead_full_depth_b1"] is not None:
             lines.append(f"driver overhead (time outside ONNX Runtime, full depth, batch 1): "
                          f"{d['driver_overhead_full_depth_b1']:.1%}")
+    lines += int8_notes(result["rows"])
+    warning = spread_warning(result["rows"])
+    if warning:
+        lines.append(warning)
     if result.get("accuracy"):
         lines.append("accuracy: " + ", ".join(f"{k} {v:.4f}" if "macs" not in k else f"{k} {v / 1e6:.3f}M"
                                               for k, v in result["accuracy"].items()))
     return "\n".join(lines)
+
+
+def int8_notes(rows: Sequence[dict]) -> list[str]:
+    """A note for each ONNX Runtime INT8 row slower than its FP32 row (same batch and mode)."""
+    fp32 = {(r["batch"], r.get("mode")): r["median_ms"] for r in rows
+            if r["backend"] == "onnxruntime" and r["precision"] == "fp32"}
+    notes = []
+    for r in rows:
+        ref = fp32.get((r["batch"], r.get("mode")))
+        if r["backend"] == "onnxruntime" and r["precision"] == "int8" and ref and r["median_ms"] > ref:
+            mode = f" {r['mode']}" if r.get("mode") else ""
+            notes.append(f"note: INT8 is slower than FP32 at batch {r['batch']}{mode} ({r['median_ms']:.3f} vs "
+                         f"{ref:.3f} ms): on this CPU the quantize/dequantize steps cost more than the INT8 "
+                         f"arithmetic saves for this network; INT8 pays off where the CPU has fast integer dot "
+                         f"products (VNNI, ARM dotprod) and on larger convolutions")
+    return notes
+
+
+def profile_bundle(folder: str | Path, batch_sizes: Sequence[int] = (1, 32), threads: int = DEFAULT_THREADS,
+                   min_time_s: float = 1.0, seed: int = 0) -> dict:
+    """``dyncnn profile DIR`` of an exported bundle: the MACs its manifest records, the weights its FP32 graphs
+    hold, and ONNX Runtime latency on random inputs (full depth for a multi-exit bundle: the exit policy's
+    latency depends on the images, which is what :func:`bench_bundle` measures)."""
+    import onnx
+
+    from ..dynamic.policy import ExitPolicy
+    folder = Path(folder)
+    manifest = _read_manifest(folder)
+    kind = manifest["kind"]
+    shape = [int(s) for s in manifest["input"]["shape"][1:]]
+    if kind == "glance":
+        from .glance import load_glance_bundle
+        bundle = load_glance_bundle(folder, threads=threads)
+    else:
+        bundle = load_bundle(folder, "fp32", threads=threads)
+    if kind == "static":
+        run, macs, exit_macs = bundle.run_numpy, int(manifest["macs"]), None
+    else:
+        full = ExitPolicy.never(bundle.num_exits)
+        run, exit_macs = (lambda x: bundle.run(x, full)), [int(m) for m in manifest["exit_macs"]]
+        macs = exit_macs[-1]
+    params = 0
+    file_bytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    for f in sorted(folder.glob("*.onnx")):          # the FP32 graphs (INT8 ones are in int8/)
+        if f.name == "single.onnx":                   # the torch.cond form repeats the stage graphs' weights
+            continue
+        for init in onnx.load(str(f), load_external_data=False).graph.initializer:
+            params += int(np.prod(init.dims)) if init.data_type == onnx.TensorProto.FLOAT else 0
+    gen = torch.Generator().manual_seed(seed)
+    x1 = torch.rand(1, *shape, generator=gen).numpy()
+    latency = []
+    for b in batch_sizes:
+        xb = np.ascontiguousarray(np.repeat(x1, b, axis=0))
+        times = time_callable(lambda: run(xb), warmup=3, min_runs=5, min_time_s=min_time_s)
+        latency.append({**summarize(times, "onnxruntime", b, threads).as_dict(),
+                        "mode": None if kind == "static" else "full depth"})
+    return {"model": str(folder), "bundle_kind": kind, "model_class": manifest.get("model_class"),
+            "input_shape": shape, "macs": macs, "exit_macs": exit_macs, "params": params,
+            "bundle_mb": file_bytes / 2**20, "threads": threads, "latency": latency}

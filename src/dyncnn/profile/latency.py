@@ -2,6 +2,10 @@
 
 ``backend="onnxruntime"`` exports the model once and times ONNX Runtime, which is what a deployed mobile
 network runs on (eager PyTorch is several times slower on depthwise convolutions).
+
+One timing policy for every command (``profile``, ``bench``, the demo): :data:`DEFAULT_THREADS` intra-op threads,
+warm-up, the median of repeated runs with the interquartile range beside it, and :func:`spread_warning` when the
+spread says the machine was busy.
 """
 from __future__ import annotations
 
@@ -17,6 +21,31 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import check_image_batch
+
+
+DEFAULT_THREADS = 2        # the thread count of `dyncnn profile`, `dyncnn bench` and the demo
+NOISY_SPREAD = 0.5         # an IQR above this fraction of the median: the figure is not to be trusted
+
+
+def spread_warning(rows: Iterable) -> str | None:
+    """One warning line when any timing in ``rows`` has an interquartile range above ``NOISY_SPREAD`` x its
+    median (another process competed for the CPU), else None. ``rows``: :class:`LatencyStats` or dicts with
+    ``median_ms`` and ``spread_ms`` (and optionally ``backend``, ``precision``, ``batch``/``batch_size``,
+    ``mode``, ``config`` to name the row)."""
+    noisy = []
+    for r in rows:
+        r = r.as_dict() if isinstance(r, LatencyStats) else r
+        median, spread = float(r["median_ms"]), float(r["spread_ms"])
+        if median > 0 and spread > NOISY_SPREAD * median:
+            what = " ".join(str(r[k]) for k in ("config", "backend", "precision", "mode") if r.get(k))
+            batch = r.get("batch", r.get("batch_size"))
+            what += f" b={batch}" if batch is not None else ""
+            noisy.append(f"{what.strip()} (median {median:.3g} ms, IQR {spread:.3g} ms)")
+    if not noisy:
+        return None
+    more = f" and {len(noisy) - 3} more" if len(noisy) > 3 else ""
+    return (f"warning: noisy timings, IQR > {NOISY_SPREAD:g} x median for {', '.join(noisy[:3])}{more}: machine "
+            f"busy? rerun (on an idle machine) before quoting these figures")
 
 
 @dataclass
@@ -91,7 +120,8 @@ def _batch(sample: Tensor, n: int) -> Tensor:
     return sample[:1].expand(n, *sample.shape[1:]).contiguous() if sample.shape[0] != n else sample
 
 
-def measure_latency(model: nn.Module, input: Tensor, batch_sizes: Iterable[int] = (1,), threads: int = 1,
+def measure_latency(model: nn.Module, input: Tensor, batch_sizes: Iterable[int] = (1,),
+                    threads: int = DEFAULT_THREADS,
                     backend: str = "eager", *, warmup: int = 3, min_runs: int = 5, min_time_s: float = 0.5,
                     onnx_path: str | Path | None = None) -> dict[int, LatencyStats]:
     """Latency of ``model`` on batches shaped like ``input`` (its first sample repeated to each batch size).

@@ -203,7 +203,7 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:
     the checkpoint is of the same architecture, else its static part (``model.backbone``), as the dynamic-network
     papers start gated / glance models from a trained static network. Returns which part was initialised.
     """
-    tensors, _ = read_checkpoint(path)
+    tensors, meta = read_checkpoint(path)
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     candidates = [("model", model)]
     if isinstance(getattr(model, "backbone", None), nn.Module):
@@ -213,8 +213,46 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:
         try:
             check_state_dict(target, state, source=f"checkpoint {path}")
         except CheckpointError as e:
-            problems.append(f"{name}: {e}")
+            problems.append(e)
             continue
         target.load_state_dict(state)
         return name
-    raise CheckpointError(f"checkpoint {path} fits neither the model nor its backbone: " + "; ".join(problems))
+    raise CheckpointError(_init_mismatch(model, path, meta, problems))
+
+
+def _backbone_name(model: nn.Module) -> str | None:
+    """The registered name of ``model.backbone``: the longest registered name that ends ``model``'s own
+    (``skipnet_mobilenet_v2`` -> ``mobilenet_v2``) and builds the backbone's class."""
+    from ..models import create_model, list_models
+    own = model_spec(model).get("name") or ""
+    backbone = getattr(model, "backbone", None)
+    if not own or backbone is None:
+        return None
+    for name in sorted((n for n in list_models() if own.endswith("_" + n)), key=len, reverse=True):
+        try:
+            if type(create_model(name)) is type(backbone):
+                return name
+        except Exception:            # a candidate that needs arguments cannot be the backbone's plain name
+            continue
+    return None
+
+
+def _init_mismatch(model: nn.Module, path, meta: dict, problems: list) -> str:
+    """What checkpoint ``--init`` needs, said in a sentence (the key lists only when the architecture is right)."""
+    spec = model_spec(model)
+    own, have = spec.get("name"), (meta.get("model") or {}).get("name")
+    backbone = _backbone_name(model) if len(problems) > 1 else None
+    shape = {k: v for k, v in spec.get("cfg", {}).items() if k in ("num_classes", "in_chans", "width_mult")}
+    with_cfg = f" with {', '.join(f'{k}={v}' for k, v in shape.items())}" if shape else ""
+    if own is None:
+        needs = f"a checkpoint of the same {type(model).__name__}"
+    elif backbone:
+        needs = f"a checkpoint of {own!r} or of its static backbone {backbone!r}{with_cfg}"
+    else:
+        needs = f"a checkpoint of {own!r}{with_cfg}"
+    hint = f" (train one with `dyncnn train --model {backbone or own} ...`)" if own else ""
+    if have and have not in (own, backbone):
+        return f"--init {path}: the checkpoint is of model {have!r}; {own or type(model).__name__} needs {needs}{hint}"
+    # the right architecture in another configuration: the differing keys say which
+    detail = str(problems[-1] if have == backbone and backbone else problems[0])
+    return f"--init {path}: the checkpoint does not fit; {own or type(model).__name__} needs {needs}{hint}: {detail}"

@@ -48,3 +48,8 @@ def broadcast_object(obj, info: DistInfo):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def is_main_process() -> bool:
+    """True unless this is a process of rank > 0 in an initialised process group (the one that should print)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

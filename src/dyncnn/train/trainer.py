@@ -227,6 +227,10 @@ class Trainer:
         start = time.perf_counter()
         best = max((h.get("val_acc", float("-inf")) for h in history), default=float("-inf"))
         first_epoch = self.step // self.steps_per_epoch
+        if resume and history and first_epoch >= c.epochs and self.dist.is_main:
+            done = f"{c.epochs} epoch{'s' * (c.epochs != 1)} ({self.step} steps)"
+            print(f"{self.out_dir / 'last.safetensors'} finished its {done}: nothing to resume (to train longer, "
+                  f"start a new run in another --out, e.g. with --init)")
         for epoch in range(first_epoch, c.epochs):
             batches = epoch_batches(len(self.train_set), c.batch_size, c.seed, epoch)
             skip = self.step - epoch * self.steps_per_epoch

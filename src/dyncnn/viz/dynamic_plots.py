@@ -49,19 +49,29 @@ def plot_exit_histogram(exit_index: Tensor, num_exits: int, path: str | Path, ti
 
 
 def plot_easy_hard_gallery(images: Tensor, labels: Sequence[int], exit_index: Tensor, path: str | Path,
-                           per_row: int = 8) -> Path:
-    """Top row: samples that left at the first exit ("easy"); bottom row: samples that needed the last one."""
+                           per_row: int = 8, predictions: Sequence[int] | None = None) -> Path:
+    """Top row: samples that left at the first exit ("easy"); bottom row: samples that needed the last one.
+
+    Above each image: its true label, and with ``predictions`` the network's prediction (red when wrong).
+    """
     first = (exit_index == 0).nonzero().flatten()[:per_row]
     last = (exit_index == int(exit_index.max())).nonzero().flatten()[:per_row]
-    fig, axes = plt.subplots(2, per_row, figsize=(per_row * 1.2, 2.8))
-    for row, idx, name in ((0, first, "easy: first exit"), (1, last, "hard: last exit")):
+    fig, axes = plt.subplots(2, per_row, figsize=(per_row * 1.2, 3.2))
+    for row, idx, name in ((0, first, "easy:\nfirst exit"), (1, last, "hard:\nlast exit")):
         for j in range(per_row):
             ax = axes[row, j]
             ax.axis("off")
             if j < len(idx):
                 i = int(idx[j])
                 ax.imshow(images[i].squeeze(0).cpu().numpy(), cmap="gray")
-                ax.set_title(str(labels[i]), fontsize=8)
-        axes[row, 0].text(-0.1, 0.5, name, transform=axes[row, 0].transAxes, ha="right", va="center",
+                if predictions is None:
+                    ax.set_title(f"label {labels[i]}", fontsize=8)
+                else:
+                    wrong = int(predictions[i]) != int(labels[i])
+                    ax.set_title(f"label {labels[i]}\npred. {int(predictions[i])}", fontsize=8,
+                                 color="red" if wrong else "black")
+        axes[row, 0].text(-0.15, 0.5, name, transform=axes[row, 0].transAxes, ha="right", va="center",
                           fontsize=8)
+    caption = "above each image: true label" + ("; prediction (red: wrong)" if predictions is not None else "")
+    fig.suptitle(caption, fontsize=9)
     return _save(fig, path)

@@ -19,19 +19,31 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def plot_training_curves(history: Sequence[dict], path: str | Path, title: str = "") -> Path:
-    """Train/val loss and accuracy per epoch from a trainer history (``metrics.jsonl`` records)."""
+def plot_training_curves(history: Sequence[dict], path: str | Path, title: str = "",
+                         loss_label: str = "cross-entropy loss", accuracy_label: str = "accuracy (%)") -> Path:
+    """Train/val loss and accuracy per epoch from a trainer history (``metrics.jsonl`` records).
+
+    ``loss_label`` names the loss on its axis (a multi-exit network trains on the sum of its exits' losses, which is
+    not the last exit's). Every epoch is a marker, so that a run of one or two epochs is not an empty plot.
+    """
     epochs = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
-    ax1.plot(epochs, [h["train_loss"] for h in history], label="train")
-    if all("val_loss" in h for h in history):
-        ax1.plot(epochs, [h["val_loss"] for h in history], label="val")
-    ax1.set_xlabel("epoch"), ax1.set_ylabel("loss"), ax1.legend()
-    ax2.plot(epochs, [h["train_acc"] for h in history], label="train")
-    if all("val_acc" in h for h in history):
-        ax2.plot(epochs, [h["val_acc"] for h in history], label="val")
-    ax2.set_xlabel("epoch"), ax2.set_ylabel("accuracy"), ax2.legend()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    style = {"marker": "o", "ms": 5}
+    ax1.plot(epochs, [h["train_loss"] for h in history], label="train", **style)
+    if history and all("val_loss" in h for h in history):
+        ax1.plot(epochs, [h["val_loss"] for h in history], label="validation", **style)
+    ax1.set_xlabel("epoch"), ax1.set_ylabel(loss_label), ax1.legend()
+    ax2.plot(epochs, [100 * h["train_acc"] for h in history], label="train", **style)
+    if history and all("val_acc" in h for h in history):
+        ax2.plot(epochs, [100 * h["val_acc"] for h in history], label="validation", **style)
+    ax2.set_xlabel("epoch"), ax2.set_ylabel(accuracy_label), ax2.legend()
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)    # epochs are whole numbers
+        if len(epochs) == 1:                                       # one point: give it room on the axis
+            ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
     fig.suptitle(title)
+    fig.tight_layout()
     return _save(fig, path)
 
 
