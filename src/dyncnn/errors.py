@@ -55,8 +55,9 @@ def check_batch(x: object, kind: str = "image", *, name: str = "input", check_fi
         return check_image_batch(x, name=name, check_finite=check_finite)
     if kind not in INPUT_KINDS:
         raise ValueError(f"unknown input kind {kind!r}; expected one of {INPUT_KINDS}")
+    import torch
     want = "(N, T, C, H, W)" if kind == "clip" else "(N, T, F)"
-    if not isinstance(x, Tensor):
+    if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape {want}, got {type(x).__name__}")
     if x.dim() != len(want.split(",")):
         raise DyncnnError(f"{name}: expected a {len(want.split(','))}-D batch of {kind}s {want}, got shape "
