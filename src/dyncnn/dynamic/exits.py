@@ -13,11 +13,23 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import check_image_batch
+from ..errors import DyncnnError, check_image_batch, param_dtype
 from ..layers import ConvNormAct
-from .executor import ExitResult, Executor, State, early_exit_inference, measure_macs
+from .executor import ExitResult, Executor, State, early_exit_inference, eval_copy, measure_macs
 from .policy import ExitPolicy
 from .split import split_model
+
+
+def as_policy(policy, num_exits: int) -> ExitPolicy:
+    """``policy`` (an ExitPolicy, a sequence of max-probability thresholds, or None for full depth) as an
+    ExitPolicy with one threshold per exit but the last (or one per exit); anything else is a DyncnnError."""
+    if policy is None:
+        return ExitPolicy.never(num_exits)
+    policy = ExitPolicy.of(policy)
+    if len(policy.thresholds) not in (num_exits - 1, num_exits):
+        raise DyncnnError(f"expected {num_exits - 1} thresholds (one per exit but the last), "
+                          f"got {len(policy.thresholds)}")
+    return policy
 
 
 class LinearHead(nn.Module):
@@ -82,6 +94,11 @@ class MultiExitNetwork(nn.Module):
     def initial_state(self, x: Tensor) -> State:
         return x
 
+    def check_input(self, x: Tensor, check_finite: bool = True) -> Tensor:
+        """The input checks of ``infer`` (and of ``forward`` in subclasses that check there): an image batch of
+        the model's channels and dtype; subclasses add their own (MSDNet: the smallest input size)."""
+        return check_image_batch(x, self.in_chans, check_finite=check_finite, dtype=param_dtype(self))
+
     def forward(self, x: Tensor) -> list[Tensor]:
         state, outs = self.initial_state(x), []
         for stage, head in zip(self.stages, self.heads):
@@ -92,25 +109,24 @@ class MultiExitNetwork(nn.Module):
     @torch.no_grad()
     def infer(self, x: Tensor, policy: ExitPolicy | Sequence[float] | None = None) -> ExitResult:
         """Real early-exit inference: exited samples leave the batch; returns logits, exit index and MACs per
-        sample. ``policy`` is an ExitPolicy or a list of max-probability thresholds; None runs to the end."""
-        check_image_batch(x, self.in_chans) if x.shape[0] else None
-        if policy is None:
-            policy = ExitPolicy.never(self.num_exits)
-        elif not isinstance(policy, ExitPolicy):
-            policy = ExitPolicy(list(policy))
-        if len(policy.thresholds) not in (self.num_exits - 1, self.num_exits):
-            raise ValueError(f"expected {self.num_exits - 1} thresholds (one per exit but the last), "
-                             f"got {len(policy.thresholds)}")
-        was_training = self.training
-        self.eval()
-        try:
-            if x.shape[0] == 0:
-                return ExitResult(x.new_zeros(0, self.num_classes), torch.zeros(0, dtype=torch.int64),
-                                  torch.zeros(0, dtype=torch.int64))
-            return early_exit_inference(list(self.stages), list(self.heads), self.initial_state(x), policy,
-                                        self.executor, self.num_classes)
-        finally:
-            self.train(was_training)
+        sample. ``policy`` is an ExitPolicy or a list of max-probability thresholds; None runs to the end.
+
+        Inference is meant for a model in eval mode (``model.eval()``), which ``infer`` reads and never changes,
+        so that several threads may share the model. A model left in training mode is not switched back and
+        forth (another thread's call would then run BatchNorm in training mode and corrupt its statistics):
+        the call runs on an eval-mode copy instead, which is correct but slower (it copies the weights)."""
+        if isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] == 0:   # an empty batch: the other checks
+            self.check_input(x.new_zeros(()).expand(1, *x.shape[1:]), check_finite=False)
+        else:
+            self.check_input(x)
+        policy = as_policy(policy, self.num_exits)
+        if self.training:
+            return eval_copy(self).infer(x, policy)
+        if x.shape[0] == 0:
+            return ExitResult(x.new_zeros(0, self.num_classes), torch.zeros(0, dtype=torch.int64),
+                              torch.zeros(0, dtype=torch.int64))
+        return early_exit_inference(list(self.stages), list(self.heads), self.initial_state(x), policy,
+                                    self.executor, self.num_classes)
 
     @torch.no_grad()
     def exit_macs(self, x: Tensor) -> list[int]:

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DyncnnError
 
 FORMAT = "dyncnn-checkpoint-1"
 META_KEY = "dyncnn"
@@ -220,6 +220,34 @@ def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: str = "
                               + "; ".join(p for p in parts if p))
 
 
+def model_from_header(path: str | os.PathLike, spec: object, state: dict[str, Tensor]) -> nn.Module:
+    """Build the model a checkpoint header names, treating the header as untrusted input: the name must be a
+    registered, torchvision or timm model; the config an object of keys that the builder takes (torchvision and
+    timm: only ``registry.EXTERNAL_CFG_KEYS``, never one that makes them read a file); and the model is first
+    built on the meta device and compared with the tensors stored in the file, so that a header asking for huge
+    widths is refused before anything is allocated."""
+    from ..models import create_model
+    from ..models.registry import EXTERNAL_CFG_KEYS
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise CheckpointError(f"checkpoint {path} records no model name; pass the model to load it into")
+    name, cfg = spec["name"], spec.get("cfg", {})
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"checkpoint {path}: the header's model config is a {type(cfg).__name__}, expected "
+                              f"an object of keyword arguments")
+    if name.startswith(("torchvision:", "timm:")) and set(cfg) - EXTERNAL_CFG_KEYS:
+        raise CheckpointError(f"checkpoint {path}: the header gives {name} the config keys "
+                              f"{sorted(set(cfg) - EXTERNAL_CFG_KEYS)}; a checkpoint may only set "
+                              f"{sorted(EXTERNAL_CFG_KEYS)} for torchvision/timm models")
+    try:
+        with torch.device("meta"):
+            skeleton = create_model(name, **cfg)
+    except (DyncnnError, TypeError, ValueError, RuntimeError, NotImplementedError) as e:
+        raise CheckpointError(f"checkpoint {path}: the model its header describes ({name!r} {cfg}) cannot be "
+                              f"built: {e}") from None
+    check_state_dict(skeleton, state, source=f"checkpoint {path}")
+    return create_model(name, **cfg)
+
+
 def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = False,
                     ) -> tuple[nn.Module, dict]:
@@ -230,17 +258,17 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
     """
     tensors, meta = read_checkpoint(path)
     spec = meta.get("model") or {}
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     if model is None:
-        if not spec.get("name"):
-            raise CheckpointError(f"checkpoint {path} records no model name; pass the model to load it into")
-        from ..models import create_model
-        model = create_model(spec["name"], **spec.get("cfg", {}))
+        model = model_from_header(path, spec, state)
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"checkpoint {path}: the header's model entry is a {type(spec).__name__}, expected "
+                              f"an object with the model's name and config")
     target = getattr(model, "module", model)
     own = model_spec(target)
     if own.get("name") and spec.get("name") and own["name"] != spec["name"]:
         raise CheckpointError(f"checkpoint {path} is of model {spec['name']!r} {spec.get('cfg', {})}, "
                               f"but the model given is {own['name']!r} {own.get('cfg', {})}")
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     check_state_dict(target, state, source=f"checkpoint {path}")
     target.load_state_dict(state)
     if optimizer is not None:
