@@ -147,17 +147,19 @@ def validate_manifest(manifest: dict, where: str = "manifest") -> None:
 
 def bundle_file(folder: Path, rec: object, what: str, verify: bool) -> Path:
     """The graph file that manifest record ``rec`` names, after the checks that keep a crafted manifest inside
-    the bundle: a plain file name (no folder, no ``..``, not absolute) of a regular file in ``folder`` (not a
-    device, FIFO or a link out of the folder), whose size is checked before it is hashed."""
+    the bundle: a relative name without ``..`` (``stage0.onnx``, ``int8/stage0.onnx``), not absolute, of a
+    regular file inside ``folder`` (not a device, FIFO or a link out of the folder), whose size is checked
+    before it is hashed."""
     name = rec.get("file") if isinstance(rec, dict) else None
-    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or \
-            "\0" in name or os.path.isabs(name):
+    parts = name.split("/") if isinstance(name, str) else []
+    if not parts or any(part in ("", ".", "..") for part in parts) or "\\" in name or "\0" in name or \
+            os.path.isabs(name):
         raise BundleError(f"bundle {folder}: {what}: the manifest names the file {name!r:.80}; expected a plain "
-                          f"file name inside the bundle folder")
+                          f"file name inside the bundle folder (such as stage0.onnx or int8/stage0.onnx)")
     path = folder / name
     if not path.exists() and not path.is_symlink():
         raise BundleError(f"bundle {folder}: {what} file {name} is missing")
-    if path.resolve().parent != folder.resolve():
+    if not path.resolve().is_relative_to(folder.resolve()):
         raise BundleError(f"bundle {folder}: {what} file {name} links outside the bundle folder; refusing it")
     st = path.stat()
     if not stat.S_ISREG(st.st_mode):
@@ -172,7 +174,7 @@ def bundle_file(folder: Path, rec: object, what: str, verify: bool) -> Path:
                               f"{expected} (a different or truncated file)")
         digest = sha256_file(path)
         if digest != rec.get("sha256"):
-            raise BundleError(f"bundle {folder}: {what} file {name} does not match the manifest (sha256 "
+            raise BundleError(f"bundle {folder}: {what} file {name} does not match the manifest's checksum (sha256 "
                               f"{digest[:12]}..., expected {str(rec.get('sha256'))[:12]}...); the files come from "
                               f"another export")
     return path

@@ -123,7 +123,7 @@ def _prepare_out_dir(out_dir: Path) -> Path:
         if not out_dir.is_dir():
             raise ExportError(f"--out {out_dir} exists and is not a folder")
         if any(out_dir.iterdir()) and not is_bundle_folder(out_dir):
-            raise ExportError(f"--out {out_dir} is a non-empty folder that is not a dyncnn bundle (no {MANIFEST} of "
+            raise ExportError(f"--out {out_dir} is a non-empty folder without a dyncnn bundle (no {MANIFEST} of "
                               f"format {FORMAT!r}); refusing to replace it (choose a new or empty folder)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
