@@ -43,6 +43,8 @@ def check_image_batch(x: object, channels: int | None = None, *, name: str = "in
         raise DyncnnError(f"{name}: expected a 4-D batch (N, C, H, W), got shape {tuple(x.shape)}{hint}")
     if x.shape[0] == 0:
         raise DyncnnError(f"{name}: expected a non-empty batch (N >= 1), got shape {tuple(x.shape)}")
+    if min(x.shape[2:]) < 1:
+        raise DyncnnError(f"{name}: expected an image of at least 1x1 pixels, got shape {tuple(x.shape)}")
     if channels is not None and x.shape[1] != channels:
         raise DyncnnError(f"{name}: expected {channels} input channels, got {x.shape[1]} "
                           f"(shape {tuple(x.shape)})")

@@ -96,8 +96,14 @@ class MultiExitNetwork(nn.Module):
 
     def check_input(self, x: Tensor, check_finite: bool = True) -> Tensor:
         """The input checks of ``infer`` (and of ``forward`` in subclasses that check there): an image batch of
-        the model's channels and dtype; subclasses add their own (MSDNet: the smallest input size)."""
-        return check_image_batch(x, self.in_chans, check_finite=check_finite, dtype=param_dtype(self))
+        the model's channels and dtype, and at least ``min_input_size`` on each side when the network has one (MSDNet:
+        the coarsest scale must keep a pixel; exits on a backbone: the backbone's)."""
+        check_image_batch(x, self.in_chans, check_finite=check_finite, dtype=param_dtype(self))
+        need = getattr(self, "min_input_size", 1)
+        if min(x.shape[-2:]) < need:
+            raise DyncnnError(f"{type(self).__name__}: expected inputs of at least {need}x{need}, got "
+                              f"{tuple(x.shape[-2:])}")
+        return x
 
     def forward(self, x: Tensor) -> list[Tensor]:
         state, outs = self.initial_state(x), []
@@ -200,6 +206,7 @@ def attach_exits(backbone: nn.Module, stages: Sequence[str] | None = None, head:
     heads.append(_Pick(segments[-1].boundary, nn.Identity()))
     net = SplitMultiExit(segments, heads, num_classes, in_chans, segments[0].input_name)
     net.exit_stages = stages
+    net.min_input_size = getattr(backbone, "min_input_size", 1)
     return net
 
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..dynamic.executor import ExitResult, Executor, early_exit_inference, eval_copy, measure_macs
 from ..dynamic.patches import crop_patches
 from ..dynamic.policy import ExitPolicy
-from ..errors import check_image_batch
+from ..errors import DyncnnError, check_image_batch
 from .base import is_exporting
 from .registry import create_model, register_model
 
@@ -248,7 +248,7 @@ class GFNet(nn.Module):
         check_image_batch(x, self.in_chans)
         p = self.cfg.patch_size
         if min(x.shape[-2:]) < p:
-            raise ValueError(f"GFNet: patch size {p} is larger than the {x.shape[-2]}x{x.shape[-1]} input; expected "
+            raise DyncnnError(f"GFNet: patch size {p} is larger than the {x.shape[-2]}x{x.shape[-1]} input; expected "
                              f"images of at least {p}x{p} (built for {self.cfg.input_size}x{self.cfg.input_size})")
         return x
 

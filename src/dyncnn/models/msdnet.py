@@ -25,7 +25,6 @@ import torch
 from torch import Tensor, nn
 
 from ..dynamic.exits import ConvHead, MultiExitNetwork
-from ..errors import DyncnnError
 from ..layers import ConvNormAct
 from .base import is_exporting
 from .registry import register_model
@@ -288,15 +287,6 @@ class MSDNet(MultiExitNetwork):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
-
-    def check_input(self, x: Tensor, check_finite: bool = True) -> Tensor:
-        """One input check for ``forward`` and ``infer``: an image batch of the model's channels and dtype, at
-        least ``min_input_size`` on each side (the coarsest scale must keep one pixel)."""
-        super().check_input(x, check_finite)
-        if min(x.shape[-2:]) < self.min_input_size:
-            raise DyncnnError(f"MSDNet with {self.cfg.num_scales} scales: expected inputs of at least "
-                              f"{self.min_input_size}x{self.min_input_size}, got {tuple(x.shape[-2:])}")
-        return x
 
     def forward(self, x: Tensor) -> list[Tensor]:
         if not is_exporting():
