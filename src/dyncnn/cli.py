@@ -83,6 +83,65 @@ def _is_bundle(spec: str) -> bool:
     return (Path(spec) / "manifest.json").is_file()
 
 
+def _writable_folder(path: Path, flag: str = "--out") -> Path:
+    """Check before any work that ``path`` can be a folder we write into: not an existing file, creatable,
+    writable."""
+    import os
+    if path.exists() and not path.is_dir():
+        raise DyncnnError(f"{flag} {path} is an existing file; expected a folder (new, or one to write into)")
+    probe = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise DyncnnError(f"{flag} {path}: cannot write into {probe} (permission denied or not a folder)")
+    return path
+
+
+def _writable_file(path: Path, flag: str = "--out") -> Path:
+    """Check before any work that ``path`` can be written as a file: not a folder, its folder writable."""
+    import os
+    if path.is_dir():
+        raise DyncnnError(f"{flag} {path} is a folder; expected a file name (e.g. {path / 'thresholds.json'})")
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or \
+            (path.exists() and not os.access(path, os.W_OK)):
+        raise DyncnnError(f"{flag} {path}: cannot write there (permission denied)")
+    return path
+
+
+RUN_FILES = ("last.safetensors", "last.json", "best.safetensors", "best.json", "metrics.jsonl")
+
+
+def _existing_run(out: Path) -> list[str]:
+    """The files of an earlier training run in ``out`` (or in its stage subfolders, for multi-stage models)."""
+    if not out.is_dir():
+        return []
+    found = [f for f in RUN_FILES if (out / f).exists()]
+    found += [f"{d.name}/{f}" for d in sorted(out.iterdir()) if d.is_dir() for f in RUN_FILES if (d / f).exists()]
+    return found
+
+
+def _check_train_out(args) -> None:
+    """Refuse to train into a folder that holds another run unless told what to do with it; with
+    ``--overwrite``, remove that run's files first (nothing else in the folder is touched)."""
+    out = _writable_folder(Path(args.out))
+    found = _existing_run(out)
+    if not found or args.resume:
+        return
+    if not args.overwrite:
+        raise DyncnnError(f"--out {out} already holds a training run ({', '.join(found[:4])}); pass --resume to "
+                          f"continue it, --init {out / 'last.safetensors'} with a new --out to start a new run from "
+                          f"its weights, or --overwrite to replace it")
+    for f in found:
+        (out / f).unlink(missing_ok=True)
+
+
+def _file_sha256(path: str | Path) -> str | None:
+    """SHA-256 of a checkpoint file (``last.safetensors`` of a folder), None when it is not a file."""
+    from .export.staged import sha256_file
+    p = Path(path)
+    p = p / "last.safetensors" if p.is_dir() else p
+    return sha256_file(p) if p.is_file() else None
+
+
 def _load_model(spec: str, num_classes: int | None = None, cfg: dict | None = None):
     """A registered model name, ``torchvision:``/``timm:`` name, or a checkpoint path."""
     from .models import create_model
@@ -221,14 +280,18 @@ def _profile_bundle(args) -> int:
 
 
 def cmd_train(args) -> int:
+    import torch
+
     from .models import create_model
     from .train import TrainConfig, Trainer
+    _check_train_out(args)
     train_set, val_set = _dataset(args, "train"), _dataset(args, "val")
     cfg = _parse_cfg(args.cfg)
     if not args.model.startswith(("torchvision:", "timm:")):
         cfg.setdefault("in_chans", train_set.in_chans)   # dyncnn models take in_chans; external ones may not
         if hasattr(train_set, "frames"):                  # clips: the temporal models are built for T frames
             cfg.setdefault("frames", train_set.frames)
+    torch.manual_seed(args.seed)         # the initial weights are part of what --seed fixes
     model = create_model(args.model, num_classes=train_set.num_classes, **cfg)
     if args.init:
         from .train.checkpoint import init_from_checkpoint
@@ -291,7 +354,7 @@ def _eval_dynamic(args, model, dataset) -> int:
         out["anytime"] = [{"exit": k + 1, "macs": m, "accuracy": a}
                           for k, (m, a) in enumerate(anytime(logits.argmax(-1) == targets, cum))]
     if args.budget:
-        policy, record = load_thresholds(args.budget, model)
+        policy, record = load_thresholds(args.budget, model, checkpoint_sha256=_file_sha256(args.checkpoint))
         correct, macs, exits = 0, [], []
         for x, y in DataLoader(dataset, batch_size=256):
             r = model.infer(x, policy)
@@ -329,6 +392,10 @@ def _parse_macs(text: str) -> float:
 def cmd_calibrate(args) -> int:
     from .dynamic.calibration import calibrate, save_thresholds
     from .train import load_checkpoint
+    ckpt = Path(args.checkpoint)
+    # beside the checkpoint, inside the run folder (a folder given as the checkpoint is the run folder)
+    out = _writable_file(Path(args.out) if args.out else
+                         (ckpt / "thresholds.json" if ckpt.is_dir() else ckpt.with_name("thresholds.json")))
     model, meta = load_checkpoint(args.checkpoint)
     data_cfg = _data_cfg_for(args, meta)
     val = _dataset(args, "val", data_cfg)
@@ -340,7 +407,7 @@ def cmd_calibrate(args) -> int:
     record = calibrate(model, val, target_macs=_parse_macs(args.budget_macs) if args.budget_macs else None,
                        target_fraction=args.budget, target_accuracy=args.target_accuracy, criterion=args.criterion,
                        target_ms=args.budget_ms, latency_ms=latency)
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_name("thresholds.json")
+    record["checkpoint_sha256"] = _file_sha256(ckpt)     # eval/export refuse it for another checkpoint
     save_thresholds(record, out)
     print(f"thresholds for {record['num_exits']} exits written to {out}: val accuracy {record['val_accuracy']:.4f} "
           f"at {record['val_mean_macs'] / 1e6:.3f}M mean MACs ({record['val_mean_macs'] / record['exit_macs'][-1]:.0%}"
@@ -450,7 +517,8 @@ def _deploy_policy(args, model, meta: dict):
         beside = Path(args.model).with_name("thresholds.json")
         path = beside if beside.exists() else None
     if path is not None:
-        return load_thresholds(path, model)[0], str(path)
+        ckpt = args.model if args.model.endswith(".safetensors") or Path(args.model).is_dir() else None
+        return load_thresholds(path, model, checkpoint_sha256=_file_sha256(ckpt) if ckpt else None)[0], str(path)
     if not getattr(args, "calibrate", False):
         return ExitPolicy.never(model.num_exits), "full depth (no thresholds given)"
     x, y = _deploy_images(args, model, meta, _deploy_shape(model, args, meta), "val", 500)
@@ -494,6 +562,7 @@ def _size(n: int) -> str:
 
 def cmd_export(args) -> int:
     from .export import export_bundle
+    _writable_folder(Path(args.out))
     model, meta = _load_model(args.model, cfg=_parse_cfg(args.cfg))
     _untrained_warning(args.model)
     model.eval()
@@ -622,6 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cfg", nargs="*", metavar="KEY=VALUE", help="model keyword arguments")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors if present")
+    t.add_argument("--overwrite", action="store_true", help="replace the training run already in --out (its "
+                   "checkpoints and metrics); without it, an existing run is refused unless --resume is given")
     t.add_argument("--find-unused-parameters", action="store_true",
                    help="under torchrun: for networks that skip layers, experts or paths (DistributedDataParallel)")
     t.add_argument("--init", default=None, metavar="CHECKPOINT", help="start from the weights of a trained "
@@ -781,6 +852,10 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError, AttributeError):
             pass
         return 141
+    except OSError as e:          # permission denied, disk full, read-only file system: say which file
+        where = f" {e.filename}" if e.filename else ""
+        print(f"dyncnn {args.command}: error: cannot access{where}: {e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

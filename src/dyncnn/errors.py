@@ -19,26 +19,45 @@ class CheckpointError(DyncnnError):
     """A checkpoint that is missing, truncated, or belongs to another model or configuration."""
 
 
+class InputTypeError(DyncnnError, TypeError):
+    """An input of the wrong Python type (a list where a tensor is expected): a DyncnnError, and a TypeError."""
+
+
+def param_dtype(module) -> torch.dtype | None:
+    """The dtype of ``module``'s first floating-point parameter (what its inputs must be), None if it has none."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
 def check_image_batch(x: object, channels: int | None = None, *, name: str = "input",
-                      check_finite: bool = True) -> Tensor:
-    """Validate an image batch of shape (N, C, H, W), floating point, finite, non-empty.
+                      check_finite: bool = True, dtype: torch.dtype | None = None) -> Tensor:
+    """Validate an image batch of shape (N, C, H, W), floating point (of ``dtype``, the model's, when given),
+    finite, non-empty.
 
     Returns ``x`` unchanged so that it can be used inline.
     """
     import torch
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}")
+        raise InputTypeError(f"{name}: expected a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}")
     if x.dim() != 4:
         hint = " (add a batch axis with x.unsqueeze(0))" if x.dim() == 3 else ""
         raise DyncnnError(f"{name}: expected a 4-D batch (N, C, H, W), got shape {tuple(x.shape)}{hint}")
     if x.shape[0] == 0:
         raise DyncnnError(f"{name}: expected a non-empty batch (N >= 1), got shape {tuple(x.shape)}")
+    if min(x.shape[2:]) < 1:
+        raise DyncnnError(f"{name}: expected an image of at least 1x1 pixels, got shape {tuple(x.shape)}")
     if channels is not None and x.shape[1] != channels:
         raise DyncnnError(f"{name}: expected {channels} input channels, got {x.shape[1]} "
                           f"(shape {tuple(x.shape)})")
     if not x.is_floating_point():
         raise DyncnnError(f"{name}: expected a floating-point tensor (e.g. float32 in [0, 1]), got {x.dtype}; "
                           f"convert with x.float() / 255")
+    if dtype is not None and x.dtype != dtype:
+        raise DyncnnError(f"{name}: expected {str(dtype).replace('torch.', '')} like the model's weights, got "
+                          f"{str(x.dtype).replace('torch.', '')}; convert with x.to({dtype}) (or the model with "
+                          f"model.to(dtype))")
     if check_finite and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise DyncnnError(f"{name}: expected finite values, got {bad} NaN/Inf entries")

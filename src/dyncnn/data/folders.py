@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
+
+from ..errors import DyncnnError
 
 CIFAR_LAYOUT = {
     "cifar10": "ROOT/cifar-10-batches-py/{data_batch_1..data_batch_5, test_batch, batches.meta}",
@@ -15,14 +19,77 @@ CIFAR_LAYOUT = {
 CIFAR_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR python batches and nothing else: dicts, lists, str/bytes, numbers and numpy arrays.
+    Any other global (``os.system``, a class with ``__reduce__``) is refused, so that a crafted file in
+    ``--data-root`` cannot run code."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a CIFAR batch never holds")
+
+
+def load_cifar_pickle(path: str | os.PathLike, keys: tuple[str, ...]) -> dict:
+    """A CIFAR python batch or meta file, read with :class:`_BatchUnpickler`; a file that is not one (garbage,
+    another pickle, a crafted one) is a DyncnnError naming the file and what was expected."""
+    expected = f"a CIFAR python batch (a pickled dict with {' / '.join(keys)})"
+    try:
+        with open(path, "rb") as f:
+            entry = _BatchUnpickler(f, encoding="latin1").load()
+    except OSError:
+        raise
+    except Exception as e:      # UnpicklingError, EOFError, ValueError, ...: all mean "not a CIFAR batch"
+        raise DyncnnError(f"{path} is not {expected}: {type(e).__name__}: {e}") from None
+    if not isinstance(entry, dict) or not any(k in entry for k in keys):
+        raise DyncnnError(f"{path} is not {expected}: it holds a {type(entry).__name__}"
+                          + (f" with keys {sorted(map(str, entry))[:6]}" if isinstance(entry, dict) else ""))
+    return entry
+
+
+def _cifar_init(self, root, train: bool = True, transform=None, target_transform=None, download: bool = False):
+    """torchvision's CIFAR ``__init__`` with every file read by :func:`load_cifar_pickle` and presence checks
+    instead of md5 checks (a local copy that was re-packed or subset, as in our tests, loads)."""
+    datasets.VisionDataset.__init__(self, root, transform=transform, target_transform=target_transform)
+    self.train = train
+    folder = os.path.join(self.root, self.base_folder)
+    data, targets = [], []
+    for name, _ in (self.train_list if train else self.test_list):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing")
+        entry = load_cifar_pickle(path, ("data",))
+        labels = entry.get("labels", entry.get("fine_labels"))
+        x = entry.get("data")
+        if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or \
+                not isinstance(labels, list) or len(labels) != len(x) or \
+                not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+            raise DyncnnError(f"{path} is not a CIFAR python batch: expected 'data' uint8 (N, 3072) and N integer "
+                              f"labels, got {getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')} "
+                              f"and {len(labels) if isinstance(labels, list) else type(labels).__name__} labels")
+        data.append(x)
+        targets.extend(labels)
+    self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
+    self.targets = targets
+    meta_path = os.path.join(folder, self.meta["filename"])
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{meta_path} is missing")
+    classes = load_cifar_pickle(meta_path, (self.meta["key"],)).get(self.meta["key"])
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise DyncnnError(f"{meta_path}: expected a list of class names under {self.meta['key']!r}")
+    if any(not 0 <= v < len(classes) for v in targets):
+        raise DyncnnError(f"{folder}: labels must lie in [0, {len(classes)}) for the {len(classes)} classes of "
+                          f"{self.meta['filename']}")
+    self.classes = classes
+    self.class_to_idx = {c: i for i, c in enumerate(classes)}
+
+
 def _relaxed(cls):
-    """The torchvision CIFAR class with its md5 checks replaced by presence checks, so that a local copy that
-    was re-packed or subset (as in our tests) loads; a missing file is still an error."""
-    return type(f"Local{cls.__name__}", (cls,), {
-        "train_list": [(f, None) for f, _ in cls.train_list],
-        "test_list": [(f, None) for f, _ in cls.test_list],
-        "meta": {**cls.meta, "md5": None},
-    })
+    """The torchvision CIFAR class reading its files with a restricted unpickler (see :func:`_cifar_init`)."""
+    return type(f"Local{cls.__name__}", (cls,), {"__init__": _cifar_init})
 
 
 _CIFAR = {"cifar10": _relaxed(datasets.CIFAR10), "cifar100": _relaxed(datasets.CIFAR100)}
@@ -52,6 +119,8 @@ def cifar(name: str, root: str | os.PathLike, split: str = "train", seed: int = 
     tf = transforms.Compose(tf + [transforms.ToTensor(), transforms.Normalize(*CIFAR_STATS)])
     try:
         base = _CIFAR[name](str(root), train=split != "test", transform=tf, download=False)
+    except DyncnnError:
+        raise
     except (RuntimeError, FileNotFoundError, OSError, KeyError, EOFError, ValueError) as e:
         raise FileNotFoundError(f"cannot load {name} from {root}: {e}. Expected the layout "
                                 f"{CIFAR_LAYOUT[name]} (the python version of the archive, unpacked)") from None

@@ -89,23 +89,59 @@ def save_thresholds(record: dict, path: str | Path) -> Path:
     return path
 
 
-def load_thresholds(path: str | Path, model: nn.Module | None = None) -> tuple[ExitPolicy, dict]:
-    """Read a thresholds file; with ``model``, check it was written for that model and exit count."""
+def validate_thresholds_record(record: object, where: str) -> ExitPolicy:
+    """The checks a thresholds file must pass (the rules of the Python API): a JSON object of this format with
+    ``num_exits``, one threshold per exit but the last, finite positive temperatures, and ``exit_macs`` (one
+    non-negative cumulative count per exit). Returns its policy."""
+    if not isinstance(record, dict):
+        raise DyncnnError(f"{where}: expected a JSON object written by `dyncnn calibrate`, got a "
+                          f"{type(record).__name__}")
+    if record.get("format") != FORMAT:
+        raise DyncnnError(f"{where} is not a dyncnn thresholds file (format {record.get('format')!r}, "
+                          f"expected {FORMAT!r})")
+    missing = [k for k in ("num_exits", "thresholds", "exit_macs") if k not in record]
+    if missing:
+        raise DyncnnError(f"{where}: the thresholds file lacks {', '.join(missing)}; re-run `dyncnn calibrate`")
+    k = record["num_exits"]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise DyncnnError(f"{where}: num_exits must be a positive integer, got {k!r:.40}")
+    policy = ExitPolicy(record["thresholds"], record.get("criterion", "max_prob"), record.get("temperatures", []))
+    if len(policy.thresholds) not in (k - 1, k):
+        raise DyncnnError(f"{where}: {len(policy.thresholds)} thresholds for {k} exits; expected {k - 1} (one per "
+                          f"exit but the last)")
+    macs = record["exit_macs"]
+    if not isinstance(macs, list) or len(macs) != k or \
+            any(isinstance(m, bool) or not isinstance(m, (int, float)) or not m >= 0 for m in macs):
+        raise DyncnnError(f"{where}: exit_macs must list {k} non-negative numbers, got {macs!r:.120}")
+    return policy
+
+
+def load_thresholds(path: str | Path, model: nn.Module | None = None,
+                    checkpoint_sha256: str | None = None) -> tuple[ExitPolicy, dict]:
+    """Read a thresholds file; with ``model``, check it was written for that model and exit count; with
+    ``checkpoint_sha256`` (the checkpoint file's), check it was calibrated on that very checkpoint (a file
+    calibrated before the model was retrained would give other exits than it promises)."""
     path = Path(path)
     if not path.exists():
         raise DyncnnError(f"thresholds file {path} does not exist (write one with `dyncnn calibrate`)")
+    if not path.is_file():
+        raise DyncnnError(f"thresholds file {path} is not a file (expected the JSON that `dyncnn calibrate` writes)")
     try:
         record = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DyncnnError(f"thresholds file {path} is not valid JSON: {e}") from None
-    if record.get("format") != FORMAT:
-        raise DyncnnError(f"{path} is not a dyncnn thresholds file (format {record.get('format')!r}, "
-                          f"expected {FORMAT!r})")
-    if model is not None:
+    if model is not None and isinstance(record, dict) and record.get("format") == FORMAT:
         exits = getattr(model, "num_exits", None)
-        if exits != record["num_exits"]:
-            raise DyncnnError(f"thresholds in {path} are for {record['num_exits']} exits, the model has {exits}")
+        if exits != record.get("num_exits"):
+            raise DyncnnError(f"thresholds in {path} are for {record.get('num_exits')} exits, the model has {exits}")
+    policy = validate_thresholds_record(record, str(path))
+    if model is not None:
         own = model_spec(model)
         if own and record.get("model") and own != record["model"]:
             raise DyncnnError(f"thresholds in {path} were calibrated for {record['model']}, not for {own}")
-    return ExitPolicy(record["thresholds"], record["criterion"], record["temperatures"]), record
+    recorded = record.get("checkpoint_sha256")
+    if checkpoint_sha256 and recorded and recorded != checkpoint_sha256:
+        raise DyncnnError(f"thresholds in {path} were calibrated on another checkpoint (sha256 {recorded[:12]}...) "
+                          f"than the one given (sha256 {checkpoint_sha256[:12]}...): the model was retrained or "
+                          f"replaced since; re-run `dyncnn calibrate` on it")
+    return policy, record

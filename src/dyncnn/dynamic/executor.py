@@ -11,6 +11,7 @@ whole call, the ledger's total equals what FlopCounterMode counts for that call.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import weakref
 from dataclasses import dataclass
@@ -193,3 +194,9 @@ class Stage(nn.Module):
 
     def forward(self, state: State) -> Any:
         return self.fn(state)
+
+
+def eval_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode deep copy of ``model``: what ``infer`` runs on when called on a model in training mode, so that
+    a model shared between threads is never switched to eval and back (see ``MultiExitNetwork.infer``)."""
+    return copy.deepcopy(model).eval()

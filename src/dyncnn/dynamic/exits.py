@@ -14,11 +14,23 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from ..errors import check_image_batch
+from ..errors import DyncnnError, check_image_batch, param_dtype
 from ..layers import ConvNormAct
-from .executor import ExitResult, Executor, State, early_exit_inference, measure_macs
+from .executor import ExitResult, Executor, State, early_exit_inference, eval_copy, measure_macs
 from .policy import ExitPolicy
 from .split import split_model
+
+
+def as_policy(policy, num_exits: int) -> ExitPolicy:
+    """``policy`` (an ExitPolicy, a sequence of max-probability thresholds, or None for full depth) as an
+    ExitPolicy with one threshold per exit but the last (or one per exit); anything else is a DyncnnError."""
+    if policy is None:
+        return ExitPolicy.never(num_exits)
+    policy = ExitPolicy.of(policy)
+    if len(policy.thresholds) not in (num_exits - 1, num_exits):
+        raise DyncnnError(f"expected {num_exits - 1} thresholds (one per exit but the last), "
+                          f"got {len(policy.thresholds)}")
+    return policy
 
 
 class LinearHead(nn.Module):
@@ -135,6 +147,17 @@ class MultiExitNetwork(nn.Module):
     def initial_state(self, x: Tensor) -> State:
         return x
 
+    def check_input(self, x: Tensor, check_finite: bool = True) -> Tensor:
+        """The input checks of ``infer`` (and of ``forward`` in subclasses that check there): an image batch of
+        the model's channels and dtype, and at least ``min_input_size`` on each side when the network has one (MSDNet:
+        the coarsest scale must keep a pixel; exits on a backbone: the backbone's)."""
+        check_image_batch(x, self.in_chans, check_finite=check_finite, dtype=param_dtype(self))
+        need = getattr(self, "min_input_size", 1)
+        if min(x.shape[-2:]) < need:
+            raise DyncnnError(f"{type(self).__name__}: expected inputs of at least {need}x{need}, got "
+                              f"{tuple(x.shape[-2:])}")
+        return x
+
     def forward(self, x: Tensor) -> list[Tensor]:
         state, outs = self.initial_state(x), []
         ge = self.gradient_equilibrium and self.training and torch.is_grad_enabled()
@@ -151,25 +174,24 @@ class MultiExitNetwork(nn.Module):
     @torch.no_grad()
     def infer(self, x: Tensor, policy: ExitPolicy | Sequence[float] | None = None) -> ExitResult:
         """Real early-exit inference: exited samples leave the batch; returns logits, exit index and MACs per
-        sample. ``policy`` is an ExitPolicy or a list of max-probability thresholds; None runs to the end."""
-        check_image_batch(x, self.in_chans) if x.shape[0] else None
-        if policy is None:
-            policy = ExitPolicy.never(self.num_exits)
-        elif not isinstance(policy, ExitPolicy):
-            policy = ExitPolicy(list(policy))
-        if len(policy.thresholds) not in (self.num_exits - 1, self.num_exits):
-            raise ValueError(f"expected {self.num_exits - 1} thresholds (one per exit but the last), "
-                             f"got {len(policy.thresholds)}")
-        was_training = self.training
-        self.eval()
-        try:
-            if x.shape[0] == 0:
-                return ExitResult(x.new_zeros(0, self.num_classes), torch.zeros(0, dtype=torch.int64),
-                                  torch.zeros(0, dtype=torch.int64))
-            return early_exit_inference(list(self.stages), list(self.heads), self.initial_state(x), policy,
-                                        self.executor, self.num_classes)
-        finally:
-            self.train(was_training)
+        sample. ``policy`` is an ExitPolicy or a list of max-probability thresholds; None runs to the end.
+
+        Inference is meant for a model in eval mode (``model.eval()``), which ``infer`` reads and never changes,
+        so that several threads may share the model. A model left in training mode is not switched back and
+        forth (another thread's call would then run BatchNorm in training mode and corrupt its statistics):
+        the call runs on an eval-mode copy instead, which is correct but slower (it copies the weights)."""
+        if isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] == 0:   # an empty batch: the other checks
+            self.check_input(x.new_zeros(()).expand(1, *x.shape[1:]), check_finite=False)
+        else:
+            self.check_input(x)
+        policy = as_policy(policy, self.num_exits)
+        if self.training:
+            return eval_copy(self).infer(x, policy)
+        if x.shape[0] == 0:
+            return ExitResult(x.new_zeros(0, self.num_classes), torch.zeros(0, dtype=torch.int64),
+                              torch.zeros(0, dtype=torch.int64))
+        return early_exit_inference(list(self.stages), list(self.heads), self.initial_state(x), policy,
+                                    self.executor, self.num_classes)
 
     @torch.no_grad()
     def exit_macs(self, x: Tensor) -> list[int]:
@@ -253,6 +275,7 @@ def attach_exits(backbone: nn.Module, stages: Sequence[str] | None = None, head:
     heads.append(_Pick(segments[-1].boundary, nn.Identity()))
     net = SplitMultiExit(segments, heads, num_classes, in_chans, segments[0].input_name)
     net.exit_stages = stages
+    net.min_input_size = getattr(backbone, "min_input_size", 1)
     return net
 
 

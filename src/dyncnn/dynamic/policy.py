@@ -15,7 +15,24 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..errors import DyncnnError, InputTypeError
+
 CRITERIA = ("max_prob", "entropy", "margin")
+
+
+def _numbers(values, what: str) -> list[float]:
+    """``values`` (a list, tuple or 1-D tensor of numbers) as a list of floats, or a clear error."""
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().reshape(-1).tolist() if values.dim() <= 1 else values
+    if isinstance(values, (str, bytes, dict)) or not isinstance(values, (list, tuple)):
+        raise InputTypeError(f"{what}: expected a list of numbers (one per exit but the last), got "
+                             f"{type(values).__name__} {values!r:.80}")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise InputTypeError(f"{what}: expected numbers, got {type(v).__name__} {v!r:.40} in {values!r:.80}")
+        out.append(float(v))
+    return out
 
 
 def confidence(logits: Tensor, criterion: str = "max_prob", temperature: float = 1.0) -> Tensor:
@@ -48,10 +65,14 @@ class ExitPolicy:
 
     def __post_init__(self):
         if self.criterion not in CRITERIA:
-            raise ValueError(f"unknown exit criterion {self.criterion!r}; expected one of {CRITERIA}")
-        self.thresholds = [float(t) for t in self.thresholds]
+            raise DyncnnError(f"unknown exit criterion {self.criterion!r}; expected one of {CRITERIA}")
+        self.thresholds = _numbers(self.thresholds, "thresholds")
         if any(math.isnan(t) for t in self.thresholds):
-            raise ValueError("thresholds must not be NaN")
+            raise DyncnnError("thresholds must not be NaN")
+        self.temperatures = _numbers(self.temperatures, "temperatures")
+        bad = [t for t in self.temperatures if not (math.isfinite(t) and t > 0)]
+        if bad:      # 0 or negative would flip or flatten the softmax and silently switch the exits off
+            raise DyncnnError(f"temperatures must be finite and > 0, got {bad}")
 
     def temperature(self, k: int) -> float:
         return float(self.temperatures[k]) if k < len(self.temperatures) else 1.0
@@ -61,6 +82,12 @@ class ExitPolicy:
         if k >= len(self.thresholds):
             return torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
         return confidence(logits, self.criterion, self.temperature(k)) >= self.thresholds[k]
+
+    @classmethod
+    def of(cls, policy) -> "ExitPolicy":
+        """``policy`` itself, or an ExitPolicy of max-probability thresholds from a list / tuple / 1-D tensor;
+        anything else (a number, a string) is an InputTypeError saying what was expected."""
+        return policy if isinstance(policy, ExitPolicy) else cls(policy)
 
     @classmethod
     def never(cls, num_exits: int) -> "ExitPolicy":

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ..errors import check_image_batch
-from .executor import CostLedger, Executor, ExitResult, measure_macs
+from .executor import CostLedger, Executor, ExitResult, eval_copy, measure_macs
 
 Decide = Callable[[int, Tensor], Tensor]   # (gated position j, block input h) -> (N,) decision in {0, 1}
 
@@ -218,32 +218,27 @@ class LayerSkipNetwork(nn.Module):
         (N, K) over the gated blocks (``decision_names``).
         """
         self._check(x)
-        was_training = self.training
-        if was_training:              # (toggling walks every module: only when needed, it costs ms at batch 1)
-            self.eval()
-        try:
-            n = x.shape[0]
-            ledger, rows, ex = CostLedger(n), torch.arange(n), self.executor
-            if self._force is None:
-                decide = self._decisions(x, rows, ledger)
+        if self.training:     # never switch a shared model to eval and back (see MultiExitNetwork.infer)
+            return eval_copy(self).infer(x)
+        n = x.shape[0]
+        ledger, rows, ex = CostLedger(n), torch.arange(n), self.executor
+        if self._force is None:
+            decide = self._decisions(x, rows, ledger)
+        else:
+            const = torch.full((n,), self._force, dtype=torch.bool, device=x.device)
+            decide = lambda j, h: const   # noqa: E731 - no gate runs when the decisions are pinned
+        h = ex.run(self._stem, x, rows, ledger)
+        choices = torch.empty(n, self.num_gated, dtype=torch.int64)
+        for k, block in enumerate(self._blocks):
+            if k in self._slot:
+                take = decide(self._slot[k], h).to(torch.bool)
+                choices[:, self._slot[k]] = take.cpu()
+                h = ex.run_where(block, h, take, rows, ledger, otherwise=h)
             else:
-                const = torch.full((n,), self._force, dtype=torch.bool, device=x.device)
-                decide = lambda j, h: const   # noqa: E731 - no gate runs when the decisions are pinned
-            h = ex.run(self._stem, x, rows, ledger)
-            choices = torch.empty(n, self.num_gated, dtype=torch.int64)
-            for k, block in enumerate(self._blocks):
-                if k in self._slot:
-                    take = decide(self._slot[k], h).to(torch.bool)
-                    choices[:, self._slot[k]] = take.cpu()
-                    h = ex.run_where(block, h, take, rows, ledger, otherwise=h)
-                else:
-                    h = ex.run(block, h, rows, ledger)
-            logits = ex.run(self._head, h, rows, ledger)
-            ran = choices.sum(1) + (len(self._blocks) - self.num_gated)
-            return ExitResult(logits, ran, ledger.macs, choices)
-        finally:
-            if was_training:
-                self.train()
+                h = ex.run(block, h, rows, ledger)
+        logits = ex.run(self._head, h, rows, ledger)
+        ran = choices.sum(1) + (len(self._blocks) - self.num_gated)
+        return ExitResult(logits, ran, ledger.macs, choices)
 
 
 class FeedForwardGate(nn.Module):

@@ -113,7 +113,7 @@ class CondGraph:
         from ..dynamic.executor import ExitResult
         from ..dynamic.policy import ExitPolicy
         from .runtime import _as_batch
-        policy = policy if isinstance(policy, ExitPolicy) else ExitPolicy(list(policy))
+        policy = ExitPolicy.of(policy)
         x = _as_batch(x, self.input_shape)
         thr = np.asarray((list(policy.thresholds) + [math.inf])[:max(self.num_exits - 1, 1)], dtype=np.float32)
         temps = np.asarray([policy.temperature(k) for k in range(self.num_exits)], dtype=np.float32)

@@ -20,7 +20,6 @@ steps it ran, so its ledger equals eager ``GFNet.infer``'s. The confidence rule 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -32,8 +31,8 @@ from torch import Tensor, nn
 
 from ..dynamic.policy import ExitPolicy
 from .onnx import ExportError, export_graph, onnx_session, relative_error
-from .runtime import BundleError, _as_batch, confidence_np
-from .staged import FORMAT, MANIFEST, _base_manifest, writing_bundle, file_record, sha256_file, \
+from .runtime import BundleError, _as_batch, _read_manifest, bundle_file, confidence_np
+from .staged import FORMAT, MANIFEST, _base_manifest, writing_bundle, file_record, \
     write_manifest
 
 KIND = "glance"
@@ -135,7 +134,7 @@ def load_glance_bundle(folder: str | os.PathLike, threads: int = 1, verify: bool
     path = folder / MANIFEST
     if not path.exists():
         raise BundleError(f"{folder} holds no {MANIFEST}: not a dyncnn bundle (write one with export_glance_bundle)")
-    manifest = json.loads(path.read_text())
+    manifest = _read_manifest(folder)
     if manifest.get("format") != FORMAT or manifest.get("kind") != KIND:
         raise BundleError(f"{path}: expected a {FORMAT!r} bundle of kind {KIND!r}, got {manifest.get('format')!r} "
                           f"/ {manifest.get('kind')!r}")
@@ -156,18 +155,13 @@ class GlanceBundle:
         self._rules: tuple | None = None       # (policy, per-step (threshold, temperature)) of the last policy
         self.sessions = {}
         for name, entry in manifest["graphs"].items():
-            rec = entry["files"]["fp32"]
-            f = folder / rec["file"]
-            if not f.exists():
-                raise BundleError(f"bundle {folder}: graph file {rec['file']} is missing")
-            if verify and sha256_file(f) != rec["sha256"]:
-                raise BundleError(f"bundle {folder}: {rec['file']} does not match the manifest's checksum")
+            f = bundle_file(folder, entry["files"]["fp32"], f"graph {name!r}", verify)
             self.sessions[name] = onnx_session(f, threads)
 
     def _policy(self, policy) -> ExitPolicy:
         if policy is None:
             return self.policy
-        policy = policy if isinstance(policy, ExitPolicy) else ExitPolicy(list(policy))
+        policy = ExitPolicy.of(policy)
         if len(policy.thresholds) not in (self.num_exits - 1, self.num_exits):
             raise BundleError(f"expected {self.num_exits - 1} thresholds, got {len(policy.thresholds)}")
         return policy

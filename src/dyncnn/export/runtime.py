@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from ..dynamic.policy import ExitPolicy
-from ..errors import DyncnnError
+from ..errors import DyncnnError, InputTypeError
 from .staged import FORMAT, MANIFEST, graph_io, sha256_file
 
 PRECISIONS = ("fp32", "int8")
@@ -78,30 +79,141 @@ def _read_manifest(folder: Path) -> dict:
                           f"this version)")
     if manifest.get("kind") not in ("static", "multi_exit", "glance"):
         raise BundleError(f"{path}: unknown bundle kind {manifest.get('kind')!r}")
+    validate_manifest(manifest, str(path))
     return manifest
+
+
+# What each kind of bundle must hold (beyond format and kind), checked before anything is read.
+_KIND_KEYS = {"static": ("graph",), "multi_exit": ("num_exits", "stages", "exit_macs", "policy"),
+              "glance": ("num_exits", "graphs", "exit_macs", "policy", "patch_size", "policy_dim", "hidden_dim")}
+MAX_GRAPH_BYTES = 1 << 32      # 4 GiB: ONNX protobufs cannot be larger without external data
+
+
+def _positive_int(value, what: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BundleError(f"{where}: {what} must be a positive integer, got {value!r:.80}")
+    return value
+
+
+def validate_manifest(manifest: dict, where: str = "manifest") -> None:
+    """The checks that a manifest (untrusted input, like any file) must pass before the driver uses it, with the
+    rules of the Python API: the content its ``kind`` needs; the input shape and class count positive integers;
+    per exit a stage and a non-negative, non-decreasing cumulative MAC count; an exit policy with one threshold
+    per exit but the last (or one per exit), finite positive temperatures."""
+    kind = manifest.get("kind")
+    missing = [k for k in _KIND_KEYS[kind] if k not in manifest]
+    if missing:
+        other = [k for k, keys in _KIND_KEYS.items() if k != kind and all(key in manifest for key in keys)]
+        hint = f"; its content is that of a {other[0]!r} bundle" if other else ""
+        raise BundleError(f"{where}: a bundle of kind {kind!r} needs {', '.join(missing)}, which it lacks{hint}")
+    shape = (manifest.get("input") or {}).get("shape") if isinstance(manifest.get("input"), dict) else None
+    if not isinstance(shape, list) or len(shape) != 4:
+        raise BundleError(f"{where}: input.shape must be ['batch', C, H, W], got {shape!r:.80}")
+    for v, what in zip(shape[1:], ("input channels", "input height", "input width")):
+        _positive_int(v, what, where)
+    _positive_int(manifest.get("num_classes"), "num_classes", where)
+    if kind == "static":
+        if not isinstance(manifest["graph"], dict):
+            raise BundleError(f"{where}: graph must be an object, got {type(manifest['graph']).__name__}")
+        return
+    k = _positive_int(manifest["num_exits"], "num_exits", where)
+    listed = manifest["graphs"] if kind == "glance" else manifest["stages"]
+    if kind == "multi_exit" and (not isinstance(listed, list) or len(listed) != k):
+        raise BundleError(f"{where}: expected {k} stages (one per exit), got "
+                          f"{len(listed) if isinstance(listed, list) else type(listed).__name__}")
+    if kind == "glance" and not isinstance(listed, dict):
+        raise BundleError(f"{where}: graphs must be an object, got {type(listed).__name__}")
+    macs = manifest["exit_macs"]
+    if not isinstance(macs, list) or len(macs) != k or \
+            any(isinstance(m, bool) or not isinstance(m, int) or m < 0 for m in macs):
+        raise BundleError(f"{where}: exit_macs must list {k} non-negative integers (cumulative MACs per exit), "
+                          f"got {macs!r:.120}")
+    if any(b < a for a, b in zip(macs, macs[1:])):
+        raise BundleError(f"{where}: exit_macs must not decrease (they are cumulative), got {macs}")
+    p = manifest["policy"]
+    if not isinstance(p, dict):
+        raise BundleError(f"{where}: policy must be an object, got {type(p).__name__}")
+    try:
+        policy = ExitPolicy(p.get("thresholds"), p.get("criterion", "max_prob"), p.get("temperatures", []))
+    except DyncnnError as e:
+        raise BundleError(f"{where}: invalid exit policy: {e}") from None
+    if len(policy.thresholds) not in (k - 1, k):
+        raise BundleError(f"{where}: the exit policy has {len(policy.thresholds)} thresholds; expected {k - 1} "
+                          f"(one per exit but the last)")
+    if len(policy.temperatures) not in (0, k - 1, k):
+        raise BundleError(f"{where}: the exit policy has {len(policy.temperatures)} temperatures; expected none "
+                          f"or one per exit ({k})")
+
+
+def bundle_file(folder: Path, rec: object, what: str, verify: bool) -> Path:
+    """The graph file that manifest record ``rec`` names, after the checks that keep a crafted manifest inside
+    the bundle: a relative name without ``..`` (``stage0.onnx``, ``int8/stage0.onnx``), not absolute, of a
+    regular file inside ``folder`` (not a device, FIFO or a link out of the folder), whose size is checked
+    before it is hashed."""
+    name = rec.get("file") if isinstance(rec, dict) else None
+    parts = name.split("/") if isinstance(name, str) else []
+    if not parts or any(part in ("", ".", "..") for part in parts) or "\\" in name or "\0" in name or \
+            os.path.isabs(name):
+        raise BundleError(f"bundle {folder}: {what}: the manifest names the file {name!r:.80}; expected a plain "
+                          f"file name inside the bundle folder (such as stage0.onnx or int8/stage0.onnx)")
+    path = folder / name
+    if not path.exists() and not path.is_symlink():
+        raise BundleError(f"bundle {folder}: {what} file {name} is missing")
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise BundleError(f"bundle {folder}: {what} file {name} links outside the bundle folder; refusing it")
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise BundleError(f"bundle {folder}: {what} file {name} is not a regular file")
+    expected = rec.get("bytes")
+    if verify:
+        if isinstance(expected, bool) or not isinstance(expected, int) or not 0 < expected <= MAX_GRAPH_BYTES:
+            raise BundleError(f"bundle {folder}: {what}: the manifest's size of {name} is {expected!r:.40}; "
+                              f"expected a positive byte count")
+        if st.st_size != expected:
+            raise BundleError(f"bundle {folder}: {what} file {name} has {st.st_size} bytes, the manifest says "
+                              f"{expected} (a different or truncated file)")
+        digest = sha256_file(path)
+        if digest != rec.get("sha256"):
+            raise BundleError(f"bundle {folder}: {what} file {name} does not match the manifest's checksum (sha256 "
+                              f"{digest[:12]}..., expected {str(rec.get('sha256'))[:12]}...); the files come from "
+                              f"another export")
+    return path
+
+
+def check_graph_shapes(folder: Path, sess, what: str, input_shape: Sequence[int] | None = None,
+                       input_name: str | None = None, num_classes: int | None = None,
+                       logits_name: str = "logits") -> None:
+    """Refuse a graph whose declared input size or class count disagrees with the manifest (ONNX Runtime would
+    fail with INVALID_ARGUMENT at the first call, or numpy would broadcast the logits into wrong results)."""
+    dims = {i.name: i.shape for i in sess.get_inputs()}
+    dims.update({o.name: o.shape for o in sess.get_outputs()})
+    if input_shape is not None and input_name in dims:
+        got = list(dims[input_name])[1:]
+        if len(got) != len(input_shape) or any(isinstance(g, int) and g != e for g, e in zip(got, input_shape)):
+            raise BundleError(f"bundle {folder}: {what} takes inputs of shape (N, {', '.join(map(str, got))}); the "
+                              f"manifest says (N, {', '.join(map(str, input_shape))})")
+    if num_classes is not None and logits_name in dims:
+        got = list(dims[logits_name])
+        if len(got) != 2 or (isinstance(got[1], int) and got[1] != num_classes):
+            raise BundleError(f"bundle {folder}: {what} outputs logits of shape {got}; the manifest says "
+                              f"{num_classes} classes")
 
 
 def _session(folder: Path, entry: dict, precision: str, threads: int, expect_in: list[str],
              expect_out: list[str], what: str, verify: bool):
     from .onnx import onnx_session
-    files = entry.get("files") or {}
+    files = entry.get("files") if isinstance(entry, dict) else None
+    files = files if isinstance(files, dict) else {}
     if precision not in files:
         raise BundleError(f"bundle {folder} has no {precision} graph for {what} (available: "
                           f"{sorted(files) or 'none'}; export with --quantize for int8)")
     rec = files[precision]
-    path = folder / rec["file"]
-    if not path.exists():
-        raise BundleError(f"bundle {folder}: {what} file {rec['file']} is missing")
-    if verify:
-        if path.stat().st_size != rec.get("bytes", path.stat().st_size):
-            raise BundleError(f"bundle {folder}: {what} file {rec['file']} has {path.stat().st_size} bytes, the "
-                              f"manifest says {rec['bytes']} (a different or truncated file)")
-        digest = sha256_file(path)
-        if digest != rec.get("sha256"):
-            raise BundleError(f"bundle {folder}: {what} file {rec['file']} does not match the manifest "
-                              f"(sha256 {digest[:12]}..., expected {str(rec.get('sha256'))[:12]}...); the files "
-                              f"come from another export")
-    ins, outs = graph_io(path)
+    path = bundle_file(folder, rec, what, verify)
+    try:
+        ins, outs = graph_io(path)
+    except Exception as e:       # onnx's DecodeError and friends: a file that is not an ONNX graph
+        raise BundleError(f"bundle {folder}: {what} file {rec['file']} is not a readable ONNX graph: "
+                          f"{type(e).__name__}") from None
     if sorted(ins) != sorted(expect_in) or outs != expect_out:
         raise BundleError(f"bundle {folder}: {what} file {rec['file']} has inputs {ins} and outputs {outs}; the "
                           f"manifest says {expect_in} and {expect_out}")
@@ -121,11 +233,15 @@ def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int
         raise BundleError(f"threads must be >= 1, got {threads}")
     folder = Path(folder)
     manifest = _read_manifest(folder)
-    if manifest["kind"] == "glance":
-        from .glance import GlanceBundle
-        return GlanceBundle(folder, manifest, threads, verify)
-    cls = DynamicBundle if manifest["kind"] == "multi_exit" else StaticBundle
-    return cls(folder, manifest, precision, threads, verify)
+    try:
+        if manifest["kind"] == "glance":
+            from .glance import GlanceBundle
+            return GlanceBundle(folder, manifest, threads, verify)
+        cls = DynamicBundle if manifest["kind"] == "multi_exit" else StaticBundle
+        return cls(folder, manifest, precision, threads, verify)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:   # an entry of the wrong shape in the JSON
+        raise BundleError(f"{folder / MANIFEST} is malformed ({type(e).__name__}: {e}); expected the manifest "
+                          f"that `dyncnn export` writes") from None
 
 
 def _as_batch(x: Any, shape: Sequence[int]) -> np.ndarray:
@@ -141,7 +257,7 @@ def _as_batch(x: Any, shape: Sequence[int]) -> np.ndarray:
                               f"convert with x.float() / 255")
         x = x.detach().cpu().float().numpy()
     if not isinstance(x, np.ndarray):
-        raise TypeError(f"input: expected a numpy array or torch tensor of shape (N, {', '.join(map(str, shape))})"
+        raise InputTypeError(f"input: expected a numpy array or torch tensor of shape (N, {', '.join(map(str, shape))})"
                         f", got {type(x).__name__}")
     expected = f"(N, {', '.join(map(str, shape))})"
     if x.ndim != 4 or tuple(x.shape[1:]) != tuple(shape):
@@ -180,7 +296,9 @@ class StaticBundle(_Bundle):
     def __init__(self, folder: Path, manifest: dict, precision: str, threads: int, verify: bool):
         super().__init__(folder, manifest, precision, threads)
         g = manifest["graph"]
-        self.sess = _session(folder, g, precision, threads, g["inputs"], g["outputs"], "the model graph", verify)
+        self.sess = _session(folder, g, precision, threads, g.get("inputs"), g.get("outputs"), "the model graph",
+                             verify)
+        check_graph_shapes(folder, self.sess, "the model graph", self.input_shape, "input", self.num_classes)
 
     def run_numpy(self, x: Any) -> np.ndarray:
         x = self.check_input(x)
@@ -222,6 +340,8 @@ class DynamicBundle(_Bundle):
             if st["files"]:
                 sess = _session(folder, st, precision, threads, [f"in{i}" for i in st["inputs"]], out_names,
                                 f"stage {k}", verify)
+                check_graph_shapes(folder, sess, f"stage {k}", self.input_shape if k == 0 else None, "in0",
+                                   self.num_classes if graph_logits else None)
             elif graph_logits:
                 raise BundleError(f"bundle {folder}: stage {k} takes its logits from a graph but has no file")
             pos = {j: n for n, j in enumerate(st["outputs"])}
@@ -249,7 +369,7 @@ class DynamicBundle(_Bundle):
     def _policy(self, policy):
         if policy is None:
             return self.policy
-        policy = policy if isinstance(policy, ExitPolicy) else ExitPolicy(list(policy))
+        policy = ExitPolicy.of(policy)
         if len(policy.thresholds) not in (self.num_exits - 1, self.num_exits):
             raise DyncnnError(f"expected {self.num_exits - 1} thresholds (one per exit but the last), "
                               f"got {len(policy.thresholds)}")

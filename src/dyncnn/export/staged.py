@@ -42,7 +42,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps
 
 from ..dynamic.executor import measure_macs
 from ..dynamic.policy import ExitPolicy
-from ..train.checkpoint import atomic_write_text, model_spec
+from ..train.checkpoint import apply_umask, atomic_write_text, model_spec
 from .onnx import ExportError, export_graph, relative_error, required_opset
 
 FORMAT = "dyncnn-bundle-1"
@@ -122,11 +122,23 @@ def _prepare_out_dir(out_dir: Path) -> Path:
     if out_dir.exists():
         if not out_dir.is_dir():
             raise ExportError(f"--out {out_dir} exists and is not a folder")
-        if any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists():
-            raise ExportError(f"--out {out_dir} is a non-empty folder without a dyncnn bundle; refusing to "
-                              f"overwrite it (choose a new or empty folder)")
+        if any(out_dir.iterdir()) and not is_bundle_folder(out_dir):
+            raise ExportError(f"--out {out_dir} is a non-empty folder without a dyncnn bundle (no {MANIFEST} of "
+                              f"format {FORMAT!r}); refusing to replace it (choose a new or empty folder)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    apply_umask(tmp, folder=True)
+    return tmp
+
+
+def is_bundle_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a dyncnn bundle: a manifest that says so (a folder that merely has some
+    ``manifest.json`` is someone else's, and is never replaced)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith("dyncnn-bundle-")
 
 
 def _commit(tmp: Path, out_dir: Path) -> None:
@@ -248,7 +260,7 @@ def _coerce_policy(model: nn.Module, policy: ExitPolicy | Sequence[float] | None
     k = len(model.stages)
     if policy is None:
         return ExitPolicy.never(k)
-    policy = policy if isinstance(policy, ExitPolicy) else ExitPolicy(list(policy))
+    policy = ExitPolicy.of(policy)
     if len(policy.thresholds) not in (k - 1, k):
         raise ExportError(f"the exit policy has {len(policy.thresholds)} thresholds; the model has {k} exits "
                           f"(expected {k - 1})")

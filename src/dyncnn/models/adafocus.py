@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..dynamic.executor import CostLedger, ExitResult, Executor, measure_macs
+from ..dynamic.executor import CostLedger, ExitResult, Executor, eval_copy, measure_macs
 from ..dynamic.patches import crop_patches, crop_patches_differentiable
 from ..dynamic.policy import ExitPolicy
 from ..errors import DyncnnError
@@ -222,12 +222,9 @@ class AdaFocus(nn.Module):
         logits, the step each clip left at, the MACs it ran, the frames read (choices) and the patch centres."""
         x = self.check_input(x)
         policy = _as_policy(policy, self.num_exits)
-        was_training = self.training
-        self.eval()
-        try:
-            return self._infer(x, policy)
-        finally:
-            self.train(was_training)
+        if self.training:     # never switch a shared model to eval and back (see MultiExitNetwork.infer)
+            return eval_copy(self).infer(x, policy)
+        return self._infer(x, policy)
 
     def _infer(self, x: Tensor, policy: ExitPolicy) -> AdaFocusResult:
         n, t = x.shape[:2]
@@ -295,10 +292,9 @@ class AdaFocus(nn.Module):
 def _as_policy(policy, num_exits: int) -> ExitPolicy:
     if policy is None:
         return ExitPolicy.never(num_exits)
-    if not isinstance(policy, ExitPolicy):
-        policy = ExitPolicy(list(policy))
+    policy = ExitPolicy.of(policy)
     if len(policy.thresholds) not in (num_exits - 1, num_exits):
-        raise ValueError(f"expected {num_exits - 1} thresholds (one per frame but the last), got "
+        raise DyncnnError(f"expected {num_exits - 1} thresholds (one per frame but the last), got "
                          f"{len(policy.thresholds)}")
     return policy
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..errors import check_image_batch
+from ..errors import DyncnnError, check_image_batch, param_dtype
 
 
 def _fx_tracing() -> bool:
@@ -56,9 +56,9 @@ class Backbone(nn.Module):
         """Shape, channel and dtype checks (NaN/Inf checks belong to the public entry points, not the hot path)."""
         if is_exporting():
             return x
-        check_image_batch(x, self.in_chans, check_finite=False)
+        check_image_batch(x, self.in_chans, check_finite=False, dtype=param_dtype(self))
         if min(x.shape[-2:]) < self.min_input_size:
-            raise ValueError(f"{type(self).__name__}: expected inputs of at least {self.min_input_size}x"
+            raise DyncnnError(f"{type(self).__name__}: expected inputs of at least {self.min_input_size}x"
                              f"{self.min_input_size}, got {tuple(x.shape[-2:])}")
         return x
 

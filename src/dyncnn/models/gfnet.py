@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..dynamic.executor import ExitResult, Executor, early_exit_inference, measure_macs
+from ..dynamic.executor import ExitResult, Executor, early_exit_inference, eval_copy, measure_macs
 from ..dynamic.patches import crop_patches
 from ..dynamic.policy import ExitPolicy
-from ..errors import check_image_batch
+from ..errors import DyncnnError, check_image_batch
 from .base import is_exporting
 from .registry import create_model, register_model
 
@@ -249,7 +249,7 @@ class GFNet(nn.Module):
         check_image_batch(x, self.in_chans)
         p = self.cfg.patch_size
         if min(x.shape[-2:]) < p:
-            raise ValueError(f"GFNet: patch size {p} is larger than the {x.shape[-2]}x{x.shape[-1]} input; expected "
+            raise DyncnnError(f"GFNet: patch size {p} is larger than the {x.shape[-2]}x{x.shape[-1]} input; expected "
                              f"images of at least {p}x{p} (built for {self.cfg.input_size}x{self.cfg.input_size})")
         return x
 
@@ -354,7 +354,7 @@ class GFNet(nn.Module):
     def _coerce_policy(self, policy) -> ExitPolicy:
         if policy is None:
             return ExitPolicy.never(self.num_exits)
-        policy = policy if isinstance(policy, ExitPolicy) else ExitPolicy(list(policy))
+        policy = ExitPolicy.of(policy)
         if len(policy.thresholds) not in (self.num_exits - 1, self.num_exits):
             raise ValueError(f"expected {self.num_exits - 1} thresholds (one per step but the last), "
                              f"got {len(policy.thresholds)}")
@@ -367,14 +367,11 @@ class GFNet(nn.Module):
         ``exit_index`` is the step each sample stopped at (0 = the glance), ``macs`` the MACs it really ran."""
         x = self.check_input(x)
         policy = self._coerce_policy(policy)
-        was_training = self.training
-        self.eval()
-        try:
-            heads = [_logits_of] * self.num_exits
-            return early_exit_inference(self._steps, heads, self.initial_state(x), policy, self.executor,
-                                        self.num_classes)
-        finally:
-            self.train(was_training)
+        if self.training:     # never switch a shared model to eval and back (see MultiExitNetwork.infer)
+            return eval_copy(self).infer(x, policy)
+        heads = [_logits_of] * self.num_exits
+        return early_exit_inference(self._steps, heads, self.initial_state(x), policy, self.executor,
+                                    self.num_classes)
 
     @torch.no_grad()
     def step_macs(self, x: Tensor) -> list[int]:

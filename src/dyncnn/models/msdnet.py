@@ -25,7 +25,6 @@ import torch
 from torch import Tensor, nn
 
 from ..dynamic.exits import ConvHead, MultiExitNetwork
-from ..errors import check_image_batch
 from ..layers import ConvNormAct
 from .base import is_exporting
 from .registry import register_model
@@ -291,10 +290,7 @@ class MSDNet(MultiExitNetwork):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         if not is_exporting():
-            check_image_batch(x, self.in_chans, check_finite=False)
-            if min(x.shape[-2:]) < self.min_input_size:
-                raise ValueError(f"MSDNet with {self.cfg.num_scales} scales: expected inputs of at least "
-                                 f"{self.min_input_size}x{self.min_input_size}, got {tuple(x.shape[-2:])}")
+            self.check_input(x, check_finite=False)
         return super().forward(x)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
+import re
 from typing import Callable
 
 from torch import nn
@@ -83,6 +85,99 @@ def _unknown(name: str, candidates: list[str]) -> UnknownModelError:
     return UnknownModelError(f"unknown model {name!r}{hint} (see `dyncnn zoo` or dyncnn.list_models())")
 
 
+# Keyword arguments that would make torchvision or timm read a file or fetch weights: never passed on.
+FILE_LOADING_KEYS = frozenset({"weights", "pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay",
+                               "pretrained_strict", "cache_dir", "weights_backbone"})
+# The keys a checkpoint header may give a torchvision / timm model (an allow-list: a header is untrusted input).
+EXTERNAL_CFG_KEYS = frozenset({"num_classes", "in_chans", "drop_rate", "drop_path_rate", "global_pool", "dropout",
+                               "width_mult", "aux_logits", "transform_input", "init_weights"})
+_KIND_TOKENS = {"str": {"str"}, "number": {"int", "float", "bool"}, "seq": {"Sequence", "tuple", "list"},
+                "map": {"dict", "Mapping"}}
+_PLAIN_TOKENS = {"str", "int", "float", "bool", "None", "Sequence", "tuple", "list", "dict", "Mapping", "Optional"}
+
+
+def _kind(value) -> str | None:
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, (list, tuple)):
+        return "seq"
+    if isinstance(value, dict):
+        return "map"
+    return None
+
+
+def _parameters(fn) -> tuple[dict[str, inspect.Parameter], bool]:
+    """(named parameters, whether ``fn`` also takes **kwargs) of a builder or class."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return {}, True
+    params = {n: p for n, p in sig.parameters.items()
+              if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self"}
+    return params, any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def _callee_keys(builder, qualname: str) -> list[str]:
+    """The named parameters of ``qualname`` (``TinyMobileNet.__init__``, from a TypeError) looked up in the
+    builder's module: where a builder's ``**kwargs`` went."""
+    obj = getattr(builder, "__globals__", {}).get(qualname.split(".")[0])
+    for part in qualname.split(".")[1:]:
+        obj = getattr(obj, part, None)
+    return sorted(_parameters(obj)[0]) if callable(obj) else []
+
+
+def model_cfg_keys(name: str) -> list[str] | None:
+    """The configuration keys registered model ``name`` accepts (besides ``num_classes``); None when they cannot
+    be listed (a builder that passes ``**kwargs`` on to something else, or a torchvision / timm model)."""
+    _ensure_models_loaded()
+    if name not in _REGISTRY:
+        return None
+    params, open_ = _parameters(_REGISTRY[name])
+    return None if open_ else sorted(params)
+
+
+def check_model_cfg(name: str, cfg: dict) -> None:
+    """Raise DyncnnError for a key that model ``name`` does not take (listing the valid keys and the closest
+    match) or a value of the wrong kind (a string where a number or list is expected, ...), naming the key."""
+    _ensure_models_loaded()
+    if name not in _REGISTRY:
+        return
+    builder = _REGISTRY[name]
+    params, open_ = _parameters(builder)
+    valid = sorted(params)
+    typed = dict(params)
+    ret = inspect.signature(builder).return_annotation if open_ else None
+    if isinstance(ret, str) and inspect.isclass(getattr(builder, "__globals__", {}).get(ret)):
+        # the class a **kwargs builder returns usually takes the rest: its annotations check their values' kinds
+        typed = {**_parameters(builder.__globals__[ret].__init__)[0], **params}
+    for key in cfg:
+        if key not in params and not open_:
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise DyncnnError(f"model {name!r} has no config key {key!r}{hint} (valid keys: {', '.join(valid)})")
+    for key, value in cfg.items():
+        if key not in typed or value is None or _kind(value) is None:
+            continue
+        p = typed[key]
+        ann = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
+        top = ann or ""
+        while re.search(r"\[[^\[\]]*\]", top):        # the outer types only: tuple[int, ...] -> tuple
+            top = re.sub(r"\[[^\[\]]*\]", "", top)
+        tokens = set(re.findall(r"[A-Za-z_]+", top))
+        if tokens and tokens <= _PLAIN_TOKENS:
+            accepted = {k for k, names in _KIND_TOKENS.items() if names & tokens}
+            expected = ann
+        elif not tokens and p.default is not p.empty and _kind(p.default) is not None:
+            accepted, expected = {_kind(p.default)}, f"a {type(p.default).__name__} like {p.default!r}"
+        else:
+            continue
+        if _kind(value) not in accepted:
+            raise DyncnnError(f"model {name!r}: config key {key!r} expects {expected}, got {value!r} "
+                              f"({type(value).__name__})")
+
+
 def _build_torchvision(arch: str, num_classes: int | None, **cfg) -> nn.Module:
     import torchvision.models as tvm
     available = tvm.list_models(module=tvm)
@@ -91,6 +186,9 @@ def _build_torchvision(arch: str, num_classes: int | None, **cfg) -> nn.Module:
     if cfg.get("weights") not in (None,):
         raise DyncnnError("dyncnn never downloads weights at run time; load a local state dict instead")
     cfg.pop("weights", None)
+    if FILE_LOADING_KEYS & set(cfg):
+        raise DyncnnError(f"torchvision:{arch}: refusing {sorted(FILE_LOADING_KEYS & set(cfg))}: dyncnn never loads "
+                          f"weights through the model builder; load a local state dict instead")
     if num_classes is not None:
         cfg["num_classes"] = num_classes
     return tvm.get_model(arch, weights=None, **cfg)
@@ -103,6 +201,9 @@ def _build_timm(arch: str, num_classes: int | None, **cfg) -> nn.Module:
         raise DyncnnError(f"model 'timm:{arch}' needs timm, which is not installed (pip install timm)") from None
     if cfg.pop("pretrained", False):
         raise DyncnnError("dyncnn never downloads weights at run time; load a local state dict instead")
+    if FILE_LOADING_KEYS & set(cfg):
+        raise DyncnnError(f"timm:{arch}: refusing {sorted(FILE_LOADING_KEYS & set(cfg))}: dyncnn never loads "
+                          f"weights through the model builder; load a local state dict instead")
     if not timm.list_models(arch):
         raise _unknown(f"timm:{arch}", [f"timm:{n}" for n in timm.list_models()])
     if num_classes is not None:
@@ -130,7 +231,29 @@ def create_model(name: str, num_classes: int | None = None, **cfg) -> nn.Module:
         raise _unknown(name, list(_REGISTRY))
     if num_classes is not None:
         cfg["num_classes"] = num_classes
-    model = _REGISTRY[name](**cfg)
+    check_model_cfg(name, cfg)
+    try:
+        model = _REGISTRY[name](**cfg)
+    except DyncnnError:
+        raise
+    except ValueError as e:
+        if not cfg:
+            raise
+        raise DyncnnError(f"model {name!r} cannot be built with config "
+                          f"{', '.join(f'{k}={v!r}' for k, v in cfg.items())}: {e}") from None
+    except TypeError as e:
+        match = re.search(r"(?:([\w.]+)\(\) )?got an unexpected keyword argument '(\w+)'", str(e))
+        if not match:
+            if not cfg:
+                raise
+            raise DyncnnError(f"model {name!r} cannot be built with config "
+                              f"{', '.join(f'{k}={v!r}' for k, v in cfg.items())}: {e}") from None
+        builder = _REGISTRY[name]
+        valid = sorted(set(_parameters(builder)[0]) | set(_callee_keys(builder, match.group(1) or "")))
+        close = difflib.get_close_matches(match.group(2), valid, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise DyncnnError(f"model {name!r} has no config key {match.group(2)!r}{hint} (valid keys: "
+                          f"{', '.join(valid)})") from None
     # Record how to rebuild the model (used by checkpoints).
     model.dyncnn_spec = {"name": name, "cfg": dict(cfg)}
     return model

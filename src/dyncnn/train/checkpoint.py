@@ -7,6 +7,7 @@ it is loaded into, and names what differs when it does not.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -18,10 +19,64 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DyncnnError
 
 FORMAT = "dyncnn-checkpoint-1"
 META_KEY = "dyncnn"
+
+
+def _umask() -> int:
+    try:        # Linux: read it without the set-and-restore below, which is not thread-safe
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike, folder: bool = False) -> None:
+    """Give ``path`` the mode a plain ``open()`` / ``mkdir`` would (0666 / 0777 less the umask): ``tempfile``
+    creates its files 0600 and folders 0700, which the rename would otherwise carry into the result."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the ``.NAME.*.tmp`` files that an interrupted atomic write left in ``folder`` (one writer per folder
+    is assumed: call it when a run starts); returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for p in folder.glob(".*.tmp"):
+            if p.is_file() and not p.is_symlink():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def sync_json_copies(folder: str | os.PathLike) -> list[Path]:
+    """Rewrite every ``NAME.json`` of ``folder`` whose content differs from the header of ``NAME.safetensors``
+    (a write killed between the two files leaves the copy one step behind); returns the files rewritten."""
+    from safetensors import safe_open
+    fixed = []
+    for ckpt in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(ckpt), framework="pt") as f:
+                header = (f.metadata() or {}).get(META_KEY)
+            meta = json.loads(header) if header else None
+        except (SafetensorError, OSError, ValueError, RuntimeError):
+            continue
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            continue
+        text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+        copy = ckpt.with_suffix(".json")
+        if not copy.exists() or copy.read_text() != text:
+            atomic_write_text(copy, text)
+            fixed.append(copy)
+    return fixed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -33,6 +88,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -48,6 +104,18 @@ def model_spec(model: nn.Module) -> dict:
     """The name and config that rebuild ``model`` with ``create_model`` (empty for unregistered models)."""
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     return dict(getattr(model, "dyncnn_spec", {}) or {})
+
+
+def payload_sha256(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes (in name order): recorded in the header at save
+    time and checked at load time, so that flipped bytes in the tensor data are found."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, Tensor], dict]:
@@ -106,12 +174,14 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         opt_tensors, meta["optimizer"] = _flatten_optimizer(optimizer.state_dict())
         tensors.update(opt_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
+    meta["payload_sha256"] = payload_sha256(tensors)
     header = json.dumps(meta, sort_keys=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={META_KEY: header})
+        apply_umask(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -138,9 +208,20 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     if header is None:
         raise CheckpointError(f"checkpoint {path} has no dyncnn metadata; expected a file written by "
                               f"dyncnn.train.save_checkpoint (a plain state dict loads with safetensors directly)")
-    meta = json.loads(header)
+    try:
+        meta = json.loads(header)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {path}: its dyncnn header is not valid JSON ({e}); expected the JSON "
+                              f"object written by dyncnn.train.save_checkpoint") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path}: its dyncnn header is a JSON {type(meta).__name__}, expected "
+                              f"an object")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    recorded = meta.get("payload_sha256")
+    if recorded is not None and payload_sha256(tensors) != recorded:
+        raise CheckpointError(f"checkpoint {path} is corrupted: its tensor data does not match the checksum in "
+                              f"its header (sha256 {str(recorded)[:12]}...); restore it from a copy or retrain")
     for name, source in meta.get("aliases", {}).items():
         if source not in tensors:
             raise CheckpointError(f"checkpoint {path} names {name!r} an alias of {source!r}, which it does not hold")
@@ -165,6 +246,34 @@ def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: str = "
                               + "; ".join(p for p in parts if p))
 
 
+def model_from_header(path: str | os.PathLike, spec: object, state: dict[str, Tensor]) -> nn.Module:
+    """Build the model a checkpoint header names, treating the header as untrusted input: the name must be a
+    registered, torchvision or timm model; the config an object of keys that the builder takes (torchvision and
+    timm: only ``registry.EXTERNAL_CFG_KEYS``, never one that makes them read a file); and the model is first
+    built on the meta device and compared with the tensors stored in the file, so that a header asking for huge
+    widths is refused before anything is allocated."""
+    from ..models import create_model
+    from ..models.registry import EXTERNAL_CFG_KEYS
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise CheckpointError(f"checkpoint {path} records no model name; pass the model to load it into")
+    name, cfg = spec["name"], spec.get("cfg", {})
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"checkpoint {path}: the header's model config is a {type(cfg).__name__}, expected "
+                              f"an object of keyword arguments")
+    if name.startswith(("torchvision:", "timm:")) and set(cfg) - EXTERNAL_CFG_KEYS:
+        raise CheckpointError(f"checkpoint {path}: the header gives {name} the config keys "
+                              f"{sorted(set(cfg) - EXTERNAL_CFG_KEYS)}; a checkpoint may only set "
+                              f"{sorted(EXTERNAL_CFG_KEYS)} for torchvision/timm models")
+    try:
+        with torch.device("meta"):
+            skeleton = create_model(name, **cfg)
+    except (DyncnnError, TypeError, ValueError, RuntimeError, NotImplementedError) as e:
+        raise CheckpointError(f"checkpoint {path}: the model its header describes ({name!r} {cfg}) cannot be "
+                              f"built: {e}") from None
+    check_state_dict(skeleton, state, source=f"checkpoint {path}")
+    return create_model(name, **cfg)
+
+
 def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = False,
                     ) -> tuple[nn.Module, dict]:
@@ -175,17 +284,17 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
     """
     tensors, meta = read_checkpoint(path)
     spec = meta.get("model") or {}
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     if model is None:
-        if not spec.get("name"):
-            raise CheckpointError(f"checkpoint {path} records no model name; pass the model to load it into")
-        from ..models import create_model
-        model = create_model(spec["name"], **spec.get("cfg", {}))
+        model = model_from_header(path, spec, state)
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"checkpoint {path}: the header's model entry is a {type(spec).__name__}, expected "
+                              f"an object with the model's name and config")
     target = getattr(model, "module", model)
     own = model_spec(target)
     if own.get("name") and spec.get("name") and own["name"] != spec["name"]:
         raise CheckpointError(f"checkpoint {path} is of model {spec['name']!r} {spec.get('cfg', {})}, "
                               f"but the model given is {own['name']!r} {own.get('cfg', {})}")
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     check_state_dict(target, state, source=f"checkpoint {path}")
     target.load_state_dict(state)
     if optimizer is not None:

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..errors import DyncnnError
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .checkpoint import (atomic_write_text, load_checkpoint, remove_stale_temporaries, save_checkpoint,
+                         sync_json_copies)
 from .distributed import DistInfo, barrier, init_from_env
 
 LossFn = Callable[[object, Tensor], Tensor]
@@ -206,14 +207,28 @@ class Trainer:
         saved = state.get("config", {})
         for key in ("batch_size", "epochs", "seed", "lr", "optimizer"):
             if key in saved and saved[key] != getattr(self.config, key):
+                how = (f"; to train longer, start a new run from its weights (--init {path} with a new --out), "
+                       f"since the learning-rate schedule of this run ended at epoch {saved[key]}"
+                       if key == "epochs" and getattr(self.config, key) > saved[key] else "")
                 raise DyncnnError(f"cannot resume from {path}: it was trained with {key}={saved[key]!r}, "
-                                  f"this run has {key}={getattr(self.config, key)!r}")
+                                  f"this run has {key}={getattr(self.config, key)!r}{how}")
+        def comparable(v):     # where the data lies (root) may change; what it is may not
+            return {k: x for k, x in v.items() if k != "root"} if isinstance(v, dict) else v
+        for key, value in self.extra.items():   # e.g. the dataset: resuming on other data is another run
+            if key in meta and comparable(meta[key]) != comparable(value):
+                raise DyncnnError(f"cannot resume from {path}: it was trained with {key} {meta[key]}, this run "
+                                  f"has {key} {value}")
         self.step = int(state["step"])
         return list(state.get("history", []))
 
     # -- the loop ------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> TrainResult:
         c = self.config
+        if self.out_dir is not None and self.dist.is_main:
+            # what a killed write left: orphan temporaries, a JSON copy one step behind its checkpoint
+            remove_stale_temporaries(self.out_dir)
+            if self.out_dir.is_dir():
+                sync_json_copies(self.out_dir)
         torch.manual_seed(c.seed)
         history = self._try_resume() if resume else []
         model = self.model
