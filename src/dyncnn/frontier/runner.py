@@ -485,8 +485,15 @@ def load_data(s: FrontierSettings) -> dict:
 def run_frontier(s: FrontierSettings, log=print) -> dict:
     """Everything in the module docstring; writes ``frontier.json``, ``frontier.md`` and ``frontier.png`` into
     ``s.out`` and returns the results."""
+    torch.set_flush_denormal(True)      # as ONNX Runtime does; denormals would make eager timings erratic
+    try:
+        return _run_frontier(s, log)
+    finally:
+        torch.set_flush_denormal(False)   # process-wide: leave the default behind
+
+
+def _run_frontier(s: FrontierSettings, log) -> dict:
     t0 = time.perf_counter()
-    torch.set_flush_denormal(True)
     s.out.mkdir(parents=True, exist_ok=True)
     log(f"frontier: ScaledMNIST {s.canvas}x{s.canvas} clutter {s.clutter}, preset {s.preset}, seeds "
         f"{list(s.seeds)}, {s.epochs} epochs for every model")
