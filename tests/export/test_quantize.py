@@ -67,8 +67,9 @@ def test_every_stage_graph_of_a_bundle_is_quantized(tmp_path, scaled_mnist, tiny
     r32, r8 = b32.run(xt), b8.run(xt)
     # the same driver: the INT8 ledger is the manifest's cost of the exit each sample took
     assert torch.equal(r8.macs, torch.tensor(manifest["exit_macs"])[r8.exit_index])
-    # measured 0.92 with onnxruntime 1.2x, 0.84 with 1.32 (its INT8 kernels round differently near thresholds)
-    assert float((r32.exit_index == r8.exit_index).double().mean()) >= 0.8
+    # measured 0.875 with 7-bit weights (reduce_range); 8-bit weights gave 0.92 in CI (onnxruntime 1.2x) and 0.84
+    # on an AVX2-only CPU (onnxruntime 1.31 and 1.32), whose U8S8 kernels saturate int16 pair sums
+    assert float((r32.exit_index == r8.exit_index).double().mean()) >= 0.85
     for a, b in zip(b32.exit_logits(xt[:300]), b8.exit_logits(xt[:300])):
         assert float((a.argmax(1) == b.argmax(1)).mean()) >= 0.95
         assert np.abs(a - b).max() / np.abs(a).max() < 0.3
