@@ -33,7 +33,7 @@ import torch
 
 from ..dynamic.policy import ExitPolicy
 from ..errors import DyncnnError
-from .staged import FORMAT, MANIFEST, graph_io, sha256_file
+from .staged import FORMAT, MANIFEST, RUNTIMES, graph_io, sha256_file
 
 PRECISIONS = ("fp32", "int8")
 
@@ -82,7 +82,7 @@ def _read_manifest(folder: Path) -> dict:
 
 
 def _session(folder: Path, entry: dict, precision: str, threads: int, expect_in: list[str],
-             expect_out: list[str], what: str, verify: bool):
+             expect_out: list[str], what: str, verify: bool, runtime: str = "onnxruntime"):
     from .onnx import onnx_session
     files = entry.get("files") or {}
     if precision not in files:
@@ -101,6 +101,13 @@ def _session(folder: Path, entry: dict, precision: str, threads: int, expect_in:
             raise BundleError(f"bundle {folder}: {what} file {rec['file']} does not match the manifest "
                               f"(sha256 {digest[:12]}..., expected {str(rec.get('sha256'))[:12]}...); the files "
                               f"come from another export")
+    if runtime == "executorch":         # same driver, another session (see dyncnn.export.executorch)
+        from .executorch import ExecuTorchSession
+        sess = ExecuTorchSession(path, expect_in, expect_out, threads)
+        if (sess.num_inputs, sess.num_outputs) != (len(expect_in), len(expect_out)):
+            raise BundleError(f"bundle {folder}: {what} program {rec['file']} has {sess.num_inputs} inputs and "
+                              f"{sess.num_outputs} outputs; the manifest says {expect_in} and {expect_out}")
+        return sess
     ins, outs = graph_io(path)
     if sorted(ins) != sorted(expect_in) or outs != expect_out:
         raise BundleError(f"bundle {folder}: {what} file {rec['file']} has inputs {ins} and outputs {outs}; the "
@@ -121,6 +128,14 @@ def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int
         raise BundleError(f"threads must be >= 1, got {threads}")
     folder = Path(folder)
     manifest = _read_manifest(folder)
+    runtime = manifest.get("runtime", "onnxruntime")
+    if runtime not in RUNTIMES:
+        raise BundleError(f"bundle {folder}: unknown runtime {runtime!r} (this dyncnn runs {RUNTIMES})")
+    if runtime == "executorch":
+        from .executorch import available
+        if not available():
+            raise BundleError(f"bundle {folder} holds ExecuTorch programs: install ExecuTorch with "
+                              f"`pip install dyncnn[mobile]`")
     if manifest["kind"] == "glance":
         from .glance import GlanceBundle
         return GlanceBundle(folder, manifest, threads, verify)
@@ -155,6 +170,7 @@ def _as_batch(x: Any, shape: Sequence[int]) -> np.ndarray:
 class _Bundle:
     def __init__(self, folder: Path, manifest: dict, precision: str, threads: int):
         self.folder, self.manifest, self.precision, self.threads = folder, manifest, precision, threads
+        self.runtime = manifest.get("runtime", "onnxruntime")
         self.input_shape = tuple(manifest["input"]["shape"][1:])
         self.num_classes = int(manifest["num_classes"])
         self.session_seconds = 0.0      # time spent inside ONNX Runtime sessions (for the overhead share)
@@ -175,7 +191,8 @@ class StaticBundle(_Bundle):
     def __init__(self, folder: Path, manifest: dict, precision: str, threads: int, verify: bool):
         super().__init__(folder, manifest, precision, threads)
         g = manifest["graph"]
-        self.sess = _session(folder, g, precision, threads, g["inputs"], g["outputs"], "the model graph", verify)
+        self.sess = _session(folder, g, precision, threads, g["inputs"], g["outputs"], "the model graph", verify,
+                             self.runtime)
 
     def run_numpy(self, x: Any) -> np.ndarray:
         x = self.check_input(x)
@@ -216,7 +233,7 @@ class DynamicBundle(_Bundle):
             sess = None
             if st["files"]:
                 sess = _session(folder, st, precision, threads, [f"in{i}" for i in st["inputs"]], out_names,
-                                f"stage {k}", verify)
+                                f"stage {k}", verify, self.runtime)
             elif graph_logits:
                 raise BundleError(f"bundle {folder}: stage {k} takes its logits from a graph but has no file")
             pos = {j: n for n, j in enumerate(st["outputs"])}
