@@ -1,5 +1,7 @@
-"""Bundles: an exported model as ONNX graphs plus a JSON manifest, the portable form that
-:func:`dyncnn.export.load_bundle` runs with ONNX Runtime.
+"""Bundles: an exported model as ONNX graphs (or ExecuTorch programs) plus a JSON manifest, the portable form
+that :func:`dyncnn.export.load_bundle` runs with ONNX Runtime (or ExecuTorch, see :mod:`.executorch`; the
+manifest's ``runtime`` says which, and everything below holds for both: only the file written per graph and the
+session that runs it differ, :func:`write_graph`).
 
 A **static** model is one graph (``model.onnx``). A **multi-exit** network (``MultiExitNetwork``: MSDNet, RANet,
 ``multi_exit`` backbones, cascades) is one graph per stage with its exit head (``stage{k}.onnx``), because the
