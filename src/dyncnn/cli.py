@@ -333,6 +333,9 @@ def cmd_export(args) -> int:
     shape = _deploy_shape(model, args, meta)
     policy, source = (_deploy_policy(args, model, meta) if is_multi_exit(model) else (None, None))
     if hasattr(model, "export_bundle"):      # glance-and-focus: glance/focus graphs + a driver that crops patches
+        if args.runtime != "onnxruntime":
+            raise DyncnnError(f"--runtime {args.runtime} is not available for {type(model).__name__} bundles "
+                              f"(their patch-cropping driver runs ONNX graphs)")
         if args.quantize or args.single_graph:
             raise DyncnnError(f"--quantize and --single-graph are not available for {type(model).__name__} bundles")
         real, _ = _deploy_images(args, model, meta, shape, "val", 16)
@@ -344,16 +347,21 @@ def cmd_export(args) -> int:
     real, _ = _deploy_images(args, model, meta, shape, "val", max(args.calib_images, 16))
     manifest = export_bundle(model, args.out, shape, policy=policy, check_inputs=[real[:16]],
                              quantize=args.quantize, calibration=real[:args.calib_images],
-                             single_graph=args.single_graph)
+                             single_graph=args.single_graph, runtime=args.runtime, max_batch=args.max_batch)
     if args.json:
         print(json.dumps(manifest, indent=2, allow_nan=True))
         return 0
     graphs = sum(1 for e in manifest.get("stages", []) if e["files"]) or 1
-    print(f"exported {args.model} ({manifest['kind']}, input {'x'.join(map(str, shape))}, {graphs} ONNX graph"
+    unit = "ExecuTorch (XNNPACK) program" if args.runtime == "executorch" else "ONNX graph"
+    print(f"exported {args.model} ({manifest['kind']}, input {'x'.join(map(str, shape))}, {graphs} {unit}"
           f"{'s' if graphs > 1 else ''}{', + INT8' if args.quantize else ''}) to {args.out}; max relative error "
           f"against eager {manifest['check']['max_rel_err']:.1e} on {manifest['check']['batches']} batches")
     if policy is not None:
         print(f"exit policy: {source}; thresholds {[round(t, 4) for t in policy.thresholds]}")
+    portable = (manifest.get("executorch") or {}).get("portable_ops")
+    if portable:
+        print("not delegated to XNNPACK (ExecuTorch portable kernels): "
+              + ", ".join(f"{r['op']} from {r['module']}" for r in portable))
     return 0
 
 
@@ -366,8 +374,12 @@ def cmd_bench(args) -> int:
     policy, source = (_deploy_policy(args, model, meta) if is_multi_exit(model) else (None, None))
     images, labels = _deploy_images(args, model, meta, shape, "test", args.images)
     calib, _ = _deploy_images(args, model, meta, shape, "val", 128)
+    runtimes = list(dict.fromkeys(args.runtimes))
+    if "executorch" in runtimes and hasattr(model, "export_bundle"):
+        raise DyncnnError(f"--runtimes executorch is not available for {type(model).__name__} bundles")
     result = bench_model(model, images, labels, policy=policy, threads=args.threads, batch_sizes=args.batch_sizes,
-                         quantize=not args.no_quantize, calibration=calib, min_time_s=args.min_time)
+                         quantize=not args.no_quantize, calibration=calib, min_time_s=args.min_time,
+                         runtimes=runtimes)
     result.update(model=args.model, policy_source=source)
     if args.json:
         print(json.dumps(result, indent=2, allow_nan=True))
@@ -464,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-naive", action="store_true", help="skip the naive multi-exit comparison network")
     d.set_defaults(func=cmd_demo)
 
-    ex = sub.add_parser("export", help="export a model to ONNX: one graph, or one per stage/exit + manifest",
+    ex = sub.add_parser("export", help="export a model to ONNX or ExecuTorch: one graph, or one per stage/exit + "
+                                       "manifest",
                         description="Export MODEL (registered name, torchvision:NAME, timm:NAME or a checkpoint) to "
                                     "the bundle folder --out: a static model as one ONNX graph, a multi-exit network "
                                     "as one graph per stage with its exit head and a manifest (policy, per-stage "
@@ -478,6 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "thresholds.json beside the checkpoint if present, else full depth)")
     ex.add_argument("--single-graph", action="store_true",
                     help="also write single.onnx: the torch.cond form with a per-batch exit condition")
+    ex.add_argument("--runtime", choices=["onnxruntime", "executorch"], default="onnxruntime",
+                    help="onnxruntime: ONNX graphs; executorch: ExecuTorch programs lowered to XNNPACK (.pte, "
+                         "needs dyncnn[mobile]); same manifest and driver, `load_bundle` reads which")
+    ex.add_argument("--max-batch", type=int, default=None, help="executorch: the largest batch of one program "
+                    "call (memory is planned for it; larger batches run in chunks; default 64)")
     ex.add_argument("--calib-images", type=int, default=256, help="validation images for INT8 calibration")
     ex.add_argument("--input-size", type=int, default=None, help="square input side (default: checkpoint's data "
                     "size, the model's published size, or 224)")
@@ -488,8 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--json", action="store_true", help="print the manifest")
     ex.set_defaults(func=cmd_export)
 
-    be = sub.add_parser("bench", help="deployment latency: eager vs ONNX Runtime, FP32 vs INT8, batch 1 and 64",
-                        description="Latency table of MODEL in eager PyTorch and ONNX Runtime (FP32 and INT8), at "
+    be = sub.add_parser("bench", help="deployment latency: eager vs ONNX Runtime vs ExecuTorch, FP32 vs INT8, "
+                                      "batch 1 and 64",
+                        description="Latency table of MODEL in eager PyTorch, ONNX Runtime and ExecuTorch (XNNPACK) "
+                                    "(FP32 and INT8), at "
                                     "fixed threads, median and IQR; for multi-exit networks also the realized "
                                     "speedup of the exits against the same bundle forced to full depth, beside the "
                                     "MAC speedup, and the driver's overhead.")
@@ -504,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--images", type=int, default=256, help="test images used (accuracy, dynamic timings)")
     be.add_argument("--min-time", type=float, default=0.5, help="seconds of timed runs per point")
     be.add_argument("--no-quantize", action="store_true", help="skip the INT8 rows")
+    be.add_argument("--runtimes", nargs="+", choices=["onnxruntime", "executorch"], default=["onnxruntime"],
+                    help="bundle runtimes timed beside eager, e.g. `--runtimes onnxruntime executorch` for "
+                         "ExecuTorch (XNNPACK) rows beside ONNX Runtime's (default: onnxruntime)")
     be.add_argument("--input-size", type=int, default=None)
     be.add_argument("--in-chans", type=int, default=None)
     be.add_argument("--cfg", nargs="*", metavar="KEY=VALUE", help="model keyword arguments")

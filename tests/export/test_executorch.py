@@ -137,3 +137,19 @@ def test_runtime_is_validated(tmp_path, static_bundle):
     (tmp_path / "b" / "manifest.json").write_text(json.dumps({**manifest, "runtime": "tflite"}))
     with pytest.raises(dyncnn.export.BundleError, match="unknown runtime 'tflite'"):
         load_bundle(tmp_path / "b")
+
+
+def test_cli_export_and_bench_rows(tmp_path, capsys):
+    from dyncnn.cli import main
+    common = ["--input-size", "32", "--dataset", "mnist"]
+    assert main(["export", "tiny_mobilenet", *common, "--runtime", "executorch", "--max-batch", "8",
+                 "--out", str(tmp_path / "b")]) == 0
+    assert "1 ExecuTorch (XNNPACK) program" in capsys.readouterr().out
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.runtime == "executorch" and bundle.sess.max_batch == 8
+    assert main(["bench", "tiny_mobilenet", *common, "--min-time", "0.02", "--images", "8", "--batch-sizes", "1",
+                 "2", "--no-quantize", "--runtimes", "onnxruntime", "executorch", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    keys = {(r["backend"], r["precision"], r["batch"]) for r in result["rows"]}
+    assert keys == {(b, "fp32", n) for b in ("eager", "onnxruntime", "executorch") for n in (1, 2)}
+    assert all(r["median_ms"] > 0 for r in result["rows"])
