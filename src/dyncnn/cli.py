@@ -157,7 +157,8 @@ def cmd_train(args) -> int:
         print(f"initialised {part} from {args.init}")
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                          weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, seed=args.seed,
-                         warmup_epochs=args.warmup_epochs, find_unused_parameters=args.find_unused_parameters)
+                         warmup_epochs=args.warmup_epochs, find_unused_parameters=args.find_unused_parameters,
+                         device=args.device, amp=args.amp, num_workers=args.workers)
     data_cfg = _cli_data_cfg(args)
     extra = {"data": {**data_cfg, "input_size": train_set.input_size}}
     if hasattr(model, "fit_stages"):
@@ -173,8 +174,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .train import evaluate, load_checkpoint
+    from .train import evaluate, load_checkpoint, resolve_device
     model, meta = load_checkpoint(args.checkpoint)
+    model.to(resolve_device(args.device))          # evaluation follows the model's device
     data_cfg = _data_cfg_for(args, meta)
     dataset = _dataset(args, args.split, data_cfg)
     if args.budget or args.anytime:
@@ -205,17 +207,18 @@ def _eval_dynamic(args, model, dataset) -> int:
     out: dict = {"checkpoint": str(args.checkpoint), "split": args.split}
     if args.anytime:
         logits, targets = collect_exit_logits(model, dataset)
-        cum = model.exit_macs(dataset[0][0].unsqueeze(0))
+        cum = model.exit_macs(dataset[0][0].unsqueeze(0).to(next(model.parameters()).device))
         out["anytime"] = [{"exit": k + 1, "macs": m, "accuracy": a}
                           for k, (m, a) in enumerate(anytime(logits.argmax(-1) == targets, cum))]
     if args.budget:
         policy, record = load_thresholds(args.budget, model)
         correct, macs, exits = 0, [], []
+        device = next(model.parameters()).device
         for x, y in DataLoader(dataset, batch_size=256):
-            r = model.infer(x, policy)
-            correct += int((r.logits.argmax(1) == torch.as_tensor(y)).sum())
-            macs.append(r.macs)
-            exits.append(r.exit_index)
+            r = model.infer(x.to(device), policy)
+            correct += int((r.logits.argmax(1).cpu() == torch.as_tensor(y)).sum())
+            macs.append(r.macs.cpu())
+            exits.append(r.exit_index.cpu())
         macs, exits = torch.cat(macs), torch.cat(exits)
         out["budget"] = {"thresholds_file": str(args.budget), "accuracy": correct / len(macs),
                          "mean_macs": float(macs.double().mean()), "full_macs": record["exit_macs"][-1],
@@ -246,8 +249,9 @@ def _parse_macs(text: str) -> float:
 
 def cmd_calibrate(args) -> int:
     from .dynamic.calibration import calibrate, save_thresholds
-    from .train import load_checkpoint
+    from .train import load_checkpoint, resolve_device
     model, meta = load_checkpoint(args.checkpoint)
+    model.to(resolve_device(args.device))
     data_cfg = _data_cfg_for(args, meta)
     val = _dataset(args, "val", data_cfg)
     record = calibrate(model, val, target_macs=_parse_macs(args.budget_macs) if args.budget_macs else None,
@@ -435,6 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors if present")
     t.add_argument("--find-unused-parameters", action="store_true",
                    help="under torchrun: for networks that skip layers, experts or paths (DistributedDataParallel)")
+    t.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N or "
+                   "mps; under torchrun, cuda gives each process the GPU of its local rank (NCCL)")
+    t.add_argument("--amp", action="store_true", help="bf16 autocast for forward and loss (mixed precision)")
+    t.add_argument("--workers", type=int, default=0, help="DataLoader worker processes that assemble batches")
     t.add_argument("--init", default=None, metavar="CHECKPOINT", help="start from the weights of a trained "
                    "checkpoint: the same model, or the static backbone of a dynamic one (e.g. SkipNet from ResNet)")
     t.set_defaults(func=cmd_train)
@@ -449,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--budget", default=None, metavar="THRESHOLDS_JSON",
                    help="real early-exit evaluation with thresholds from `dyncnn calibrate`")
     e.add_argument("--anytime", action="store_true", help="accuracy of every exit with its cumulative MACs")
+    e.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N or mps")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
 
@@ -465,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--criterion", default="max_prob", choices=["max_prob", "entropy", "margin"])
     c.add_argument("--dataset-override", action="store_true")
     c.add_argument("--out", default=None, help="thresholds file (default: thresholds.json beside the checkpoint)")
+    c.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N or mps")
     c.set_defaults(func=cmd_calibrate)
 
     d = sub.add_parser("demo", help="the main job on the embedded data: train, evaluate, profile, report",

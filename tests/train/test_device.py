@@ -86,3 +86,15 @@ def test_early_exit_decisions_on_cuda_equal_cpu():
     cpu = net.infer(x, policy)
     gpu = net.cuda().infer(x.cuda(), policy)
     assert torch.equal(cpu.exit_index, gpu.exit_index.cpu()) and torch.equal(cpu.macs, gpu.macs.cpu())
+
+
+def test_cli_train_device_amp_workers(tmp_path, capsys, monkeypatch):
+    from dyncnn.cli import main
+    args = ["train", "--model", "tiny_mobilenet", "--dataset", "mnist", "--epochs", "1", "--batch-size", "64",
+            "--cfg", "widths=[8,16]", "--out", str(tmp_path / "run")]
+    assert main(args + ["--device", "cpu", "--amp", "--workers", "1"]) == 0
+    assert "final val acc" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "run" / "last.safetensors"), "--device", "cpu", "--split", "val"]) == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(args + ["--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
