@@ -51,18 +51,24 @@ def test_static_round_trip_any_batch_size(static_bundle):
         bundle.run(torch.rand(2, 1, 28, 28))
 
 
-def _spread_multi_exit(tiny_multi_exit, spread_policy):
+@pytest.fixture(scope="module")
+def multi_exit_bundle(tmp_path_factory, tiny_multi_exit, spread_policy):
+    """The tiny multi_exit network (3 exits) with thresholds that spread samples over its exits, exported once
+    with FP32 and INT8 programs per stage."""
     xv = torch.rand(128, 1, 32, 32)
     model = tiny_multi_exit(bn_images=xv)
-    return model, spread_policy(model, xv)
+    policy = spread_policy(model, xv)
+    folder = tmp_path_factory.mktemp("et") / "b"
+    manifest = export_bundle(model, folder, (1, 32, 32), policy=policy, runtime="executorch", quantize=True,
+                             calibration=torch.rand(64, 1, 32, 32))
+    return model, policy, folder, manifest
 
 
-def test_multi_exit_decisions_macs_and_logits_equal_eager(tmp_path, tiny_multi_exit, spread_policy):
-    model, policy = _spread_multi_exit(tiny_multi_exit, spread_policy)
-    manifest = export_bundle(model, tmp_path / "b", (1, 32, 32), policy=policy, runtime="executorch")
+def test_multi_exit_decisions_macs_and_logits_equal_eager(multi_exit_bundle):
+    model, policy, folder, manifest = multi_exit_bundle
     assert manifest["runtime"] == "executorch" and manifest["num_exits"] == 3
     assert all(s["files"]["fp32"]["file"] == f"stage{k}.pte" for k, s in enumerate(manifest["stages"]))
-    bundle = load_bundle(tmp_path / "b")
+    bundle = load_bundle(folder)
     calls = []                                      # the batch each stage's program sees
     for k, step in enumerate(bundle._steps):
         run = step.sess.run
@@ -77,6 +83,17 @@ def test_multi_exit_decisions_macs_and_logits_equal_eager(tmp_path, tiny_multi_e
     assert calls == [(0, 48), (1, 48 - hist[0]), (2, hist[2])]     # compaction: later programs see fewer rows
     for i in range(0, 48, 11):                      # one sample at a time: the same decisions
         assert int(bundle.run(x[i:i + 1]).exit_index) == int(want.exit_index[i])
+
+
+def test_quantized_multi_exit_calibrates_every_stage_on_its_own_inputs(multi_exit_bundle):
+    _, _, folder, manifest = multi_exit_bundle
+    assert all(set(s["files"]) == {"fp32", "int8"} for s in manifest["stages"])
+    x = torch.rand(32, 1, 32, 32)
+    fp32, int8 = load_bundle(folder).exit_logits(x), load_bundle(folder, "int8").exit_logits(x)
+    for a, b in zip(fp32, int8):          # later stages see INT8 states calibrated on the states they really get
+        assert 0 < float(abs(a - b).max() / abs(a).max()) < 0.05
+    res = load_bundle(folder, "int8").run(x)
+    assert torch.equal(res.macs, torch.tensor(manifest["exit_macs"])[res.exit_index])
 
 
 def _msdnet():

@@ -110,6 +110,14 @@ def _reset_batch_bound(program, max_batch: int) -> None:
     ep._range_constraints = {k: ValueRanges(1, max_batch) for k in ep.range_constraints}
 
 
+def _batch_shapes(module: nn.Module, args: tuple, batch) -> tuple:
+    """``dynamic_shapes`` for torch.export: axis 0 of every argument is ``batch``."""
+    shapes = tuple({0: batch} for _ in args)
+    if any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(module.forward).parameters.values()):
+        shapes = (shapes,)             # forward(*tensors): torch.export sees one tuple argument
+    return shapes
+
+
 def lower_graph(module: nn.Module, args: Sequence[Tensor], path: str | os.PathLike, *,
                 max_batch: int = DEFAULT_MAX_BATCH, what: str = "", strip: str = "",
                 calibration: Sequence[Sequence[Tensor]] | None = None) -> dict:
@@ -130,9 +138,7 @@ def lower_graph(module: nn.Module, args: Sequence[Tensor], path: str | os.PathLi
         raise ExportError(f"max_batch must be >= 2, got {max_batch}")
     args = tuple(args)
     batch = Dim("batch", min=1, max=max_batch)
-    shapes = tuple({0: batch} for _ in args)
-    if any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(module.forward).parameters.values()):
-        shapes = (shapes,)             # forward(*tensors): torch.export sees one tuple argument
+    shapes = _batch_shapes(module, args, batch)
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     path = Path(path)
@@ -141,7 +147,7 @@ def lower_graph(module: nn.Module, args: Sequence[Tensor], path: str | os.PathLi
             try:
                 ep = export(module, args, dynamic_shapes=shapes, strict=False)
                 if calibration is not None:
-                    ep = _quantize(ep, module, args, shapes, calibration)
+                    ep = _quantize(ep, args, batch, calibration)
                 edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
             except Exception as e:
                 raise _export_error(module, args, e, what, strip, "torch.export / XNNPACK lowering") from e
@@ -201,19 +207,19 @@ def _export_error(module: nn.Module, args: tuple, exc: BaseException, what: str,
                        f"ops, or export to ONNX (--runtime onnxruntime). ({type(exc).__name__}: {first[:200]})")
 
 
-def _quantize(ep, module: nn.Module, args: tuple, shapes: tuple, calibration):
-    """PT2E static INT8 quantization for XNNPACK, calibrated on ``calibration`` (argument tuples)."""
+def _quantize(ep, args: tuple, batch, calibration):
+    """PT2E static INT8 quantization for XNNPACK of the exported program ``ep``, calibrated on ``calibration``
+    (argument tuples); returns the quantized graph exported again."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
                                                                          get_symmetric_quantization_config)
     from torch.export import export
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    graph = export(module, args, dynamic_shapes=shapes, strict=False).module()
-    prepared = prepare_pt2e(graph, quantizer)
-    for batch in calibration:
-        prepared(*batch)
+    prepared = prepare_pt2e(ep.module(), quantizer)
+    for inputs in calibration:
+        prepared(*inputs)
     converted = convert_pt2e(prepared)
-    return export(converted, args, dynamic_shapes=shapes, strict=False)
+    return export(converted, args, dynamic_shapes=_batch_shapes(converted, args, batch), strict=False)
 
 
 class ExecuTorchSession:
