@@ -137,6 +137,33 @@ def test_op_without_executorch_kernel_is_named_with_its_module(tmp_path):
     assert not (tmp_path / "b").exists()            # nothing half-written
 
 
+class _Cumulative(nn.Module):
+    """A convolution (XNNPACK) followed by a cumulative sum over channels (no XNNPACK kernel: portable)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 10, 3, stride=4)
+        self.head = _CumsumHead()
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean((2, 3)))
+
+
+class _CumsumHead(nn.Module):
+    def forward(self, x):
+        return torch.cumsum(x, 1)
+
+
+def test_ops_outside_xnnpack_run_on_portable_kernels_and_are_listed(tmp_path):
+    model = _Cumulative().eval()
+    manifest = export_bundle(model, tmp_path / "b", (1, 16, 16), runtime="executorch", max_batch=4)
+    ops = manifest["executorch"]["portable_ops"]
+    assert {"op": "aten::cumsum", "module": "module 'head' (_CumsumHead)"} in ops
+    x = torch.rand(6, 1, 16, 16)
+    with torch.no_grad():
+        assert _rel(load_bundle(tmp_path / "b").run(x), model(x)) < 1e-4
+
+
 def test_quantized_static_export(static_bundle):
     _, folder, manifest = static_bundle
     assert set(manifest["graph"]["files"]) == {"fp32", "int8"} and "PT2E" in manifest["int8"]["method"]
