@@ -80,7 +80,7 @@ def _registered_kernels() -> set[str]:
         return set(portable_lib._get_operator_names())
 
 
-def _node_module(node) -> str:
+def _node_module(node) -> str | None:
     """The module path (``stages.1.conv``) that an exported node came from, '' for the root, None if unknown."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
@@ -92,10 +92,6 @@ def _node_module(node) -> str:
 def _op_name(node) -> str:
     name = getattr(node.target, "_name", None) or getattr(node.target, "__name__", str(node.target))
     return name.split(".")[0] if "::" in name else name
-
-
-def _where(model: nn.Module, path: str | None, strip: str) -> str:
-    return _describe_module(model, path, strip)
 
 
 def _reset_batch_bound(program, max_batch: int) -> None:
@@ -166,7 +162,7 @@ def lower_graph(module: nn.Module, args: Sequence[Tensor], path: str | os.PathLi
                 continue
             found = [n for n in nodes if _op_name(n) == op.name]
             module_path = _node_module(found[0]) if found else None
-            record = {"op": op.name, "module": _where(module, module_path, strip)}
+            record = {"op": op.name, "module": _describe_module(module, module_path, strip)}
             (portable if full in kernels else missing).append(record)
         if missing:
             listed = "; ".join(f"{r['op']} from {r['module']}" for r in missing)
@@ -201,7 +197,7 @@ def _export_error(module: nn.Module, args: tuple, exc: BaseException, what: str,
     op = match.group(0).replace("aten.", "aten::")
     found = [n for n in nodes if _op_name(n) == op.split(".")[0]]
     path = _node_module(found[0]) if found else find_op_module(module, args, op.split(".")[0])
-    where = _where(module, path, strip)
+    where = _describe_module(module, path, strip)
     return ExportError(f"cannot export {what} for ExecuTorch ({stage}): operator {op} is not supported (no "
                        f"XNNPACK or portable kernel); it comes from {where}. Replace that layer with standard "
                        f"ops, or export to ONNX (--runtime onnxruntime). ({type(exc).__name__}: {first[:200]})")
@@ -247,7 +243,7 @@ class ExecuTorchSession:
         self._index = {n: i for i, n in enumerate(self.output_names)}
 
     def _execute(self, inputs: list[Tensor]) -> list[np.ndarray]:
-        return [np.array(t.numpy(), copy=True) for t in self.method.execute(inputs)]
+        return [t.clone().numpy() for t in self.method.execute(inputs)]
 
     def run(self, output_names: Sequence[str] | None, feed: dict) -> list[np.ndarray]:
         arrays = [np.ascontiguousarray(feed[n]) for n in self.input_names]
