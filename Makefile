@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dyncnn-installed
 # Exact pins for this machine (pip takes both from the local disk); pyproject.toml carries lower bounds only.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+EXECUTORCH_PIN := executorch==1.5.1
 
 .PHONY: install demo test bench clean
 
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e ".[dev]" $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[dev,mobile]" $(TORCH_PINS) $(EXECUTORCH_PIN)
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -15,8 +15,13 @@ C. **Dynamic model.** The demo's small MSDNet trained the same way, thresholds c
    full depth, realized speedup at batch 1 beside the MAC speedup (target: at least 0.85 of it kept), and the
    driver's own overhead in a full-depth batch-1 call (target: under 5%). ``--timing-model`` adds the same
    measurement for the full ``msdnet_cifar`` (7 exits, 32x32) with random weights and spread thresholds.
+D. **ExecuTorch vs ONNX Runtime.** torchvision's MobileNetV2 / V3-Large / V3-Small / ShuffleNetV2 (224x224, random
+   weights) exported as FP32 bundles for both runtimes (ExecuTorch: lowered to XNNPACK) and timed in alternating
+   rounds in one process; target: ExecuTorch within 1.1x of ONNX Runtime or faster at batch 1. Tables B and C
+   also get ExecuTorch rows (``--runtimes``, default both when ExecuTorch is installed).
 
     python benchmarks/bench_deploy.py [--threads 1] [--epochs 5] [--min-time 1.0] [--timing-model] [--json out.json]
+                                      [--skip A B C D] [--runtimes onnxruntime executorch]
 """
 from __future__ import annotations
 
@@ -83,6 +88,41 @@ def static_pairs(threads: int, batches, rounds: int, min_time: float, tmp: Path)
     return rows
 
 
+def runtime_pairs(threads: int, batches, rounds: int, min_time: float, tmp: Path,
+                  models=tuple(tv for _, tv in PAIRS)) -> list[dict]:
+    """D: each model as an ONNX Runtime and an ExecuTorch FP32 bundle, timed in alternating rounds."""
+    rows = []
+    for name in models:
+        torch.manual_seed(0)
+        model = dyncnn.create_model(name).eval()
+        bundles = {}
+        for rt in ("onnxruntime", "executorch"):
+            folder = tmp / rt / name.replace(":", "_")
+            export_bundle(model, folder, (3, 224, 224), runtime=rt, max_batch=max(max(batches), 2))
+            bundles[rt] = load_bundle(folder, threads=threads)
+        for b in batches:
+            x = np.random.default_rng(0).standard_normal((b, 3, 224, 224)).astype(np.float32)
+            times = {rt: [] for rt in bundles}
+            for _ in range(rounds):                     # alternate, so that load changes hit both
+                for rt, bundle in bundles.items():
+                    times[rt] += time_callable(lambda: bundle.run_numpy(x), warmup=2, min_runs=5,
+                                               min_time_s=min_time / rounds)
+            (om, o25, o75), (em, e25, e75) = _q(times["onnxruntime"]), _q(times["executorch"])
+            rows.append({"model": name, "batch": b, "ort_ms": om, "ort_iqr": o75 - o25, "et_ms": em,
+                         "et_iqr": e75 - e25, "ratio": em / om, "ok": em <= 1.1 * om})
+            print(f"  {name} b{b}: ExecuTorch {em:.2f} ms, ONNX Runtime {om:.2f} ms", file=sys.stderr)
+    return rows
+
+
+def runtime_table(rows) -> str:
+    out = ["| model | batch | ONNX Runtime ms (IQR) | ExecuTorch XNNPACK ms (IQR) | ExecuTorch / ORT | within 1.1x |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['batch']} | {r['ort_ms']:.2f} ({r['ort_iqr']:.2f}) | {r['et_ms']:.2f} "
+                   f"({r['et_iqr']:.2f}) | {r['ratio']:.2f} | {'yes' if r['ok'] else 'NO'} |")
+    return "\n".join(out)
+
+
 def _data():
     """The demo's data: ScaledMNIST 64x64 with clutter 2, each training digit rendered three times."""
     sets = {s: ScaledMNIST(s, canvas=64, clutter=2, repeats=3 if s == "train" else 1) for s in ("train", "val", "test")}
@@ -128,7 +168,9 @@ def main() -> None:
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs per point")
     ap.add_argument("--rounds", type=int, default=4, help="alternating rounds per static pair")
     ap.add_argument("--static-batches", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--skip", nargs="*", default=[], choices=["A", "B", "C"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["A", "B", "C", "D"])
+    ap.add_argument("--runtimes", nargs="+", default=None, choices=["onnxruntime", "executorch"],
+                    help="bundle runtimes of tables B and C (default: both when ExecuTorch is installed)")
     ap.add_argument("--timing-model", action="store_true", help="also time the full msdnet_cifar bundle")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -137,6 +179,10 @@ def main() -> None:
     result: dict = {"threads": args.threads, "torch": torch.__version__}
     import onnxruntime
     result["onnxruntime"] = onnxruntime.__version__
+    from dyncnn.export.executorch import available, version
+    runtimes = args.runtimes or (["onnxruntime"] + (["executorch"] if available() else []))
+    if "executorch" in runtimes or "D" not in args.skip:
+        result["executorch"] = version()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if "A" not in args.skip:
@@ -154,7 +200,7 @@ def main() -> None:
             model = _train(STATIC, sets, args.epochs, False, tmp / "static")
             print(f"B. static model trained in {time.time() - t0:.0f}s", file=sys.stderr)
             r = bench_model(model, xs["test"], sets["test"].targets, threads=args.threads,
-                            calibration=xs["val"][:256], min_time_s=args.min_time)
+                            calibration=xs["val"][:256], min_time_s=args.min_time, runtimes=runtimes)
             result["static_int8"] = r
             print(f"\n## B. Static {STATIC['name']} {STATIC['cfg']} on ScaledMNIST 64x64, {args.epochs} epochs\n")
             print(format_table(r))
@@ -166,7 +212,8 @@ def main() -> None:
             record = calibrate(model, sets["val"], target_macs=0.5 * cum[-1])
             policy = ExitPolicy(record["thresholds"], record["criterion"], record["temperatures"])
             r = bench_model(model, xs["test"], sets["test"].targets, policy=policy, threads=args.threads,
-                            calibration=xs["val"][:256], min_time_s=args.min_time, single_images=64)
+                            calibration=xs["val"][:256], min_time_s=args.min_time, single_images=64,
+                            runtimes=runtimes)
             result["dynamic"] = r
             print(f"\n## C. Dynamic {DYNAMIC['name']} {DYNAMIC['cfg']} on ScaledMNIST 64x64, {args.epochs} epochs, "
                   f"thresholds for 50% of full-depth MACs (val)\n")
@@ -176,10 +223,16 @@ def main() -> None:
             model = dyncnn.create_model("msdnet_cifar", num_classes=10).eval()
             x = torch.randn(256, 3, 32, 32)
             r = bench_model(model, x[128:], policy=_spread_policy(model, x[:128]), threads=args.threads,
-                            calibration=x[:128], min_time_s=args.min_time, single_images=64)
+                            calibration=x[:128], min_time_s=args.min_time, single_images=64, runtimes=runtimes)
             result["timing_model"] = r
             print("\n## C'. msdnet_cifar (7 exits, 32x32, random weights, thresholds spreading samples evenly)\n")
             print(format_table(r))
+        if "D" not in args.skip:
+            print("D. ExecuTorch vs ONNX Runtime", file=sys.stderr)
+            rows = runtime_pairs(args.threads, [1], args.rounds, args.min_time, tmp)
+            result["runtime_pairs"] = rows
+            print(f"\n## D. ExecuTorch (XNNPACK) vs ONNX Runtime, FP32, 224x224, {args.threads} thread(s)\n")
+            print(runtime_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
 

@@ -299,7 +299,8 @@ def cmd_train(args) -> int:
         print(f"initialised {part} from {args.init}")
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                          weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, seed=args.seed,
-                         warmup_epochs=args.warmup_epochs, find_unused_parameters=args.find_unused_parameters)
+                         warmup_epochs=args.warmup_epochs, find_unused_parameters=args.find_unused_parameters,
+                         device=args.device, amp=args.amp, num_workers=args.workers)
     data_cfg = _cli_data_cfg(args)
     extra = {"data": {**data_cfg, "input_size": train_set.input_size}}
     if hasattr(model, "fit_stages"):
@@ -318,8 +319,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .train import evaluate, load_checkpoint
+    from .train import evaluate, load_checkpoint, resolve_device
     model, meta = load_checkpoint(args.checkpoint)
+    model.to(resolve_device(args.device))          # evaluation follows the model's device
     data_cfg = _data_cfg_for(args, meta)
     dataset = _dataset(args, args.split, data_cfg)
     if args.budget or args.anytime:
@@ -350,17 +352,18 @@ def _eval_dynamic(args, model, dataset) -> int:
     out: dict = {"checkpoint": str(args.checkpoint), "split": args.split}
     if args.anytime:
         logits, targets = collect_exit_logits(model, dataset)
-        cum = model.exit_macs(dataset[0][0].unsqueeze(0))
+        cum = model.exit_macs(dataset[0][0].unsqueeze(0).to(next(model.parameters()).device))
         out["anytime"] = [{"exit": k + 1, "macs": m, "accuracy": a}
                           for k, (m, a) in enumerate(anytime(logits.argmax(-1) == targets, cum))]
     if args.budget:
         policy, record = load_thresholds(args.budget, model, checkpoint_sha256=_file_sha256(args.checkpoint))
         correct, macs, exits = 0, [], []
+        device = next(model.parameters()).device
         for x, y in DataLoader(dataset, batch_size=256):
-            r = model.infer(x, policy)
-            correct += int((r.logits.argmax(1) == torch.as_tensor(y)).sum())
-            macs.append(r.macs)
-            exits.append(r.exit_index)
+            r = model.infer(x.to(device), policy)
+            correct += int((r.logits.argmax(1).cpu() == torch.as_tensor(y)).sum())
+            macs.append(r.macs.cpu())
+            exits.append(r.exit_index.cpu())
         macs, exits = torch.cat(macs), torch.cat(exits)
         out["budget"] = {"thresholds_file": str(args.budget), "accuracy": correct / len(macs),
                          "mean_macs": float(macs.double().mean()), "full_macs": record["exit_macs"][-1],
@@ -391,12 +394,13 @@ def _parse_macs(text: str) -> float:
 
 def cmd_calibrate(args) -> int:
     from .dynamic.calibration import calibrate, save_thresholds
-    from .train import load_checkpoint
+    from .train import load_checkpoint, resolve_device
     ckpt = Path(args.checkpoint)
     # beside the checkpoint, inside the run folder (a folder given as the checkpoint is the run folder)
     out = _writable_file(Path(args.out) if args.out else
                          (ckpt / "thresholds.json" if ckpt.is_dir() else ckpt.with_name("thresholds.json")))
     model, meta = load_checkpoint(args.checkpoint)
+    model.to(resolve_device(args.device))
     data_cfg = _data_cfg_for(args, meta)
     val = _dataset(args, "val", data_cfg)
     latency = None
@@ -569,6 +573,9 @@ def cmd_export(args) -> int:
     shape = _deploy_shape(model, args, meta)
     policy, source = (_deploy_policy(args, model, meta) if _takes_exit_policy(model) else (None, None))
     if hasattr(model, "export_bundle"):      # glance-and-focus: glance/focus graphs + a driver that crops patches
+        if args.runtime != "onnxruntime":
+            raise DyncnnError(f"--runtime {args.runtime} is not available for {type(model).__name__} bundles "
+                              f"(their patch-cropping driver runs ONNX graphs)")
         if args.quantize or args.single_graph:
             raise DyncnnError(f"--quantize and --single-graph are not available for {type(model).__name__} bundles")
         real, _ = _deploy_images(args, model, meta, shape, "val", 16)
@@ -582,17 +589,22 @@ def cmd_export(args) -> int:
     real, _ = _deploy_images(args, model, meta, shape, "val", max(args.calib_images, 16))
     manifest = export_bundle(model, args.out, shape, policy=policy, check_inputs=[real[:16]],
                              quantize=args.quantize, calibration=real[:args.calib_images],
-                             single_graph=args.single_graph)
+                             single_graph=args.single_graph, runtime=args.runtime, max_batch=args.max_batch)
     if args.json:
         print(json.dumps(manifest, indent=2, allow_nan=True))
         return 0
     graphs = sum(1 for e in manifest.get("stages", []) if e["files"]) or 1
-    print(f"exported {args.model} ({manifest['kind']}, input {'x'.join(map(str, shape))}, {graphs} ONNX graph"
+    unit = "ExecuTorch (XNNPACK) program" if args.runtime == "executorch" else "ONNX graph"
+    print(f"exported {args.model} ({manifest['kind']}, input {'x'.join(map(str, shape))}, {graphs} {unit}"
           f"{'s' if graphs > 1 else ''}{', + INT8' if args.quantize else ''}) to {args.out}; max relative error "
           f"against eager {manifest['check']['max_rel_err']:.1e} on {manifest['check']['batches']} batches")
     if policy is not None:
         print(f"exit policy: {source}; thresholds {[round(t, 4) for t in policy.thresholds]}")
     _list_files(args.out)
+    portable = (manifest.get("executorch") or {}).get("portable_ops")
+    if portable:
+        print("not delegated to XNNPACK (ExecuTorch portable kernels): "
+              + ", ".join(f"{r['op']} from {r['module']}" for r in portable))
     return 0
 
 
@@ -606,8 +618,12 @@ def cmd_bench(args) -> int:
     policy, source = (_deploy_policy(args, model, meta) if _takes_exit_policy(model) else (None, None))
     images, labels = _deploy_images(args, model, meta, shape, "test", args.images)
     calib, _ = _deploy_images(args, model, meta, shape, "val", 128)
+    runtimes = list(dict.fromkeys(args.runtimes))
+    if "executorch" in runtimes and hasattr(model, "export_bundle"):
+        raise DyncnnError(f"--runtimes executorch is not available for {type(model).__name__} bundles")
     result = bench_model(model, images, labels, policy=policy, threads=args.threads, batch_sizes=args.batch_sizes,
-                         quantize=not args.no_quantize, calibration=calib, min_time_s=args.min_time)
+                         quantize=not args.no_quantize, calibration=calib, min_time_s=args.min_time,
+                         runtimes=runtimes)
     result.update(model=args.model, policy_source=source)
     if args.json:
         print(json.dumps(result, indent=2, allow_nan=True))
@@ -695,6 +711,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoints and metrics); without it, an existing run is refused unless --resume is given")
     t.add_argument("--find-unused-parameters", action="store_true",
                    help="under torchrun: for networks that skip layers, experts or paths (DistributedDataParallel)")
+    t.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N or "
+                   "mps; under torchrun, cuda gives each process the GPU of its local rank (NCCL)")
+    t.add_argument("--amp", action="store_true", help="bf16 autocast for forward and loss (mixed precision)")
+    t.add_argument("--workers", type=int, default=0, help="DataLoader worker processes that assemble batches")
     t.add_argument("--init", default=None, metavar="CHECKPOINT", help="start from the weights of a trained "
                    "checkpoint: the same model, or the static backbone of a dynamic one (e.g. SkipNet from ResNet)")
     t.set_defaults(func=cmd_train)
@@ -709,6 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--budget", default=None, metavar="THRESHOLDS_JSON",
                    help="real early-exit evaluation with thresholds from `dyncnn calibrate`")
     e.add_argument("--anytime", action="store_true", help="accuracy of every exit with its cumulative MACs")
+    e.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N or mps")
     e.add_argument("--json", action="store_true", help="print JSON instead of text")
     e.set_defaults(func=cmd_eval)
 
@@ -732,6 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bundle", default=None, help="with --budget-ms: an exported bundle of this checkpoint whose "
                    "manifest holds (or receives) the measured exit latencies")
     c.add_argument("--threads", type=int, default=1, help="with --budget-ms: ONNX Runtime threads (default: 1)")
+    c.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N or mps")
     c.set_defaults(func=cmd_calibrate)
 
     f = sub.add_parser("frontier", help="dynamic networks against the static accuracy-latency front (ONNX Runtime)",
@@ -775,7 +797,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "1 and this many threads")
     d.set_defaults(func=cmd_demo)
 
-    ex = sub.add_parser("export", help="export a model to ONNX: one graph, or one per stage/exit + manifest",
+    ex = sub.add_parser("export", help="export a model to ONNX or ExecuTorch: one graph, or one per stage/exit + "
+                                       "manifest",
                         description="Export MODEL (registered name, torchvision:NAME, timm:NAME or a checkpoint) to "
                                     "the bundle folder --out: a static model as one ONNX graph, a multi-exit network "
                                     "as one graph per stage with its exit head and a manifest (policy, per-stage "
@@ -789,6 +812,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "thresholds.json beside the checkpoint if present, else full depth)")
     ex.add_argument("--single-graph", action="store_true",
                     help="also write single.onnx: the torch.cond form with a per-batch exit condition")
+    ex.add_argument("--runtime", choices=["onnxruntime", "executorch"], default="onnxruntime",
+                    help="onnxruntime: ONNX graphs; executorch: ExecuTorch programs lowered to XNNPACK (.pte, "
+                         "needs dyncnn[mobile]); same manifest and driver, `load_bundle` reads which")
+    ex.add_argument("--max-batch", type=int, default=None, help="executorch: the largest batch of one program "
+                    "call (memory is planned for it; larger batches run in chunks; default 64)")
     ex.add_argument("--calib-images", type=int, default=256, help="validation images for INT8 calibration")
     ex.add_argument("--input-size", type=int, default=None, help="square input side (default: checkpoint's data "
                     "size, the model's published size, or 224)")
@@ -800,8 +828,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--json", action="store_true", help="print the manifest")
     ex.set_defaults(func=cmd_export)
 
-    be = sub.add_parser("bench", help="deployment latency: eager vs ONNX Runtime, FP32 vs INT8, batch 1 and 64",
-                        description="Latency table of MODEL in eager PyTorch and ONNX Runtime (FP32 and INT8), at "
+    be = sub.add_parser("bench", help="deployment latency: eager vs ONNX Runtime vs ExecuTorch, FP32 vs INT8, "
+                                      "batch 1 and 64",
+                        description="Latency table of MODEL in eager PyTorch, ONNX Runtime and ExecuTorch (XNNPACK) "
+                                    "(FP32 and INT8), at "
                                     "fixed threads, median and IQR; for multi-exit networks also the realized "
                                     "speedup of the exits against the same bundle forced to full depth, beside the "
                                     "MAC speedup, and the driver's overhead.")
@@ -817,6 +847,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--images", type=int, default=256, help="test images used (accuracy, dynamic timings)")
     be.add_argument("--min-time", type=float, default=0.5, help="seconds of timed runs per point")
     be.add_argument("--no-quantize", action="store_true", help="skip the INT8 rows")
+    be.add_argument("--runtimes", nargs="+", choices=["onnxruntime", "executorch"], default=["onnxruntime"],
+                    help="bundle runtimes timed beside eager, e.g. `--runtimes onnxruntime executorch` for "
+                         "ExecuTorch (XNNPACK) rows beside ONNX Runtime's (default: onnxruntime)")
     be.add_argument("--input-size", type=int, default=None, help="square input side (default: checkpoint's data "
                     "size, the model's published size, or 224)")
     be.add_argument("--in-chans", type=int, default=None, help="input channels (default: the model's)")

@@ -55,11 +55,11 @@ def _spread_policy(model, x, criterion="max_prob", temperatures=()) -> ExitPolic
     return ExitPolicy(thresholds, criterion, temps)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_multi_exit():
     return _tiny_multi_exit
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def spread_policy():
     return _spread_policy

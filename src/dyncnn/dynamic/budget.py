@@ -29,13 +29,16 @@ NO_EXIT = 1e8      # the official code's "nobody exits here" threshold
 
 @torch.no_grad()
 def collect_exit_logits(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> tuple[Tensor, Tensor]:
-    """Logits of every exit for every sample: (K, N, C), and the targets (N,)."""
+    """Logits of every exit for every sample: (K, N, C) on the CPU, and the targets (N,); the model runs on the
+    device of its parameters."""
+    from ..train.device import module_device
+    device = module_device(model)
     was_training = model.training
     model.eval()
     outs, targets = [], []
     try:
         for x, y in DataLoader(dataset, batch_size=batch_size):
-            outs.append(torch.stack(model(x)))
+            outs.append(torch.stack(model(x.to(device))).cpu())
             targets.append(torch.as_tensor(y))
     finally:
         model.train(was_training)

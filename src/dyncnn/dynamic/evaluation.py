@@ -33,21 +33,24 @@ def is_gated(model) -> bool:
 
 @torch.no_grad()
 def evaluate_dynamic(model, dataset: Dataset, batch_size: int = 256, progress: bool = False) -> dict:
-    """Accuracy, mean / quantile MACs and the rate of every decision of ``model.infer`` over ``dataset``."""
+    """Accuracy, mean / quantile MACs and the rate of every decision of ``model.infer`` over ``dataset`` (on the
+    device of the model's parameters)."""
+    from ..train.device import module_device
     if len(dataset) == 0:
         raise DyncnnError("cannot evaluate on an empty dataset")
+    device = module_device(model)
     was_training = model.training
     model.eval()
     correct, macs, choices = 0, [], []
     try:
         for x, y in tqdm(DataLoader(dataset, batch_size=batch_size), disable=None if progress else True,
                          desc="eval", leave=False):
-            r = model.infer(x)
+            r = model.infer(x.to(device))
             correct += int((r.logits.argmax(1).cpu() == torch.as_tensor(y)).sum())
             macs.append(r.macs.cpu())
             if r.choices is not None:
                 choices.append(_one_hot(model, r.choices.cpu()))
-        full = int(model.full_macs(dataset[0][0].unsqueeze(0)))
+        full = int(model.full_macs(dataset[0][0].unsqueeze(0).to(device)))
     finally:
         model.train(was_training)
     macs_t = torch.cat(macs).double()

@@ -1,17 +1,19 @@
-"""Export to ONNX and run exported models with ONNX Runtime.
+"""Export to ONNX or ExecuTorch and run exported models with ONNX Runtime or ExecuTorch (XNNPACK).
 
 - :mod:`.onnx`: static export of one graph, ONNX Runtime sessions, export errors that name the op and module;
 - :mod:`.staged`: bundles (graphs + manifest): a static model, or a multi-exit network as one graph per stage
   with its exit head;
 - :mod:`.runtime`: ``load_bundle(dir)``, the host-side driver that keeps the exits (same decisions as eager);
+- :mod:`.executorch`: the same bundles as ExecuTorch programs lowered to XNNPACK (``runtime="executorch"``), and
+  the session that runs them behind the driver;
 - :mod:`.quantize`: post-training static INT8 quantization with ONNX Runtime's tooling;
 - :mod:`.cond`: the single-graph form of a multi-exit network with ``torch.cond`` (a per-batch exit condition);
 - :mod:`.bench`: the latency table of ``dyncnn bench``.
 """
 from .onnx import ExportError, check_against_eager, export_graph, export_onnx, onnx_session, relative_error
 from .runtime import BundleError, DynamicBundle, StaticBundle, confidence_np, load_bundle
-from .staged import FORMAT, export_bundle, is_multi_exit
+from .staged import FORMAT, RUNTIMES, export_bundle, is_multi_exit
 
 __all__ = ["export_onnx", "onnx_session", "export_graph", "check_against_eager", "relative_error", "ExportError",
-           "export_bundle", "is_multi_exit", "FORMAT", "load_bundle", "BundleError", "DynamicBundle",
+           "export_bundle", "is_multi_exit", "FORMAT", "RUNTIMES", "load_bundle", "BundleError", "DynamicBundle",
            "StaticBundle", "confidence_np"]

@@ -2,8 +2,9 @@
 
 One process, one fixed thread count for eager PyTorch and ONNX Runtime alike; each point is the median of
 repeated timed runs after warm-up (``profile.latency.time_callable``) with the interquartile range as spread.
-Rows: eager FP32, ONNX Runtime FP32 and ONNX Runtime INT8 (the model exported into a temporary bundle and
-quantized on calibration images), at each batch size.
+Rows: eager FP32, then per runtime (ONNX Runtime, ExecuTorch with XNNPACK) FP32 and INT8 (the model exported into
+a temporary bundle per runtime and quantized on calibration images), at each batch size. ExecuTorch's bundles are
+exported with their batch bound at the largest batch timed, so no call is chunked.
 
 For a multi-exit network every row is timed twice on the same real images, in alternating rounds: with the exit
 policy and forced to full depth. Batch 1 runs the images one at a time (the per-call time is the loop's time
@@ -62,12 +63,13 @@ def _paired(fns: dict[str, Callable[[], object]], calls: int, min_time_s: float,
 def bench_model(model: nn.Module, images: Tensor, labels: Tensor | None = None, *, policy=None,
                 threads: int = DEFAULT_THREADS, batch_sizes: Sequence[int] = (1, 64), quantize: bool = True,
                 calibration: Tensor | None = None, min_time_s: float = 0.5, single_images: int = 32,
-                workdir: str | Path | None = None) -> dict:
+                workdir: str | Path | None = None, runtimes: Sequence[str] = ("onnxruntime",)) -> dict:
     """Latency (and accuracy when ``labels`` are given) of ``model`` in eager and as an exported bundle.
 
     ``images`` (N, C, H, W) are real inputs: batch ``b`` uses the first ``b`` (repeated if fewer), batch 1 of a
     multi-exit network loops over the first ``single_images`` of them. Returns a dict with ``rows`` (one per
     backend / precision / batch / mode) and, for multi-exit networks, ``dynamic`` (speedups, overhead, exits).
+    ``runtimes``: the bundle runtimes timed beside eager ("onnxruntime", "executorch").
     """
     model.eval()
     shape = tuple(images.shape[1:])
@@ -81,17 +83,21 @@ def bench_model(model: nn.Module, images: Tensor, labels: Tensor | None = None, 
         if glance:
             from .glance import load_glance_bundle
             manifest = model.export_bundle(Path(tmp) / "bundle", policy=policy, input_size=shape[1])
-            bundles = {"fp32": load_glance_bundle(Path(tmp) / "bundle", threads=threads)}
+            bundles = {("onnxruntime", "fp32"): load_glance_bundle(Path(tmp) / "bundle", threads=threads)}
             return _bench_dynamic(model, images, labels, bundles, manifest, batch_sizes, min_time_s, single_images,
                                   out)
-        manifest = export_bundle(model, Path(tmp) / "bundle", shape, policy=policy, quantize=quantize,
-                                 calibration=calibration if quantize else None)
         precisions = ["fp32"] + (["int8"] if quantize else [])
-        bundles = {p: load_bundle(Path(tmp) / "bundle", p, threads=threads) for p in precisions}
+        bundles = {}
+        for rt in runtimes:
+            folder = Path(tmp) / rt
+            manifest = export_bundle(model, folder, shape, policy=policy, quantize=quantize,
+                                     calibration=calibration if quantize else None, runtime=rt,
+                                     max_batch=max(max(batch_sizes), 2))
+            bundles.update({(rt, p): load_bundle(folder, p, threads=threads) for p in precisions})
         if not dynamic:
             out["macs"] = manifest["macs"]
             runners = {("eager", "fp32"): lambda x: model(x)}
-            runners.update({("onnxruntime", p): b.run_numpy for p, b in bundles.items()})
+            runners.update({key: b.run_numpy for key, b in bundles.items()})
             for (backend, prec), fn in runners.items():
                 for b in batch_sizes:
                     x = _repeat_to(images, b)
@@ -125,21 +131,22 @@ def bench_bundle(folder: str | Path, images: Tensor, labels: Tensor | None = Non
     with torch_threads(threads):
         if kind == "glance":
             from .glance import load_glance_bundle
-            bundles = {"fp32": load_glance_bundle(folder, threads=threads)}
+            bundles = {(manifest.get("runtime", "onnxruntime"), "fp32"): load_glance_bundle(folder, threads=threads)}
         else:
-            bundles = {p: load_bundle(folder, p, threads=threads) for p in precisions}
+            bundles = {(manifest.get("runtime", "onnxruntime"), p): load_bundle(folder, p, threads=threads)
+                       for p in precisions}
         if kind != "static":
             return _bench_dynamic(None, images, labels, bundles, manifest, batch_sizes, min_time_s, single_images,
                                   out)
         out["macs"] = manifest["macs"]
-        for prec, bundle in bundles.items():
+        for (backend, prec), bundle in bundles.items():
             for b in batch_sizes:
                 xin = _repeat_to(images, b).numpy()
                 stats = _point(lambda: bundle.run_numpy(xin), 1, min_time_s)
-                out["rows"].append({"backend": "onnxruntime", "precision": prec, "batch": b, **_clean(stats)})
+                out["rows"].append({"backend": backend, "precision": prec, "batch": b, **_clean(stats)})
         if labels is not None:
-            out["accuracy"] = {f"onnxruntime_{p}": _accuracy(_predict(b.run_numpy, images, "onnxruntime"), labels)
-                               for p, b in bundles.items()}
+            out["accuracy"] = {f"{bk}_{p}": _accuracy(_predict(b.run_numpy, images, bk), labels)
+                               for (bk, p), b in bundles.items()}
     return out
 
 
@@ -158,10 +165,11 @@ def _clean(stats: dict) -> dict:
 
 def _bench_dynamic(model, images, labels, bundles, manifest, batch_sizes, min_time_s, single_images, out) -> dict:
     from ..dynamic.policy import ExitPolicy
-    policy = bundles["fp32"].policy
-    full = ExitPolicy.never(bundles["fp32"].num_exits)
+    b32 = next(iter(bundles.values()))          # the first runtime's FP32 bundle: parity, overhead
+    policy = b32.policy
+    full = ExitPolicy.never(b32.num_exits)
     runners = {} if model is None else {("eager", "fp32"): lambda x, p: model.infer(x, p)}
-    runners.update({("onnxruntime", prec): b.run for prec, b in bundles.items()})
+    runners.update({key: b.run for key, b in bundles.items()})
     singles = [images[i:i + 1].contiguous() for i in range(min(single_images, len(images)))]
     singles_np = [s.numpy() for s in singles]
     speedups = []
@@ -186,7 +194,6 @@ def _bench_dynamic(model, images, labels, bundles, manifest, batch_sizes, min_ti
             speedups.append({"backend": backend, "precision": prec, "batch": b, "mac_speedup": mac_speedup,
                              "realized_speedup": realized, "kept": realized / mac_speedup})
     # the driver's own overhead: time outside ONNX Runtime sessions in full-depth batch-1 calls
-    b32 = bundles["fp32"]
     overhead = None
     if hasattr(b32, "session_seconds"):
         for s in singles_np[:4]:
@@ -198,23 +205,30 @@ def _bench_dynamic(model, images, labels, bundles, manifest, batch_sizes, min_ti
                 b32.run_numpy(s, full)
             reps += 1
         overhead = 1.0 - b32.session_seconds / (time.perf_counter() - t0)
-    res = b32.run(images, policy)
-    parity = None                       # a bundle benchmarked on its own has no eager model to agree with
+    parities = {}                       # a bundle benchmarked on its own has no eager model to agree with
     if model is not None:
         eager = model.infer(images, policy)
-        parity = {"n": len(images), "same_exit": int((res.exit_index == eager.exit_index).sum()),
-                  "same_macs": int((res.macs == eager.macs).sum()),
-                  "max_rel_err": float((res.logits - eager.logits).abs().max() / eager.logits.abs().max())}
+        for (backend, prec), b in bundles.items():
+            if prec != "fp32":
+                continue
+            res = b.run(images, policy)
+            parities[backend] = {"n": len(images), "same_exit": int((res.exit_index == eager.exit_index).sum()),
+                                 "same_macs": int((res.macs == eager.macs).sum()),
+                                 "max_rel_err": float((res.logits - eager.logits).abs().max() /
+                                                      eager.logits.abs().max())}
+    res = b32.run(images, policy)
+    parity = next(iter(parities.values()), None)
     out["dynamic"] = {"exit_macs": manifest["exit_macs"], "policy": manifest["policy"], "parity": parity,
+                      "parities": parities,
                       "exit_histogram": np.bincount(res.exit_index.numpy(), minlength=b32.num_exits).tolist(),
                       "mean_macs": float(res.macs.double().mean()), "speedups": speedups,
                       "driver_overhead_full_depth_b1": overhead}
     if labels is not None:
         acc = {} if model is None else {"eager_fp32": _accuracy(model.infer(images, policy).logits.argmax(1), labels)}
-        for prec, b in bundles.items():
+        for (backend, prec), b in bundles.items():
             r = b.run(images, policy)
-            acc[f"onnxruntime_{prec}"] = _accuracy(r.logits.argmax(1), labels)
-            acc[f"onnxruntime_{prec}_mean_macs"] = float(r.macs.double().mean())
+            acc[f"{backend}_{prec}"] = _accuracy(r.logits.argmax(1), labels)
+            acc[f"{backend}_{prec}_mean_macs"] = float(r.macs.double().mean())
         out["accuracy"] = acc
     return out
 
@@ -236,9 +250,9 @@ def format_table(result: dict) -> str:
         p = d["parity"]
         lines += ["", f"exits taken (all {sum(d['exit_histogram'])} images): {d['exit_histogram']}   mean MACs "
                       f"{d['mean_macs'] / 1e6:.3f}M of {d['exit_macs'][-1] / 1e6:.3f}M at full depth"]
-        if p is not None:
-            lines.append(f"ONNX Runtime FP32 bundle vs eager infer: same exit for {p['same_exit']}/{p['n']}, same "
-                         f"MACs for {p['same_macs']}/{p['n']}, logits max relative error {p['max_rel_err']:.1e}")
+        for backend, p in (d.get("parities") or ({"onnxruntime": p} if p is not None else {})).items():
+            lines.append(f"{backend} FP32 bundle vs eager infer: same exit for {p['same_exit']}/{p['n']}, same MACs "
+                         f"for {p['same_macs']}/{p['n']}, logits max relative error {p['max_rel_err']:.1e}")
         lines += ["| backend | precision | batch | MAC speedup | realized speedup | kept |",
                   "|---|---|---|---|---|---|"]
         for s in d["speedups"]:

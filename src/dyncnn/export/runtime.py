@@ -34,7 +34,7 @@ import torch
 
 from ..dynamic.policy import ExitPolicy
 from ..errors import DyncnnError, InputTypeError
-from .staged import FORMAT, MANIFEST, graph_io, sha256_file
+from .staged import FORMAT, MANIFEST, RUNTIMES, graph_io, sha256_file
 
 PRECISIONS = ("fp32", "int8")
 
@@ -185,6 +185,8 @@ def check_graph_shapes(folder: Path, sess, what: str, input_shape: Sequence[int]
                        logits_name: str = "logits") -> None:
     """Refuse a graph whose declared input size or class count disagrees with the manifest (ONNX Runtime would
     fail with INVALID_ARGUMENT at the first call, or numpy would broadcast the logits into wrong results)."""
+    if not hasattr(sess, "get_inputs"):     # an ExecuTorch program: its method checks the shapes it is given
+        return
     dims = {i.name: i.shape for i in sess.get_inputs()}
     dims.update({o.name: o.shape for o in sess.get_outputs()})
     if input_shape is not None and input_name in dims:
@@ -200,7 +202,7 @@ def check_graph_shapes(folder: Path, sess, what: str, input_shape: Sequence[int]
 
 
 def _session(folder: Path, entry: dict, precision: str, threads: int, expect_in: list[str],
-             expect_out: list[str], what: str, verify: bool):
+             expect_out: list[str], what: str, verify: bool, runtime: str = "onnxruntime"):
     from .onnx import onnx_session
     files = entry.get("files") if isinstance(entry, dict) else None
     files = files if isinstance(files, dict) else {}
@@ -209,6 +211,13 @@ def _session(folder: Path, entry: dict, precision: str, threads: int, expect_in:
                           f"{sorted(files) or 'none'}; export with --quantize for int8)")
     rec = files[precision]
     path = bundle_file(folder, rec, what, verify)
+    if runtime == "executorch":         # same driver, another session (see dyncnn.export.executorch)
+        from .executorch import ExecuTorchSession
+        sess = ExecuTorchSession(path, expect_in, expect_out, threads)
+        if (sess.num_inputs, sess.num_outputs) != (len(expect_in), len(expect_out)):
+            raise BundleError(f"bundle {folder}: {what} program {rec['file']} has {sess.num_inputs} inputs and "
+                              f"{sess.num_outputs} outputs; the manifest says {expect_in} and {expect_out}")
+        return sess
     try:
         ins, outs = graph_io(path)
     except Exception as e:       # onnx's DecodeError and friends: a file that is not an ONNX graph
@@ -233,6 +242,14 @@ def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int
         raise BundleError(f"threads must be >= 1, got {threads}")
     folder = Path(folder)
     manifest = _read_manifest(folder)
+    runtime = manifest.get("runtime", "onnxruntime")
+    if runtime not in RUNTIMES:
+        raise BundleError(f"bundle {folder}: unknown runtime {runtime!r} (this dyncnn runs {RUNTIMES})")
+    if runtime == "executorch":
+        from .executorch import available
+        if not available():
+            raise BundleError(f"bundle {folder} holds ExecuTorch programs: install ExecuTorch with "
+                              f"`pip install dyncnn[mobile]`")
     try:
         if manifest["kind"] == "glance":
             from .glance import GlanceBundle
@@ -276,6 +293,7 @@ def _as_batch(x: Any, shape: Sequence[int]) -> np.ndarray:
 class _Bundle:
     def __init__(self, folder: Path, manifest: dict, precision: str, threads: int):
         self.folder, self.manifest, self.precision, self.threads = folder, manifest, precision, threads
+        self.runtime = manifest.get("runtime", "onnxruntime")
         self.input_shape = tuple(int(d) for d in manifest["input"]["shape"][1:])
         self.num_classes = int(manifest["num_classes"])
         self.session_seconds = 0.0      # time spent inside ONNX Runtime sessions (for the overhead share)
@@ -297,7 +315,7 @@ class StaticBundle(_Bundle):
         super().__init__(folder, manifest, precision, threads)
         g = manifest["graph"]
         self.sess = _session(folder, g, precision, threads, g.get("inputs"), g.get("outputs"), "the model graph",
-                             verify)
+                             verify, self.runtime)
         check_graph_shapes(folder, self.sess, "the model graph", self.input_shape, "input", self.num_classes)
 
     def run_numpy(self, x: Any) -> np.ndarray:
@@ -339,7 +357,7 @@ class DynamicBundle(_Bundle):
             sess = None
             if st["files"]:
                 sess = _session(folder, st, precision, threads, [f"in{i}" for i in st["inputs"]], out_names,
-                                f"stage {k}", verify)
+                                f"stage {k}", verify, self.runtime)
                 check_graph_shapes(folder, sess, f"stage {k}", self.input_shape if k == 0 else None, "in0",
                                    self.num_classes if graph_logits else None)
             elif graph_logits:

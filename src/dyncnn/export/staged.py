@@ -1,5 +1,7 @@
-"""Bundles: an exported model as ONNX graphs plus a JSON manifest, the portable form that
-:func:`dyncnn.export.load_bundle` runs with ONNX Runtime.
+"""Bundles: an exported model as ONNX graphs (or ExecuTorch programs) plus a JSON manifest, the portable form
+that :func:`dyncnn.export.load_bundle` runs with ONNX Runtime (or ExecuTorch, see :mod:`.executorch`; the
+manifest's ``runtime`` says which, and everything below holds for both: only the file written per graph and the
+session that runs it differ, :func:`write_graph`).
 
 A **static** model is one graph (``model.onnx``). A **multi-exit** network (``MultiExitNetwork``: MSDNet, RANet,
 ``multi_exit`` backbones, cascades) is one graph per stage with its exit head (``stage{k}.onnx``), because the
@@ -74,6 +76,28 @@ def graph_io(path: str | os.PathLike) -> tuple[list[str], list[str]]:
     g = onnx.load(str(path), load_external_data=False).graph
     inits = {i.name for i in g.initializer}
     return [i.name for i in g.input if i.name not in inits], [o.name for o in g.output]
+
+
+RUNTIMES = ("onnxruntime", "executorch")
+GRAPH_SUFFIX = {"onnxruntime": ".onnx", "executorch": ".pte"}
+
+
+def write_graph(runtime: str, module: nn.Module, args: Sequence[Tensor], folder: Path, stem: str,
+                input_names: Sequence[str], output_names: Sequence[str], *, opset: int, what: str = "",
+                strip: str = "", max_batch: int | None = None, calibration=None) -> tuple[str, list, list, dict]:
+    """Write one graph of a bundle for ``runtime``: ``module(*args)`` with a dynamic batch axis, as
+    ``folder/stem.onnx`` (ONNX Runtime) or ``folder/stem.pte`` (ExecuTorch, lowered to XNNPACK). Returns the file
+    name, its input and output names (the ONNX exporter drops unused inputs; an ExecuTorch program keeps them) and
+    runtime notes for the manifest (ExecuTorch: the ops that run on portable kernels, the batch bound)."""
+    name = stem + GRAPH_SUFFIX[runtime]
+    if runtime == "executorch":
+        from .executorch import DEFAULT_MAX_BATCH, lower_graph
+        notes = lower_graph(module, args, folder / name, max_batch=max_batch or DEFAULT_MAX_BATCH, what=what,
+                            strip=strip, calibration=calibration)
+        return name, list(input_names), list(output_names), notes
+    export_graph(module, args, folder / name, input_names, output_names, opset=opset, what=what, strip=strip)
+    ins, outs = graph_io(folder / name)
+    return name, ins, outs, {}
 
 
 def _leaf_record(leaf: Any, where: str) -> dict:
@@ -168,22 +192,48 @@ def writing_bundle(out_dir: Path, model: nn.Module):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _base_manifest(model: nn.Module, kind: str, input_shape: Sequence[int], opset: int) -> dict:
-    return {"format": FORMAT, "kind": kind, "model": model_spec(model), "model_class": type(model).__name__,
-            "num_classes": int(getattr(model, "num_classes", 0) or 0),
-            "input": {"name": "input", "shape": ["batch", *map(int, input_shape)], "dtype": "float32"},
-            "opset": opset, "exporter": "torchscript", "torch_version": torch.__version__}
+def _base_manifest(model: nn.Module, kind: str, input_shape: Sequence[int], opset: int,
+                   runtime: str = "onnxruntime") -> dict:
+    manifest = {"format": FORMAT, "kind": kind, "runtime": runtime, "model": model_spec(model),
+                "model_class": type(model).__name__, "num_classes": int(getattr(model, "num_classes", 0) or 0),
+                "input": {"name": "input", "shape": ["batch", *map(int, input_shape)], "dtype": "float32"},
+                "opset": opset, "exporter": "torchscript", "torch_version": torch.__version__}
+    if runtime == "executorch":
+        from .executorch import version
+        manifest.update(exporter="torch.export + XNNPACK partitioner", executorch_version=version())
+    return manifest
 
 
-def _export_static(model: nn.Module, folder: Path, example: Tensor, opset: int) -> dict:
+def _calibration_chunks(calibration: Tensor | None, runtime: str, batch: int = 32) -> list[Tensor] | None:
+    """ExecuTorch INT8 graphs are quantized at export (PT2E): the calibration images in batches."""
+    if calibration is None or runtime != "executorch":
+        return None
+    return [calibration[i:i + batch].float() for i in range(0, len(calibration), batch)]
+
+
+def _runtime_notes(notes: list[dict]) -> dict:
+    """The manifest's ``executorch`` record: batch bound and, per graph, the ops on portable kernels."""
+    if not notes or not notes[0]:
+        return {}
+    return {"executorch": {"max_batch": notes[0]["max_batch"], "delegate": "XnnpackBackend",
+                           "portable_ops": [op for n in notes for op in n["portable_ops"]]}}
+
+
+def _export_static(model: nn.Module, folder: Path, example: Tensor, opset: int, runtime: str = "onnxruntime",
+                   max_batch: int | None = None, calibration: list[Tensor] | None = None) -> dict:
     from ..profile.macs import count_macs
-    export_graph(model, (example,), folder / "model.onnx", ["input"], ["logits"], opset=opset)
+    name, _, _, notes = write_graph(runtime, model, (example,), folder, "model", ["input"], ["logits"], opset=opset,
+                                    max_batch=max_batch)
+    files = {"fp32": file_record(folder, name)}
+    if calibration is not None:
+        qname, *_ = write_graph(runtime, model, (example,), folder, "model.int8", ["input"], ["logits"],
+                                opset=opset, max_batch=max_batch, calibration=[(c,) for c in calibration])
+        files["int8"] = file_record(folder, qname)
     with torch.no_grad():
         num_classes = int(model(example).shape[1])
-    manifest = _base_manifest(model, "static", example.shape[1:], opset)
+    manifest = _base_manifest(model, "static", example.shape[1:], opset, runtime)
     manifest.update(num_classes=num_classes, macs=int(count_macs(model, example[:1]).total),
-                    graph={"files": {"fp32": file_record(folder, "model.onnx")}, "inputs": ["input"],
-                           "outputs": ["logits"]})
+                    graph={"files": files, "inputs": ["input"], "outputs": ["logits"]}, **_runtime_notes([notes]))
     return manifest
 
 
@@ -202,10 +252,13 @@ def _output_records(leaves: list, out_leaves: list, where: str) -> list[dict]:
     return records
 
 
-def _export_multi_exit(model: nn.Module, folder: Path, example: Tensor, policy: ExitPolicy, opset: int) -> dict:
+def _export_multi_exit(model: nn.Module, folder: Path, example: Tensor, policy: ExitPolicy, opset: int,
+                       runtime: str = "onnxruntime", max_batch: int | None = None,
+                       calibration: list[Tensor] | None = None) -> dict:
     k_exits = len(model.stages)
-    stages, cum, total = [], [], 0
+    stages, cum, total, notes = [], [], 0, []
     leaves, spec = tree_flatten(example)           # stage 0's graph input is the raw image
+    calib = [tree_flatten(c)[0] for c in calibration] if calibration is not None else None   # each stage's inputs
     with torch.no_grad():
         for k in range(k_exits):
             last = k == k_exits - 1
@@ -234,21 +287,30 @@ def _export_multi_exit(model: nn.Module, folder: Path, example: Tensor, policy: 
                                      "state_out": {"spec": treespec_dumps(out_spec), "leaves": out_records}}
             with_logits = logits_rec["source"] == "graph"
             if computed or with_logits:
-                name = f"stage{k}.onnx"
                 call = _GraphCall(model, k, template, spec, tensor_pos, computed, with_logits)
-                export_graph(call, [leaves[i] for i in tensor_pos], folder / name, [f"in{i}" for i in tensor_pos],
-                             [f"out{j}" for j in computed] + (["logits"] if with_logits else []), opset=opset,
-                             what=f"{type(model).__name__} {where}", strip="model.")
-                ins, outs = graph_io(folder / name)
+                io_names = ([f"in{i}" for i in tensor_pos],
+                            [f"out{j}" for j in computed] + (["logits"] if with_logits else []))
+                kw = dict(opset=opset, what=f"{type(model).__name__} {where}", strip="model.", max_batch=max_batch)
+                name, ins, outs, note = write_graph(runtime, call, [leaves[i] for i in tensor_pos], folder,
+                                                    f"stage{k}", *io_names, **kw)
+                notes.append(note)
                 entry.update(files={"fp32": file_record(folder, name)}, inputs=[int(n[2:]) for n in ins],
                              outputs=[int(n[3:]) for n in outs if n != "logits"])
+                if calib is not None:
+                    qname, *_ = write_graph(runtime, call, [leaves[i] for i in tensor_pos], folder,
+                                            f"stage{k}.int8", *io_names, **kw,
+                                            calibration=[[c[i] for i in tensor_pos] for c in calib])
+                    entry["files"]["int8"] = file_record(folder, qname)
+            if calib is not None and not last:
+                calib = [tree_flatten(model.stages[k](model.initial_state(tree_unflatten(c, spec)) if k == 0
+                                                      else tree_unflatten(c, spec)))[0] for c in calib]
             stages.append(entry)
             total += stage_macs + head_macs
             cum.append(int(total))
             leaves, spec = out_leaves, out_spec
-    manifest = _base_manifest(model, "multi_exit", example.shape[1:], opset)
+    manifest = _base_manifest(model, "multi_exit", example.shape[1:], opset, runtime)
     manifest.update(num_classes=int(logits.shape[1]), num_exits=k_exits, stages=stages, exit_macs=cum,
-                    policy=policy.to_dict())
+                    policy=policy.to_dict(), **_runtime_notes(notes))
     return manifest
 
 
@@ -290,7 +352,8 @@ def check_bundle(model: nn.Module, folder: str | os.PathLike, inputs: Sequence[T
 def export_bundle(model: nn.Module, out_dir: str | os.PathLike, input_shape: Sequence[int], *,
                   policy: ExitPolicy | Sequence[float] | None = None, check_inputs: Sequence[Tensor] = (),
                   quantize: bool = False, calibration: Tensor | None = None, single_graph: bool = False,
-                  opset: int | None = None, seed: int = 0) -> dict:
+                  opset: int | None = None, seed: int = 0, runtime: str = "onnxruntime",
+                  max_batch: int | None = None) -> dict:
     """Export ``model`` for inputs of shape ``(N, *input_shape)`` into the folder ``out_dir``; returns the manifest.
 
     Multi-exit networks get one graph per stage with its exit head (see the module docstring), and ``policy``
@@ -299,8 +362,20 @@ def export_bundle(model: nn.Module, out_dir: str | os.PathLike, input_shape: Seq
     worst).
     With ``quantize``, INT8 graphs calibrated on ``calibration`` images are added (see :mod:`.quantize`); with
     ``single_graph``, a multi-exit network also gets ``single.onnx``, its ``torch.cond`` form (see :mod:`.cond`).
+
+    ``runtime="executorch"`` writes ExecuTorch programs lowered to XNNPACK instead of ONNX graphs (same bundle
+    layout and driver, see :mod:`.executorch`; ``max_batch`` bounds the batch of one program call, larger batches
+    run in chunks); its INT8 programs are quantized with the PT2E XNNPACK quantizer at export.
     """
     out_dir = Path(out_dir)
+    if runtime not in RUNTIMES:
+        raise ExportError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if runtime == "executorch":
+        from .executorch import require
+        require()
+        if single_graph:
+            raise ExportError("single_graph (the torch.cond form) is written for ONNX Runtime only; export it with "
+                              "runtime='onnxruntime'")
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) != 3:
         raise ExportError(f"input_shape must be (C, H, W), got {input_shape}")
@@ -310,10 +385,12 @@ def export_bundle(model: nn.Module, out_dir: str | os.PathLike, input_shape: Seq
     with writing_bundle(out_dir, model) as tmp:
         gen = torch.Generator().manual_seed(seed)
         example = torch.randn(2, *input_shape, generator=gen)       # batch 2: nothing specialises to batch 1
+        calib = _calibration_chunks(calibration if quantize else None, runtime)
+        opts = dict(runtime=runtime, max_batch=max_batch, calibration=calib)
         if is_multi_exit(model):
-            manifest = _export_multi_exit(model, tmp, example, _coerce_policy(model, policy), opset)
+            manifest = _export_multi_exit(model, tmp, example, _coerce_policy(model, policy), opset, **opts)
         else:
-            manifest = _export_static(model, tmp, example, opset)
+            manifest = _export_static(model, tmp, example, opset, **opts)
         write_manifest(tmp, manifest)
         checks = [torch.randn(3, *input_shape, generator=gen), *check_inputs]
         manifest["check"] = {"max_rel_err": check_bundle(model, tmp, checks), "batches": len(checks),
@@ -328,7 +405,12 @@ def export_bundle(model: nn.Module, out_dir: str | os.PathLike, input_shape: Seq
                                         "condition": "per batch: a batch leaves at exit k when all its samples "
                                                      "are confident there"}
         write_manifest(tmp, manifest)
-        if quantize:
+        if quantize and runtime == "executorch":
+            manifest["int8"] = {"method": "PT2E XNNPACKQuantizer (torchao prepare_pt2e / convert_pt2e)",
+                                "activations": "int8 static", "weights": "int8 symmetric per-channel",
+                                "calibration_images": int(len(calibration))}
+            write_manifest(tmp, manifest)
+        elif quantize:
             from .quantize import quantize_bundle
             manifest = quantize_bundle(tmp, calibration)
     return manifest

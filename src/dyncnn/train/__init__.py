@@ -7,7 +7,7 @@ from importlib import import_module
 _LAZY = {
     "TrainConfig": "trainer", "Trainer": "trainer", "TrainResult": "trainer", "default_loss": "trainer",
     "evaluate": "trainer", "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
-    "read_checkpoint": "checkpoint",
+    "read_checkpoint": "checkpoint", "resolve_device": "device", "module_device": "device",
 }
 
 __all__ = list(_LAZY)

@@ -26,13 +26,17 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_from_env() -> DistInfo:
-    """Join the process group described by torchrun's environment; a single process when there is none."""
+def init_from_env(device_type: str | None = None) -> DistInfo:
+    """Join the process group described by torchrun's environment; a single process when there is none.
+
+    NCCL when the processes train on CUDA (``device_type="cuda"``, one GPU per process), gloo otherwise.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("DYNCNN_DEVICE", "cpu") == "cuda" else "gloo"
+        device_type = device_type or os.environ.get("DYNCNN_DEVICE", "cpu")
+        backend = "nccl" if torch.cuda.is_available() and device_type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size())
 

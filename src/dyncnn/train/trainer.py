@@ -7,6 +7,11 @@ exactly where the uninterrupted run would have been. Under torchrun, every globa
 is split into equal contiguous shards, one per process, so the gradient DDP averages is the gradient of the same
 global batch that a single process would see.
 
+Devices: ``TrainConfig.device`` ("auto": CUDA when available, "cpu", "cuda", "mps"); the model and every batch are
+moved there, ``amp=True`` runs forward and loss under bf16 autocast, and batches are assembled by a DataLoader
+with ``num_workers`` processes (the same batches, in the same order, for any worker count). Checkpoints are
+written from CPU copies and load on any device.
+
 Hooks that models may offer (a general mechanism, not special cases):
 - ``model.set_progress(fraction)`` is called before every step with the fraction of training done (CondenseNet's
   condensing schedule, gate temperature schedules);
@@ -30,6 +35,7 @@ from tqdm.auto import tqdm
 from ..errors import DyncnnError
 from .checkpoint import (atomic_write_text, load_checkpoint, remove_stale_temporaries, save_checkpoint,
                          sync_json_copies)
+from .device import DEVICES, autocast, module_device, resolve_device
 from .distributed import DistInfo, barrier, init_from_env
 
 LossFn = Callable[[object, Tensor], Tensor]
@@ -51,7 +57,8 @@ class TrainConfig:
     find_unused_parameters: bool = False   # needed under DDP by networks that skip layers
     progress: bool = True
     save_every_steps: int | None = None    # also checkpoint mid-epoch every N steps
-    device: str = "cpu"             # "cpu", "cuda", "cuda:1", "mps" or "auto" (cuda when available)
+    device: str = "auto"                   # "auto" (cuda when available), "cpu", "cuda", "cuda:N", "mps"
+    amp: bool = False                      # bf16 autocast for forward and loss
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1:
@@ -60,25 +67,10 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        resolve_device(self.device)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> cuda when available, else mps when available, else cpu; a device that is not there is
-    refused with a message saying which are."""
-    if str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"unknown device {device!r}: expected cpu, cuda, cuda:N, mps or auto ({e})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available here (use cpu or auto)")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {device!r} asked for, but MPS is not available here (use cpu or auto)")
-    return dev
+        if str(self.device).split(":", 1)[0] not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {self.device!r}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
 
 
 def default_loss(label_smoothing: float = 0.0) -> LossFn:
@@ -95,10 +87,16 @@ def final_logits(outputs) -> Tensor:
     return outputs[-1] if isinstance(outputs, (list, tuple)) else outputs
 
 
+def stack_samples(items) -> tuple[Tensor, Tensor]:
+    """Collate ``(image, label)`` samples into a batch of images and an int64 label vector."""
+    return torch.stack([it[0] for it in items]), torch.as_tensor([int(it[1]) for it in items])
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, loss_fn: LossFn | None = None,
-             num_workers: int = 0) -> dict:
-    """Loss and top-1 accuracy of ``model`` on ``dataset`` (eval mode restored afterwards)."""
+             num_workers: int = 0, device: torch.device | str | None = None) -> dict:
+    """Loss and top-1 accuracy of ``model`` on ``dataset`` (eval mode restored afterwards), on ``device``
+    (default: where the model's parameters are)."""
     if len(dataset) == 0:
         raise DyncnnError("cannot evaluate on an empty dataset")
     loss_fn = loss_fn or default_loss()
@@ -106,9 +104,11 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, loss_fn:
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     total_loss, correct, n = 0.0, 0, 0
+    device = module_device(model) if device is None else torch.device(device)
     try:
-        for x, y in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
-            x, y = x.to(device), y.to(device)
+        for x, y in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                               pin_memory=device.type == "cuda"):
+            x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
             out = model(x)
             total_loss += float(loss_fn(out, y)) * len(y)
             correct += int((final_logits(out).argmax(1) == y).sum())
@@ -154,12 +154,14 @@ class Trainer:
             raise DyncnnError(f"the training set has {len(train_set)} samples, fewer than one batch of "
                               f"{config.batch_size}; lower batch_size")
         self.config = config
-        self.dist = init_from_env()
+        self.device = resolve_device(config.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.dist = init_from_env(self.device.type)
         if self.dist.enabled and config.batch_size % self.dist.world_size:
             raise DyncnnError(f"batch_size {config.batch_size} must be divisible by the number of processes "
                               f"({self.dist.world_size})")
-        self.device = resolve_device(config.device)
-        self.model = model.to(self.device)
+        self.model = model.to(self.device)           # before the optimizer is built on its parameters
         self.train_set, self.val_set = train_set, val_set
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.loss_fn = loss_fn or default_loss(config.label_smoothing)
@@ -233,7 +235,9 @@ class Trainer:
         history = self._try_resume() if resume else []
         model = self.model
         if self.dist.enabled:
-            model = nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=c.find_unused_parameters)
+            model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=c.find_unused_parameters)
         metrics_path = self.out_dir / "metrics.jsonl" if self.out_dir else None
         if metrics_path is not None and self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -252,23 +256,24 @@ class Trainer:
             model.train()
             loss_sum, correct, seen = 0.0, 0, 0
             # A live bar on a terminal (tqdm turns itself off when stderr is not one), one line per epoch always.
-            bar = tqdm(batches[skip:], desc=f"epoch {epoch + 1}/{c.epochs}", leave=False,
+            bar = tqdm(self._loader([shard(b, self.dist) for b in batches[skip:]], epoch), total=len(batches) - skip,
+                       desc=f"epoch {epoch + 1}/{c.epochs}", leave=False,
                        disable=None if (c.progress and self.dist.is_main) else True)
-            for batch in bar:
-                idx = shard(batch, self.dist)
-                x, y = self._collate(idx)
+            for x, y in bar:
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 if hasattr(self.model, "set_progress"):
                     self.model.set_progress(self.step / self.total_steps)
                 lr = self.lr_at(self.step)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
-                out = model(x)
-                # A model with its own training objective (e.g. a REINFORCE policy that needs the targets for its
-                # reward) provides ``training_loss(outputs, target)``; validation still uses ``loss_fn``.
-                loss = (self.model.training_loss(out, y) if hasattr(self.model, "training_loss")
-                        else self.loss_fn(out, y))
-                if hasattr(self.model, "regularization_loss"):
-                    loss = loss + self.model.regularization_loss()
+                with autocast(self.device, c.amp):
+                    out = model(x)
+                    # A model with its own training objective (e.g. a REINFORCE policy that needs the targets for
+                    # its reward) provides ``training_loss(outputs, target)``; validation still uses ``loss_fn``.
+                    loss = (self.model.training_loss(out, y) if hasattr(self.model, "training_loss")
+                            else self.loss_fn(out, y))
+                    if hasattr(self.model, "regularization_loss"):
+                        loss = loss + self.model.regularization_loss()
                 if not torch.isfinite(loss):
                     raise DyncnnError(f"loss became {float(loss)} at step {self.step}; lower the learning rate "
                                       f"(lr={c.lr}) or check the data for NaN/Inf")
@@ -314,8 +319,10 @@ class Trainer:
         return (f"epoch {r['epoch']:>3}/{self.config.epochs}  train loss {r['train_loss']:.4f}  "
                 f"train acc {r['train_acc']:.4f}{val}  lr {r['lr']:.3g}  {r['seconds']:.0f}s")
 
-    def _collate(self, idx: list[int]) -> tuple[Tensor, Tensor]:
-        items = [self.train_set[i] for i in idx]
-        x = torch.stack([it[0] for it in items])
-        y = torch.as_tensor([int(it[1]) for it in items])
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+    def _loader(self, batches: list[list[int]], epoch: int) -> DataLoader:
+        """The given batches of sample indices, in order, assembled by ``num_workers`` worker processes. The
+        loader's own generator (workers' seeds) is fixed by (seed, epoch) and leaves the global RNG alone, so that
+        a resumed run draws the same random numbers as the uninterrupted one."""
+        gen = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        return DataLoader(self.train_set, batch_sampler=batches, collate_fn=stack_samples, generator=gen,
+                          num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda")
