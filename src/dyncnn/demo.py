@@ -24,7 +24,7 @@ import torch
 
 from .dynamic.policy import ExitPolicy
 from .frontier.report import render_markdown
-from .frontier.runner import FrontierSettings, build_dynamic, build_static, load_data, presets, run_frontier
+from .frontier.runner import FrontierSettings, _slug, build_dynamic, build_static, load_data, run_frontier
 from .train.checkpoint import atomic_write_text, load_checkpoint
 from .viz import plot_accuracy_by_scale, plot_easy_hard_gallery, plot_exit_histogram, plot_training_curves
 
@@ -44,11 +44,6 @@ def _rebuild(s: FrontierSettings, seed: int, label: str):
     net = build_dynamic(spec, statics, specs)
     load_checkpoint(s.out / "models" / f"seed{seed}" / _slug(label) / "last.safetensors", net)
     return net.eval()
-
-
-def _slug(label: str) -> str:
-    from .frontier.runner import _slug as slug
-    return slug(label)
 
 
 def run_demo(out_dir: Path = Path("runs/demo"), epochs: int | None = None, threads: int = 2,
