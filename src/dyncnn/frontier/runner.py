@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import platform
@@ -248,9 +249,11 @@ def _quartiles(v: list[float]) -> tuple[float, float, float]:
     return statistics.median(v), q[0], q[2]
 
 
-def time_interleaved(items: Sequence[Timed], images: np.ndarray, s: FrontierSettings, label: str = "ORT") -> dict:
+def time_interleaved(items: Sequence[Timed], images: np.ndarray, s: FrontierSettings, label: str = "ORT",
+                     release: Callable[[], None] = lambda: None) -> dict:
     """ms per image of every item, for every (threads, batch): all items timed in each round, their order
-    rotated between rounds; median and quartiles over rounds. Returns ``{key: {"t{threads}_b{batch}": {...}}}``."""
+    rotated between rounds; median and quartiles over rounds. Returns ``{key: {"t{threads}_b{batch}": {...}}}``.
+    ``release`` is called after each thread count, to free that count's sessions (and their memory arenas)."""
     singles = [images[i:i + 1] for i in range(min(s.single_images, len(images)))]
     out: dict[str, dict] = {it.key: {} for it in items}
     for threads in s.threads:
@@ -274,6 +277,9 @@ def time_interleaved(items: Sequence[Timed], images: np.ndarray, s: FrontierSett
             for k, v in per.items():
                 med, p25, p75 = _quartiles(v)
                 out[k][f"t{threads}_b{b}"] = {"median_ms": med, "p25_ms": p25, "p75_ms": p75, "rounds": len(v)}
+        del runners
+        release()
+        gc.collect()
     return out
 
 
@@ -341,6 +347,12 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
         return result
 
     bundles = s.out / "bundles" / f"seed{seed}"
+    sessions: dict = {}      # one loaded bundle per (folder, threads), shared by a model's operating points
+
+    def bundle_of(folder: Path, t: int):
+        if (folder, t) not in sessions:
+            sessions[folder, t] = load_bundle(folder, threads=t)
+        return sessions[folder, t]
     timed: list[Timed] = []
     eager_timed: list[Timed] = []
     t_cost = s.threads[0]
@@ -354,7 +366,7 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
             macs = count_macs(net, x_test[:1]).per_sample
             result["static"][label] = {"val_accuracy": acc_val, "test_accuracy": acc_test, "macs": macs,
                                        "params": sum(p.numel() for p in net.parameters())}
-            timed.append(Timed(f"static|{label}", lambda t, f=folder: load_bundle(f, threads=t).run_numpy))
+            timed.append(Timed(f"static|{label}", lambda t, f=folder: bundle_of(f, t).run_numpy))
             eager_timed.append(Timed(f"static|{label}", lambda t, m=net: _eager_static(m)))
     best_static = max(result["static"], key=lambda k: result["static"][k]["val_accuracy"])
     target_val = result["static"][best_static]["val_accuracy"]
@@ -404,7 +416,7 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
                             "predicted_ms_b1": {str(t): float(np.dot(frac, cum_t[t])) for t in s.threads}})
             key = f"dynamic|{label}|{i}"
             entries[-1]["key"] = key
-            timed.append(Timed(key, lambda t, f=folder, pol=policy: _dyn_runner(load_bundle(f, threads=t), pol)))
+            timed.append(Timed(key, lambda t, f=folder, pol=policy: _dyn_runner(bundle_of(f, t), pol)))
             if p["chosen"] or p.get("full_depth"):
                 eager_timed.append(Timed(key, lambda t, m=net, pol=policy: _eager_dynamic(m, pol)))
         result["dynamic"][label] = {"kind": spec["kind"], "members": spec.get("members"),
@@ -418,7 +430,7 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
 
     log(f"  seed {seed}: timing {len(timed)} models / operating points in ONNX Runtime "
         f"(threads {list(s.threads)}, batches {list(s.batch_sizes)}, {s.rounds} interleaved rounds)")
-    ort = time_interleaved(timed, x_test_np, s, "ORT")
+    ort = time_interleaved(timed, x_test_np, s, "ORT", release=sessions.clear)
     eager = {}
     if s.eager:
         es = FrontierSettings(**{**asdict(s), "threads": (max(s.threads),), "rounds": max(3, s.rounds // 2),
