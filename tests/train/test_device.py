@@ -96,5 +96,6 @@ def test_cli_train_device_amp_workers(tmp_path, capsys, monkeypatch):
     assert "final val acc" in capsys.readouterr().out
     assert main(["eval", str(tmp_path / "run" / "last.safetensors"), "--device", "cpu", "--split", "val"]) == 0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert main(args + ["--device", "cuda"]) == 2
+    fresh = args[:-1] + [str(tmp_path / "run_cuda")]          # a new run folder: the device is what is refused
+    assert main(fresh + ["--device", "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err

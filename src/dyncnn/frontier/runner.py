@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..data import ScaledMNIST
-from ..dynamic.budget import (assign_exits, collect_exit_logits, exit_proportions, exit_scores, fit_temperatures,
-                              msdnet_thresholds)
+from ..dynamic.budget import (assign_exits, collect_exit_logits, evaluate_thresholds, exit_proportions, exit_scores,
+                              fit_temperatures, msdnet_thresholds)
 from ..dynamic.losses import MultiExitLoss
 from ..dynamic.policy import ExitPolicy
 from ..export.runtime import load_bundle, record_stage_latency
@@ -287,23 +287,19 @@ def time_interleaved(items: Sequence[Timed], images: np.ndarray, s: FrontierSett
 
 def _sweep_candidates(val_scores: Tensor, val_correct: Tensor, cost: Sequence[float], temps) -> list[dict]:
     """Threshold sets of the MSDNet sweep (a finer q grid than the official 39 points) on the validation split,
-    each with its validation accuracy and predicted cost; duplicates removed."""
+    each with its validation accuracy and predicted cost; sets that send the same numbers to each exit once."""
     k = val_scores.shape[0]
     cands, seen = [], set()
-    cost_t = torch.as_tensor(cost, dtype=torch.float64)
     for q in np.exp(np.linspace(math.log(0.02), math.log(50.0), 121)):
         th = msdnet_thresholds(val_scores, exit_proportions(float(q), k))
-        idx = assign_exits(val_scores, th)
-        key = tuple(torch.bincount(idx, minlength=k).tolist())
+        point = evaluate_thresholds(val_scores, val_correct, th, cost, float(q))
+        key = tuple(round(f * val_scores.shape[1]) for f in point.exit_fractions)
         if key in seen:
             continue
         seen.add(key)
-        frac = torch.bincount(idx, minlength=k).double() / len(idx)
-        acc = float(val_correct[idx, torch.arange(len(idx))].double().mean())
-        thresholds = [t if abs(t) < 1e8 else math.copysign(math.inf, t) for t in th.tolist()[:-1]]
-        cands.append({"q": float(q), "thresholds": thresholds, "temperatures": list(temps),
-                      "val_accuracy": acc, "val_cost": float((frac * cost_t).sum()),
-                      "val_exit_fractions": frac.tolist()})
+        cands.append({"q": float(q), "thresholds": list(point.policy().thresholds), "temperatures": list(temps),
+                      "val_accuracy": point.accuracy, "val_cost": point.mean_macs,
+                      "val_exit_fractions": point.exit_fractions})
     full = {"q": math.inf, "thresholds": [math.inf] * (k - 1), "temperatures": list(temps),
             "val_accuracy": float(val_correct[-1].double().mean()), "val_cost": float(cost[-1]),
             "val_exit_fractions": [0.0] * (k - 1) + [1.0], "full_depth": True}
