@@ -230,7 +230,12 @@ def _export_static(model: nn.Module, folder: Path, example: Tensor, opset: int, 
                                 opset=opset, max_batch=max_batch, calibration=[(c,) for c in calibration])
         files["int8"] = file_record(folder, qname)
     with torch.no_grad():
-        num_classes = int(model(example).shape[1])
+        out = model(example)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise ExportError(f"{type(model).__name__} returns {type(out).__name__} from forward, not one (N, classes) "
+                          f"logits tensor, and is neither a multi-exit network nor a family with its own bundle "
+                          f"writer: it has no bundle format")
+    num_classes = int(out.shape[1])
     manifest = _base_manifest(model, "static", example.shape[1:], opset, runtime)
     manifest.update(num_classes=num_classes, macs=int(count_macs(model, example[:1]).total),
                     graph={"files": files, "inputs": ["input"], "outputs": ["logits"]}, **_runtime_notes([notes]))
@@ -370,6 +375,15 @@ def export_bundle(model: nn.Module, out_dir: str | os.PathLike, input_shape: Seq
     out_dir = Path(out_dir)
     if runtime not in RUNTIMES:
         raise ExportError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    writer = getattr(model, "export_bundle", None)
+    if callable(writer):        # a family with its own bundle writer and driver (glance-and-focus)
+        if runtime != "onnxruntime" or quantize or single_graph:
+            raise ExportError(f"{type(model).__name__} bundles are written for ONNX Runtime in FP32 only (their "
+                              f"driver crops patches between graphs): runtime, quantize and single_graph do not apply")
+        if len(input_shape) != 3 or input_shape[-1] != input_shape[-2]:
+            raise ExportError(f"{type(model).__name__} bundles take square images: input_shape must be (C, S, S), "
+                              f"got {tuple(input_shape)}")
+        return writer(out_dir, policy=policy, check_inputs=check_inputs, input_size=int(input_shape[-1]))
     if runtime == "executorch":
         from .executorch import require
         require()
