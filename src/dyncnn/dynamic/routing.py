@@ -28,7 +28,7 @@ from ..layers.gates import anneal, budget_loss, check_budget
 from ..layers.moe import Router
 from ..models.base import Backbone
 from ..models.resnet import BasicBlock, ResidualBlock, make_shortcut
-from .executor import CostLedger, ExitResult, Executor, measure_macs
+from .executor import CostLedger, ExitResult, Executor, eval_copy, measure_macs
 
 PATH_KINDS = ("basic", "ds", "skip")
 
@@ -286,6 +286,8 @@ class RoutingSuperNet(Backbone):
     def infer(self, x: Tensor) -> ExitResult:
         """Executed inference: each path runs only on the rows whose router chose it (argmax)."""
         x = self.check_input(x)
+        if self.training:     # never switch a shared model to eval and back (see MultiExitNetwork.infer)
+            return eval_copy(self).infer(x)
         n = x.shape[0]
         ledger, rows, ex = CostLedger(n), torch.arange(n), self.executor
         h = ex.run(self.stem, x, rows, ledger)

@@ -28,6 +28,7 @@ job. Inference-mode normalisation (running statistics) is used by the sliced pat
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from functools import partial, reduce
@@ -41,7 +42,7 @@ from ..errors import check_image_batch
 from ..layers.gates import HardGate, anneal, budget_loss, check_budget, layer_bounds_loss
 from ..models.mobilenet import InvertedResidual
 from ..models.resnet import ResidualBlock
-from .executor import CostLedger, Executor, ExitResult
+from .executor import CostLedger, Executor, ExitResult, eval_copy
 
 
 # --- blocks: which convolutions produce the hidden channels, and how the branch meets the shortcut ------------
@@ -132,6 +133,15 @@ class LevelStage:
 
     def reset(self) -> None:
         self._ops = None
+
+    def __deepcopy__(self, memo: dict) -> "LevelStage":
+        # the copy slices its own block's tensors on its first call; the cached views are not copied (a view made
+        # under no_grad refuses deepcopy once its base has changed in place)
+        new = copy.copy(self)
+        memo[id(self)] = new
+        new.block = copy.deepcopy(self.block, memo)
+        new._units, new._ops, new._ptr = block_units(new.block), None, -1
+        return new
 
     def __call__(self, x: Tensor) -> Tensor:
         if self._ops is None or self._units[0][0].weight.data_ptr() != self._ptr:
@@ -455,9 +465,8 @@ class ChannelGatedNet(nn.Module):
         ``levels`` (N, gated blocks), optional, overrides the gates' decisions (the gates still run and are
         charged), e.g. to benchmark a given mix of widths.
         """
-        if self.training:
-            raise RuntimeError("infer() executes hard decisions with inference-mode normalisation; "
-                               "call model.eval() first")
+        if self.training:     # never switch a shared model to eval and back (see MultiExitNetwork.infer)
+            return eval_copy(self).infer(x, levels)
         x = self._check(x, finite=True)
         forced = None if levels is None else self._check_levels(levels, x.shape[0])
         costs = self.cost_table(x)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..dynamic.executor import CostLedger, Executor, ExitResult
+from ..dynamic.executor import CostLedger, Executor, ExitResult, eval_copy
 from ..dynamic.spatial import (EXPORT_MESSAGE, GatedBranch, MaskUnit, MaskUnitCfg, SparseExportError, gated_branch,
                                masked_block_forward, sparse_block_forward)
 from ..errors import check_image_batch
@@ -129,9 +129,8 @@ class DynConvNet(nn.Module):
     def _execute(self, x: Tensor, all_on: bool = False) -> tuple[ExitResult, list[Tensor]]:
         if is_exporting():    # decided: no dense-masked stand-in graph; see dynamic/spatial.py
             raise SparseExportError(EXPORT_MESSAGE)
-        if self.training:
-            raise RuntimeError("DynConv inference uses BatchNorm's running statistics (folded into the sparse "
-                               "kernels): call model.eval() before infer()")
+        if self.training:     # BatchNorm's running statistics are folded into the sparse kernels: run on an
+            return eval_copy(self)._execute(x, all_on)     # eval copy, never switching a shared model (see infer)
         check_image_batch(x, self.in_chans)
         x = self.backbone.check_input(x)
         n = x.shape[0]

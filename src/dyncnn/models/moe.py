@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..dynamic.executor import CostLedger, ExitResult, Executor, measure_macs
+from ..dynamic.executor import CostLedger, ExitResult, Executor, eval_copy, measure_macs
 from ..layers import ConvNormAct
 from ..layers.moe import ConvMoE, MoEConfig
 from .base import Backbone
@@ -190,6 +190,8 @@ class MoENetwork(nn.Module):
     def infer(self, x: Tensor) -> ExitResult:
         """Executed inference: each MoE layer runs each expert only on its samples; per-sample MACs and choices."""
         x = self.backbone.check_input(x)
+        if self.training:     # never switch a shared model to eval and back (see MultiExitNetwork.infer)
+            return eval_copy(self).infer(x)
         n = x.shape[0]
         ledger, rows, ex = CostLedger(n), torch.arange(n), self.executor
         choices = []

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..dynamic.executor import CostLedger, Executor, ExitResult
+from ..dynamic.executor import CostLedger, Executor, ExitResult, eval_copy
 from ..errors import DyncnnError
 from ..layers.gates import HardGate, anneal, budget_loss, check_budget
 from .registry import register_model
@@ -203,6 +203,8 @@ class SkipRNN(nn.Module):
         scattered back; the others are not touched.
         """
         x = self.check_input(x, check_finite=True)
+        if self.training:     # never switch a shared model to eval and back (see MultiExitNetwork.infer)
+            return eval_copy(self).infer(x)
         n, steps, _ = x.shape
         hs = self.hidden_size
         s = x.new_zeros(n, self.step.state_size)
