@@ -211,6 +211,10 @@ class MultiExitNetwork(nn.Module):
         finally:
             self.train(was_training)
 
+    def full_macs(self, x: Tensor) -> int:
+        """Per-sample MACs of running to the last exit (every stage and every head): the most a sample can cost."""
+        return self.exit_macs(x[:1])[-1]
+
 
 class SplitMultiExit(MultiExitNetwork):
     """A backbone cut into segments (dict states) with a head on each cut."""
