@@ -31,7 +31,7 @@ NO_EXIT = 1e8      # the official code's "nobody exits here" threshold
 def collect_exit_logits(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> tuple[Tensor, Tensor]:
     """Logits of every exit for every sample: (K, N, C) on the CPU, and the targets (N,); the model runs on the
     device of its parameters."""
-    from ..train.device import module_device
+    from .executor import module_device
     device = module_device(model)
     was_training = model.training
     model.eval()

@@ -38,7 +38,7 @@ def calibrate(model: nn.Module, val_set: Dataset, target_macs: float | None = No
     logits, targets = collect_exit_logits(model, val_set)
     temps = fit_temperatures(logits, targets) if temperature_scaling else [1.0] * logits.shape[0]
     x0 = val_set[0][0].unsqueeze(0)
-    from ..train.device import module_device
+    from .executor import module_device
     cum = model.exit_macs(x0.to(module_device(model)))
     if target_fraction is not None:
         if not 0 < target_fraction <= 1:

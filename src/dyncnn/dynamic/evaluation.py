@@ -35,7 +35,7 @@ def is_gated(model) -> bool:
 def evaluate_dynamic(model, dataset: Dataset, batch_size: int = 256, progress: bool = False) -> dict:
     """Accuracy, mean / quantile MACs and the rate of every decision of ``model.infer`` over ``dataset`` (on the
     device of the model's parameters)."""
-    from ..train.device import module_device
+    from .executor import module_device
     if len(dataset) == 0:
         raise DyncnnError("cannot evaluate on an empty dataset")
     device = module_device(model)

@@ -196,7 +196,17 @@ class Stage(nn.Module):
         return self.fn(state)
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter or buffer (the CPU for a module without any)."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def eval_copy(model: nn.Module) -> nn.Module:
     """An eval-mode deep copy of ``model``: what ``infer`` runs on when called on a model in training mode, so that
     a model shared between threads is never switched to eval and back (see ``MultiExitNetwork.infer``)."""
-    return copy.deepcopy(model).eval()
+    with torch.no_grad():     # cached views made under no_grad (e.g. sliced weights) cannot be copied with grad on
+        return copy.deepcopy(model).eval()

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 
 import torch
-from torch import nn
 
+from ..dynamic.executor import module_device  # noqa: F401 - re-exported: where a model's tensors live
 from ..errors import DyncnnError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -44,15 +44,6 @@ def resolve_device(name: str | torch.device = "auto", local_rank: int | None = N
     if base == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise DyncnnError("device 'mps' requested but Apple's Metal backend is not available on this machine")
     return torch.device(name)
-
-
-def module_device(module: nn.Module) -> torch.device:
-    """The device of ``module``'s first parameter or buffer (the CPU for a module without any)."""
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 def autocast(device: torch.device, enabled: bool):
