@@ -51,7 +51,11 @@ def test_unknown_source_prefix():
         create_model("keras:mobilenet")
 
 
-def test_register_twice_is_refused():
+def test_register_twice_is_refused(monkeypatch):
+    from dyncnn.models import registry
+    list_models()                                   # the built-in families first, then a copy the test may change
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
     @register_model(name="_test_dummy_model")
     def dummy(num_classes=10):
         return torch.nn.Linear(2, num_classes)
@@ -59,3 +63,5 @@ def test_register_twice_is_refused():
     assert isinstance(create_model("_test_dummy_model"), torch.nn.Linear)
     with pytest.raises(ValueError, match="already registered"):
         register_model(lambda **kw: None, name="_test_dummy_model")
+    monkeypatch.undo()
+    assert "_test_dummy_model" not in list_models()  # nothing left registered for the tests after this one
