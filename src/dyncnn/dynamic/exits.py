@@ -21,15 +21,16 @@ from .policy import ExitPolicy
 from .split import split_model
 
 
-def as_policy(policy, num_exits: int) -> ExitPolicy:
+def as_policy(policy, num_exits: int, unit: str = "exit", error: type[DyncnnError] = DyncnnError) -> ExitPolicy:
     """``policy`` (an ExitPolicy, a sequence of max-probability thresholds, or None for full depth) as an
-    ExitPolicy with one threshold per exit but the last (or one per exit); anything else is a DyncnnError."""
+    ExitPolicy with one threshold per exit but the last (or one per exit); anything else raises ``error`` (a
+    DyncnnError), which names the model's ``unit`` of exit ("exit", "step", "frame")."""
     if policy is None:
         return ExitPolicy.never(num_exits)
     policy = ExitPolicy.of(policy)
     if len(policy.thresholds) not in (num_exits - 1, num_exits):
-        raise DyncnnError(f"expected {num_exits - 1} thresholds (one per exit but the last), "
-                          f"got {len(policy.thresholds)}")
+        raise error(f"expected {num_exits - 1} thresholds (one per {unit} but the last), "
+                    f"got {len(policy.thresholds)}")
     return policy
 
 

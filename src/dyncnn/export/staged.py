@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps
 
 from ..dynamic.executor import measure_macs
+from ..dynamic.exits import as_policy
 from ..dynamic.policy import ExitPolicy
 from ..train.checkpoint import apply_umask, atomic_write_text, model_spec
 from .onnx import ExportError, export_graph, relative_error, required_opset
@@ -324,14 +325,7 @@ def write_manifest(folder: str | os.PathLike, manifest: dict) -> None:
 
 
 def _coerce_policy(model: nn.Module, policy: ExitPolicy | Sequence[float] | None) -> ExitPolicy:
-    k = len(model.stages)
-    if policy is None:
-        return ExitPolicy.never(k)
-    policy = ExitPolicy.of(policy)
-    if len(policy.thresholds) not in (k - 1, k):
-        raise ExportError(f"the exit policy has {len(policy.thresholds)} thresholds; the model has {k} exits "
-                          f"(expected {k - 1})")
-    return policy
+    return as_policy(policy, len(model.stages), error=ExportError)
 
 
 def check_bundle(model: nn.Module, folder: str | os.PathLike, inputs: Sequence[Tensor], tol: float = 1e-4,

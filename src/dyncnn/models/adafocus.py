@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..dynamic.executor import CostLedger, ExitResult, Executor, eval_copy, measure_macs
+from ..dynamic.exits import as_policy
 from ..dynamic.patches import crop_patches, crop_patches_differentiable
 from ..dynamic.policy import ExitPolicy
 from ..errors import DyncnnError
@@ -221,7 +222,7 @@ class AdaFocus(nn.Module):
         """Read frames one at a time; after frame t, clips whose confidence meets threshold t stop. Returns
         logits, the step each clip left at, the MACs it ran, the frames read (choices) and the patch centres."""
         x = self.check_input(x)
-        policy = _as_policy(policy, self.num_exits)
+        policy = as_policy(policy, self.num_exits, "frame")
         if self.training:     # never switch a shared model to eval and back (see MultiExitNetwork.infer)
             return eval_copy(self).infer(x, policy)
         return self._infer(x, policy)
@@ -287,16 +288,6 @@ class AdaFocus(nn.Module):
         :func:`dyncnn.dynamic.temporal.fit_adafocus`."""
         from ..dynamic.temporal import fit_adafocus
         return fit_adafocus(self, train_set, val_set, config, out_dir, resume, extra, stages)
-
-
-def _as_policy(policy, num_exits: int) -> ExitPolicy:
-    if policy is None:
-        return ExitPolicy.never(num_exits)
-    policy = ExitPolicy.of(policy)
-    if len(policy.thresholds) not in (num_exits - 1, num_exits):
-        raise DyncnnError(f"expected {num_exits - 1} thresholds (one per frame but the last), got "
-                         f"{len(policy.thresholds)}")
-    return policy
 
 
 class FrameAverage(nn.Module):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..dynamic.executor import ExitResult, Executor, early_exit_inference, eval_copy, measure_macs
+from ..dynamic.exits import as_policy
 from ..dynamic.patches import crop_patches
 from ..dynamic.policy import ExitPolicy
 from ..errors import DyncnnError, check_image_batch
@@ -352,13 +353,7 @@ class GFNet(nn.Module):
 
     # -- executed early exit -----------------------------------------------------------------------------------
     def _coerce_policy(self, policy) -> ExitPolicy:
-        if policy is None:
-            return ExitPolicy.never(self.num_exits)
-        policy = ExitPolicy.of(policy)
-        if len(policy.thresholds) not in (self.num_exits - 1, self.num_exits):
-            raise ValueError(f"expected {self.num_exits - 1} thresholds (one per step but the last), "
-                             f"got {len(policy.thresholds)}")
-        return policy
+        return as_policy(policy, self.num_exits, "step")
 
     @torch.no_grad()
     def infer(self, x: Tensor, policy: ExitPolicy | Sequence[float] | None = None) -> ExitResult:
