@@ -23,6 +23,19 @@ class InputTypeError(DyncnnError, TypeError):
     """An input of the wrong Python type (a list where a tensor is expected): a DyncnnError, and a TypeError."""
 
 
+def _fx_tracing() -> bool:
+    import torch.fx._symbolic_trace as st
+    check = getattr(st, "is_fx_symbolic_tracing", None) or getattr(st, "is_fx_tracing_symbolic_tracing", None)
+    return bool(check()) if check else bool(st.is_fx_tracing())
+
+
+def is_exporting() -> bool:
+    """True while tracing or exporting (ONNX, torch.export, torch.compile), where Python checks must not run."""
+    import torch
+    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+            or torch.compiler.is_compiling() or _fx_tracing())
+
+
 def param_dtype(module) -> torch.dtype | None:
     """The dtype of ``module``'s first floating-point parameter (what its inputs must be), None if it has none."""
     for p in module.parameters():

@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import DyncnnError
+from ..errors import DyncnnError, is_exporting
 from ..layers.sparse_conv import (PackedConv, Positions, apply_packed, check_mask, dilate_mask, fold_bn, pack_conv,
                                   rows_to_map, scatter_rows, to_padded_rows)
-from ..models.base import is_exporting
 
 
 class SparseExportError(DyncnnError):

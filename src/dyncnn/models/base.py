@@ -7,22 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
-from ..errors import DyncnnError, check_image_batch, param_dtype
-
-
-def _fx_tracing() -> bool:
-    import torch.fx._symbolic_trace as st
-    check = getattr(st, "is_fx_symbolic_tracing", None) or getattr(st, "is_fx_tracing_symbolic_tracing", None)
-    return bool(check()) if check else bool(st.is_fx_tracing())
-
-
-def is_exporting() -> bool:
-    """True while tracing or exporting (ONNX, torch.export, torch.compile), where Python checks must not run."""
-    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-            or torch.compiler.is_compiling() or _fx_tracing())
+from ..errors import DyncnnError, check_image_batch, is_exporting, param_dtype  # noqa: F401 - is_exporting re-exported
 
 
 @dataclass(frozen=True)
