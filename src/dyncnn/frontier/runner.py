@@ -56,9 +56,14 @@ def _static(label: str, name: str, factor: int = 1, **cfg) -> dict:
     return {"label": label, "name": name, "factor": factor, "cfg": cfg}
 
 
+def _cascade(label: str, *members: str) -> dict:
+    """A cascade of the preset's static models (by label), cheapest first."""
+    return {"label": label, "kind": "cascade", "members": list(members)}
+
+
 def presets(canvas: int) -> dict[str, dict]:
     """The model sets: ``demo`` (small, for ``make demo``), ``full`` (the benchmark on the demo's 64x64 data) and
-    ``phone`` (128x128 canvas, networks of 20-75M MACs, where per-call overhead is a small share)."""
+    ``phone`` (128x128 canvas, networks of 1.2-73M MACs, where per-call overhead is a small share)."""
     demo_static = [_static("tiny-S /4", "tiny_mobilenet", 4, widths=TINY_S),
                    _static("tiny-M /2", "tiny_mobilenet", 2, widths=TINY_M),
                    _static("tiny-M", "tiny_mobilenet", 1, widths=TINY_M)]
@@ -93,32 +98,22 @@ def presets(canvas: int) -> dict[str, dict]:
 
     return {
         "demo": {"static": demo_static,
-                 "dynamic": [{"label": "resolution cascade /2 -> full", "kind": "cascade",
-                              "members": ["tiny-M /2", "tiny-M"]},
-                             {"label": "resolution cascade /4 -> /2 -> full", "kind": "cascade",
-                              "members": ["tiny-S /4", "tiny-M /2", "tiny-M"]}]},
+                 "dynamic": [_cascade("resolution cascade /2 -> full", "tiny-M /2", "tiny-M"),
+                             _cascade("resolution cascade /4 -> /2 -> full", "tiny-S /4", "tiny-M /2", "tiny-M")]},
         "full": {"static": full_static,
-                 "dynamic": [{"label": "resolution cascade /2 -> full", "kind": "cascade",
-                              "members": ["tiny-M /2", "tiny-M"]},
-                             {"label": "resolution cascade /4 -> /2 -> full", "kind": "cascade",
-                              "members": ["tiny-S /4", "tiny-M /2", "tiny-M"]},
-                             {"label": "resolution cascade /2 -> tiny-L", "kind": "cascade",
-                              "members": ["tiny-M /2", "tiny-L"]},
-                             {"label": "cascade /2 -> tiny-M -> tiny-L", "kind": "cascade",
-                              "members": ["tiny-M /2", "tiny-M", "tiny-L"]},
-                             {"label": "width cascade tiny-S -> tiny-M", "kind": "cascade",
-                              "members": ["tiny-S", "tiny-M"]},
+                 "dynamic": [_cascade("resolution cascade /2 -> full", "tiny-M /2", "tiny-M"),
+                             _cascade("resolution cascade /4 -> /2 -> full", "tiny-S /4", "tiny-M /2", "tiny-M"),
+                             _cascade("resolution cascade /2 -> tiny-L", "tiny-M /2", "tiny-L"),
+                             _cascade("cascade /2 -> tiny-M -> tiny-L", "tiny-M /2", "tiny-M", "tiny-L"),
+                             _cascade("width cascade tiny-S -> tiny-M", "tiny-S", "tiny-M"),
                              exits_on(TINY_M, "exits on tiny-M (distill+GE)"),
                              msdnet]},
         "phone": {"static": phone_static,
-                  "dynamic": [{"label": "resolution cascade mnv3-small /2 -> full", "kind": "cascade",
-                               "members": ["mnv3-small /2", "mnv3-small"]},
-                              {"label": "resolution cascade tiny-M /4 -> mnv3-small /2 -> full", "kind": "cascade",
-                               "members": ["tiny-M /4", "mnv3-small /2", "mnv3-small"]},
-                              {"label": "cascade tiny-XL /2 -> mnv3-small", "kind": "cascade",
-                               "members": ["tiny-XL /2", "mnv3-small"]},
-                              {"label": "resolution cascade tiny-XL /2 -> full", "kind": "cascade",
-                               "members": ["tiny-XL /2", "tiny-XL"]},
+                  "dynamic": [_cascade("resolution cascade mnv3-small /2 -> full", "mnv3-small /2", "mnv3-small"),
+                              _cascade("resolution cascade tiny-M /4 -> mnv3-small /2 -> full", "tiny-M /4",
+                                       "mnv3-small /2", "mnv3-small"),
+                              _cascade("cascade tiny-XL /2 -> mnv3-small", "tiny-XL /2", "mnv3-small"),
+                              _cascade("resolution cascade tiny-XL /2 -> full", "tiny-XL /2", "tiny-XL"),
                               exits_on(TINY_XL, "exits on tiny-XL (distill+GE)")]},
     }
 
