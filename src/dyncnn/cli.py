@@ -573,13 +573,11 @@ def cmd_export(args) -> int:
     shape = _deploy_shape(model, args, meta)
     policy, source = (_deploy_policy(args, model, meta) if _takes_exit_policy(model) else (None, None))
     if hasattr(model, "export_bundle"):      # glance-and-focus: glance/focus graphs + a driver that crops patches
-        if args.runtime != "onnxruntime":
-            raise DyncnnError(f"--runtime {args.runtime} is not available for {type(model).__name__} bundles "
-                              f"(their patch-cropping driver runs ONNX graphs)")
-        if args.quantize or args.single_graph:
-            raise DyncnnError(f"--quantize and --single-graph are not available for {type(model).__name__} bundles")
         real, _ = _deploy_images(args, model, meta, shape, "val", 16)
-        manifest = model.export_bundle(args.out, policy=policy, check_inputs=[real[:16]], input_size=shape[1])
+        # export_bundle refuses what such a bundle cannot hold (another runtime, INT8, the single graph)
+        manifest = export_bundle(model, args.out, shape, policy=policy, check_inputs=[real[:16]],
+                                 quantize=args.quantize, single_graph=args.single_graph,
+                                 runtime=args.runtime)
         print(json.dumps(manifest, indent=2, allow_nan=True) if args.json else
               f"exported {args.model} (glance, {len(manifest['graphs'])} ONNX graphs) to {args.out}; max relative "
               f"error against eager {manifest['check']['max_rel_err']:.1e}; exit policy: {source}")

@@ -92,3 +92,17 @@ def test_bad_bundles_and_inputs(exported, tmp_path, images):
     (bad / "focus.onnx").write_bytes((bad / "focus.onnx").read_bytes()[:-8] + b"00000000")
     with pytest.raises(BundleError, match="checksum"):
         load_glance_bundle(bad)
+
+
+def test_export_bundle_goes_through_the_glance_writer_and_refuses_what_it_cannot_hold(tmp_path):
+    from dyncnn.export import ExportError, export_bundle
+    model = tiny_gfnet().eval()
+    side = model.cfg.input_size
+    for kw in ({"runtime": "executorch"}, {"quantize": True}, {"single_graph": True}):
+        with pytest.raises(ExportError, match="ONNX Runtime in FP32 only"):
+            export_bundle(model, tmp_path / "refused", (model.in_chans, side, side), **kw)
+        assert not (tmp_path / "refused").exists()
+    with pytest.raises(ExportError, match="square images"):
+        export_bundle(model, tmp_path / "refused", (model.in_chans, side, side // 2))
+    manifest = export_bundle(model, tmp_path / "b", (model.in_chans, side, side), policy=[0.5] * (model.num_exits - 1))
+    assert manifest["kind"] == "glance" and load_glance_bundle(tmp_path / "b").manifest["kind"] == "glance"

@@ -82,7 +82,7 @@ def bench_model(model: nn.Module, images: Tensor, labels: Tensor | None = None, 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp, torch_threads(threads), torch.inference_mode():
         if glance:
             from .glance import load_glance_bundle
-            manifest = model.export_bundle(Path(tmp) / "bundle", policy=policy, input_size=shape[1])
+            manifest = export_bundle(model, Path(tmp) / "bundle", shape, policy=policy)
             bundles = {("onnxruntime", "fp32"): load_glance_bundle(Path(tmp) / "bundle", threads=threads)}
             return _bench_dynamic(model, images, labels, bundles, manifest, batch_sizes, min_time_s, single_images,
                                   out)
