@@ -6,7 +6,7 @@
 #  4. early exit on the GPU at batch 64: realized speedup against the MAC speedup;
 #  5. the CPU deployment benchmarks on a quiet host with 2 threads (ExecuTorch vs ONNX Runtime when installed).
 set -u
-export PYTHONPATH=src
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}   # keep what the caller adds (carried wheels)
 PY=${PY:-python3}
 OUT=${OUT:-/tmp/device_check}
 mkdir -p "$OUT"

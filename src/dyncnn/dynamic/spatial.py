@@ -200,12 +200,14 @@ def sparse_block_forward(g: GatedBranch, x: Tensor, mask: Tensor, interpolate: b
     pos_m = Positions.from_mask(mask, pad)
     pos_d = Positions.from_mask(dilate_mask(mask, g.dilation), pad) if g.split > 0 else pos_m
     packed = g.packed()
-    cost = torch.zeros(n, dtype=torch.int64)
+    # MACs per active position on the dilated mask and on the mask; the ledger lives on the CPU (one copy per call)
+    per_d = sum(p.macs_per_position for p in packed[:g.split])
+    per_m = sum(p.macs_per_position for p in packed[g.split:])
+    cost = (per_d * pos_d.counts + per_m * pos_m.counts).to("cpu", torch.int64)
 
     feats = None
     for unit, p in zip(g.units[:g.split], packed[:g.split]):          # on the dilated mask
         feats = _apply(unit, apply_packed(xp, pos_d, p) if feats is None else p.rows(feats))
-        cost += p.macs_per_position * pos_d.counts
     if feats is None:
         src = xp
     else:                                                            # scatter into a zero-padded map
@@ -213,7 +215,6 @@ def sparse_block_forward(g: GatedBranch, x: Tensor, mask: Tensor, interpolate: b
     out = None
     for unit, p in zip(g.units[g.split:], packed[g.split:]):          # on the mask
         out = _apply(unit, apply_packed(src, pos_m, p) if out is None else p.rows(out))
-        cost += p.macs_per_position * pos_m.counts
 
     hp, wp = h + 2 * pad, w + 2 * pad
     if interpolate:
