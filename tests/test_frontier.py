@@ -207,15 +207,20 @@ def test_gradient_equilibrium_rescales_the_trunk_gradient():
 
 # -- the whole run ----------------------------------------------------------------------------------------------
 
-@pytest.mark.slow
-def test_tiny_frontier_run_writes_its_three_files(tmp_path):
-    from dyncnn.frontier.runner import FrontierSettings, _static, merge_runs, run_frontier
+def _tiny_settings(out, **kw):
+    from dyncnn.frontier.runner import FrontierSettings, _static
     models = {"static": [_static("small /2", "tiny_mobilenet", 2, widths=[8, 16]),
                          _static("big", "tiny_mobilenet", 1, widths=[8, 16, 32])],
               "dynamic": [{"label": "cascade", "kind": "cascade", "members": ["small /2", "big"]}]}
-    s = FrontierSettings(out=tmp_path / "fr", canvas=32, seeds=(0,), epochs=1, train_repeats=1, val_repeats=1,
-                         test_repeats=1, rounds=3, single_images=8, batch_images=32, batch_sizes=(1, 16),
-                         threads=(1,), models=models)
+    return FrontierSettings(out=out, canvas=32, seeds=(0,), epochs=1, train_repeats=1, val_repeats=1,
+                            test_repeats=1, rounds=3, single_images=8, batch_images=32, batch_sizes=(1, 16),
+                            threads=(1,), models=models, **kw)
+
+
+@pytest.mark.slow
+def test_tiny_frontier_run_writes_its_three_files(tmp_path):
+    from dyncnn.frontier.runner import merge_runs, run_frontier
+    s = _tiny_settings(tmp_path / "fr")
     r = run_frontier(s, log=lambda *a: None)
     for name in ("frontier.json", "frontier.md", "frontier.png"):
         assert (tmp_path / "fr" / name).stat().st_size > 500
@@ -244,3 +249,37 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
     again = run_frontier(s, log=lambda *a: None)
     assert all(v == 0.0 for v in again["seeds"][0]["training_seconds"].values())
     assert r["seeds"][0]["static"]["big"]["test_accuracy"] == again["seeds"][0]["static"]["big"]["test_accuracy"]
+
+
+def test_results_of_older_runs_are_upgraded_for_merging():
+    from dyncnn.frontier.runner import upgrade_results
+    timing = {"t1_b1": {"median_ms": 1.0, "p25_ms": 0.9, "p75_ms": 1.1, "rounds": 3}}
+    old = {"settings": {"preset": "demo"},
+           "seeds": [{"static": {"a": {"ort": dict(timing)}},
+                      "dynamic": {"c": {"points": [{"ort": dict(timing)}, {"ort": dict(timing)}]}}}]}
+    new = upgrade_results(old)
+    assert new["settings"]["runtime"] == "onnxruntime"
+    entries = [new["seeds"][0]["static"]["a"], *new["seeds"][0]["dynamic"]["c"]["points"]]
+    assert all(e == {"rt": timing} for e in entries)
+
+
+def test_frontier_refuses_an_unknown_runtime(tmp_path):
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        _tiny_settings(tmp_path, runtime="tflite")
+
+
+@pytest.mark.slow
+def test_tiny_frontier_timed_in_executorch(tmp_path):
+    pytest.importorskip("executorch")
+    from dyncnn.frontier.runner import run_frontier
+    run_frontier(_tiny_settings(tmp_path / "fr", runtime="executorch", eager=False), log=lambda *a: None)
+    saved = json.loads((tmp_path / "fr" / "frontier.json").read_text())
+    assert saved["settings"]["runtime"] == "executorch" and "executorch" in saved["machine"]
+    manifest = json.loads((tmp_path / "fr" / "bundles" / "seed0" / "cascade" / "manifest.json").read_text())
+    assert manifest["runtime"] == "executorch"
+    points = saved["seeds"][0]["dynamic"]["cascade"]["points"]
+    # the ExecuTorch driver's decisions on the test split equal the offline assignment from eager logits
+    assert all(p["offline_agrees"] == p["n_test"] for p in points)
+    assert all(p["rt"]["t1_b16"]["median_ms"] > 0 for p in points)
+    md = (tmp_path / "fr" / "frontier.md").read_text()
+    assert "ExecuTorch (XNNPACK)" in md and "ET ms batch 16, 1 thread" in md

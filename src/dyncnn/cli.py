@@ -465,7 +465,7 @@ def cmd_frontier(args) -> int:
                                 rounds=args.rounds, single_images=args.single_images,
                                 batch_images=args.batch_images, eager=not args.no_eager,
                                 device=args.device, only_train=args.only_train, lr=args.lr,
-                                test_repeats=args.test_repeats)
+                                test_repeats=args.test_repeats, runtime=args.runtime)
     run_frontier(settings)
     return 0
 
@@ -772,7 +772,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lr", type=float, default=0.1, help="peak learning rate (cosine schedule) for every model")
     f.add_argument("--test-repeats", type=int, default=3, help="renderings of each test digit")
     f.add_argument("--device", default="cpu", help="training device: cpu, cuda, mps or auto (timing is on the CPU)")
-    f.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="ONNX Runtime thread counts timed")
+    f.add_argument("--runtime", choices=["onnxruntime", "executorch"], default="onnxruntime",
+                   help="runtime the bundles are timed in (executorch: XNNPACK, needs dyncnn[mobile])")
+    f.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="runtime thread counts timed")
     f.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="batch sizes timed")
     f.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median and IQR over them)")
     f.add_argument("--single-images", type=int, default=200, help="test images timed one at a time per round")

@@ -1,7 +1,8 @@
-"""The accuracy-latency frontier: dynamic networks against the best static ones, timed in ONNX Runtime.
+"""The accuracy-latency frontier: dynamic networks against the best static ones, timed in ONNX Runtime
+or ExecuTorch.
 
 - :mod:`.front`: the static Pareto front, its interpolation, the speedup at equal accuracy, selection on validation;
-- :mod:`.runner`: training with one budget for all, calibration on validation, interleaved ONNX Runtime timing
+- :mod:`.runner`: training with one budget for all, calibration on validation, interleaved timing in the runtime
   (``dyncnn frontier``, ``benchmarks/bench_frontier.py``);
 - :mod:`.report`: ``frontier.md`` and ``frontier.png``.
 """

@@ -4,6 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 SPREAD_WARNING = 0.25     # IQR / median above which a latency is flagged as noisy
+RUNTIME_NAMES = {"onnxruntime": ("ONNX Runtime", "ORT"), "executorch": ("ExecuTorch (XNNPACK)", "ET")}
+
+
+def _runtime(results: dict) -> tuple[str, str, str]:
+    """(runtime id, its name, its short name in column titles) of a results dict."""
+    rt = results["settings"].get("runtime", "onnxruntime")
+    return (rt, *RUNTIME_NAMES[rt])
 
 
 def _cond_name(cond: str) -> str:
@@ -28,8 +35,7 @@ def headline(results: dict) -> str:
     within = "within 0.3 points of" if best["within_0.3_points"] else "short of"
     s = (f"**{label}** (the dynamic model chosen on validation: the lowest predicted latency that reaches the best "
          f"static model's validation accuracy) runs {best['speedup_mean']:.2f}x faster than the static front at "
-         f"equal accuracy in ONNX "
-         f"Runtime ({_cond_name(cond)}; mean of {n} training seed{'s' if n > 1 else ''}, range "
+         f"equal accuracy in {_runtime(results)[1]} ({_cond_name(cond)}; mean of {n} training seed{'s' if n > 1 else ''}, range "
          f"{best['speedup_min']:.2f}-{best['speedup_max']:.2f}x), its test accuracy "
          f"{best['accuracy_gap_mean'] * 100:+.2f} points from the best static model's "
          f"({best['best_static_mean']:.4f}: {within} it).")
@@ -43,16 +49,17 @@ def render_markdown(results: dict) -> str:
     st = results["settings"]
     m = results["machine"]
     seeds = results["seeds"]
+    rt, rt_name, rt_short = _runtime(results)
     lines = [f"# Accuracy against measured latency: dynamic networks vs the static front", "",
              headline(results), "",
              f"Data: ScaledMNIST {st['canvas']}x{st['canvas']}, clutter {st['clutter']}; {st['epochs']} epochs for "
              f"every model (same schedule, augmentation and seed); test split rendered {st['test_repeats']} times "
              f"per digit. Operating points are chosen on the validation split (the cheapest whose validation "
-             f"accuracy reaches the best static model's), then measured once on test. Latency: ONNX Runtime, ms "
+             f"accuracy reaches the best static model's), then measured once on test. Latency: {rt_name}, ms "
              f"per image, median ± half the IQR over {st['rounds']} rounds in which every model is timed in turn; "
              f"(!) marks a spread above {SPREAD_WARNING:.0%} of the median. Machine: {m['processor']}, "
              f"{m['cpus']} CPUs, load average at the end {m.get('load_average')}, torch {m['torch']}, "
-             f"onnxruntime {m['onnxruntime']}.", "",
+             f"{rt} {m.get(rt, '?')}.", "",
              "## Speedup at equal accuracy (mean over seeds)", "",
              "| dynamic model | condition | speedup | range | accuracy vs best static | kept of MAC speedup |",
              "|---|---|---|---|---|---|"]
@@ -67,18 +74,18 @@ def render_markdown(results: dict) -> str:
         conds = list(sd["merit"])
         lines += ["", f"## Seed {sd['seed']}", "", "### Static models", "",
                   "| model | MACs | params | val acc | test acc | " +
-                  " | ".join(f"ORT ms {_cond_name(c)}" for c in conds) + " | eager ms (b1) |",
+                  " | ".join(f"{rt_short} ms {_cond_name(c)}" for c in conds) + " | eager ms (b1) |",
                   "|---|---|---|---|---|" + "---|" * len(conds) + "---|"]
         front = {p["label"] for p in sd["merit"][conds[0]]["front"]}
         for label, r in sorted(sd["static"].items(), key=lambda kv: kv[1]["macs"]):
             eager_b1 = next((v for k, v in r["eager"].items() if k.endswith("_b1")), None)
             lines.append(f"| {label}{' (front)' if label in front else ''} | {r['macs'] / 1e6:.2f}M | "
                          f"{r['params'] / 1e3:.0f}k | {r['val_accuracy']:.4f} | {r['test_accuracy']:.4f} | " +
-                         " | ".join(_ms(r["ort"][c]) for c in conds) +
+                         " | ".join(_ms(r["rt"][c]) for c in conds) +
                          f" | {_ms(eager_b1) if eager_b1 else '-'} |")
         lines += ["", "### Dynamic models (each row an operating point; chosen = picked on validation)", "",
                   "| model | point | val acc | test acc | mean MACs | exits taken (test) | predicted ms (b1) | " +
-                  " | ".join(f"ORT ms {_cond_name(c)}" for c in conds) + " |",
+                  " | ".join(f"{rt_short} ms {_cond_name(c)}" for c in conds) + " |",
                   "|---|---|---|---|---|---|---|" + "---|" * len(conds)]
         for label, d in sd["dynamic"].items():
             for p in d["points"]:
@@ -87,7 +94,7 @@ def render_markdown(results: dict) -> str:
                 lines.append(f"| {label} | {tag} | {p['val_accuracy']:.4f} | {p['test_accuracy']:.4f} | "
                              f"{p['test_mean_macs'] / 1e6:.2f}M | "
                              f"{'/'.join(f'{f:.2f}' for f in p['test_exit_fractions'])} | {pred} | " +
-                             " | ".join(_ms(p["ort"][c]) for c in conds) + " |")
+                             " | ".join(_ms(p["rt"][c]) for c in conds) + " |")
         lines += ["", "### Figure of merit per condition", "",
                   "| dynamic model | condition | chosen: test acc gap | static front ms at that accuracy | dynamic ms "
                   "| speedup | realized vs own full depth | MAC speedup | kept | predicted ms | measured ms |",
@@ -100,9 +107,9 @@ def render_markdown(results: dict) -> str:
                              f"{r['realized_vs_full']:.2f}x | {r['mac_speedup']:.2f}x | {r['kept']:.2f} | {pred} | "
                              f"{r['measured_ms']:.4f} |")
         agree = [(p["offline_agrees"], p["n_test"]) for d in sd["dynamic"].values() for p in d["points"]]
-        lines += ["", f"ONNX Runtime driver vs offline exit assignment from eager logits: "
+        lines += ["", f"{rt_name} driver vs offline exit assignment from eager logits: "
                       f"{sum(a for a, _ in agree)}/{sum(n for _, n in agree)} test decisions equal."]
-    noisy = [1 for sd in seeds for r in sd["static"].values() for v in r["ort"].values()
+    noisy = [1 for sd in seeds for r in sd["static"].values() for v in r["rt"].values()
              if v["median_ms"] > 0 and (v["p75_ms"] - v["p25_ms"]) / v["median_ms"] > SPREAD_WARNING]
     if noisy:
         lines += ["", f"Warning: {len(noisy)} static latencies have a spread above {SPREAD_WARNING:.0%} of their "
@@ -112,7 +119,7 @@ def render_markdown(results: dict) -> str:
 
 
 def plot_frontier(results: dict, path: Path) -> Path:
-    """Two panels: test accuracy against ONNX Runtime ms per image (batch 1, first thread count) and against
+    """Two panels: test accuracy against the runtime's ms per image (batch 1, first thread count) and against
     MACs; the static Pareto front as a line, each dynamic model as a curve over its operating points."""
     import matplotlib
     matplotlib.use("Agg")
@@ -125,7 +132,7 @@ def plot_frontier(results: dict, path: Path) -> Path:
     for si, sd in enumerate(seeds):
         static = sd["static"]
         for ax, xkey in ((axes[0], "ms"), (axes[1], "macs")):
-            xs = {k: (r["ort"][cond]["median_ms"] if xkey == "ms" else r["macs"] / 1e6) for k, r in static.items()}
+            xs = {k: (r["rt"][cond]["median_ms"] if xkey == "ms" else r["macs"] / 1e6) for k, r in static.items()}
             ax.scatter(list(xs.values()), [static[k]["test_accuracy"] for k in xs], color="black", marker="s",
                        s=28, label="static models" if si == 0 else None, zorder=3)
             if si == 0:
@@ -142,15 +149,15 @@ def plot_frontier(results: dict, path: Path) -> Path:
                     linestyle=styles[si % 4], lw=1.2, label=f"static front (seed {sd['seed']})")
             for di, (label, d) in enumerate(sd["dynamic"].items()):
                 ps = sorted(d["points"], key=lambda p: p["val_cost"])
-                x = [p["ort"][cond]["median_ms"] if xkey == "ms" else p["test_mean_macs"] / 1e6 for p in ps]
+                x = [p["rt"][cond]["median_ms"] if xkey == "ms" else p["test_mean_macs"] / 1e6 for p in ps]
                 y = [p["test_accuracy"] for p in ps]
                 c = colors[di % len(colors)]
                 ax.plot(x, y, marker="o", ms=4, color=c, linestyle=styles[si % 4],
                         label=f"{label} (seed {sd['seed']})" if si == 0 or len(seeds) == 1 else None)
                 ch = next(p for p in ps if p["chosen"])
-                ax.scatter([ch["ort"][cond]["median_ms"] if xkey == "ms" else ch["test_mean_macs"] / 1e6],
+                ax.scatter([ch["rt"][cond]["median_ms"] if xkey == "ms" else ch["test_mean_macs"] / 1e6],
                            [ch["test_accuracy"]], marker="*", s=160, color=c, edgecolor="black", zorder=4)
-    axes[0].set_xlabel(f"ONNX Runtime latency, ms per image ({_cond_name(cond)})")
+    axes[0].set_xlabel(f"{_runtime(results)[1]} latency, ms per image ({_cond_name(cond)})")
     axes[1].set_xlabel("MACs per image (millions)")
     for ax in axes:
         ax.set_xscale("log")

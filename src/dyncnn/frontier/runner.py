@@ -1,15 +1,16 @@
-"""``dyncnn frontier``: dynamic networks against a real static accuracy-latency front, timed in ONNX Runtime.
+"""``dyncnn frontier``: dynamic networks against a real static accuracy-latency front, timed in ONNX Runtime
+(default) or ExecuTorch with XNNPACK (``runtime="executorch"``, the phone's runtime).
 
 1. One training budget for every model (same epochs, schedule, augmentation, seed): a static front of zoo networks
    at several widths *and* input resolutions (a network on a 2x / 4x downsampled input is a legitimate static
    point), and the dynamic candidates that need training (exits on the static backbone trained with
    self-distillation and gradient equilibrium, MSDNet with the same recipe). Cascades are built from the trained
    static networks themselves: they need no training of their own.
-2. Validation split: per-exit temperatures, the MSDNet threshold sweep, and per-exit ONNX Runtime latencies
+2. Validation split: per-exit temperatures, the MSDNet threshold sweep, and per-exit latencies in the runtime
    measured on the exported bundle; the operating point of each dynamic model is the cheapest (predicted latency)
    whose validation accuracy reaches the validation accuracy of the best static model. The test split is read
    once, after every choice is made.
-3. Every model and operating point exported (``export_bundle``) and timed in ONNX Runtime, at batch 1 and a larger
+3. Every model and operating point exported (``export_bundle``) and timed in the runtime, at batch 1 and a larger
    batch, with 1 and 2 threads, all of them interleaved in rounds within one process (a change of machine load hits
    all alike), median and IQR over rounds; eager PyTorch beside it for the static models and the chosen points.
 4. ``frontier.json``, ``frontier.md``, ``frontier.png``, and the figure of merit: the speedup at equal accuracy
@@ -38,12 +39,13 @@ from ..dynamic.budget import (assign_exits, collect_exit_logits, evaluate_thresh
 from ..dynamic.losses import MultiExitLoss
 from ..dynamic.policy import ExitPolicy
 from ..export.runtime import load_bundle, record_stage_latency
-from ..export.staged import export_bundle
+from ..export.staged import RUNTIMES, export_bundle
 from ..models import create_model
 from ..profile import count_macs
 from ..profile.latency import torch_threads
 from ..train import TrainConfig, Trainer, evaluate
 from ..train.checkpoint import atomic_write_text, load_checkpoint, read_checkpoint, save_checkpoint
+from .report import RUNTIME_NAMES
 from .front import Point, pareto_front, select_on_validation, speedup_at_equal_accuracy
 
 # -- what is compared ------------------------------------------------------------------------------------------
@@ -139,6 +141,7 @@ class FrontierSettings:
     batch_images: int = 640         # images timed in batches per round (larger batch)
     eager: bool = True
     device: str = "cpu"             # training device ("auto": cuda when available); timing is always on the CPU
+    runtime: str = "onnxruntime"    # where bundles are timed: "onnxruntime" or "executorch" (XNNPACK)
     curve_points: int = 6           # operating points per dynamic model on the plot (besides the chosen one)
     train_threads: int | None = None
     only_train: bool = False
@@ -152,6 +155,8 @@ class FrontierSettings:
             raise ValueError("give at least one training seed")
         if min(self.threads, default=0) < 1 or min(self.batch_sizes, default=0) < 1:
             raise ValueError(f"threads and batch sizes must be >= 1, got {self.threads}, {self.batch_sizes}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
         if self.rounds < 3:
             raise ValueError(f"rounds must be >= 3 (median and IQR over rounds), got {self.rounds}")
 
@@ -244,7 +249,7 @@ def _quartiles(v: list[float]) -> tuple[float, float, float]:
     return statistics.median(v), q[0], q[2]
 
 
-def time_interleaved(items: Sequence[Timed], images: np.ndarray, s: FrontierSettings, label: str = "ORT",
+def time_interleaved(items: Sequence[Timed], images: np.ndarray, s: FrontierSettings, label: str = "runtime",
                      release: Callable[[], None] = lambda: None) -> dict:
     """ms per image of every item, for every (threads, batch): all items timed in each round, their order
     rotated between rounds; median and quartiles over rounds. Returns ``{key: {"t{threads}_b{batch}": {...}}}``.
@@ -351,7 +356,7 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
     with torch_threads(max(s.threads)):
         for label, net in statics.items():
             folder = bundles / _slug(label)
-            export_bundle(net, folder, tuple(x_test.shape[1:]))
+            export_bundle(net, folder, tuple(x_test.shape[1:]), **_export_options(s))
             acc_val = evaluate(net, val)["acc"]
             acc_test = evaluate(net, test)["acc"]
             macs = count_macs(net, x_test[:1]).per_sample
@@ -373,8 +378,8 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
             temps = fit_temperatures(val_logits, val_y)
             exit_macs = net.exit_macs(x_test[:1])
             folder = bundles / _slug(label)
-            export_bundle(net, folder, tuple(x_test.shape[1:]))
-        # per-exit latency at batch 1 (ONNX Runtime, each thread count), measured on validation images
+            export_bundle(net, folder, tuple(x_test.shape[1:]), **_export_options(s))
+        # per-exit latency at batch 1 (in the runtime, each thread count), measured on validation images
         stage_tables = {}
         for t in s.threads:
             with torch_threads(t):
@@ -419,9 +424,9 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
                                                      for k in range(net.num_exits)],
                                     "points": entries}
 
-    log(f"  seed {seed}: timing {len(timed)} models / operating points in ONNX Runtime "
+    log(f"  seed {seed}: timing {len(timed)} models / operating points in {RUNTIME_NAMES[s.runtime][0]} "
         f"(threads {list(s.threads)}, batches {list(s.batch_sizes)}, {s.rounds} interleaved rounds)")
-    ort = time_interleaved(timed, x_test_np, s, "ORT", release=sessions.clear)
+    rt = time_interleaved(timed, x_test_np, s, RUNTIME_NAMES[s.runtime][0], release=sessions.clear)
     eager = {}
     if s.eager:
         es = FrontierSettings(**{**asdict(s), "threads": (max(s.threads),), "rounds": max(3, s.rounds // 2),
@@ -431,12 +436,19 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
         with torch.inference_mode():
             eager = time_interleaved(eager_timed, x_test, es, "eager")
     for label, r in result["static"].items():
-        r["ort"], r["eager"] = ort[f"static|{label}"], eager.get(f"static|{label}", {})
+        r["rt"], r["eager"] = rt[f"static|{label}"], eager.get(f"static|{label}", {})
     for label, d in result["dynamic"].items():
         for p in d["points"]:
-            p["ort"], p["eager"] = ort[p["key"]], eager.get(p["key"], {})
+            p["rt"], p["eager"] = rt[p["key"]], eager.get(p["key"], {})
     result["merit"] = figures_of_merit(result, s)
     return result
+
+
+def _export_options(s: FrontierSettings) -> dict:
+    """``export_bundle`` options of the timed runtime: ExecuTorch programs take batches up to the largest timed."""
+    if s.runtime == "executorch":
+        return {"runtime": "executorch", "max_batch": max(s.batch_sizes)}
+    return {}
 
 
 def _eager_static(model: nn.Module):
@@ -456,22 +468,22 @@ def figures_of_merit(result: dict, s: FrontierSettings) -> dict:
     speedup over its own full depth and the share of the MAC speedup it keeps, predicted vs measured latency."""
     out: dict = {}
     for cond in [f"t{t}_b{b}" for t in s.threads for b in s.batch_sizes]:
-        front = pareto_front([Point(r["ort"][cond]["median_ms"], r["test_accuracy"], k)
+        front = pareto_front([Point(r["rt"][cond]["median_ms"], r["test_accuracy"], k)
                               for k, r in result["static"].items()])
         out[cond] = {"front": [asdict(p) for p in front], "models": {}}
         for label, d in result["dynamic"].items():
             chosen = next(p for p in d["points"] if p["chosen"])
             full = next(p for p in d["points"] if p.get("full_depth"))
-            sp = speedup_at_equal_accuracy(front, Point(chosen["ort"][cond]["median_ms"], chosen["test_accuracy"]))
-            realized = full["ort"][cond]["median_ms"] / chosen["ort"][cond]["median_ms"]
+            sp = speedup_at_equal_accuracy(front, Point(chosen["rt"][cond]["median_ms"], chosen["test_accuracy"]))
+            realized = full["rt"][cond]["median_ms"] / chosen["rt"][cond]["median_ms"]
             mac_speedup = d["exit_macs"][-1] / chosen["test_mean_macs"]
             t = cond.split("_")[0][1:]
             out[cond]["models"][label] = {**asdict(sp), "realized_vs_full": realized, "mac_speedup": mac_speedup,
                                           "kept": realized / mac_speedup,
                                           "predicted_ms": chosen["predicted_ms_b1"].get(t) if cond.endswith("_b1")
                                           else None,
-                                          "measured_ms": chosen["ort"][cond]["median_ms"],
-                                          "iqr_ms": chosen["ort"][cond]["p75_ms"] - chosen["ort"][cond]["p25_ms"]}
+                                          "measured_ms": chosen["rt"][cond]["median_ms"],
+                                          "iqr_ms": chosen["rt"][cond]["p75_ms"] - chosen["rt"][cond]["p25_ms"]}
     return out
 
 
@@ -510,7 +522,7 @@ def _run_frontier(s: FrontierSettings, log) -> dict:
             seeds.append(run_seed(seed, s, data, log))
         if not s.only_train:     # each seed's results as soon as they exist: a long run interrupted keeps them
             atomic_write_text(s.out / f"seed{seed}.json", json.dumps(seeds[-1], indent=1, default=_jsonable))
-    results = {"settings": {**asdict(s), "out": str(s.out)}, "machine": machine_info(), "seeds": seeds,
+    results = {"settings": {**asdict(s), "out": str(s.out)}, "machine": machine_info(s.runtime), "seeds": seeds,
                "seconds": time.perf_counter() - t0}
     if s.only_train:
         return results
@@ -529,12 +541,25 @@ def write_outputs(results: dict, out: Path) -> None:
     atomic_write_text(out / "frontier.md", render_markdown(results))
 
 
+def upgrade_results(run: dict) -> dict:
+    """Results written before the runtime became a setting: ONNX Runtime timings under ``"ort"`` move to ``"rt"``
+    (in place; returns ``run``)."""
+    run["settings"].setdefault("runtime", "onnxruntime")
+    for sd in run["seeds"]:
+        entries = [*sd["static"].values(), *(p for d in sd["dynamic"].values() for p in d["points"])]
+        for e in entries:
+            if "ort" in e:
+                e["rt"] = e.pop("ort")
+    return run
+
+
 def merge_runs(folders: Sequence[str | Path], out: str | Path) -> dict:
     """One report from runs of the same models and settings made for different seeds (e.g. in parallel
     processes): their seeds side by side, summarized again, written to ``out``."""
-    runs = [json.loads((Path(f) / "frontier.json").read_text()) for f in folders]
+    runs = [upgrade_results(json.loads((Path(f) / "frontier.json").read_text())) for f in folders]
     first = runs[0]
-    keys = ("preset", "canvas", "clutter", "data_seed", "epochs", "threads", "batch_sizes", "test_repeats")
+    keys = ("preset", "canvas", "clutter", "data_seed", "epochs", "threads", "batch_sizes", "test_repeats",
+            "runtime")
     for f, r in zip(folders, runs):
         diff = [k for k in keys if r["settings"][k] != first["settings"][k]]
         if diff or set(r["seeds"][0]["dynamic"]) != set(first["seeds"][0]["dynamic"]):
@@ -563,16 +588,16 @@ def _jsonable(v):
     raise TypeError(f"not JSON serializable: {type(v).__name__}")
 
 
-def machine_info() -> dict:
+def machine_info(runtime: str = "onnxruntime") -> dict:
+    import importlib.metadata
     import os
-    import onnxruntime
     try:
         load = os.getloadavg()
     except OSError:
         load = None
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "load_average": load, "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__}
+            "cpus": os.cpu_count(), "load_average": load, "torch": torch.__version__, "runtime": runtime,
+            runtime: importlib.metadata.version(runtime)}
 
 
 def select_model(seeds: list[dict]) -> str:
