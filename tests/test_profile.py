@@ -151,7 +151,7 @@ def test_profile_prints_threads_and_the_warning(monkeypatch, capsys):
     from dyncnn.cli import main
     from dyncnn.profile.latency import LatencyStats
 
-    def fake(model, x, batch_sizes, threads, backend, min_time_s):
+    def fake(model, x, batch_sizes, threads, backend, min_time_s, device="cpu"):
         return {b: LatencyStats(backend, b, threads, 10.0, 2.0, 9.0, 5) for b in batch_sizes}
     monkeypatch.setattr(profile, "measure_latency", fake)
     assert main(["profile", "tiny_mobilenet", "--input-size", "32", "--batch-sizes", "1"]) == 0

@@ -210,6 +210,12 @@ def cmd_zoo(args) -> int:
     return 1 if failed else 0
 
 
+def _device(args):
+    """The torch.device of ``--device`` (DyncnnError for an unknown or absent one)."""
+    from .train.device import resolve_device
+    return resolve_device(args.device)
+
+
 def cmd_profile(args) -> int:
     import torch
 
@@ -225,14 +231,17 @@ def cmd_profile(args) -> int:
               "peak_activation_mb": mem.peak_activation_bytes / 2**20, "param_mb": mem.param_bytes / 2**20,
               "threads": args.threads, "latency": []}
     backends = ["eager"] + ([] if args.no_onnx else ["onnxruntime"])
+    device = _device(args)
+    result["device"] = device.type
     for backend in backends:
         stats = measure_latency(model, x, args.batch_sizes, threads=args.threads, backend=backend,
-                                min_time_s=args.min_time)
+                                min_time_s=args.min_time, device=device if backend == "eager" else "cpu")
         result["latency"] += [s.as_dict() for s in stats.values()]
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"model: {args.model}   input: 1x{shape[0]}x{shape[1]}x{shape[2]}   threads: {args.threads}")
+    print(f"model: {args.model}   input: 1x{shape[0]}x{shape[1]}x{shape[2]}   threads: {args.threads}"
+          + (f"   eager on {device}" if device.type != "cpu" else ""))
     print(f"MACs: {macs.total / 1e6:.2f}M   params: {macs.params / 1e6:.3f}M   "
           f"peak activations (batch 1): {result['peak_activation_mb']:.2f} MiB   weights: {result['param_mb']:.2f} MiB")
     _print_latency(result["latency"])
@@ -319,9 +328,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .train import evaluate, load_checkpoint, resolve_device
+    from .train import evaluate, load_checkpoint
     model, meta = load_checkpoint(args.checkpoint)
-    model.to(resolve_device(args.device))          # evaluation follows the model's device
+    model.to(_device(args))          # evaluation follows the model's device
     data_cfg = _data_cfg_for(args, meta)
     dataset = _dataset(args, args.split, data_cfg)
     if args.budget or args.anytime:
@@ -394,13 +403,13 @@ def _parse_macs(text: str) -> float:
 
 def cmd_calibrate(args) -> int:
     from .dynamic.calibration import calibrate, save_thresholds
-    from .train import load_checkpoint, resolve_device
+    from .train import load_checkpoint
     ckpt = Path(args.checkpoint)
     # beside the checkpoint, inside the run folder (a folder given as the checkpoint is the run folder)
     out = _writable_file(Path(args.out) if args.out else
                          (ckpt / "thresholds.json" if ckpt.is_dir() else ckpt.with_name("thresholds.json")))
     model, meta = load_checkpoint(args.checkpoint)
-    model.to(resolve_device(args.device))
+    model.to(_device(args))
     data_cfg = _data_cfg_for(args, meta)
     val = _dataset(args, "val", data_cfg)
     latency = None
@@ -621,7 +630,7 @@ def cmd_bench(args) -> int:
         raise DyncnnError(f"--runtimes executorch is not available for {type(model).__name__} bundles")
     result = bench_model(model, images, labels, policy=policy, threads=args.threads, batch_sizes=args.batch_sizes,
                          quantize=not args.no_quantize, calibration=calib, min_time_s=args.min_time,
-                         runtimes=runtimes)
+                         runtimes=runtimes, device=_device(args))
     result.update(model=args.model, policy_source=source)
     if args.json:
         print(json.dumps(result, indent=2, allow_nan=True))
@@ -686,6 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--threads", type=int, default=THREADS, help="intra-op threads of eager PyTorch and ONNX Runtime")
     pr.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs per point")
     pr.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime measurement")
+    pr.add_argument("--device", default="auto", help="where the eager rows run: auto (CUDA when available), cpu, "
+                    "cuda, cuda:N or mps (ONNX Runtime runs on the CPU)")
     pr.add_argument("--cfg", nargs="*", metavar="KEY=VALUE", help="model keyword arguments")
     pr.add_argument("--json", action="store_true", help="print JSON instead of tables")
     pr.set_defaults(func=cmd_profile)
@@ -847,6 +858,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--images", type=int, default=256, help="test images used (accuracy, dynamic timings)")
     be.add_argument("--min-time", type=float, default=0.5, help="seconds of timed runs per point")
     be.add_argument("--no-quantize", action="store_true", help="skip the INT8 rows")
+    be.add_argument("--device", default="auto", help="where the eager rows run: auto (CUDA when available), cpu, "
+                    "cuda, cuda:N or mps (bundles run on the CPU)")
     be.add_argument("--runtimes", nargs="+", choices=["onnxruntime", "executorch"], default=["onnxruntime"],
                     help="bundle runtimes timed beside eager, e.g. `--runtimes onnxruntime executorch` for "
                          "ExecuTorch (XNNPACK) rows beside ONNX Runtime's (default: onnxruntime)")

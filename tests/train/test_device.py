@@ -99,3 +99,40 @@ def test_cli_train_device_amp_workers(tmp_path, capsys, monkeypatch):
     fresh = args[:-1] + [str(tmp_path / "run_cuda")]          # a new run folder: the device is what is refused
     assert main(fresh + ["--device", "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_profile_and_bench_take_a_device(capsys, monkeypatch):
+    from dyncnn.cli import main
+    from dyncnn.profile import measure_latency
+    from dyncnn.profile.latency import on_device
+    fn = lambda x: x + 1                                                      # noqa: E731
+    assert on_device(fn, "cpu") is fn                                        # the CPU needs no copy and no wait
+    x = torch.rand(1, 1, 28, 28)
+    with pytest.raises(ValueError, match="onnxruntime backend runs on the CPU"):
+        measure_latency(_model(), x, backend="onnxruntime", device="cuda")
+    tiny = ["tiny_mobilenet", "--cfg", "widths=[8,16]", "--in-chans", "1", "--input-size", "28", "--min-time", "0.05"]
+    assert main(["profile", *tiny, "--no-onnx", "--batch-sizes", "1", "--device", "cpu", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert '"device": "cpu"' in out and '"backend": "eager"' in out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for cmd in ("profile", "bench"):
+        assert main([cmd, *tiny, "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+
+
+@cuda
+def test_profile_and_bench_eager_rows_on_cuda(capsys):
+    from dyncnn.cli import main
+    from dyncnn.export.bench import bench_model
+    from dyncnn.profile import measure_latency
+    model, x = _model(), torch.rand(4, 1, 28, 28)
+    stats = measure_latency(model, x, (1, 4), device="cuda", min_time_s=0.05)
+    assert {s.backend for s in stats.values()} == {"eager-cuda"} and all(s.median_ms > 0 for s in stats.values())
+    assert module_device(model).type == "cpu"                                # moved back where it was
+    r = bench_model(model, x.repeat(8, 1, 1, 1), torch.arange(32) % 10, batch_sizes=(1, 4), quantize=False,
+                    min_time_s=0.05, device="cuda")
+    assert r["eager_device"] == "cuda"
+    assert abs(r["accuracy"]["eager_fp32"] - r["accuracy"]["onnxruntime_fp32"]) <= 1 / 32      # TF32 may flip a tie
+    assert main(["profile", "tiny_mobilenet", "--cfg", "widths=[8,16]", "--in-chans", "1", "--input-size", "28",
+                 "--min-time", "0.05", "--device", "cuda"]) == 0
+    assert "eager on cuda" in capsys.readouterr().out

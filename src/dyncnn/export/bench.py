@@ -18,6 +18,7 @@ each precision the bundle holds, and for a multi-exit bundle the same paired pol
 """
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..profile.latency import DEFAULT_THREADS, spread_warning, summarize, time_callable, torch_threads
+from ..profile.latency import DEFAULT_THREADS, on_device, spread_warning, summarize, time_callable, torch_threads
 from .runtime import _read_manifest, load_bundle
 from .staged import export_bundle, is_multi_exit
 
@@ -63,29 +64,35 @@ def _paired(fns: dict[str, Callable[[], object]], calls: int, min_time_s: float,
 def bench_model(model: nn.Module, images: Tensor, labels: Tensor | None = None, *, policy=None,
                 threads: int = DEFAULT_THREADS, batch_sizes: Sequence[int] = (1, 64), quantize: bool = True,
                 calibration: Tensor | None = None, min_time_s: float = 0.5, single_images: int = 32,
-                workdir: str | Path | None = None, runtimes: Sequence[str] = ("onnxruntime",)) -> dict:
+                workdir: str | Path | None = None, runtimes: Sequence[str] = ("onnxruntime",),
+                device: torch.device | str = "cpu") -> dict:
     """Latency (and accuracy when ``labels`` are given) of ``model`` in eager and as an exported bundle.
 
     ``images`` (N, C, H, W) are real inputs: batch ``b`` uses the first ``b`` (repeated if fewer), batch 1 of a
     multi-exit network loops over the first ``single_images`` of them. Returns a dict with ``rows`` (one per
     backend / precision / batch / mode) and, for multi-exit networks, ``dynamic`` (speedups, overhead, exits).
-    ``runtimes``: the bundle runtimes timed beside eager ("onnxruntime", "executorch").
+    ``runtimes``: the bundle runtimes timed beside eager ("onnxruntime", "executorch"). ``device``: where the eager
+    rows run (a copy of the model; a GPU's time includes copying each batch there and waiting for the result);
+    bundles run on the CPU. Accuracy and eager parity are read from ``model`` where it is.
     """
     model.eval()
+    device = torch.device(device)
+    eager_model = model if device.type == "cpu" else copy.deepcopy(model).to(device)
     shape = tuple(images.shape[1:])
     dynamic = is_multi_exit(model)
     glance = hasattr(model, "export_bundle")     # glance-and-focus: its own graphs and patch-cropping driver
     calibration = images[:128] if calibration is None else calibration
     out: dict = {"model_class": type(model).__name__,
                  "kind": "glance" if glance else "multi_exit" if dynamic else "static",
-                 "input_shape": list(shape), "threads": threads, "batch_sizes": list(batch_sizes), "rows": []}
+                 "input_shape": list(shape), "threads": threads, "batch_sizes": list(batch_sizes),
+                 "eager_device": device.type, "rows": []}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp, torch_threads(threads), torch.inference_mode():
         if glance:
             from .glance import load_glance_bundle
             manifest = export_bundle(model, Path(tmp) / "bundle", shape, policy=policy)
             bundles = {("onnxruntime", "fp32"): load_glance_bundle(Path(tmp) / "bundle", threads=threads)}
             return _bench_dynamic(model, images, labels, bundles, manifest, batch_sizes, min_time_s, single_images,
-                                  out)
+                                  out, eager_model)
         precisions = ["fp32"] + (["int8"] if quantize else [])
         bundles = {}
         for rt in runtimes:
@@ -96,7 +103,7 @@ def bench_model(model: nn.Module, images: Tensor, labels: Tensor | None = None, 
             bundles.update({(rt, p): load_bundle(folder, p, threads=threads) for p in precisions})
         if not dynamic:
             out["macs"] = manifest["macs"]
-            runners = {("eager", "fp32"): lambda x: model(x)}
+            runners = {("eager", "fp32"): on_device(lambda x: eager_model(x), device)}
             runners.update({key: b.run_numpy for key, b in bundles.items()})
             for (backend, prec), fn in runners.items():
                 for b in batch_sizes:
@@ -109,7 +116,7 @@ def bench_model(model: nn.Module, images: Tensor, labels: Tensor | None = None, 
                                    for (bk, p), fn in runners.items()}
             return out
         return _bench_dynamic(model, images, labels, bundles, manifest, batch_sizes, min_time_s, single_images,
-                              out)
+                              out, eager_model)
 
 
 def bench_bundle(folder: str | Path, images: Tensor, labels: Tensor | None = None, *, threads: int = DEFAULT_THREADS,
@@ -155,7 +162,7 @@ def _predict(fn, images: Tensor, backend: str, batch: int = 256) -> np.ndarray:
     for i in range(0, len(images), batch):
         x = images[i:i + batch]
         y = fn(x if backend == "eager" else x.numpy())
-        preds.append(np.asarray(y).argmax(1))
+        preds.append(np.asarray(y.cpu() if isinstance(y, Tensor) else y).argmax(1))
     return np.concatenate(preds)
 
 
@@ -163,12 +170,14 @@ def _clean(stats: dict) -> dict:
     return {k: stats[k] for k in ("median_ms", "p25_ms", "p75_ms", "spread_ms", "runs")}
 
 
-def _bench_dynamic(model, images, labels, bundles, manifest, batch_sizes, min_time_s, single_images, out) -> dict:
+def _bench_dynamic(model, images, labels, bundles, manifest, batch_sizes, min_time_s, single_images, out,
+                   eager_model=None) -> dict:
     from ..dynamic.policy import ExitPolicy
     b32 = next(iter(bundles.values()))          # the first runtime's FP32 bundle: parity, overhead
     policy = b32.policy
     full = ExitPolicy.never(b32.num_exits)
-    runners = {} if model is None else {("eager", "fp32"): lambda x, p: model.infer(x, p)}
+    runners = {} if eager_model is None else \
+        {("eager", "fp32"): on_device(lambda x, p: eager_model.infer(x, p), out.get("eager_device", "cpu"))}
     runners.update({key: b.run for key, b in bundles.items()})
     singles = [images[i:i + 1].contiguous() for i in range(min(single_images, len(images)))]
     singles_np = [s.numpy() for s in singles]
@@ -233,6 +242,12 @@ def _bench_dynamic(model, images, labels, bundles, manifest, batch_sizes, min_ti
     return out
 
 
+def _backend_name(result: dict, backend: str) -> str:
+    """The backend as the tables print it: eager rows name their device when it is not the CPU."""
+    device = result.get("eager_device", "cpu")
+    return f"eager ({device})" if backend == "eager" and device != "cpu" else backend
+
+
 def format_table(result: dict) -> str:
     """Markdown tables of a :func:`bench_model` result."""
     dyn = result["kind"] in ("multi_exit", "glance")
@@ -242,7 +257,8 @@ def format_table(result: dict) -> str:
         " median ms/call | IQR ms | ms/sample | runs |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["rows"]:
-        lines.append(f"| {r['backend']} | {r['precision']} | {r['batch']} |" + (f" {r['mode']} |" if dyn else "")
+        lines.append(f"| {_backend_name(result, r['backend'])} | {r['precision']} | {r['batch']} |" +
+                     (f" {r['mode']} |" if dyn else "")
                      + f" {r['median_ms']:.3f} | {r['spread_ms']:.3f} | {r['median_ms'] / r['batch']:.4f} |"
                      f" {r['runs']} |")
     if dyn:
@@ -256,7 +272,8 @@ def format_table(result: dict) -> str:
         lines += ["| backend | precision | batch | MAC speedup | realized speedup | kept |",
                   "|---|---|---|---|---|---|"]
         for s in d["speedups"]:
-            lines.append(f"| {s['backend']} | {s['precision']} | {s['batch']} | {s['mac_speedup']:.2f}x | "
+            lines.append(f"| {_backend_name(result, s['backend'])} | {s['precision']} | {s['batch']} | "
+                         f"{s['mac_speedup']:.2f}x | "
                          f"{s['realized_speedup']:.2f}x | {s['kept']:.2f} |")
         if d["driver_overhead_full_depth_b1"] is not None:
             lines.append(f"driver overhead (time outside ONNX Runtime, full depth, batch 1): "

@@ -120,15 +120,32 @@ def _batch(sample: Tensor, n: int) -> Tensor:
     return sample[:1].expand(n, *sample.shape[1:]).contiguous() if sample.shape[0] != n else sample
 
 
+def on_device(fn: Callable[..., object], device: torch.device | str = "cpu") -> Callable[..., object]:
+    """``fn(x, *args)`` run with ``x`` moved to ``device`` and the device waited for before returning, so that a
+    timer around the call measures the work (and the input's copy), not only its launch. The CPU: ``fn`` itself."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return fn
+    sync = torch.cuda.synchronize if device.type == "cuda" else torch.mps.synchronize
+
+    def call(x, *args):
+        out = fn(x.to(device, non_blocking=True), *args)
+        sync()
+        return out
+    return call
+
+
 def measure_latency(model: nn.Module, input: Tensor, batch_sizes: Iterable[int] = (1,),
                     threads: int = DEFAULT_THREADS,
                     backend: str = "eager", *, warmup: int = 3, min_runs: int = 5, min_time_s: float = 0.5,
-                    onnx_path: str | Path | None = None) -> dict[int, LatencyStats]:
+                    onnx_path: str | Path | None = None, device: torch.device | str = "cpu"
+                    ) -> dict[int, LatencyStats]:
     """Latency of ``model`` on batches shaped like ``input`` (its first sample repeated to each batch size).
 
     Returns ``{batch_size: LatencyStats}``. The eager backend runs in eval mode under ``torch.inference_mode``
-    with ``threads`` intra-op threads; the ONNX Runtime backend exports to ``onnx_path`` (a temporary file when
-    None) and uses a session with the same thread count.
+    with ``threads`` intra-op threads, on ``device`` (a GPU's time includes copying the batch there and waiting for
+    the result; the model is moved back to where it was afterwards); the ONNX Runtime backend (CPU only) exports to
+    ``onnx_path`` (a temporary file when None) and uses a session with the same thread count.
     """
     check_image_batch(input)
     if backend not in ("eager", "onnxruntime"):
@@ -138,17 +155,23 @@ def measure_latency(model: nn.Module, input: Tensor, batch_sizes: Iterable[int] 
         raise ValueError(f"batch_sizes must be positive integers, got {batch_sizes}")
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
+    device = torch.device(device)
+    if backend == "onnxruntime" and device.type != "cpu":
+        raise ValueError(f"the onnxruntime backend runs on the CPU, got device {device}")
     was_training = model.training
+    home = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
     model.eval()
     results: dict[int, LatencyStats] = {}
     try:
         if backend == "eager":
+            run = on_device(model.to(device), device)
+            name = backend if device.type == "cpu" else f"{backend}-{device.type}"
             with torch_threads(threads), torch.inference_mode():
                 for b in batch_sizes:
                     x = _batch(input, b)
-                    times = time_callable(lambda: model(x), warmup=warmup, min_runs=min_runs,
+                    times = time_callable(lambda: run(x), warmup=warmup, min_runs=min_runs,
                                           min_time_s=min_time_s)
-                    results[b] = summarize(times, backend, b, threads)
+                    results[b] = summarize(times, name, b, threads)
         else:
             from ..export.onnx import export_onnx, onnx_session
             with tempfile.TemporaryDirectory() as tmp:
@@ -162,5 +185,5 @@ def measure_latency(model: nn.Module, input: Tensor, batch_sizes: Iterable[int] 
                                           min_time_s=min_time_s)
                     results[b] = summarize(times, backend, b, threads)
     finally:
-        model.train(was_training)
+        model.to(home).train(was_training)
     return results
