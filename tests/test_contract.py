@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import inspect
 import re
-import typing
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dyncnn.dynamic.executor import ExitResult
 from dyncnn.dynamic.policy import ExitPolicy
-from dyncnn.models.registry import _REGISTRY, create_model, list_models
+from dyncnn.models.registry import create_model, list_models, model_class
 
 # Registered sizes that are too large for a 2-core test: the same family, built small.
 SMALL = {
@@ -49,15 +48,8 @@ SHAPES = {"adafocus_mobilenet_v2": (4, 3, 64, 64), "adafocus_tiny": (4, 1, 64, 6
 N = 6
 
 
-def _model_class(builder):
-    if inspect.isclass(builder):
-        return builder
-    return typing.get_type_hints(builder).get("return")
-
-
 def _dynamic_names() -> list[str]:
-    list_models()                                    # registers the built-in families
-    return sorted(n for n, b in _REGISTRY.items() if hasattr(_model_class(b) or object, "infer"))
+    return [n for n in list_models() if hasattr(model_class(n) or object, "infer")]
 
 
 DYNAMIC = _dynamic_names()
@@ -66,7 +58,7 @@ DYNAMIC = _dynamic_names()
 def test_every_builder_declares_the_class_it_builds():
     """The contract finds dynamic models through the builders' return annotations: a builder without one would
     escape it silently."""
-    missing = [n for n, b in _REGISTRY.items() if not inspect.isclass(_model_class(b))]
+    missing = [n for n in list_models() if model_class(n) is None]
     assert not missing, f"builders without a return annotation naming their model class: {missing}"
     assert len(DYNAMIC) >= 40 and "msdnet_cifar" in DYNAMIC and "skipnet_resnet20_cifar" in DYNAMIC
 
@@ -272,7 +264,7 @@ def test_dynamic_contract(name, tmp_path):
 def _one_per_family() -> list[str]:
     seen, names = set(), []
     for name in DYNAMIC:
-        cls = _model_class(_REGISTRY[name])
+        cls = model_class(name)
         if cls not in seen:
             seen.add(cls)
             names.append(name)

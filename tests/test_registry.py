@@ -65,3 +65,12 @@ def test_register_twice_is_refused(monkeypatch):
         register_model(lambda **kw: None, name="_test_dummy_model")
     monkeypatch.undo()
     assert "_test_dummy_model" not in list_models()  # nothing left registered for the tests after this one
+
+
+def test_model_class_names_what_a_builder_builds():
+    from dyncnn.models import model_class
+    from dyncnn.models.msdnet import MSDNet
+    assert model_class("msdnet_cifar") is MSDNet
+    assert all(model_class(n) is not None for n in list_models())
+    with pytest.raises(dyncnn.DyncnnError, match="msdnet_cifar"):
+        model_class("msdnet_cifarr")

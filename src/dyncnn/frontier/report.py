@@ -35,7 +35,8 @@ def headline(results: dict) -> str:
     within = "within 0.3 points of" if best["within_0.3_points"] else "short of"
     s = (f"**{label}** (the dynamic model chosen on validation: the lowest predicted latency that reaches the best "
          f"static model's validation accuracy) runs {best['speedup_mean']:.2f}x faster than the static front at "
-         f"equal accuracy in {_runtime(results)[1]} ({_cond_name(cond)}; mean of {n} training seed{'s' if n > 1 else ''}, range "
+         f"equal accuracy in {_runtime(results)[1]} ({_cond_name(cond)}; mean of {n} training "
+         f"seed{'s' if n > 1 else ''}, range "
          f"{best['speedup_min']:.2f}-{best['speedup_max']:.2f}x), its test accuracy "
          f"{best['accuracy_gap_mean'] * 100:+.2f} points from the best static model's "
          f"({best['best_static_mean']:.4f}: {within} it).")

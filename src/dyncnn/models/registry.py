@@ -11,6 +11,7 @@ import difflib
 import fnmatch
 import inspect
 import re
+import typing
 from typing import Callable
 
 from torch import nn
@@ -61,6 +62,19 @@ def list_models(pattern: str = "*", include_external: bool = False) -> list[str]
     if include_external:
         names += [n for n in _external_names() if fnmatch.fnmatch(n, pattern)]
     return names
+
+
+def model_class(name: str) -> type | None:
+    """The class registered model ``name`` builds: the builder itself when it is a class, else the class its return
+    annotation names; None when it names none (the contract tests find the dynamic families through this)."""
+    _ensure_models_loaded()
+    if name not in _REGISTRY:
+        raise _unknown(name, list(_REGISTRY))
+    builder = _REGISTRY[name]
+    if inspect.isclass(builder):
+        return builder
+    ret = typing.get_type_hints(builder).get("return")
+    return ret if inspect.isclass(ret) else None
 
 
 def published_figures(name: str) -> dict:
