@@ -29,7 +29,8 @@ from dyncnn.data.video import MovingDigits
 from dyncnn.dynamic.calibration import calibrate
 from dyncnn.dynamic.executor import measure_macs
 from dyncnn.dynamic.policy import ExitPolicy
-from dyncnn.dynamic.temporal import AdaFocusStages
+from dyncnn.train.recipes import fit_model
+from dyncnn.train.recipes.temporal import AdaFocusStages
 from dyncnn.models.adafocus import TINY_GLOBAL, TINY_LOCAL
 from dyncnn.models.registry import create_model
 from dyncnn.train.trainer import TrainConfig, Trainer, evaluate
@@ -157,7 +158,7 @@ def main() -> None:
     ada = create_model("adafocus_tiny", patch_size=args.patch, glance_size=args.canvas // 2, policy=args.policy,
                        hidden=48, policy_hidden=32, **nc)
     stages = AdaFocusStages(random_epochs=epochs + 1, policy_epochs=1, finetune_epochs=1, finetune_lr_scale=0.3)
-    ada.fit_stages(train, val, cfg, None, False, None, stages)
+    fit_model(ada, train, val, cfg, None, False, None, stages=stages)
     t_ada = time.perf_counter() - t0
     print(f"training: baseline {t_base:.0f}s, uniform {t_uni:.0f}s, adafocus {t_ada:.0f}s "
           f"({args.train_threads} threads)", flush=True)

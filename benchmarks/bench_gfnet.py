@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from dyncnn.data.canvas import large_canvas_mnist
+from dyncnn.train.recipes import fit_model
 from dyncnn.dynamic.budget import collect_exit_logits, dynamic_evaluate, exit_scores, solve_for_budget
 from dyncnn.dynamic.policy import ExitPolicy
 from dyncnn.export.glance import export_glance_bundle, load_glance_bundle
@@ -180,9 +181,9 @@ def main() -> None:
     cfg = TrainConfig(epochs=args.epochs, batch_size=32, lr=3e-3, optimizer="adamw", weight_decay=1e-4,
                       progress=False)
     gf.init_encoders_from(static)       # GFNet starts from the pretrained backbone (ImageNet in the paper)
-    gf.fit_stages(train, val, cfg, out / "gfnet", resume=args.resume,
-                  extra={"gfnet": {"locate_epochs": args.locate_epochs, "ppo_epochs": args.ppo_epochs,
-                                   "finetune_epochs": args.finetune_epochs, "finetune_lr_scale": 0.3}})
+    fit_model(gf, train, val, cfg, out / "gfnet", resume=args.resume,
+              extra={"gfnet": {"locate_epochs": args.locate_epochs, "ppo_epochs": args.ppo_epochs,
+                               "finetune_epochs": args.finetune_epochs, "finetune_lr_scale": 0.3}})
     t_gf = time.perf_counter() - t0 - t_static - t_long
     gf.eval()
     static.eval()

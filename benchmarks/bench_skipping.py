@@ -32,7 +32,7 @@ from torch import nn
 
 from dyncnn.data import ScaledMNIST
 from dyncnn.models import create_model
-from dyncnn.models.blockdrop import fit_two_phase
+from dyncnn.train.recipes.blockdrop import fit_two_phase
 from dyncnn.train.trainer import TrainConfig, Trainer, evaluate
 
 

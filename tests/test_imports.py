@@ -19,7 +19,7 @@ def test_import_dyncnn_does_not_load_the_trainer_or_ddp():
     loaded = _modules_after("import dyncnn, dyncnn.models, dyncnn.dynamic")
     assert "dyncnn.models.blockdrop" in loaded          # every family is registered...
     # torch itself already imports torch.distributed (and DDP), so what we check is our own training modules
-    heavy = {"dyncnn.train.trainer", "dyncnn.train.distributed", "dyncnn.dynamic.glance", "dyncnn.dynamic.temporal"}
+    heavy = {"dyncnn.train.trainer", "dyncnn.train.distributed", "dyncnn.train.recipes"}
     assert not heavy & loaded                           # ...without the training machinery
 
 

@@ -292,7 +292,7 @@ def cmd_train(args) -> int:
     import torch
 
     from .models import create_model
-    from .train import TrainConfig, Trainer
+    from .train import TrainConfig
     _check_train_out(args)
     train_set, val_set = _dataset(args, "train"), _dataset(args, "val")
     cfg = _parse_cfg(args.cfg)
@@ -312,13 +312,10 @@ def cmd_train(args) -> int:
                          device=args.device, amp=args.amp, num_workers=args.workers)
     data_cfg = _cli_data_cfg(args)
     extra = {"data": {**data_cfg, "input_size": train_set.input_size}}
-    if hasattr(model, "fit_stages"):
-        # Multi-stage training (e.g. glance-and-focus: encoders, then the policy, then fine-tuning), each stage a
-        # Trainer run of its own in a subfolder of --out; the last stage's checkpoint is the model's.
-        result = model.fit_stages(train_set, val_set, config, out_dir=args.out, resume=args.resume, extra=extra)
-    else:
-        trainer = Trainer(model, train_set, val_set, config, out_dir=args.out, extra=extra)
-        result = trainer.fit(resume=args.resume)
+    # One Trainer run, or the family's recipe (e.g. glance-and-focus: encoders, then the policy, then fine-tuning,
+    # each stage in a subfolder of --out; the last stage's checkpoint is the model's).
+    from .train.recipes import fit_model
+    result = fit_model(model, train_set, val_set, config, out_dir=args.out, resume=args.resume, extra=extra)
     from .train.distributed import is_main_process
     if not is_main_process():       # under torchrun: the other processes have no validation figures to report
         return 0

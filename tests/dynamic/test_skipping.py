@@ -11,7 +11,9 @@ from dyncnn.models import create_model
 from dyncnn.models.blockdrop import BlockDrop, BlockDropConfig
 from dyncnn.models.mobilenet import mobilenet_v2
 from dyncnn.models.resnet import resnet_cifar
-from dyncnn.models.skipnet import SkipNet, SkipNetConfig, reinforce_finetune
+from dyncnn.models.skipnet import SkipNet, SkipNetConfig
+from dyncnn.train.recipes import fit_model
+from dyncnn.train.recipes.skipnet import reinforce_finetune
 from dyncnn.models.tiny import TinyMobileNet
 
 
@@ -323,7 +325,7 @@ def test_blockdrop_two_phase_schedule(tmp_path):
         switch(phase)
     model.set_phase = spy
     cfg = TrainConfig(epochs=1, batch_size=8, lr=0.05, progress=False)
-    result = model.fit_stages(data, data, cfg, out_dir=tmp_path)
+    result = fit_model(model, data, data, cfg, out_dir=tmp_path)
     assert list(seen) == ["policy", "joint"] and result.steps == 2
     backbone1, policy1 = seen["joint"]
     assert _same(backbone1, backbone0)                      # phase 1: the backbone is frozen (BN stats too)

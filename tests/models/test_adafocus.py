@@ -9,7 +9,8 @@ from dyncnn.data.video import MovingDigits
 from dyncnn.dynamic.calibration import calibrate
 from dyncnn.dynamic.executor import measure_macs
 from dyncnn.dynamic.policy import ExitPolicy
-from dyncnn.dynamic.temporal import AdaFocusStages, ppo_step
+from dyncnn.train.recipes import fit_model
+from dyncnn.train.recipes.temporal import AdaFocusStages, ppo_step
 from dyncnn.models.registry import create_model, list_models
 from dyncnn.train.checkpoint import load_checkpoint
 from dyncnn.train.trainer import TrainConfig
@@ -194,8 +195,8 @@ def test_fit_stages_writes_a_checkpoint_that_rebuilds(tmp_path):
     m = model()
     data = MovingDigits("train", frames=T, canvas=32, limit=16)
     cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-3, optimizer="adamw", progress=False)
-    result = m.fit_stages(data, data, cfg, tmp_path, False, {"data": {"name": "moving_digits"}},
-                          AdaFocusStages(random_epochs=1, policy_epochs=1, finetune_epochs=1))
+    result = fit_model(m, data, data, cfg, tmp_path, False, {"data": {"name": "moving_digits"}},
+                       stages=AdaFocusStages(random_epochs=1, policy_epochs=1, finetune_epochs=1))
     assert [h["stage"] for h in result.history] == [1, 2, 3] and math.isfinite(result.final_val_acc)
     loaded, meta = load_checkpoint(tmp_path)
     x = clips(2)

@@ -8,7 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dyncnn.dynamic.budget import collect_exit_logits
 from dyncnn.dynamic.calibration import calibrate
-from dyncnn.dynamic.glance import GlanceStagesConfig, fit_glance_stages, ppo_step
+from dyncnn.train.recipes import fit_model
+from dyncnn.train.recipes.glance import GlanceStagesConfig, fit_glance_stages, ppo_step
 from dyncnn.dynamic.patches import patch_corners
 from dyncnn.dynamic.policy import ExitPolicy, confidence
 from dyncnn.models import create_model, list_models
@@ -212,7 +213,7 @@ def test_fit_stages_checkpoints_and_resume(tmp_path, images):
     m = create_model("gfnet", num_classes=10, in_chans=1, **TINY)
     cfg = TrainConfig(epochs=1, batch_size=16, lr=1e-2, optimizer="adamw", progress=False)
     extra = {"gfnet": {"ppo_epochs": 1, "finetune_epochs": 1}}
-    r = m.fit_stages(data, data[:16], cfg, tmp_path, extra=extra)
+    r = fit_model(m, data, data[:16], cfg, tmp_path, extra=extra)
     assert r.steps == 6 and [h["stage"] for h in r.history] == [1, 2, 3]
     for sub in ("stage1", "stage2", "stage3"):
         assert (tmp_path / sub / "last.safetensors").exists()
@@ -348,7 +349,7 @@ def test_gru_is_one_onnx_op_and_counted():
 def test_locator_and_supervised_policy_warm_start(images):
     """``locate`` is a soft-argmax in image coordinates; ``locate_step`` trains only the policy (locator, GRU,
     actor, skip) towards known object centres."""
-    from dyncnn.dynamic.glance import locate_step
+    from dyncnn.train.recipes.glance import locate_step
     m = tiny_gfnet(6, images)
     fmap = torch.full((2, 16, 3, 3), -30.0)
     fmap[0, :, 0, 2] = fmap[1, :, 2, 1] = 30.0                       # a single hot cell per sample
@@ -386,7 +387,7 @@ def test_digit_centers_and_stage2_warm_start(tmp_path):
     m = create_model("gfnet", num_classes=10, in_chans=1, **TINY)
     cfg = TrainConfig(epochs=1, batch_size=16, lr=1e-2, optimizer="adamw", progress=False)
     sub = Subset(ds, range(32))
-    r = m.fit_stages(sub, Subset(ds, range(16)), cfg, tmp_path, extra={"gfnet": {"ppo_epochs": 1,
+    r = fit_model(m, sub, Subset(ds, range(16)), cfg, tmp_path, extra={"gfnet": {"ppo_epochs": 1,
                                                                                   "finetune_epochs": 1}})
     stage2 = [h for h in r.history if h["stage"] == 2]
     assert "locate_pixel_error" in stage2[0] and "train_prob_gain" in stage2[1]

@@ -13,8 +13,8 @@ training, ``forward`` handles the whole (N * T) batch of frames at once (one gla
 call); only the two small recurrent cells step over time.
 
 Patch selection: ``policy="ppo"`` is AdaFocus V1 (a Gaussian policy trained by PPO in stage 2 of
-:func:`dyncnn.dynamic.temporal.fit_adafocus`); ``policy="differentiable"`` is AdaFocusV2 (the patch is cropped by
-bilinear sampling in training so gradients reach the patch centre; the exact crop at inference).
+:func:`dyncnn.train.recipes.temporal.fit_adafocus`); ``policy="differentiable"`` is AdaFocusV2 (the patch is
+cropped by bilinear sampling in training so gradients reach the patch centre; the exact crop at inference).
 
 Baselines: :class:`FrameAverage` runs the local backbone on full frames, every frame or ``k`` uniformly sampled
 ones, and averages the features over time.
@@ -281,13 +281,6 @@ class AdaFocus(nn.Module):
 
     def full_macs(self, x: Tensor) -> int:
         return self.exit_macs(x)[-1]
-
-    def fit_stages(self, train_set, val_set, config, out_dir=None, resume: bool = False, extra: dict | None = None,
-                   stages=None):
-        """The three training stages (random patches; PPO or end-to-end differentiable; fine-tuning), see
-        :func:`dyncnn.dynamic.temporal.fit_adafocus`."""
-        from ..dynamic.temporal import fit_adafocus
-        return fit_adafocus(self, train_set, val_set, config, out_dir, resume, extra, stages)
 
 
 class FrameAverage(nn.Module):

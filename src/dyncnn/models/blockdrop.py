@@ -1,7 +1,7 @@
 """BlockDrop (Wu et al., CVPR 2018): a small policy network looks at a down-sampled image and decides, for every
 gated residual block at once, whether it runs (probability >= 0.5 at test).
 
-Training is REINFORCE (``train/rl.py``): actions are sampled from Bernoulli(p') with BlockDrop's bounded
+Training is REINFORCE (``dynamic/rl.py``): actions are sampled from Bernoulli(p') with BlockDrop's bounded
 exploration ``p' = alpha * p + (1 - alpha) * (1 - p)``; the reward is ``1 - (used / K)^2`` when the backbone's
 prediction is correct, ``-gamma`` otherwise; the baseline is the reward of the thresholded policy on the same
 sample (self-critical); the curriculum keeps the first ``K - c`` gated blocks on, with ``c`` growing from 1 to
@@ -15,7 +15,8 @@ sample at inference.
 
 Through the trainer: ``forward`` samples and stores what ``training_loss(outputs, target)`` needs.
 
-The paper's two phases (:func:`fit_two_phase`, or ``fit_stages`` with ``joint_epochs > 0`` for ``dyncnn train``):
+The paper's two phases (:func:`dyncnn.train.recipes.blockdrop.fit_two_phase`, or ``joint_epochs > 0`` for
+``dyncnn train`` / :func:`dyncnn.train.recipes.fit_model`):
 (1) the policy alone on the FROZEN pre-trained backbone, with the curriculum; (2) joint fine-tuning of policy and
 backbone (cross-entropy added), every gated block free. ``set_phase("policy" | "joint")`` switches between them.
 """
@@ -23,9 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -34,14 +33,10 @@ from torch import Tensor, nn
 from ..dynamic.executor import CostLedger, measure_macs
 from ..dynamic.skipping import Decide, LayerSkipNetwork
 from ..layers.gates import budget_loss, check_budget
-from ..train.rl import blockdrop_reward, reinforce_loss, sample_bernoulli
-from ..train.checkpoint import save_checkpoint
+from ..dynamic.rl import blockdrop_reward, reinforce_loss, sample_bernoulli
 from .registry import register_model
 from .resnet import resnet_cifar
 from .tiny import TinyMobileNet
-
-if TYPE_CHECKING:  # the trainer is imported when training starts, not when the model family registers
-    from ..train.trainer import TrainConfig, TrainResult
 
 
 @dataclass(frozen=True)
@@ -56,9 +51,9 @@ class BlockDropConfig:
     finetune_backbone: bool = False
     cost_weight: float = 2.0               # weight of the budget loss (with a budget only)
     policy_bias: float = 2.0               # initial policy logit (> 0: every block starts on)
-    joint_epochs: int = 0                  # fit_stages: epochs of the joint phase after the policy phase (0: one
+    joint_epochs: int = 0                  # recipe: epochs of the joint phase after the policy phase (0: one
     #                                        phase, as configured by finetune_backbone)
-    joint_lr_scale: float = 0.2            # fit_stages: joint-phase learning rate = this * the policy phase's
+    joint_lr_scale: float = 0.2            # recipe: joint-phase learning rate = this * the policy phase's
 
     def __post_init__(self):
         if self.joint_epochs < 0 or self.joint_lr_scale <= 0:
@@ -174,33 +169,6 @@ class BlockDrop(LayerSkipNetwork):
             return torch.zeros(())
         expected, full = self._saved[4:]
         return self.cfg.cost_weight * budget_loss(expected, full, self.cfg.budget)
-
-    def fit_stages(self, train_set, val_set, config: TrainConfig, out_dir=None, resume: bool = False,
-                   extra: dict | None = None) -> TrainResult:
-        """``dyncnn train``: with ``joint_epochs > 0`` the two phases (``config`` for the policy phase, then
-        ``joint_epochs`` at ``joint_lr_scale * config.lr``), else one Trainer run in the configured phase."""
-        from ..train.trainer import TrainConfig, Trainer
-        if self.cfg.joint_epochs == 0:
-            return Trainer(self, train_set, val_set, config, out_dir=out_dir, extra=extra).fit(resume=resume)
-        joint = TrainConfig(**{**asdict(config), "epochs": self.cfg.joint_epochs,
-                               "lr": config.lr * self.cfg.joint_lr_scale, "warmup_epochs": 0.0})
-        return fit_two_phase(self, train_set, val_set, config, joint, out_dir, resume, extra)[-1]
-
-
-def fit_two_phase(model: BlockDrop, train_set, val_set, policy_config: TrainConfig, joint_config: TrainConfig,
-                  out_dir=None, resume: bool = False, extra: dict | None = None) -> list[TrainResult]:
-    """BlockDrop's schedule: the policy on the frozen backbone with the curriculum (``out_dir/policy``), then policy
-    and backbone jointly (``out_dir/joint``); the final model is also saved as ``out_dir/last.safetensors``.
-    Returns both phases' results."""
-    from ..train.trainer import Trainer
-    results = []
-    for phase, cfg in (("policy", policy_config), ("joint", joint_config)):
-        model.set_phase(phase)
-        sub = None if out_dir is None else Path(out_dir) / phase
-        results.append(Trainer(model, train_set, val_set, cfg, out_dir=sub, extra=extra).fit(resume=resume))
-    if out_dir is not None:
-        save_checkpoint(Path(out_dir) / "last.safetensors", model, extra=extra)
-    return results
 
 
 _CFG_FIELDS = {f.name for f in fields(BlockDropConfig)}

@@ -14,7 +14,7 @@ protocol's ``collect_exit_logits``). ``infer(x, policy)`` is the executed early 
 confident enough leave the batch (``dynamic.executor.early_exit_inference``), patches are cropped for the
 whole batch at once, and each sample is charged the MACs of the steps it ran. ``exit_macs(x)`` gives the
 cumulative MACs of stopping after each step, so ``dynamic.budget`` / ``dyncnn calibrate`` / ``eval --budget``
-work on GFNet unchanged. The three training stages live in :mod:`dyncnn.dynamic.glance` (``fit_stages``).
+work on GFNet unchanged. The three training stages live in :mod:`dyncnn.train.recipes.glance`.
 """
 from __future__ import annotations
 
@@ -167,7 +167,7 @@ def gather_patches(images: Tensor, corners: Tensor, size: int) -> Tensor:
 
 class GFNet(nn.Module):
     """See the module docstring. ``train_stage`` (1, 2, 3) selects what training mode does and what is frozen;
-    it is set by ``fit_stages`` and does not affect inference."""
+    it is set by the training recipe (:mod:`dyncnn.train.recipes.glance`) and does not affect inference."""
 
     def __init__(self, cfg: GFNetConfig, num_classes: int = 10, in_chans: int = 1):
         super().__init__()
@@ -398,12 +398,6 @@ class GFNet(nn.Module):
         """Staged ONNX graphs (glance, focus, last focus) + manifest; see :mod:`dyncnn.export.glance`."""
         from ..export.glance import export_glance_bundle
         return export_glance_bundle(self, out_dir, input_size=input_size, policy=policy, check_inputs=check_inputs)
-
-    # -- training ----------------------------------------------------------------------------------------------
-    def fit_stages(self, train_set, val_set, config, out_dir, resume: bool = False, extra: dict | None = None):
-        """The three training stages (see :func:`dyncnn.dynamic.glance.fit_glance_stages`)."""
-        from ..dynamic.glance import fit_glance_stages
-        return fit_glance_stages(self, train_set, val_set, config, out_dir, resume, extra)
 
 
 def _logits_of(state: dict) -> Tensor:

@@ -1,4 +1,5 @@
-"""GFNet's three training stages (Wang et al. 2020), as ``GFNet.fit_stages`` runs them.
+"""GFNet's three training stages (Wang et al. 2020): the recipe :func:`dyncnn.train.recipes.fit_model` runs for
+:class:`~dyncnn.models.gfnet.GFNet`.
 
 - Stage I: encoders + recurrent classifier on uniformly random patches, loss = mean cross-entropy over the steps
   (a plain :class:`~dyncnn.train.Trainer` run: GFNet's training forward returns the per-step logits).
@@ -24,11 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..dynamic.patches import crop_patches
-from ..errors import DyncnnError
-from ..train.checkpoint import load_checkpoint, save_checkpoint
-from ..train.rl import RolloutBuffer, gaussian_log_prob, ppo_loss
-from ..train.trainer import TrainConfig, Trainer, TrainResult, epoch_batches, evaluate
+from ...dynamic.patches import crop_patches
+from ...dynamic.rl import RolloutBuffer, gaussian_log_prob, ppo_loss
+from ...errors import DyncnnError
+from ...models.gfnet import GFNet
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..trainer import TrainConfig, Trainer, TrainResult, epoch_batches, evaluate
+from . import collate, register_recipe
 
 
 @dataclass(frozen=True)
@@ -122,13 +125,8 @@ def locate_step(model, x: Tensor, digit_centers: Tensor, optimizer: torch.optim.
     return {"loss": float(loss.detach()), "pixel_error": float(torch.stack(err).mean())}
 
 
-def _collate(dataset, idx: list[int]) -> tuple[Tensor, Tensor]:
-    items = [dataset[i] for i in idx]
-    return torch.stack([it[0] for it in items]), torch.as_tensor([int(it[1]) for it in items])
-
-
 def _digit_centers(dataset) -> Tensor | None:
-    from ..data.canvas import digit_centers
+    from ...data.canvas import digit_centers
     try:
         return digit_centers(dataset)
     except TypeError:
@@ -160,7 +158,7 @@ def train_policy(model, train_set, val_set, config: TrainConfig, cfg: GlanceStag
         for g in opt.param_groups:
             g["lr"] = cfg.locate_lr if supervised else cfg.ppo_lr
         for idx in bar:
-            x, y = _collate(train_set, idx)
+            x, y = collate(train_set, idx)
             if supervised:
                 stats = locate_step(model, x, centers[idx], opt)
                 errs.append(stats["pixel_error"])
@@ -189,7 +187,8 @@ def train_policy(model, train_set, val_set, config: TrainConfig, cfg: GlanceStag
                        steps=steps, seconds=time.perf_counter() - t0)
 
 
-def fit_glance_stages(model, train_set, val_set, config: TrainConfig, out_dir, resume: bool = False,
+@register_recipe(GFNet)
+def fit_glance_stages(model: GFNet, train_set, val_set, config: TrainConfig, out_dir, resume: bool = False,
                       extra: dict | None = None) -> TrainResult:
     """Stages I, II, III in ``out_dir/stage1..3`` (see the module docstring); returns the combined result."""
     out_dir = Path(out_dir)

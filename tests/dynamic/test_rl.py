@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dyncnn.train.rl import (RolloutBuffer, blockdrop_reward, discounted_returns, gaussian_log_prob, ppo_loss,
+from dyncnn.dynamic.rl import (RolloutBuffer, blockdrop_reward, discounted_returns, gaussian_log_prob, ppo_loss,
                              reinforce_loss, sample_bernoulli, sample_gaussian)
 
 

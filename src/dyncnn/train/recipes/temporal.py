@@ -1,4 +1,5 @@
-"""Training of temporally adaptive models: AdaFocus's three stages and its PPO patch policy.
+"""Training of temporally adaptive models: AdaFocus's three stages and its PPO patch policy (the recipe
+:func:`dyncnn.train.recipes.fit_model` runs for :class:`~dyncnn.models.adafocus.AdaFocus`).
 
 GFNet and AdaFocus train in stages because a policy cannot learn where to look before the encoders can make use
 of what they see:
@@ -25,9 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..train.checkpoint import load_checkpoint, save_checkpoint
-from ..train.rl import RolloutBuffer, gaussian_log_prob, ppo_loss
-from ..train.trainer import TrainConfig, Trainer, TrainResult, epoch_batches
+from ...dynamic.rl import RolloutBuffer, gaussian_log_prob, ppo_loss
+from ...models.adafocus import AdaFocus
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..trainer import TrainConfig, Trainer, TrainResult, epoch_batches
+from . import collate, register_recipe
 
 
 @dataclass
@@ -46,11 +49,6 @@ class AdaFocusStages:
         if min(self.policy_epochs, self.finetune_epochs, self.ppo_updates) < 0 or \
                 (self.random_epochs is not None and self.random_epochs < 0):
             raise ValueError("stage epochs and ppo_updates must be >= 0")
-
-
-def _collate(dataset: Dataset, idx: list[int]):
-    items = [dataset[i] for i in idx]
-    return torch.stack([it[0] for it in items]), torch.as_tensor([int(it[1]) for it in items])
 
 
 def progress_rewards(logits: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
@@ -101,7 +99,7 @@ def train_policy_ppo(model: nn.Module, train_set: Dataset, stages: AdaFocusStage
     try:
         torch.manual_seed(seed + 7)
         for epoch in range(stages.policy_epochs):
-            stats = [ppo_step(model, optimizer, *_collate(train_set, b), stages)
+            stats = [ppo_step(model, optimizer, *collate(train_set, b), stages)
                      for b in epoch_batches(len(train_set), batch_size, seed, 1000 + epoch)]
             rec = {"epoch": epoch + 1, "stage": 2, **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]},
                    "seconds": time.perf_counter() - start}
@@ -123,7 +121,8 @@ def _freeze(modules: list[nn.Module]) -> list[tuple[nn.Parameter, bool]]:
     return saved
 
 
-def fit_adafocus(model: nn.Module, train_set: Dataset, val_set: Dataset | None, config: TrainConfig,
+@register_recipe(AdaFocus)
+def fit_adafocus(model: AdaFocus, train_set: Dataset, val_set: Dataset | None, config: TrainConfig,
                  out_dir: str | Path | None = None, resume: bool = False, extra: dict | None = None,
                  stages: AdaFocusStages | None = None) -> TrainResult:
     """The three stages (module docstring). ``config`` is stage 1's; later stages derive theirs from it."""
