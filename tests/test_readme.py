@@ -2,12 +2,11 @@
 that neither can rot.
 
 The rule, the same for every page: a block fenced as ```python runs; a block that must not run here (it needs
-CIFAR on disk, a GPU, or minutes) is marked with the comment ``<!-- skip-test -->`` on the line before its fence
-(invisible on the rendered page), and code that is only shown (a shell session, output) is fenced as ```bash or
-```text. Each block runs in its own subprocess (a fresh interpreter, in a temporary folder, with a timeout), after a prelude
-that imports what the README's blocks take as already imported (``torch``, ``dyncnn``). "Tiny size" means the one
-rewrite below: training runs for one epoch (``epochs=N`` -> ``epochs=1``). A block preceded by the comment
-``<!-- skip-test -->`` (e.g. one that needs CIFAR on disk or a GPU) is skipped.
+CIFAR on disk, a GPU, or minutes) is marked with the comment ``<!-- skip-test -->`` on the non-blank line before
+its fence (invisible on the rendered page); code that is only shown (a shell session, output) is fenced as
+```bash or ```text. Each block runs in its own subprocess (a fresh interpreter, in a temporary folder, with a
+timeout), after a prelude that imports what the blocks may take as already imported (``torch``, ``dyncnn``).
+"Tiny size" means the one rewrite below: training runs for one epoch (``epochs=N`` -> ``epochs=1``).
 """
 import os
 import re
