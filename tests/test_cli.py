@@ -206,3 +206,53 @@ def test_export_lists_its_files_and_warns_about_random_weights(tmp_path, capsys)
     assert "wrote 2 files" in cap.out
     lines = {ln.split()[0]: ln for ln in cap.out.splitlines() if ln.startswith("  ")}
     assert set(lines) == {"manifest.json", "model.onnx"} and lines["model.onnx"].endswith("kB")
+
+
+def test_zoo_caches_rows_per_version_and_refreshes_with_no_cache(monkeypatch, capsys, tmp_path):
+    """Issue 17: the second `dyncnn zoo` reads the cache (no model is profiled again), `--no-cache` measures again,
+    the JSON on stdout parses, the cache file is written to a temporary file and renamed, and a corrupt cache is
+    ignored rather than fatal."""
+    import dyncnn.cli as cli
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+    real_row = cli._zoo_row
+    monkeypatch.setattr(cli, "_zoo_row", lambda name, size: calls.append(name) or real_row(name, size))
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(cli.os, "replace", lambda src, dst: renames.append((src, dst)) or real_replace(src, dst))
+
+    argv = ["zoo", "--pattern", "tiny_mobilenet*", "--input-size", "32", "--json"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    names = [r["model"] for r in first]
+    assert calls == names and names
+    cache_files = list((tmp_path / "dyncnn").iterdir())
+    assert len(cache_files) == 1                                     # no temporary file left behind
+    cache_file = cache_files[0]
+    import torch
+    assert dyncnn_version() in cache_file.name and torch.__version__.split("+")[0] in cache_file.name
+    assert renames and all(Path(dst) == cache_file and Path(src).parent == cache_file.parent and src != dst
+                           for src, dst in renames)
+    assert set(json.loads(cache_file.read_text())) == {f"{n}@32" for n in names}
+
+    calls.clear()
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert calls == [] and json.loads(captured.out) == first          # second call: all from the cache
+    assert captured.err == ""                                         # no progress bar off a terminal
+    assert main(["zoo", "--pattern", "tiny_mobilenet*", "--json"]) == 0 and calls == names   # other input size
+    capsys.readouterr()
+
+    calls.clear()
+    assert main(argv + ["--no-cache"]) == 0 and calls == names
+    capsys.readouterr()
+    cache_file.write_text("{not json")
+    calls.clear()
+    assert main(argv) == 0 and calls == names and json.loads(capsys.readouterr().out) == first
+    assert json.loads(cache_file.read_text())                         # rewritten whole
+
+
+def dyncnn_version() -> str:
+    from dyncnn import __version__
+    return __version__

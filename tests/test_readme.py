@@ -1,9 +1,12 @@
-"""Every ```python block of README.md runs as written, at tiny size, so that the README cannot rot.
+"""Every ```python block of README.md and of the documentation pages (docs/*.md) runs as written, at tiny size, so
+that neither can rot.
 
-Each block runs in its own subprocess (a fresh interpreter, in a temporary folder, with a timeout), after a prelude
-that imports what the README's blocks take as already imported (``torch``, ``dyncnn``). "Tiny size" means the one
-rewrite below: training runs for one epoch (``epochs=N`` -> ``epochs=1``). A block preceded by the comment
-``<!-- skip-test -->`` (e.g. one that needs CIFAR on disk or a GPU) is skipped.
+The rule, the same for every page: a block fenced as ```python runs; a block that must not run here (it needs
+CIFAR on disk, a GPU, or minutes) is marked with the comment ``<!-- skip-test -->`` on the non-blank line before
+its fence (invisible on the rendered page); code that is only shown (a shell session, output) is fenced as
+```bash or ```text. Each block runs in its own subprocess (a fresh interpreter, in a temporary folder, with a
+timeout), after a prelude that imports what the blocks may take as already imported (``torch``, ``dyncnn``).
+"Tiny size" means the one rewrite below: training runs for one epoch (``epochs=N`` -> ``epochs=1``).
 """
 import os
 import re
@@ -44,11 +47,20 @@ def test_block_extraction_honours_skip_marks():
     assert tiny("TrainConfig(epochs=5, lr=0.1)") == "TrainConfig(epochs=1, lr=0.1)"
 
 
-BLOCKS = python_blocks((ROOT / "README.md").read_text()) if (ROOT / "README.md").exists() else []
+PAGES = [p for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))] if p.exists()]
+BLOCKS = [(str(page.relative_to(ROOT)), line, code) for page in PAGES for line, code in python_blocks(page.read_text())]
 
 
-@pytest.mark.parametrize("line,code", BLOCKS, ids=[f"README.md:{line}" for line, _ in BLOCKS])
-def test_readme_python_block_runs(line, code, tmp_path):
+def test_docs_pages_have_runnable_blocks():
+    """Every family page carries a runnable example (the index, the API and the choosing page need none)."""
+    pages_with_code = {page for page, _, _ in BLOCKS}
+    family_pages = [p for p in PAGES if p.parent.name == "docs" and p.stem not in ("index", "api", "choosing")]
+    assert family_pages, "docs/ has no family pages"
+    assert [str(p.relative_to(ROOT)) for p in family_pages if str(p.relative_to(ROOT)) not in pages_with_code] == []
+
+
+@pytest.mark.parametrize("page,line,code", BLOCKS, ids=[f"{page}:{line}" for page, line, _ in BLOCKS])
+def test_readme_python_block_runs(page, line, code, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg",
            "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     script = tmp_path / "block.py"
@@ -57,5 +69,5 @@ def test_readme_python_block_runs(line, code, tmp_path):
         r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=600)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"README.md block at line {line} ran for more than 600 s")
-    assert r.returncode == 0, f"README.md block at line {line} failed:\n{r.stderr[-3000:]}"
+        pytest.fail(f"{page} block at line {line} ran for more than 600 s")
+    assert r.returncode == 0, f"{page} block at line {line} failed:\n{r.stderr[-3000:]}"

@@ -176,22 +176,79 @@ def _zoo_row(name: str, input_size: int | None) -> dict:
             "published_macs_m": pub["macs"] / 1e6 if "macs" in pub else None}
 
 
+def zoo_cache_dir() -> Path:
+    """Where ``dyncnn zoo`` keeps its measured rows: ``$XDG_CACHE_HOME/dyncnn``, else ``~/.cache/dyncnn``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dyncnn"
+
+
+def _zoo_cache_file(torch_version: str) -> Path:
+    """One file per dyncnn and torch version: a new release (or torch) never reads an older one's figures."""
+    from . import __version__
+    safe = "".join(ch if ch.isalnum() or ch in ".-" else "_" for ch in f"{__version__}-torch{torch_version}")
+    return zoo_cache_dir() / f"zoo-{safe}.json"
+
+
+def _zoo_cache_key(name: str, input_size: int | None) -> str:
+    """Model name and requested input side (``default``: the model's own input, which its code fixes)."""
+    return f"{name}@{input_size if input_size is not None else 'default'}"
+
+
+def _read_zoo_cache(path: Path) -> dict[str, dict]:
+    """The cached rows, or none when the file is missing or unreadable (a cache is never worth an error)."""
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return rows if isinstance(rows, dict) else {}
+
+
+def _write_zoo_cache(path: Path, rows: dict[str, dict]) -> None:
+    """Write to a temporary file in the same folder, then rename it over the cache: a reader (or a second
+    ``dyncnn zoo``) sees the old file or the new one, never half of one. Failing to write only costs the cache."""
+    import tempfile
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name + ".", suffix=".tmp",
+                                         delete=False) as f:
+            tmp = f.name
+            json.dump(rows, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as e:
+        print(f"dyncnn zoo: cannot write the cache {path}: {e.strerror or e}", file=sys.stderr)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
 def cmd_zoo(args) -> int:
     import contextlib
 
+    import torch
     from tqdm.auto import tqdm
 
     from .models import list_models
+    cache_path = _zoo_cache_file(torch.__version__)
+    cache = {} if args.no_cache else _read_zoo_cache(cache_path)
     rows, failed = [], []
-    # stdout carries the table or the JSON only: progress, warnings and anything a model prints go to stderr
+    # stdout carries the table or the JSON only: progress, warnings and anything a model prints go to stderr;
+    # the bar shows only when stderr is a terminal (disable=None), so logs get no carriage-return fragments
     with contextlib.redirect_stdout(sys.stderr):
-        for name in tqdm(list_models(args.pattern), desc="profiling", leave=False, file=sys.stderr):
+        for name in tqdm(list_models(args.pattern), desc="profiling", leave=False, file=sys.stderr, disable=None):
+            key = _zoo_cache_key(name, args.input_size)
+            if key in cache:
+                rows.append(cache[key])
+                continue
             try:
-                rows.append(_zoo_row(name, args.input_size))
+                row = _zoo_row(name, args.input_size)
             except Exception as e:  # noqa: BLE001 - one model that cannot be profiled must not hide the others
                 failed.append(name)
                 rows.append({"model": name, "error": f"{type(e).__name__}: {e}"})
                 print(f"dyncnn zoo: {name}: {type(e).__name__}: {e}", file=sys.stderr)
+                continue
+            rows.append(row)
+            cache[key] = row
+            _write_zoo_cache(cache_path, cache)     # after each model: an interrupted listing keeps what it measured
     if args.json:
         print(json.dumps(rows, indent=2))
         return 1 if failed else 0
@@ -672,11 +729,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List registered models with parameters and MACs measured by FlopCounterMode "
                                    "at each model's own default input (images at the published size, clips and "
                                    "sequences at the shape the model declares; --input-size sets the side of "
-                                   "images and frames), beside published figures. Progress goes to stderr.")
+                                   "images and frames), beside published figures. Measured rows are cached per "
+                                   "dyncnn version (--no-cache measures again). Progress goes to stderr, and "
+                                   "shows only on a terminal.")
     z.add_argument("--pattern", default="*", help="shell pattern over model names (default: all)")
     z.add_argument("--input-size", type=int, default=None, help="square image / frame side (default: each "
                    "model's own)")
     z.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    z.add_argument("--no-cache", action="store_true", help="profile every model again and refresh the cache "
+                   "(rows are cached per dyncnn and torch version, model and input size under "
+                   "$XDG_CACHE_HOME/dyncnn or ~/.cache/dyncnn)")
     z.set_defaults(func=cmd_zoo)
 
     pr = sub.add_parser("profile", help="MACs, parameters, memory and latency (eager and ONNX Runtime)",
