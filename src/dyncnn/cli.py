@@ -603,8 +603,8 @@ def _deploy_policy(args, model, meta: dict):
 def _takes_exit_policy(model) -> bool:
     """Multi-exit networks and glance-and-focus networks (exits between steps, their own bundle writer) both run
     under an exit policy: --thresholds / --budget apply to either."""
-    from .export import is_multi_exit
-    return is_multi_exit(model) or hasattr(model, "export_bundle")
+    from .export import is_multi_exit, own_writer
+    return is_multi_exit(model) or own_writer(model) is not None
 
 
 def _untrained_warning(spec: str) -> None:
@@ -628,14 +628,14 @@ def _size(n: int) -> str:
 
 
 def cmd_export(args) -> int:
-    from .export import export_bundle
+    from .export import export_bundle, own_writer
     _writable_folder(Path(args.out))
     model, meta = _load_model(args.model, cfg=_parse_cfg(args.cfg))
     _untrained_warning(args.model)
     model.eval()
     shape = _deploy_shape(model, args, meta)
     policy, source = (_deploy_policy(args, model, meta) if _takes_exit_policy(model) else (None, None))
-    if hasattr(model, "export_bundle"):      # glance-and-focus: glance/focus graphs + a driver that crops patches
+    if own_writer(model) is not None:       # glance-and-focus: glance/focus graphs + a driver that crops patches
         real, _ = _deploy_images(args, model, meta, shape, "val", 16)
         # export_bundle refuses what such a bundle cannot hold (another runtime, INT8, the single graph)
         manifest = export_bundle(model, args.out, shape, policy=policy, check_inputs=[real[:16]],
@@ -680,7 +680,7 @@ def cmd_bench(args) -> int:
     images, labels = _deploy_images(args, model, meta, shape, "test", args.images)
     calib, _ = _deploy_images(args, model, meta, shape, "val", 128)
     runtimes = list(dict.fromkeys(args.runtimes))
-    if "executorch" in runtimes and hasattr(model, "export_bundle"):
+    if "executorch" in runtimes and own_writer(model) is not None:
         raise DyncnnError(f"--runtimes executorch is not available for {type(model).__name__} bundles")
     result = bench_model(model, images, labels, policy=policy, threads=args.threads, batch_sizes=args.batch_sizes,
                          quantize=not args.no_quantize, calibration=calib, min_time_s=args.min_time,

@@ -106,3 +106,14 @@ def test_export_bundle_goes_through_the_glance_writer_and_refuses_what_it_cannot
         export_bundle(model, tmp_path / "refused", (model.in_chans, side, side // 2))
     manifest = export_bundle(model, tmp_path / "b", (model.in_chans, side, side), policy=[0.5] * (model.num_exits - 1))
     assert manifest["kind"] == "glance" and load_glance_bundle(tmp_path / "b").manifest["kind"] == "glance"
+
+
+def test_glance_bundles_come_from_the_registered_writer():
+    import dyncnn
+    from dyncnn.export import own_writer, register_writer
+    from dyncnn.export.glance import export_glance_bundle
+    from dyncnn.models.gfnet import GFNet
+    assert own_writer(dyncnn.create_model("gfnet_tiny_mnist")) is export_glance_bundle
+    assert own_writer(dyncnn.create_model("tiny_mobilenet", widths=(8, 16))) is None   # the staged writer
+    with pytest.raises(ValueError, match="already has a bundle writer"):
+        register_writer(GFNet)(lambda *a, **k: None)

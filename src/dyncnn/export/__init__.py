@@ -12,8 +12,8 @@
 """
 from .onnx import ExportError, check_against_eager, export_graph, export_onnx, onnx_session, relative_error
 from .runtime import BundleError, DynamicBundle, StaticBundle, confidence_np, load_bundle
-from .staged import FORMAT, RUNTIMES, export_bundle, is_multi_exit
+from .staged import FORMAT, RUNTIMES, export_bundle, is_multi_exit, own_writer, register_writer
 
 __all__ = ["export_onnx", "onnx_session", "export_graph", "check_against_eager", "relative_error", "ExportError",
            "export_bundle", "is_multi_exit", "FORMAT", "RUNTIMES", "load_bundle", "BundleError", "DynamicBundle",
-           "StaticBundle", "confidence_np"]
+           "StaticBundle", "confidence_np", "own_writer", "register_writer"]

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..profile.latency import DEFAULT_THREADS, on_device, spread_warning, summarize, time_callable, torch_threads
 from .runtime import _read_manifest, load_bundle
-from .staged import export_bundle, is_multi_exit
+from .staged import export_bundle, is_multi_exit, own_writer
 
 
 def _repeat_to(images: Tensor, n: int) -> Tensor:
@@ -80,7 +80,7 @@ def bench_model(model: nn.Module, images: Tensor, labels: Tensor | None = None, 
     eager_model = model if device.type == "cpu" else copy.deepcopy(model).to(device)
     shape = tuple(images.shape[1:])
     dynamic = is_multi_exit(model)
-    glance = hasattr(model, "export_bundle")     # glance-and-focus: its own graphs and patch-cropping driver
+    glance = own_writer(model) is not None      # glance-and-focus: its own graphs and patch-cropping driver
     calibration = images[:128] if calibration is None else calibration
     out: dict = {"model_class": type(model).__name__,
                  "kind": "glance" if glance else "multi_exit" if dynamic else "static",

@@ -30,10 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from ..dynamic.policy import ExitPolicy
+from ..models.gfnet import GFNet, gather_patches, traceable_corners
 from .onnx import ExportError, export_graph, onnx_session, relative_error
 from .runtime import BundleError, _as_batch, _read_manifest, bundle_file, confidence_np
-from .staged import FORMAT, MANIFEST, _base_manifest, writing_bundle, file_record, \
-    write_manifest
+from .staged import FORMAT, MANIFEST, _base_manifest, file_record, register_writer, write_manifest, \
+    writing_bundle
 
 KIND = "glance"
 
@@ -57,7 +58,6 @@ class _Focus(nn.Module):
         self.model, self.side, self.last = model, side, last
 
     def forward(self, image: Tensor, h: Tensor, hp: Tensor, feat: Tensor, where: Tensor):
-        from ..models.gfnet import gather_patches, traceable_corners
         m, p = self.model, self.model.cfg.patch_size
         center, hp = m.policy(feat, where, hp)
         corners = traceable_corners(center, self.side, p)
@@ -68,7 +68,8 @@ class _Focus(nn.Module):
         return s["logits"], s["h"], hp, s["feat"], s["where"]
 
 
-def export_glance_bundle(model, out_dir: str | os.PathLike, *, input_size: int | None = None,
+@register_writer(GFNet)
+def export_glance_bundle(model: GFNet, out_dir: str | os.PathLike, *, input_size: int | None = None,
                          policy: ExitPolicy | Sequence[float] | None = None, check_inputs: Sequence[Tensor] = (),
                          opset: int = 17, seed: int = 0) -> dict:
     """Export a GFNet to ``out_dir`` (three graphs + manifest) for ``input_size`` square images (default: the

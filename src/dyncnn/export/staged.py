@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -348,6 +349,32 @@ def check_bundle(model: nn.Module, folder: str | os.PathLike, inputs: Sequence[T
     return worst
 
 
+_WRITERS: dict[type, Callable] = {}
+_WRITER_MODULES = ("glance",)       # the modules that register a writer of their own
+
+
+def register_writer(cls: type) -> Callable[[Callable], Callable]:
+    """Register the decorated ``writer(model, out_dir, *, policy, check_inputs, input_size) -> manifest`` for the
+    bundles of model class ``cls`` (and its subclasses): a family whose bundle needs graphs and a driver of its own
+    (GFNet's patch crops between graphs) instead of the staged one."""
+    def deco(fn: Callable) -> Callable:
+        if cls in _WRITERS and _WRITERS[cls] is not fn:
+            raise ValueError(f"{cls.__name__} already has a bundle writer ({_WRITERS[cls].__name__})")
+        _WRITERS[cls] = fn
+        return fn
+    return deco
+
+
+def own_writer(model: nn.Module) -> Callable | None:
+    """The bundle writer registered for ``model``'s class (or a base class); None: the staged writer below."""
+    for mod in _WRITER_MODULES:
+        importlib.import_module(f"{__package__}.{mod}")
+    for cls in type(model).__mro__:
+        if cls in _WRITERS:
+            return _WRITERS[cls]
+    return None
+
+
 def export_bundle(model: nn.Module, out_dir: str | os.PathLike, input_shape: Sequence[int], *,
                   policy: ExitPolicy | Sequence[float] | None = None, check_inputs: Sequence[Tensor] = (),
                   quantize: bool = False, calibration: Tensor | None = None, single_graph: bool = False,
@@ -369,15 +396,15 @@ def export_bundle(model: nn.Module, out_dir: str | os.PathLike, input_shape: Seq
     out_dir = Path(out_dir)
     if runtime not in RUNTIMES:
         raise ExportError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
-    writer = getattr(model, "export_bundle", None)
-    if callable(writer):        # a family with its own bundle writer and driver (glance-and-focus)
+    writer = own_writer(model)
+    if writer is not None:      # a family with its own bundle writer and driver (glance-and-focus)
         if runtime != "onnxruntime" or quantize or single_graph:
             raise ExportError(f"{type(model).__name__} bundles are written for ONNX Runtime in FP32 only (their "
                               f"driver crops patches between graphs): runtime, quantize and single_graph do not apply")
         if len(input_shape) != 3 or input_shape[-1] != input_shape[-2]:
             raise ExportError(f"{type(model).__name__} bundles take square images: input_shape must be (C, S, S), "
                               f"got {tuple(input_shape)}")
-        return writer(out_dir, policy=policy, check_inputs=check_inputs, input_size=int(input_shape[-1]))
+        return writer(model, out_dir, policy=policy, check_inputs=check_inputs, input_size=int(input_shape[-1]))
     if runtime == "executorch":
         from .executorch import require
         require()

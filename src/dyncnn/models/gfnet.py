@@ -394,10 +394,6 @@ class GFNet(nn.Module):
     def full_macs(self, x: Tensor) -> int:
         return self.exit_macs(x)[-1]
 
-    def export_bundle(self, out_dir, policy=None, check_inputs=(), input_size: int | None = None) -> dict:
-        """Staged ONNX graphs (glance, focus, last focus) + manifest; see :mod:`dyncnn.export.glance`."""
-        from ..export.glance import export_glance_bundle
-        return export_glance_bundle(self, out_dir, input_size=input_size, policy=policy, check_inputs=check_inputs)
 
 
 def _logits_of(state: dict) -> Tensor:
