@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import DyncnnError
-from ..train.checkpoint import atomic_write_text, model_spec
+from ..files import atomic_write_text, model_spec
 from .budget import collect_exit_logits, exit_scores, fit_temperatures, solve_for_budget
 from .policy import ExitPolicy
 

@@ -121,7 +121,7 @@ def writing_onnx(path: str | os.PathLike, module: nn.Module, check: bool = True)
         if check:
             import onnx
             onnx.checker.check_model(tmp)
-        from ..train.checkpoint import apply_umask
+        from ..files import apply_umask
         apply_umask(tmp)
         os.replace(tmp, path)
     finally:

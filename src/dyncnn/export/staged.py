@@ -46,7 +46,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps
 from ..dynamic.executor import measure_macs
 from ..dynamic.exits import as_policy
 from ..dynamic.policy import ExitPolicy
-from ..train.checkpoint import apply_umask, atomic_write_text, model_spec
+from ..files import apply_umask, atomic_write_text, model_spec
 from .onnx import ExportError, export_graph, relative_error, required_opset
 
 FORMAT = "dyncnn-bundle-1"
