@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DyncnnError, is_exporting
-from ..layers.sparse_conv import (PackedConv, Positions, apply_packed, check_mask, dilate_mask, fold_bn, pack_conv,
-                                  rows_to_map, scatter_rows, to_padded_rows)
+from ..layers.sparse_conv import (PackedConv, Positions, apply_packed, check_mask, compact_neighbours, conv_at,
+                                  dilate_mask, fold_bn, pack_conv, rows_to_map, scatter_rows, to_padded_rows)
 
 
 class SparseExportError(DyncnnError):
@@ -174,6 +174,8 @@ def masked_block_forward(g: GatedBranch, x: Tensor, m: Tensor, interpolate: bool
 
 # --- inference: sparse execution ---------------------------------------------------------------------------------
 
+WIDE_ROWS = 64      # channels from which rows are computed into a preallocated buffer rather than copied (see below)
+
 def _apply(unit: BranchUnit, out: Tensor) -> Tensor:
     return unit.act(out) if unit.act is not None else out
 
@@ -206,15 +208,32 @@ def sparse_block_forward(g: GatedBranch, x: Tensor, mask: Tensor, interpolate: b
     cost = (per_d * pos_d.counts + per_m * pos_m.counts).to("cpu", torch.int64)
 
     feats = None
-    for unit, p in zip(g.units[:g.split], packed[:g.split]):          # on the dilated mask
-        feats = _apply(unit, apply_packed(xp, pos_d, p) if feats is None else p.rows(feats))
-    if feats is None:
-        src = xp
-    else:                                                            # scatter into a zero-padded map
-        src = scatter_rows(feats, pos_d.padded, xp.new_zeros(xp.shape[0], feats.shape[1]))
+    for i, (unit, p) in enumerate(zip(g.units[:g.split], packed[:g.split])):    # on the dilated mask
+        if i + 1 < g.split:
+            feats = _apply(unit, apply_packed(xp, pos_d, p) if feats is None else p.rows(feats))
+            continue
+        # Its rows get one zero row after them, which the k x k unit reads wherever the dilated mask is off. Wide
+        # outputs (an inverted residual's expansion) are written into a buffer with that row (a copy would cost more
+        # than the GEMM); narrow ones are appended to (MKL's GEMM into a given buffer is up to 2x slower for them).
+        if p.bias.numel() >= WIDE_ROWS:
+            buf = x.new_empty(len(pos_d) + 1, p.bias.numel())
+            if feats is None:
+                apply_packed(xp, pos_d, p, out=buf[:-1])
+            else:
+                p.rows(feats, out=buf[:-1])
+            feats = _apply(unit, buf)
+            feats[-1].zero_()
+        else:
+            y = _apply(unit, apply_packed(xp, pos_d, p) if feats is None else p.rows(feats))
+            feats = torch.cat([y, y.new_zeros(1, y.shape[1])])
     out = None
     for unit, p in zip(g.units[g.split:], packed[g.split:]):          # on the mask
-        out = _apply(unit, apply_packed(src, pos_m, p) if out is None else p.rows(out))
+        if out is not None:
+            out = _apply(unit, p.rows(out))
+        elif feats is None:
+            out = _apply(unit, apply_packed(xp, pos_m, p))
+        else:
+            out = _apply(unit, conv_at(feats, compact_neighbours(pos_m, pos_d, p.kernel), p))
 
     hp, wp = h + 2 * pad, w + 2 * pad
     if interpolate:
