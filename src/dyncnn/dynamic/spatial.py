@@ -85,8 +85,9 @@ class GatedBranch:
 
     def packed(self) -> list[PackedConv]:
         """Every unit's kernel with its eval BatchNorm folded in, cached until a parameter or buffer changes."""
-        key = tuple((t.data_ptr(), t._version) for u in self.units
-                    for t in (*u.conv.parameters(), *u.norm.parameters(), *u.norm.buffers()))
+        key = tuple((t.data_ptr(), t._version) for u in self.units       # attributes, not module iterators: at
+                    for t in (u.conv.weight, u.conv.bias, u.norm.weight, u.norm.bias,    # batch 1 those cost as
+                              u.norm.running_mean, u.norm.running_var) if t is not None)   # much as a convolution
         if getattr(self, "_key", None) != key:
             with torch.no_grad():
                 self._packed = [pack_conv(*fold_bn(u.conv, u.norm), groups=u.conv.groups) for u in self.units]
@@ -192,14 +193,14 @@ def sparse_block_forward(g: GatedBranch, x: Tensor, mask: Tensor, interpolate: b
     check_mask(x, mask)
     n, _, h, w = x.shape
     macs = g.unit_macs(h, w)
-    active = int(mask.sum())                 # one host sync decides the whole batch's path
+    pad = g.pad
+    pos_m = Positions.from_mask(mask, pad)
+    active = len(pos_m)                      # its one host sync decides the whole batch's path
     if active == mask.numel():
         return g.block(x), torch.full((n,), sum(macs), dtype=torch.int64)
     if active == 0:
         return g.finish(x.clone()), torch.zeros(n, dtype=torch.int64)   # clone: post_act may be in place
-    pad = g.pad
     xp = to_padded_rows(x, pad)          # the block input, zero-padded; also becomes the output buffer
-    pos_m = Positions.from_mask(mask, pad)
     pos_d = Positions.from_mask(dilate_mask(mask, g.dilation), pad) if g.split > 0 else pos_m
     packed = g.packed()
     # MACs per active position on the dilated mask and on the mask; the ledger lives on the CPU (one copy per call)

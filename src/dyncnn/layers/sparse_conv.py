@@ -19,6 +19,7 @@ MACs that ran are measurable: a kernel costs ``weight.numel()`` MACs per compute
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -122,9 +123,14 @@ class Positions:
         k, pad = kernel_size, self.pad
         if k // 2 > pad:
             raise ValueError(f"a {k}x{k} neighbourhood needs padding >= {k // 2}, the rows have {pad}")
-        wp = self.shape[2] + 2 * pad
-        d = range(-(k // 2), k // 2 + 1)
-        return torch.tensor([dy * wp + dx for dy in d for dx in d], device=self.padded.device)
+        return _offsets(k, self.shape[2] + 2 * pad, self.padded.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _offsets(k: int, wp: int, device: torch.device) -> Tensor:
+    """Row offsets of a k x k neighbourhood in a padded grid of width ``wp`` (built once per shape: never written)."""
+    d = range(-(k // 2), k // 2 + 1)
+    return torch.tensor([dy * wp + dx for dy in d for dx in d], device=device)
 
 
 def to_rows(x: Tensor) -> Tensor:
