@@ -206,7 +206,10 @@ def sparse_block_forward(g: GatedBranch, x: Tensor, mask: Tensor, interpolate: b
     # MACs per active position on the dilated mask and on the mask; the ledger lives on the CPU (one copy per call)
     per_d = sum(p.macs_per_position for p in packed[:g.split])
     per_m = sum(p.macs_per_position for p in packed[g.split:])
-    cost = (per_d * pos_d.counts + per_m * pos_m.counts).to("cpu", torch.int64)
+    if n == 1:                               # the counts are the positions' lengths, known on the host
+        cost = torch.tensor([per_d * len(pos_d) + per_m * len(pos_m)])
+    else:
+        cost = (per_d * pos_d.counts + per_m * pos_m.counts).to("cpu", torch.int64)
 
     feats = None
     for i, (unit, p) in enumerate(zip(g.units[:g.split], packed[:g.split])):    # on the dilated mask

@@ -91,15 +91,26 @@ class Positions:
     sample. Built with one ``nonzero`` on the padded mask: a handful of ops, which matters at batch 1.
     """
 
-    def __init__(self, padded: Tensor, counts: Tensor, shape: tuple[int, int, int], pad: int):
-        self.padded, self.counts, self.shape, self.pad = padded, counts, shape, pad
+    def __init__(self, padded: Tensor, mask: Tensor, pad: int):
+        self.padded, self.shape, self.pad, self._mask = padded, tuple(mask.shape), pad, mask
         self._flat: Tensor | None = None
+        self._counts: Tensor | None = None
 
     @classmethod
     def from_mask(cls, mask: Tensor, pad: int = 1) -> "Positions":
-        n, h, w = mask.shape
         padded = F.pad(mask, (pad, pad, pad, pad)) if pad else mask
-        return cls(padded.reshape(-1).nonzero().squeeze(1), mask.reshape(n, h * w).sum(1), (n, h, w), pad)
+        return cls(padded.reshape(-1).nonzero().squeeze(1), mask, pad)
+
+    @property
+    def counts(self) -> Tensor:
+        """(N,) active positions per sample (computed on first use; at batch 1 it is the number of positions)."""
+        if self._counts is None:
+            n, h, w = self.shape
+            if n == 1:
+                self._counts = torch.tensor([len(self)], device=self.padded.device)
+            else:
+                self._counts = self._mask.reshape(n, h * w).sum(1)
+        return self._counts
 
     @property
     def flat(self) -> Tensor:
