@@ -25,7 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..dynamic.executor import CostLedger, Executor, ExitResult, eval_copy
@@ -81,14 +80,11 @@ class RecurrentStep(nn.Module):
         return self.update(z[:, :self.input_size], z[:, self.input_size:])
 
     def update(self, x: Tensor, s: Tensor) -> Tensor:
-        """The new state from the input ``x`` and the state ``s`` as two tensors (no concatenation). Calls the cell's
-        op directly, as its ``forward`` does after checks that cost as much as the update of a few rows."""
-        c = self.cell
+        """The new state from the input ``x`` and the state ``s`` as two tensors (no concatenation)."""
         if self.kind == "gru":
-            return torch.gru_cell(x, s, c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh)
-        h, cs = torch.lstm_cell(x, (s[:, :self.hidden_size], s[:, self.hidden_size:]), c.weight_ih, c.weight_hh,
-                                c.bias_ih, c.bias_hh)
-        return torch.cat([h, cs], 1)
+            return self.cell(x, s)
+        h, c = self.cell(x, (s[:, :self.hidden_size], s[:, self.hidden_size:]))
+        return torch.cat([h, c], 1)
 
 
 class SkipRNN(nn.Module):
@@ -219,23 +215,22 @@ class SkipRNN(nn.Module):
         ks = torch.arange(1, steps, dtype=x.dtype, device=x.device)   # candidate skip lengths 1 .. T-1
         next_t = torch.zeros(n, dtype=torch.int64, device=x.device)     # the step of each row's next update
         choices = torch.zeros(steps, n, dtype=torch.bool, device=x.device)
-        update, gate_w, gate_b = self.step.update, self.gate.weight, self.gate.bias
         t = 0
         while t < steps:
             take = torch.eq(next_t, t, out=choices[t])
             idx = take.nonzero().squeeze(1)                             # the rows that update (one host sync)
             if idx.numel() == n:
-                idx, s = None, update(xt[t], s)
+                idx, s = None, self.step.update(xt[t], s)
                 s_rows = s
             else:                                                       # gather, update, scatter in place
-                s_rows = update(xt[t].index_select(0, idx), s.index_select(0, idx))
+                s_rows = self.step.update(xt[t].index_select(0, idx), s.index_select(0, idx))
                 s.index_copy_(0, idx, s_rows)                           # skipped rows keep their state
             if t + 1 == steps:
                 break
             if self.force_update:
                 next_t += 1
             else:
-                delta = torch.sigmoid(F.linear(s_rows[:, -hs:], gate_w, gate_b))   # (rows, 1)
+                delta = torch.sigmoid(self.gate(s_rows[:, -hs:]))      # (rows, 1)
                 nxt = (delta * ks[:steps - t - 1] < 0.5).sum(1) + (t + 1)   # T: no update left
                 if idx is None:
                     next_t = nxt
