@@ -12,7 +12,8 @@ for the whole batch at once, with flat indices into the (N, H, W) grid and no pe
   :func:`pack_conv` prepares a kernel once (BN folded, laid out for the rows) for repeated calls;
 - BatchNorm (eval) is folded into the kernel as scale and shift (:func:`fold_bn`), activations run on the rows;
 - :func:`dilate_mask` grows a mask by a kernel footprint, so that a first 3x3 convolution computes every
-  position that a second one reads.
+  position that a second one reads; :func:`compact_neighbours` lets the second one read the first one's compact
+  rows directly (:func:`conv_at` runs a packed kernel on any such index), without scattering them into a map.
 
 Every product goes through ``addmm`` or the ``sparse_depthwise`` op, which ``FlopCounterMode`` counts, so the
 MACs that ran are measurable: a kernel costs ``weight.numel()`` MACs per computed position (:func:`conv_macs_per_position`).
