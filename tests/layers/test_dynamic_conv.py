@@ -87,6 +87,24 @@ def test_flop_counter_equals_ledger(cls, geometry):
 
 
 @pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("geometry", [GEOMETRIES[1], GEOMETRIES[4]])
+def test_chunked_batches_equal_the_whole_batch_and_count_the_same(cls, geometry):
+    layer = make(cls, geometry).eval()
+    x = torch.randn(5, geometry[0], 8, 8)
+    with torch.no_grad():
+        whole = layer(x)
+        per_sample = layer.weight[0].numel() * layer.weight.element_size()
+        layer.chunk_from_bytes, layer.chunk_bytes = 0, 2 * per_sample        # chunks of 2, 2 and 1 samples
+        sizes, run = [], layer._conv_per_sample
+        layer._conv_per_sample = lambda xs, a: sizes.append(len(xs)) or run(xs, a)
+        with FlopCounterMode(display=False) as counter:
+            chunked = layer(x)
+    assert sizes == [2, 2, 1]
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    assert counter.get_total_flops() // 2 == len(x) * layer.macs((8, 8))
+
+
+@pytest.mark.parametrize("cls", LAYERS)
 def test_from_conv_copy_equals_static_conv_and_trains(cls):
     conv = nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=True)
     layer = cls.from_conv(conv, num_experts=4)

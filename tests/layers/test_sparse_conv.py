@@ -4,8 +4,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dyncnn.layers.sparse_conv import (Positions, check_mask, dilate_mask, fold_bn, sparse_conv, sparse_conv2d,
-                                       to_padded_rows, to_rows)
+from dyncnn.layers.sparse_conv import (Positions, check_mask, compact_neighbours, dilate_mask, fold_bn, scatter_rows,
+                                       sparse_conv, sparse_conv2d, to_padded_rows, to_rows)
 
 DENSITIES = (0.0, 0.1, 0.25, 0.5, 1.0)
 
@@ -101,3 +101,29 @@ def test_bad_masks_raise():
     pos = Positions.from_mask(torch.ones(2, 4, 4, dtype=torch.bool), pad=1)
     with pytest.raises(ValueError, match="do not match"):
         sparse_conv(to_rows(x), pos, conv.weight)          # a 3x3 kernel needs padded rows
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_padded_rows_and_flat_indices_for_every_layout(n):
+    wide = torch.randn(n, 5, 6, 9)
+    x = wide[..., 1:8].contiguous()
+    ref = torch.zeros(n, 8, 9, 5)
+    ref[:, 1:7, 1:8] = x.permute(0, 2, 3, 1)
+    for inp in (x, x.contiguous(memory_format=torch.channels_last), wide[..., 1:8]):      # NCHW, NHWC, strided
+        rows = to_padded_rows(inp, 1)
+        assert rows.is_contiguous() and torch.equal(rows, ref.view(-1, 5))
+    mask = _random_mask(n, 6, 7, 0.3, seed=n)
+    pos = Positions.from_mask(mask, pad=2)
+    b, r, c = mask.nonzero().unbind(1)
+    assert torch.equal(pos.flat, (b * 6 + r) * 7 + c)
+    assert torch.equal(pos.padded, (b * 10 + r + 2) * 11 + c + 2)
+
+
+def test_compact_neighbours_read_like_a_zeroed_padded_map():
+    mask = _random_mask(2, 6, 5, 0.3, seed=4)
+    pos_m = Positions.from_mask(mask, pad=1)
+    pos_d = Positions.from_mask(dilate_mask(mask, 3), pad=1)
+    feats = torch.randn(len(pos_d), 4)
+    padded = scatter_rows(feats, pos_d.padded, torch.zeros(2 * 8 * 7, 4))
+    compact = torch.cat([feats, feats.new_zeros(1, 4)])
+    assert torch.equal(compact[compact_neighbours(pos_m, pos_d, 3)], padded[pos_m.neighbours(3)])

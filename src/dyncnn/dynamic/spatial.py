@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DyncnnError, is_exporting
-from ..layers.sparse_conv import (PackedConv, Positions, apply_packed, check_mask, dilate_mask, fold_bn, pack_conv,
-                                  rows_to_map, scatter_rows, to_padded_rows)
+from ..layers.sparse_conv import (PackedConv, Positions, apply_packed, check_mask, compact_neighbours, conv_at,
+                                  dilate_mask, fold_bn, pack_conv, rows_to_map, scatter_rows, to_padded_rows)
 
 
 class SparseExportError(DyncnnError):
@@ -85,8 +85,9 @@ class GatedBranch:
 
     def packed(self) -> list[PackedConv]:
         """Every unit's kernel with its eval BatchNorm folded in, cached until a parameter or buffer changes."""
-        key = tuple((t.data_ptr(), t._version) for u in self.units
-                    for t in (*u.conv.parameters(), *u.norm.parameters(), *u.norm.buffers()))
+        key = tuple((t.data_ptr(), t._version) for u in self.units       # attributes, not module iterators: at
+                    for t in (u.conv.weight, u.conv.bias, u.norm.weight, u.norm.bias,    # batch 1 those cost as
+                              u.norm.running_mean, u.norm.running_var) if t is not None)   # much as a convolution
         if getattr(self, "_key", None) != key:
             with torch.no_grad():
                 self._packed = [pack_conv(*fold_bn(u.conv, u.norm), groups=u.conv.groups) for u in self.units]
@@ -174,6 +175,8 @@ def masked_block_forward(g: GatedBranch, x: Tensor, m: Tensor, interpolate: bool
 
 # --- inference: sparse execution ---------------------------------------------------------------------------------
 
+WIDE_ROWS = 64      # channels from which rows are computed into a preallocated buffer rather than copied (see below)
+
 def _apply(unit: BranchUnit, out: Tensor) -> Tensor:
     return unit.act(out) if unit.act is not None else out
 
@@ -190,31 +193,51 @@ def sparse_block_forward(g: GatedBranch, x: Tensor, mask: Tensor, interpolate: b
     check_mask(x, mask)
     n, _, h, w = x.shape
     macs = g.unit_macs(h, w)
-    active = int(mask.sum())                 # one host sync decides the whole batch's path
+    pad = g.pad
+    pos_m = Positions.from_mask(mask, pad)
+    active = len(pos_m)                      # its one host sync decides the whole batch's path
     if active == mask.numel():
         return g.block(x), torch.full((n,), sum(macs), dtype=torch.int64)
     if active == 0:
         return g.finish(x.clone()), torch.zeros(n, dtype=torch.int64)   # clone: post_act may be in place
-    pad = g.pad
     xp = to_padded_rows(x, pad)          # the block input, zero-padded; also becomes the output buffer
-    pos_m = Positions.from_mask(mask, pad)
     pos_d = Positions.from_mask(dilate_mask(mask, g.dilation), pad) if g.split > 0 else pos_m
     packed = g.packed()
     # MACs per active position on the dilated mask and on the mask; the ledger lives on the CPU (one copy per call)
     per_d = sum(p.macs_per_position for p in packed[:g.split])
     per_m = sum(p.macs_per_position for p in packed[g.split:])
-    cost = (per_d * pos_d.counts + per_m * pos_m.counts).to("cpu", torch.int64)
+    if n == 1:                               # the counts are the positions' lengths, known on the host
+        cost = torch.tensor([per_d * len(pos_d) + per_m * len(pos_m)])
+    else:
+        cost = (per_d * pos_d.counts + per_m * pos_m.counts).to("cpu", torch.int64)
 
     feats = None
-    for unit, p in zip(g.units[:g.split], packed[:g.split]):          # on the dilated mask
-        feats = _apply(unit, apply_packed(xp, pos_d, p) if feats is None else p.rows(feats))
-    if feats is None:
-        src = xp
-    else:                                                            # scatter into a zero-padded map
-        src = scatter_rows(feats, pos_d.padded, xp.new_zeros(xp.shape[0], feats.shape[1]))
+    for i, (unit, p) in enumerate(zip(g.units[:g.split], packed[:g.split])):    # on the dilated mask
+        if i + 1 < g.split:
+            feats = _apply(unit, apply_packed(xp, pos_d, p) if feats is None else p.rows(feats))
+            continue
+        # Its rows get one zero row after them, which the k x k unit reads wherever the dilated mask is off. Wide
+        # outputs (an inverted residual's expansion) are written into a buffer with that row (a copy would cost more
+        # than the GEMM); narrow ones are appended to (MKL's GEMM into a given buffer is up to 2x slower for them).
+        if p.bias.numel() >= WIDE_ROWS:
+            buf = x.new_empty(len(pos_d) + 1, p.bias.numel())
+            if feats is None:
+                apply_packed(xp, pos_d, p, out=buf[:-1])
+            else:
+                p.rows(feats, out=buf[:-1])
+            feats = _apply(unit, buf)
+            feats[-1].zero_()
+        else:
+            y = _apply(unit, apply_packed(xp, pos_d, p) if feats is None else p.rows(feats))
+            feats = torch.cat([y, y.new_zeros(1, y.shape[1])])
     out = None
     for unit, p in zip(g.units[g.split:], packed[g.split:]):          # on the mask
-        out = _apply(unit, apply_packed(src, pos_m, p) if out is None else p.rows(out))
+        if out is not None:
+            out = _apply(unit, p.rows(out))
+        elif feats is None:
+            out = _apply(unit, apply_packed(xp, pos_m, p))
+        else:
+            out = _apply(unit, conv_at(feats, compact_neighbours(pos_m, pos_d, p.kernel), p))
 
     hp, wp = h + 2 * pad, w + 2 * pad
     if interpolate:

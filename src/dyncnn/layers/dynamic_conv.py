@@ -106,6 +106,8 @@ class _ExpertConv2d(nn.Module):
     convolution over the batch, and the MAC ledger. Subclasses define ``router`` and ``_normalize``."""
 
     copy_noise: float = 0.01   # relative size of the zero-sum expert perturbation of ``copy_from``
+    chunk_from_bytes: int = 32 << 20   # per-sample kernels of a batch above this size are made a chunk at a time
+    chunk_bytes: int = 1 << 20         # ... of about this size (see ``forward_with``)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int] = 1,
                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | None = None,
@@ -152,7 +154,20 @@ class _ExpertConv2d(nn.Module):
         return w, b
 
     def forward_with(self, x: Tensor, a: Tensor) -> Tensor:
-        """The layer's output for given routing weights ``a`` (N, E)."""
+        """The layer's output for given routing weights ``a`` (N, E).
+
+        When the batch's per-sample kernels would not stay in cache (more than ``chunk_from_bytes`` together: the
+        960->320 projection of MobileNetV2 at batch 32 takes 39 MB), samples are aggregated and convolved a
+        few at a time (about ``chunk_bytes`` of kernels each): the same multiply-adds, but each kernel is read back
+        from cache instead of memory: 2x faster there (eager, 1 thread); at 20 MB (160->960) it made no difference."""
+        per_sample = self.weight[0].numel() * self.weight.element_size()
+        n = x.shape[0]
+        if _exporting() or n * per_sample <= self.chunk_from_bytes:
+            return self._conv_per_sample(x, a)
+        step = max(1, self.chunk_bytes // per_sample)
+        return torch.cat([self._conv_per_sample(x[i:i + step], a[i:i + step]) for i in range(0, n, step)])
+
+    def _conv_per_sample(self, x: Tensor, a: Tensor) -> Tensor:
         w, b = self.aggregate(a)
         return grouped_conv_per_sample(x, w, b, self.stride, self.padding, self.dilation, self.groups,
                                        self.kernel_size)

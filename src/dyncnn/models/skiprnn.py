@@ -77,7 +77,10 @@ class RecurrentStep(nn.Module):
         self.state_size = hidden_size * (1 if cell == "gru" else 2)
 
     def forward(self, z: Tensor) -> Tensor:
-        x, s = z[:, :self.input_size], z[:, self.input_size:]
+        return self.update(z[:, :self.input_size], z[:, self.input_size:])
+
+    def update(self, x: Tensor, s: Tensor) -> Tensor:
+        """The new state from the input ``x`` and the state ``s`` as two tensors (no concatenation)."""
         if self.kind == "gru":
             return self.cell(x, s)
         h, c = self.cell(x, (s[:, :self.hidden_size], s[:, self.hidden_size:]))
@@ -208,33 +211,33 @@ class SkipRNN(nn.Module):
         n, steps, _ = x.shape
         hs = self.hidden_size
         s = x.new_zeros(n, self.step.state_size)
+        xt = x.transpose(0, 1).contiguous()                             # (T, N, F): each step's rows contiguous
         ks = torch.arange(1, steps, dtype=x.dtype, device=x.device)   # candidate skip lengths 1 .. T-1
         next_t = torch.zeros(n, dtype=torch.int64, device=x.device)     # the step of each row's next update
-        choices = torch.zeros(n, steps, dtype=torch.int64)
+        choices = torch.zeros(steps, n, dtype=torch.bool, device=x.device)
         t = 0
         while t < steps:
-            take = next_t == t
-            take_cpu = take.cpu()
-            if bool(take_cpu.all()):
-                idx, s_rows = None, self.step(torch.cat([x[:, t], s], 1))
-                s = s_rows
-            else:
-                idx = take.nonzero().squeeze(1)                         # gather the rows that update
-                s_rows = self.step(torch.cat([x[idx, t], s.index_select(0, idx)], 1))
-                s = s.index_copy(0, idx, s_rows)                        # scatter; skipped rows keep their state
-            choices[:, t] = take_cpu
+            take = torch.eq(next_t, t, out=choices[t])
+            idx = take.nonzero().squeeze(1)                             # the rows that update (one host sync)
+            if idx.numel() == n:
+                idx, s = None, self.step.update(xt[t], s)
+                s_rows = s
+            else:                                                       # gather, update, scatter in place
+                s_rows = self.step.update(xt[t].index_select(0, idx), s.index_select(0, idx))
+                s.index_copy_(0, idx, s_rows)                           # skipped rows keep their state
             if t + 1 == steps:
                 break
             if self.force_update:
                 next_t += 1
             else:
                 delta = torch.sigmoid(self.gate(s_rows[:, -hs:]))      # (rows, 1)
-                k = (delta * ks[:steps - t - 1] < 0.5).sum(1) + 1       # k = T - t: no update left
+                nxt = (delta * ks[:steps - t - 1] < 0.5).sum(1) + (t + 1)   # T: no update left
                 if idx is None:
-                    next_t = t + k
+                    next_t = nxt
                 else:
-                    next_t.index_copy_(0, idx, t + k)
+                    next_t.index_copy_(0, idx, nxt)
             t = int(next_t.min())
+        choices = choices.t().to("cpu", torch.int64)
         logits = self.head(s[:, :hs])
         cell, gate, head = self._unit_macs(x)
         updates = choices.sum(1)
