@@ -197,3 +197,32 @@ def test_cli_export_and_bench_rows(tmp_path, capsys):
     keys = {(r["backend"], r["precision"], r["batch"]) for r in result["rows"]}
     assert keys == {(b, "fp32", n) for b in ("eager", "onnxruntime", "executorch") for n in (1, 2)}
     assert all(r["median_ms"] > 0 for r in result["rows"])
+
+
+def test_shufflenet_v2_runs_at_every_batch_up_to_the_bound(tmp_path):
+    """ShuffleNetV2's channel split is two slices: XNNPACK's split (chunk) with a dynamic batch plans its outputs at
+    the export batch, and a batch of another size failed at run time (method->execute() error 0x10)."""
+    torch.manual_seed(0)
+    model = dyncnn.create_model("shufflenet_v2", num_classes=10, in_chans=1, width_mult=0.5).eval()
+    export_bundle(model, tmp_path / "b", (1, 32, 32), runtime="executorch", max_batch=4)
+    bundle = load_bundle(tmp_path / "b")
+    for n in (1, 3, 4):
+        x = torch.rand(n, 1, 32, 32)
+        with torch.no_grad():
+            assert _rel(torch.as_tensor(bundle.run_numpy(x.numpy())), model(x)) < 1e-4
+
+
+def test_a_program_failing_at_run_time_names_the_batch_and_the_known_cause(tmp_path):
+    class Split(nn.Module):          # chunk inside an XNNPACK partition: planned at the export batch
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            a, b = self.conv(x).chunk(2, 1)
+            return self.head(torch.stack((a, b), 2).flatten(1, 2)).mean((2, 3))
+    from dyncnn.export.executorch import lower_graph
+    lower_graph(Split().eval(), (torch.rand(2, 1, 8, 8),), tmp_path / "m.pte", max_batch=4)
+    sess = ExecuTorchSession(tmp_path / "m.pte", ["x"], ["y"])
+    with pytest.raises(dyncnn.DyncnnError, match=r"failed on a batch of \d+ \(bound \d+\).*split / chunk"):
+        sess.run(None, {"x": torch.rand(3, 1, 8, 8).numpy()})

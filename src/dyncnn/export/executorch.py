@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..errors import DyncnnError
 from .onnx import ExportError, _describe_module, _quiet_native_output
 
 DEFAULT_MAX_BATCH = 64
@@ -234,7 +235,8 @@ class ExecuTorchSession:
             from executorch.extension.pybindings import portable_lib
             from executorch.runtime import Runtime
             portable_lib._unsafe_reset_threadpool(int(threads))
-            self.program = Runtime.get().load_program(Path(path))
+            self.path = Path(path)
+            self.program = Runtime.get().load_program(self.path)
             self.method = self.program.load_method("forward")
         meta = self.method.metadata
         self.input_names, self.output_names = list(input_names), list(output_names)
@@ -243,7 +245,15 @@ class ExecuTorchSession:
         self._index = {n: i for i, n in enumerate(self.output_names)}
 
     def _execute(self, inputs: list[Tensor]) -> list[np.ndarray]:
-        return [t.clone().numpy() for t in self.method.execute(inputs)]
+        try:
+            outs = self.method.execute(inputs)
+        except RuntimeError as e:
+            n = inputs[0].shape[0] if inputs else 0
+            raise DyncnnError(f"the ExecuTorch program {self.path.name} failed on a batch of {n} (bound "
+                              f"{self.max_batch}): {e}. A known cause is a split / chunk inside an XNNPACK "
+                              f"partition, which plans its outputs at the export batch; write it as slices "
+                              f"(x[:, :k], x[:, k:]) or export to ONNX (--runtime onnxruntime)") from e
+        return [t.clone().numpy() for t in outs]
 
     def run(self, output_names: Sequence[str] | None, feed: dict) -> list[np.ndarray]:
         arrays = [np.ascontiguousarray(feed[n]) for n in self.input_names]

@@ -166,7 +166,10 @@ class ShuffleV2Unit(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.cfg.stride == 1:
-            x_proj, x_main = x.chunk(2, dim=1)
+            # two slices, not chunk(): ExecuTorch's XNNPACK split with a dynamic batch plans its outputs at the
+            # export batch (a batch of another size fails at run time); slices are the same views in eager
+            half = x.shape[1] // 2
+            x_proj, x_main = x[:, :half], x[:, half:]
         else:
             x_proj = x_main = x
         return self.shuffle(torch.cat((self.branch_proj(x_proj), self.branch_main(x_main)), dim=1))
