@@ -158,12 +158,14 @@ class Executor:
         return out
 
     def run_where(self, stage: Callable[[Tensor], Tensor], state: Tensor, take: Tensor, rows: Tensor,
-                  ledger: CostLedger, otherwise: Tensor) -> Tensor:
+                  ledger: CostLedger, otherwise: Tensor, overwrite: bool = False) -> Tensor:
         """Run ``stage`` only on the rows of ``state`` where ``take`` is True (gather -> run -> scatter).
 
         The other rows get ``otherwise`` (same shape as the stage's output for every row, e.g. the input itself
         for a skipped residual block). Only the rows that ran are charged. ``rows`` are the original sample
-        indices of the state's rows. Nothing runs when no row takes the stage.
+        indices of the state's rows. Nothing runs when no row takes the stage. ``overwrite=True``: the results
+        are written into ``otherwise`` in place (the caller owns it, no one else holds it and it is not needed
+        afterwards), which saves copying the whole of it for a scatter of the rows that ran.
         """
         take = take.to(torch.bool)
         if take.shape != (state.shape[0],):
@@ -173,8 +175,11 @@ class Executor:
             return self.run(stage, state, rows, ledger)
         if not bool(take_cpu.any()):
             return otherwise
-        idx = take.nonzero().squeeze(1)
-        out = self.run(stage, state.index_select(0, idx), rows[take_cpu], ledger)
+        idx = take_cpu.nonzero().squeeze(1)
+        out = self.run(stage, state.index_select(0, idx.to(state.device)), rows[idx], ledger)
+        idx = idx.to(otherwise.device)
+        if overwrite and out.dtype == otherwise.dtype:
+            return otherwise.index_copy_(0, idx, out)
         return otherwise.index_copy(0, idx, out.to(otherwise.dtype))
 
     def clear(self) -> None:

@@ -228,12 +228,16 @@ class LayerSkipNetwork(nn.Module):
             const = torch.full((n,), self._force, dtype=torch.bool, device=x.device)
             decide = lambda j, h: const   # noqa: E731 - no gate runs when the decisions are pinned
         h = ex.run(self._stem, x, rows, ledger)
+        if h.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            h = h.clone()      # a stem that passes the input through: the blocks below write into h in place
         choices = torch.empty(n, self.num_gated, dtype=torch.int64)
         for k, block in enumerate(self._blocks):
             if k in self._slot:
                 take = decide(self._slot[k], h).to(torch.bool)
                 choices[:, self._slot[k]] = take.cpu()
-                h = ex.run_where(block, h, take, rows, ledger, otherwise=h)
+                # h is this loop's own tensor (the stem's or a block's output): the rows that ran are written
+                # into it instead of into a copy
+                h = ex.run_where(block, h, take, rows, ledger, otherwise=h, overwrite=True)
             else:
                 h = ex.run(block, h, rows, ledger)
         logits = ex.run(self._head, h, rows, ledger)
