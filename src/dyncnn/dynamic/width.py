@@ -438,10 +438,10 @@ class ChannelGatedNet(nn.Module):
         contiguous slice (a view) and the results are concatenated in that order: the output is *not* scattered
         back. ``perm`` says which sample each row of ``h`` holds (None: row i is sample i); the returned
         permutation says it for the output. A loop over the (at most G) levels present, never over samples."""
-        fns = self._level_fns[k]
-        counts = torch.bincount(levels, minlength=self.groups + 1).tolist()
-        if max(counts) == len(levels):        # one level for every row: no gather
-            return fns[int(levels[0]) - 1](h), perm
+        fns, chosen = self._level_fns[k], levels.tolist()
+        counts = [chosen.count(lvl) for lvl in range(self.groups + 1)]   # (a few levels: cheaper than an op)
+        if max(counts) == len(chosen):        # one level for every row: no gather
+            return fns[chosen[0] - 1](h), perm
         order = torch.argsort(levels, stable=True)
         h = h.index_select(0, order.to(h.device))
         ys, start = [], 0
