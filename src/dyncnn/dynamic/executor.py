@@ -177,9 +177,10 @@ class Executor:
         if take.shape != (state.shape[0],):
             raise ValueError(f"take must be a boolean vector of length {state.shape[0]}, got {tuple(take.shape)}")
         take_cpu = take.cpu()
-        if bool(take_cpu.all()):
+        taken = int(take_cpu.sum())         # one op and one read where all() and any() take two of each
+        if taken == len(take_cpu):
             return self.run(stage, state, rows, ledger)
-        if not bool(take_cpu.any()):
+        if not taken:
             return otherwise
         idx = take_cpu.nonzero().squeeze(1)
         out = self.run(stage, state.index_select(0, idx.to(state.device)), rows[idx], ledger)

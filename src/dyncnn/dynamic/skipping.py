@@ -230,17 +230,18 @@ class LayerSkipNetwork(nn.Module):
         h = ex.run(self._stem, x, rows, ledger)
         if h.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
             h = h.clone()      # a stem that passes the input through: the blocks below write into h in place
-        choices = torch.empty(n, self.num_gated, dtype=torch.int64)
+        takes = []             # per gated block, in order; stacked once at the end
         for k, block in enumerate(self._blocks):
             if k in self._slot:
                 take = decide(self._slot[k], h).to(torch.bool)
-                choices[:, self._slot[k]] = take.cpu()
+                takes.append(take)
                 # h is this loop's own tensor (the stem's or a block's output): the rows that ran are written
                 # into it instead of into a copy
                 h = ex.run_where(block, h, take, rows, ledger, otherwise=h, overwrite=True)
             else:
                 h = ex.run(block, h, rows, ledger)
         logits = ex.run(self._head, h, rows, ledger)
+        choices = torch.stack(takes, 1).cpu().long() if takes else torch.empty(n, 0, dtype=torch.int64)
         ran = choices.sum(1) + (len(self._blocks) - self.num_gated)
         return ExitResult(logits, ran, ledger.macs, choices)
 
