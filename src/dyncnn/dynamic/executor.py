@@ -173,10 +173,11 @@ class Executor:
         are written into ``otherwise`` in place (the caller owns it, no one else holds it and it is not needed
         afterwards), which saves copying the whole of it for a scatter of the rows that ran.
         """
-        take = take.to(torch.bool)
+        if take.dtype != torch.bool:       # (attribute checks: a no-op .to() / .cpu() still goes through dispatch)
+            take = take.to(torch.bool)
         if take.shape != (state.shape[0],):
             raise ValueError(f"take must be a boolean vector of length {state.shape[0]}, got {tuple(take.shape)}")
-        take_cpu = take.cpu()
+        take_cpu = take if take.device.type == "cpu" else take.cpu()
         taken = int(take_cpu.sum())         # one op and one read where all() and any() take two of each
         if taken == len(take_cpu):
             return self.run(stage, state, rows, ledger)
