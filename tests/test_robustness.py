@@ -356,3 +356,14 @@ def test_stale_temporaries_and_a_lagging_json_copy_are_repaired_on_the_next_run(
     assert not list(tmp_path.glob(".*.tmp"))
     _, meta = read_checkpoint(tmp_path / "last.safetensors")
     assert json.loads((tmp_path / "last.json").read_text()) == json.loads(json.dumps(meta))
+
+
+def test_all_finite_reads_the_sum_first_but_is_not_fooled_by_an_overflowing_sum():
+    from dyncnn.errors import all_finite
+    big = torch.full((4,), 3e38)                     # every entry finite, the float32 sum is inf
+    assert not torch.isfinite(big.sum()) and all_finite(big)
+    assert all_finite(torch.zeros(0)) and all_finite(torch.randn(3, 2))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(3, 2)
+        t[1, 1] = bad
+        assert not all_finite(t)

@@ -93,3 +93,30 @@ def test_stage_costs_are_cached_per_stage_and_shape_and_never_confused_after_a_s
     h = Holder()
     assert ex.stage_macs(h.head, torch.zeros(1, 4)) == 8
     assert len(ex._cache[h]) == 1 and ex.stage_macs(h.head, torch.zeros(1, 4)) == 8 and len(ex._cache[h]) == 1
+
+
+def test_ledger_folds_deferred_charges_exactly_whenever_it_is_read():
+    ledger = CostLedger(5)
+    everyone, some, others = torch.arange(5), torch.tensor([1, 3]), torch.tensor([0, 3, 4])
+    ledger.charge(everyone, 10)
+    ledger.charge(some, 2)
+    ledger.charge(some, 3)                      # the same rows tensor again: its charges add up
+    ledger.charge(others, 7)
+    ledger.charge(torch.tensor([4, 2]), torch.tensor([1, 100]))   # one value per row
+    assert ledger.macs.tolist() == [17, 15, 110, 22, 18]
+    ledger.charge(everyone, 1)                  # charges after a read are folded at the next read
+    ledger.charge(torch.tensor([2]), 4)
+    assert ledger.macs.tolist() == [18, 16, 115, 23, 19] and ledger.total == 191
+
+
+def test_run_where_overwrite_writes_the_rows_that_ran_into_otherwise():
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    x = torch.randn(5, 4)
+    take = torch.tensor([0, 1, 0, 1, 1], dtype=torch.bool)
+    expected = torch.where(take[:, None], lin(x), x).detach()
+    own = x.clone()
+    copied = Executor().run_where(lin, own, take, torch.arange(5), CostLedger(5), otherwise=own)
+    assert torch.equal(own, x) and torch.allclose(copied, expected)        # default: otherwise is left as it was
+    written = Executor().run_where(lin, own, take, torch.arange(5), CostLedger(5), otherwise=own, overwrite=True)
+    assert written is own and torch.allclose(own, expected)

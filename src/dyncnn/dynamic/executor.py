@@ -23,6 +23,8 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..errors import all_finite
+
 State = Any   # a tensor or a pytree of tensors, batch-first
 
 
@@ -39,19 +41,46 @@ class ExitResult:
 
 
 class CostLedger:
-    """Per-sample MAC accumulator."""
+    """Per-sample MAC accumulator.
+
+    Charges of one value for every charged sample are kept as Python integers and folded into the (N,) tensor when
+    ``macs`` is read, so that charging a stage issues no tensor operation: a charge to every sample adds to one
+    integer, the charges to one ``rows`` tensor (a stage and its head on the samples still active) add to that
+    tensor's integer. On a small network an eager ``index_add_`` per stage costs about as much as a saved
+    convolution. A charged ``rows`` tensor must not be modified in place afterwards (the callers make a new one
+    when the active set changes).
+    """
 
     def __init__(self, batch_size: int):
-        self.macs = torch.zeros(batch_size, dtype=torch.int64)
+        self._macs = torch.zeros(batch_size, dtype=torch.int64)
+        self._everyone = 0                                          # MACs charged to every sample
+        self._by_rows: dict[int, tuple[Tensor, int]] = {}           # id(rows) -> (rows, MACs per row)
 
     def charge(self, rows: Tensor, macs_per_sample: int | Tensor) -> None:
         """Add ``macs_per_sample`` (an int, or one value per row) to the samples ``rows`` (original indices)."""
-        if isinstance(macs_per_sample, Tensor):
-            self.macs.index_add_(0, rows, macs_per_sample.to(torch.int64))
-        elif rows.numel() == self.macs.numel():      # every sample (rows are distinct): no indexing needed
-            self.macs += int(macs_per_sample)
+        if isinstance(macs_per_sample, Tensor):       # data-dependent costs: one value per row, added now
+            self._macs.index_add_(0, rows, macs_per_sample.to(torch.int64))
+        elif rows.numel() == self._macs.numel():      # every sample (rows are distinct): no indexing needed
+            self._everyone += int(macs_per_sample)
         else:
-            self.macs.index_add_(0, rows, torch.full((rows.numel(),), int(macs_per_sample), dtype=torch.int64))
+            held = self._by_rows.get(id(rows))         # the held reference keeps id(rows) from being reused
+            self._by_rows[id(rows)] = (rows, int(macs_per_sample) + (held[1] if held is not None else 0))
+
+    @property
+    def macs(self) -> Tensor:
+        """(N,) int64 MACs charged to each sample so far."""
+        if len(self._by_rows) == 1:
+            (rows, macs), = self._by_rows.values()
+            self._macs.index_add_(0, rows, torch.full((rows.numel(),), macs, dtype=torch.int64))
+        elif self._by_rows:       # one index_add_ for all of them (an MoE layer charges each expert's rows)
+            held = list(self._by_rows.values())
+            rows = torch.cat([r for r, _ in held])
+            macs = torch.tensor([m for _, m in held]).repeat_interleave(torch.tensor([r.numel() for r, _ in held]))
+            self._macs.index_add_(0, rows, macs)
+        if self._everyone:
+            self._macs += self._everyone
+        self._everyone, self._by_rows = 0, {}
+        return self._macs
 
     @property
     def total(self) -> int:
@@ -65,14 +94,27 @@ def batch_size_of(state: State) -> int:
     return leaves[0].shape[0]
 
 
-def select_rows(state: State, rows: Tensor) -> State:
-    """The state restricted to ``rows`` (indices or a boolean mask into the current batch)."""
+def select_rows(state: State, rows: Tensor | slice) -> State:
+    """The state restricted to ``rows`` (indices or a boolean mask into the current batch, or a slice).
+
+    A mask is turned into indices once for the whole state, not once per tensor of it."""
+    if isinstance(rows, Tensor):
+        if rows.dtype == torch.bool:
+            rows = rows.nonzero().squeeze(1)
+        return tree_map(lambda t: t.index_select(0, rows.to(t.device)) if isinstance(t, Tensor) and t.dim() > 0
+                        else t, state)
     return tree_map(lambda t: t[rows] if isinstance(t, Tensor) and t.dim() > 0 else t, state)
 
 
 def _shape_key(state: State) -> tuple:
     if isinstance(state, Tensor):             # the common case, without flattening (cheap at batch 1)
         return (tuple(state.shape[1:]), state.dtype)
+    # a cut backbone's named values, multi-scale features: without flattening and printing a TreeSpec (tens of
+    # microseconds a stage, as much as a small convolution)
+    if type(state) is dict and all(isinstance(v, Tensor) for v in state.values()):
+        return ("dict",) + tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in state.items())
+    if type(state) in (list, tuple) and all(isinstance(v, Tensor) for v in state):
+        return (type(state).__name__,) + tuple((tuple(v.shape[1:]), v.dtype) for v in state)
     leaves, spec = tree_flatten(state)
     return (str(spec),) + tuple((tuple(t.shape[1:]), t.dtype) if isinstance(t, Tensor) else repr(t)
                                 for t in leaves)
@@ -122,23 +164,30 @@ class Executor:
         return out
 
     def run_where(self, stage: Callable[[Tensor], Tensor], state: Tensor, take: Tensor, rows: Tensor,
-                  ledger: CostLedger, otherwise: Tensor) -> Tensor:
+                  ledger: CostLedger, otherwise: Tensor, overwrite: bool = False) -> Tensor:
         """Run ``stage`` only on the rows of ``state`` where ``take`` is True (gather -> run -> scatter).
 
         The other rows get ``otherwise`` (same shape as the stage's output for every row, e.g. the input itself
         for a skipped residual block). Only the rows that ran are charged. ``rows`` are the original sample
-        indices of the state's rows. Nothing runs when no row takes the stage.
+        indices of the state's rows. Nothing runs when no row takes the stage. ``overwrite=True``: the results
+        are written into ``otherwise`` in place (the caller owns it, no one else holds it and it is not needed
+        afterwards), which saves copying the whole of it for a scatter of the rows that ran.
         """
-        take = take.to(torch.bool)
+        if take.dtype != torch.bool:       # (attribute checks: a no-op .to() / .cpu() still goes through dispatch)
+            take = take.to(torch.bool)
         if take.shape != (state.shape[0],):
             raise ValueError(f"take must be a boolean vector of length {state.shape[0]}, got {tuple(take.shape)}")
-        take_cpu = take.cpu()
-        if bool(take_cpu.all()):
+        take_cpu = take if take.device.type == "cpu" else take.cpu()
+        taken = int(take_cpu.sum())         # one op and one read where all() and any() take two of each
+        if taken == len(take_cpu):
             return self.run(stage, state, rows, ledger)
-        if not bool(take_cpu.any()):
+        if not taken:
             return otherwise
-        idx = take.nonzero().squeeze(1)
-        out = self.run(stage, state.index_select(0, idx), rows[take_cpu], ledger)
+        idx = take_cpu.nonzero().squeeze(1)
+        out = self.run(stage, state.index_select(0, idx.to(state.device)), rows[idx], ledger)
+        idx = idx.to(otherwise.device)
+        if overwrite and out.dtype == otherwise.dtype:
+            return otherwise.index_copy_(0, idx, out)
         return otherwise.index_copy(0, idx, out.to(otherwise.dtype))
 
     def clear(self) -> None:
@@ -158,30 +207,39 @@ def early_exit_inference(stages: list[Callable], heads: list[Callable], x: State
     ledger = CostLedger(n)
     rows = torch.arange(n)
     exit_index = torch.full((n,), len(stages) - 1, dtype=torch.int64)
-    logits_out: Tensor | None = None
-    state = x
     if n == 0:
         return ExitResult(torch.zeros(0, num_classes or 0), exit_index, ledger.macs)
+    logits_out: Tensor | None = None
+    state = x
     for k, (stage, head) in enumerate(zip(stages, heads)):
         state = executor.run(stage, state, rows, ledger)
         logits = executor.run(head, state, rows, ledger)
-        if not bool(torch.isfinite(logits).all()):
+        if not all_finite(logits):
             raise FloatingPointError(f"exit {k} produced NaN/Inf logits for {int((~torch.isfinite(logits)).any(1).sum())}"
                                      f" samples; refusing to take an exit decision on them")
+        if k == len(stages) - 1:
+            done_cpu = None                  # everyone left leaves here
+        else:                                # the bookkeeping (rows, ledger, exit index) lives on the CPU
+            done_cpu = exit_fn(k, logits).cpu()
+            if not bool(done_cpu.any()):     # nobody leaves: nothing to record, the state and rows stay as they are
+                continue
+            if bool(done_cpu.all()):
+                done_cpu = None
+        if done_cpu is None:                 # every active sample leaves at exit k
+            if len(rows) == n:               # ... and that is the whole batch: its logits are the result
+                return ExitResult(logits, exit_index.fill_(k), ledger.macs)
+            leaving, leaving_rows = logits, rows
+        else:
+            leaving, leaving_rows = logits[done_cpu.to(logits.device)], rows[done_cpu]
         if logits_out is None:
             logits_out = logits.new_zeros(n, logits.shape[1])
-        if k == len(stages) - 1:
-            done = torch.ones(len(rows), dtype=torch.bool, device=logits.device)
-        else:
-            done = exit_fn(k, logits).to(logits.device)
-        done_cpu = done.cpu()          # the bookkeeping (rows, ledger, exit index) lives on the CPU
-        logits_out[rows[done_cpu].to(logits.device)] = logits[done]
-        exit_index[rows[done_cpu]] = k
-        if bool(done_cpu.all()):
+        logits_out.index_copy_(0, leaving_rows.to(logits.device), leaving)
+        exit_index[leaving_rows] = k
+        if done_cpu is None:
             break
-        if bool(done_cpu.any()):
-            state = select_rows(state, ~done)
-        rows = rows[~done_cpu]
+        stay = (~done_cpu).nonzero().squeeze(1)
+        state = select_rows(state, stay)
+        rows = rows[stay]
     return ExitResult(logits_out, exit_index, ledger.macs)
 
 

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..errors import DyncnnError, InputTypeError
+from ..errors import DyncnnError, InputTypeError, all_finite
 
 CRITERIA = ("max_prob", "entropy", "margin")
 
@@ -39,14 +39,17 @@ def confidence(logits: Tensor, criterion: str = "max_prob", temperature: float =
     """Per-sample confidence of ``logits`` (N, C) under ``criterion``; NaN logits are an error."""
     if criterion not in CRITERIA:
         raise ValueError(f"unknown exit criterion {criterion!r}; expected one of {CRITERIA}")
-    if not bool(torch.isfinite(logits).all()):
+    if not all_finite(logits):
         raise FloatingPointError("NaN/Inf in the logits: no exit decision can be taken on them")
     return confidence_unchecked(logits, criterion, temperature)
 
 
 def confidence_unchecked(logits: Tensor, criterion: str, temperature: float | Tensor = 1.0) -> Tensor:
     """:func:`confidence` without its data-dependent checks, so that it can be traced into an exported graph."""
-    p = torch.softmax(logits.float() / temperature, dim=-1)
+    z = logits.float()
+    if not (isinstance(temperature, (int, float)) and temperature == 1):   # a division by 1 changes nothing
+        z = z / temperature
+    p = torch.softmax(z, dim=-1)
     if criterion == "max_prob":
         return p.max(-1).values
     if criterion == "margin":

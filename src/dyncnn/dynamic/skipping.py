@@ -228,15 +228,20 @@ class LayerSkipNetwork(nn.Module):
             const = torch.full((n,), self._force, dtype=torch.bool, device=x.device)
             decide = lambda j, h: const   # noqa: E731 - no gate runs when the decisions are pinned
         h = ex.run(self._stem, x, rows, ledger)
-        choices = torch.empty(n, self.num_gated, dtype=torch.int64)
+        if h.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            h = h.clone()      # a stem that passes the input through: the blocks below write into h in place
+        takes = []             # per gated block, in order; stacked once at the end
         for k, block in enumerate(self._blocks):
             if k in self._slot:
-                take = decide(self._slot[k], h).to(torch.bool)
-                choices[:, self._slot[k]] = take.cpu()
-                h = ex.run_where(block, h, take, rows, ledger, otherwise=h)
+                take = decide(self._slot[k], h)
+                takes.append(take)
+                # h is this loop's own tensor (the stem's or a block's output): the rows that ran are written
+                # into it instead of into a copy
+                h = ex.run_where(block, h, take, rows, ledger, otherwise=h, overwrite=True)
             else:
                 h = ex.run(block, h, rows, ledger)
         logits = ex.run(self._head, h, rows, ledger)
+        choices = torch.stack(takes, 1).cpu().bool().long() if takes else torch.empty(n, 0, dtype=torch.int64)
         ran = choices.sum(1) + (len(self._blocks) - self.num_gated)
         return ExitResult(logits, ran, ledger.macs, choices)
 
@@ -258,7 +263,9 @@ class FeedForwardGate(nn.Module):
         nn.init.constant_(self.fc.bias, init_bias)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.fc(self.mlp(self.pool(h).flatten(1))).squeeze(1)
+        # the mean over H, W is what adaptive_avg_pool2d(1) computes, without its pool-then-flatten dispatches (at
+        # batch 1 a gate's ops cost as much as the convolutions a skipped block saves)
+        return self.fc(self.mlp(h.mean((2, 3)))).squeeze(1)
 
 
 class RecurrentGate(nn.Module):

@@ -431,21 +431,25 @@ class ChannelGatedNet(nn.Module):
         return self.infer(x).logits
 
     # -- inference path: executed --------------------------------------------------------------------------------
-    def _run_levels(self, k: int, h: Tensor, levels: list[int]) -> Tensor:
-        """Group the rows by width level; run each level's sliced block on its rows only; scatter back.
-        A loop over the (at most G) levels present, never over samples."""
-        fns, present = self._level_fns[k], sorted(set(levels))
-        if len(present) == 1:
-            return fns[present[0] - 1](h)
-        lv = torch.tensor(levels)
-        out = None
-        for lvl in present:
-            idx = (lv == lvl).nonzero().squeeze(1).to(h.device)
-            y = fns[lvl - 1](h.index_select(0, idx))
-            if out is None:
-                out = y.new_empty((h.shape[0],) + y.shape[1:])
-            out.index_copy_(0, idx, y)
-        return out
+    def _run_levels(self, k: int, h: Tensor, levels: Tensor, perm: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Run block ``k`` on each row at its width level (``levels``, (rows,) on the CPU, in ``h``'s row order).
+
+        The rows are sorted by level once (a stable sort, one gather), so that each level's sliced block runs on a
+        contiguous slice (a view) and the results are concatenated in that order: the output is *not* scattered
+        back. ``perm`` says which sample each row of ``h`` holds (None: row i is sample i); the returned
+        permutation says it for the output. A loop over the (at most G) levels present, never over samples."""
+        fns, chosen = self._level_fns[k], levels.tolist()
+        counts = [chosen.count(lvl) for lvl in range(self.groups + 1)]   # (a few levels: cheaper than an op)
+        if max(counts) == len(chosen):        # one level for every row: no gather
+            return fns[chosen[0] - 1](h), perm
+        order = torch.argsort(levels, stable=True)
+        h = h.index_select(0, order.to(h.device))
+        ys, start = [], 0
+        for lvl, count in enumerate(counts):
+            if count:
+                ys.append(fns[lvl - 1](h.narrow(0, start, count)))
+                start += count
+        return torch.cat(ys), (order if perm is None else perm[order])
 
     def _check_levels(self, levels: Tensor, n: int) -> Tensor:
         shape = (n, len(self.gates))
@@ -472,14 +476,20 @@ class ChannelGatedNet(nn.Module):
         costs = self.cost_table(x)
         h = self.backbone.stem(x)
         chosen = []
+        perm = None            # row i of h holds sample perm[i] (None: sample i); see _run_levels
         for block, k, gate in self._plan:
             if k is None:
                 h = block(h)
                 continue
-            lv = gate.levels(gate(h)).cpu() if forced is None else forced[:, len(chosen)]
-            chosen.append(lv)
-            h = self._run_levels(k, h, lv.tolist())
+            if forced is None:
+                lv = gate.levels(gate(h)).cpu()
+            else:
+                lv = forced[:, len(chosen)] if perm is None else forced[perm, len(chosen)]
+            chosen.append(lv if perm is None else torch.empty_like(lv).index_copy_(0, perm, lv))
+            h, perm = self._run_levels(k, h, lv, perm)
         logits = self._tail(h)
+        if perm is not None:   # back to the samples' order
+            logits = torch.empty_like(logits).index_copy_(0, perm.to(logits.device), logits)
         lv = torch.stack(chosen, 1)                                           # (N, gated blocks)
         # Every sample pays the ungated part (stem, ungated blocks, all gates, head) and, in each gated block, the
         # MACs of the level it ran: measured once per level with FlopCounterMode (``cost_table``).

@@ -236,6 +236,8 @@ class ConvMoE(nn.Module):
             if not chosen:
                 out = out.clone()
             return self.post(out), routing
+        # Sort the assignments by expert once: each expert's rows are then a contiguous slice of one gathered
+        # input (a view, not a gather per expert), and one weighted scatter-add puts every result back.
         flat_e = routing.experts.t().reshape(-1)
         flat_s = torch.arange(n, device=x.device).repeat(k)
         flat_w = routing.weights.t().reshape(-1)
@@ -244,21 +246,30 @@ class ConvMoE(nn.Module):
             flat_e, flat_s, flat_w = flat_e[keep], flat_s[keep], flat_w[keep]
         order = torch.argsort(flat_e, stable=True)
         counts = torch.bincount(flat_e, minlength=self.num_experts).tolist()
-        samples, weights = flat_s[order].split(counts), flat_w[order].split(counts)
-        for e, (idx, w) in enumerate(zip(samples, weights)):
-            if not counts[e]:
+        src = flat_s[order]                  # the sample of each sorted assignment
+        if k == 1 and len(src) == n and max(counts) == n:   # one expert takes the whole batch: no gather
+            xs, src_rows = x, rows
+        else:
+            xs, src_rows = x.index_select(0, src), (rows[src.cpu()] if charge else None)
+        ys, start = [], 0
+        for e, count in enumerate(counts):
+            if not count:
                 continue
-            xe = x if counts[e] == n and k == 1 else x.index_select(0, idx)   # k = 1: idx is then 0..n-1
+            xe = xs.narrow(0, start, count)
             expert = self.experts[e]
-            ye = executor.run(expert, xe, rows[idx.cpu()], ledger) if charge else expert(xe)
-            ye = ye * w.view(-1, *([1] * (ye.dim() - 1))).to(ye.dtype)
-            if out is None:
-                out = ye.new_zeros((n,) + ye.shape[1:])
-            out = out.index_add(0, idx, ye)
-        if out is None:        # every assignment dropped and no shortcut: cannot happen with capacity >= 1
-            raise RuntimeError("ConvMoE: no expert ran and there is no shortcut")
-        if not sum(counts):
-            out = out.clone()  # ``post`` may work in place; never on the caller's tensor
+            ys.append(executor.run(expert, xe, src_rows.narrow(0, start, count), ledger) if charge else expert(xe))
+            start += count
+        if not ys:             # every assignment dropped
+            if out is None:    # and no shortcut: cannot happen with capacity >= 1
+                raise RuntimeError("ConvMoE: no expert ran and there is no shortcut")
+            return self.post(out.clone()), routing   # ``post`` may work in place; never on the caller's tensor
+        y = ys[0] if len(ys) == 1 else torch.cat(ys)
+        y = y * flat_w[order].view(-1, *([1] * (y.dim() - 1))).to(y.dtype)
+        # the sum per sample runs in the order of ``src``: the shortcut, then its experts in index order
+        if out is None:
+            out = y.new_zeros((n,) + y.shape[1:]).index_add_(0, src, y)
+        else:
+            out = out.index_add(0, src, y)   # out of place: the shortcut's output may be the caller's tensor
         return self.post(out), routing
 
     def dense(self, x: Tensor) -> Tensor:
