@@ -142,7 +142,8 @@ def main() -> None:
     print(f"data: {len(train)}/{len(val)}/{len(test)} clips of {args.frames}x{args.canvas}x{args.canvas} built in "
           f"{time.perf_counter() - t0:.1f}s; informative frames {float(train.informative.float().mean()):.0%}",
           flush=True)
-    cfg = TrainConfig(epochs=epochs, batch_size=32, lr=args.lr, optimizer="adamw", weight_decay=1e-4, progress=False)
+    cfg = TrainConfig(device="cpu", epochs=epochs, batch_size=32, lr=args.lr, optimizer="adamw", weight_decay=1e-4,
+                      progress=False)
     nc = dict(num_classes=10, in_chans=1, frames=args.frames)
 
     t0 = time.perf_counter()

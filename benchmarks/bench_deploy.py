@@ -135,7 +135,8 @@ def _data():
 def _train(spec, sets, epochs, multi_exit, out: Path):
     torch.manual_seed(0)
     model = dyncnn.create_model(spec["name"], num_classes=10, in_chans=1, **spec["cfg"])
-    cfg = TrainConfig(epochs=epochs, batch_size=64, lr=0.1, label_smoothing=0.05, warmup_epochs=0.2, progress=False)
+    cfg = TrainConfig(device="cpu", epochs=epochs, batch_size=64, lr=0.1, label_smoothing=0.05, warmup_epochs=0.2,
+                      progress=False)
     Trainer(model, sets["train"], sets["val"], cfg, out_dir=out, loss_fn=MultiExitLoss() if multi_exit else None
             ).fit()
     return model.eval()

@@ -106,7 +106,7 @@ def train_pairs(pairs: list[str], epochs: int, seed: int, canvas: int, threads: 
         for name in [static_name] + variants:
             torch.manual_seed(seed)
             model = dyncnn.create_model(name, num_classes=10, in_chans=1, **cfg)
-            tc = TrainConfig(epochs=epochs, batch_size=64, optimizer="adamw", lr=5e-3, weight_decay=1e-4,
+            tc = TrainConfig(device="cpu", epochs=epochs, batch_size=64, optimizer="adamw", lr=5e-3, weight_decay=1e-4,
                              warmup_epochs=0.1, seed=seed, progress=False)
             t0 = time.perf_counter()
             Trainer(model, train_set, val_set, tc).fit()

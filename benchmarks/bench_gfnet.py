@@ -166,8 +166,8 @@ def main() -> None:
 
     t0 = time.perf_counter()
     static = create_model("tiny_mobilenet", num_classes=10, in_chans=1, widths=[16, 32, 64, 128])
-    cfg = TrainConfig(epochs=args.static_epochs, batch_size=32, lr=3e-3, optimizer="adamw", weight_decay=1e-4,
-                      progress=False)
+    cfg = TrainConfig(device="cpu", epochs=args.static_epochs, batch_size=32, lr=3e-3, optimizer="adamw",
+                      weight_decay=1e-4, progress=False)
     Trainer(static, train, val, cfg, out / "static").fit(resume=args.resume)
     t_static = time.perf_counter() - t0
     long_epochs = args.static_epochs + args.epochs + args.finetune_epochs
@@ -178,7 +178,7 @@ def main() -> None:
         static_long.eval()
     t_long = time.perf_counter() - t0 - t_static
     gf = create_model("gfnet_tiny_mnist", num_classes=10, in_chans=1)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=32, lr=3e-3, optimizer="adamw", weight_decay=1e-4,
+    cfg = TrainConfig(device="cpu", epochs=args.epochs, batch_size=32, lr=3e-3, optimizer="adamw", weight_decay=1e-4,
                       progress=False)
     gf.init_encoders_from(static)       # GFNet starts from the pretrained backbone (ImageNet in the paper)
     fit_model(gf, train, val, cfg, out / "gfnet", resume=args.resume,

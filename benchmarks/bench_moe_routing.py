@@ -79,7 +79,7 @@ def part_a(args) -> dict:
         torch.manual_seed(0)
         model = build(name, cfg, trained["static ResNet-14 w0.5"] if ft else None)
         ft_epochs = args.route_ft_epochs if name and name.startswith("routing") else args.ft_epochs
-        conf = TrainConfig(epochs=ft_epochs if ft else args.epochs, batch_size=64,
+        conf = TrainConfig(device="cpu", epochs=ft_epochs if ft else args.epochs, batch_size=64,
                            lr=args.ft_lr if ft else args.lr, optimizer="adamw", weight_decay=1e-4,
                            warmup_epochs=0.2 if ft else 0.5, progress=False)
         t0 = time.perf_counter()

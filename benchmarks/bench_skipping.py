@@ -37,8 +37,8 @@ from dyncnn.train.trainer import TrainConfig, Trainer, evaluate
 
 
 def config(epochs: int, lr: float, optimizer: str = "sgd", weight_decay: float = 5e-4) -> TrainConfig:
-    return TrainConfig(epochs=epochs, batch_size=64, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-                       progress=False, seed=0)
+    return TrainConfig(device="cpu", epochs=epochs, batch_size=64, lr=lr, optimizer=optimizer,
+                       weight_decay=weight_decay, progress=False, seed=0)
 
 
 def train(model: nn.Module, train_set, val_set, epochs: int, lr: float, optimizer: str = "sgd") -> float:

@@ -40,7 +40,7 @@ def train(name: str, train_set, val_set, args, **cfg) -> tuple[nn.Module, float]
     if path is not None and path.exists():
         model.load_state_dict(torch.load(path))
         return model.eval(), float("nan")
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer="adamw",
+    config = TrainConfig(device="cpu", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer="adamw",
                          weight_decay=1e-4, grad_clip=1.0, seed=args.seed, progress=False)
     t0 = time.perf_counter()
     with torch_threads(args.train_threads):

@@ -111,7 +111,7 @@ def train_table(backbone: str, budgets: list[float], epochs: int, ft_epochs: int
         from dyncnn.train.checkpoint import load_checkpoint
         load_checkpoint(static_ckpt, static)
     else:
-        Trainer(static, train, val, TrainConfig(epochs=epochs, batch_size=64, lr=0.05, progress=False),
+        Trainer(static, train, val, TrainConfig(device="cpu", epochs=epochs, batch_size=64, lr=0.05, progress=False),
                 f"{out}/static").fit()
         print(f"static checkpoint: {out}/static/best.safetensors")
     t_static = time.perf_counter() - t0
@@ -124,7 +124,7 @@ def train_table(backbone: str, budgets: list[float], epochs: int, ft_epochs: int
         model = DynConvNet(make(), DynConvCfg(budget=b))
         model.backbone.load_state_dict(static.state_dict())
         t0 = time.perf_counter()
-        Trainer(model, train, val, TrainConfig(epochs=ft_epochs, batch_size=64, lr=ft_lr, progress=False),
+        Trainer(model, train, val, TrainConfig(device="cpu", epochs=ft_epochs, batch_size=64, lr=ft_lr, progress=False),
                 f"{out}/b{b}").fit()
         t_ft = time.perf_counter() - t0
         r = evaluate_dynamic(model, test)
