@@ -12,6 +12,10 @@ LIMIT=${LIMIT:-300}           # seconds per benchmark
 mkdir -p "$OUT"
 # one CPU per physical core, in core order; lanes take two each, skipping the first core (the shell, the GPU driver)
 mapfile -t CPUS < <(lscpu -p=CPU,CORE | grep -v '^#' | sort -t, -k2,2n -u | cut -d, -f1)
+if [ "${#CPUS[@]}" -lt 5 ]; then
+    echo "quiet_bench.sh needs 5 physical cores or more (found ${#CPUS[@]}); run the benchmarks one by one instead" >&2
+    exit 2
+fi
 LANE1=${CPUS[1]},${CPUS[2]}
 LANE2=${CPUS[3]},${CPUS[4]}
 echo "cpus per core: ${CPUS[*]}; lane 1 on $LANE1, lane 2 on $LANE2" | tee "$OUT/lanes.txt"
