@@ -69,9 +69,12 @@ def test_cuda_training_checkpoints_load_on_cpu(tmp_path, data):
         assert torch.equal(a.cpu(), b), k
     on_gpu, on_cpu = evaluate(model.eval(), val), evaluate(cpu_model.eval(), val)
     assert abs(on_gpu["acc"] - on_cpu["acc"]) <= 1 / 32
+    # resuming on the GPU (the same settings: a finished run) loads the CPU-written checkpoint onto the GPU model
     resumed = _model(seed=1)
-    Trainer(resumed, train, val, _cfg(device="cuda", epochs=2), out_dir=tmp_path).fit(resume=True)  # GPU resume
+    Trainer(resumed, train, val, _cfg(device="cuda", amp=True), out_dir=tmp_path).fit(resume=True)
     assert module_device(resumed).type == "cuda"
+    for (k, a), b in zip(resumed.state_dict().items(), cpu_model.state_dict().values()):
+        assert torch.equal(a.cpu(), b), k
 
 
 @cuda
