@@ -670,6 +670,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from .export import own_writer
     from .export.bench import bench_model, format_table
     if _is_bundle(args.model):
         return _bench_bundle(args)
