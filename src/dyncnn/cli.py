@@ -640,7 +640,7 @@ def cmd_export(args) -> int:
         # export_bundle refuses what such a bundle cannot hold (another runtime, INT8, the single graph)
         manifest = export_bundle(model, args.out, shape, policy=policy, check_inputs=[real[:16]],
                                  quantize=args.quantize, single_graph=args.single_graph,
-                                 runtime=args.runtime)
+                                 runtime=args.runtime, data=meta.get("data"))
         print(json.dumps(manifest, indent=2, allow_nan=True) if args.json else
               f"exported {args.model} (glance, {len(manifest['graphs'])} ONNX graphs) to {args.out}; max relative "
               f"error against eager {manifest['check']['max_rel_err']:.1e}; exit policy: {source}")
@@ -650,7 +650,8 @@ def cmd_export(args) -> int:
     real, _ = _deploy_images(args, model, meta, shape, "val", max(args.calib_images, 16))
     manifest = export_bundle(model, args.out, shape, policy=policy, check_inputs=[real[:16]],
                              quantize=args.quantize, calibration=real[:args.calib_images],
-                             single_graph=args.single_graph, runtime=args.runtime, max_batch=args.max_batch)
+                             single_graph=args.single_graph, runtime=args.runtime, max_batch=args.max_batch,
+                             data=meta.get("data"))
     if args.json:
         print(json.dumps(manifest, indent=2, allow_nan=True))
         return 0
@@ -697,7 +698,8 @@ def cmd_bench(args) -> int:
 
 def _bench_bundle(args) -> int:
     """`dyncnn bench DIR` of an exported bundle: its own ONNX Runtime rows (every precision it holds) on real
-    images of --dataset, resized to the bundle's input; the exit policy is the manifest's."""
+    images of the dataset its manifest records (the checkpoint's; else, or with --dataset-override, --dataset),
+    resized to the bundle's input; the exit policy is the manifest's."""
     from types import SimpleNamespace
 
     from .export.bench import bench_bundle, format_table
@@ -708,7 +710,8 @@ def _bench_bundle(args) -> int:
     manifest = _read_manifest(Path(args.model))
     shape = tuple(int(s) for s in manifest["input"]["shape"][1:])
     labelled = SimpleNamespace(num_classes=int(manifest.get("num_classes") or 0))
-    images, labels = _deploy_images(args, labelled, {}, shape, "test", args.images)
+    recorded = {"data": manifest.get("data")}
+    images, labels = _deploy_images(args, labelled, recorded, shape, "test", args.images)
     result = bench_bundle(args.model, images, labels, threads=args.threads, batch_sizes=args.batch_sizes,
                           min_time_s=args.min_time)
     if args.json:
@@ -717,6 +720,8 @@ def _bench_bundle(args) -> int:
     policy = manifest.get("policy")
     print(f"bundle: {args.model} ({result['kind']}, {result['model_class']})" +
           (f"   exit policy (manifest): thresholds {[round(t, 4) for t in policy['thresholds']]}" if policy else ""))
+    print(f"images: {len(images)} of the test split of {_data_cfg_for(args, recorded)['name']}"
+          + ("" if manifest.get("data") else " (the bundle records no dataset: --dataset)"))
     print(format_table(result))
     return 0
 

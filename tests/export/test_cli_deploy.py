@@ -101,10 +101,12 @@ def test_bench_and_profile_of_an_exported_bundle_folder(tmp_path, checkpoint, ca
     assert result["dynamic"]["policy"]["thresholds"] == bundle.policy.thresholds
     assert result["dynamic"]["parity"] is None and sum(result["dynamic"]["exit_histogram"]) == 8
     assert set(result["accuracy"]) >= {"onnxruntime_fp32", "onnxruntime_int8"}      # mnist fits: labels are used
-    assert main(["bench", str(out), "--dataset", "mnist", "--min-time", "0.01", "--images", "4",
-                 "--batch-sizes", "1"]) == 0
+    # the manifest keeps the checkpoint's dataset: without --dataset the bundle is timed on its own kind of images
+    assert json.loads((out / "manifest.json").read_text())["data"]["name"] == "mnist"
+    assert main(["bench", str(out), "--min-time", "0.01", "--images", "4", "--batch-sizes", "1"]) == 0
     text = capsys.readouterr().out
     assert text.startswith(f"bundle: {out} (multi_exit, ") and "threads: 2" in text
+    assert "images: 4 of the test split of mnist\n" in text
     assert "| onnxruntime | int8 | 1 | policy |" in text and "eager" not in text
     # profile: the manifest's MACs (per exit), the graphs' weights, ONNX Runtime latency at full depth
     assert main(["profile", str(out), "--batch-sizes", "1", "2", "--min-time", "0.01", "--json"]) == 0

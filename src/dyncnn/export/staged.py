@@ -379,7 +379,7 @@ def export_bundle(model: nn.Module, out_dir: str | os.PathLike, input_shape: Seq
                   policy: ExitPolicy | Sequence[float] | None = None, check_inputs: Sequence[Tensor] = (),
                   quantize: bool = False, calibration: Tensor | None = None, single_graph: bool = False,
                   opset: int | None = None, seed: int = 0, runtime: str = "onnxruntime",
-                  max_batch: int | None = None) -> dict:
+                  max_batch: int | None = None, data: dict | None = None) -> dict:
     """Export ``model`` for inputs of shape ``(N, *input_shape)`` into the folder ``out_dir``; returns the manifest.
 
     Multi-exit networks get one graph per stage with its exit head (see the module docstring), and ``policy``
@@ -388,6 +388,9 @@ def export_bundle(model: nn.Module, out_dir: str | os.PathLike, input_shape: Seq
     worst).
     With ``quantize``, INT8 graphs calibrated on ``calibration`` images are added (see :mod:`.quantize`); with
     ``single_graph``, a multi-exit network also gets ``single.onnx``, its ``torch.cond`` form (see :mod:`.cond`).
+
+    ``data`` (the dataset the model was trained on, as its checkpoint records it) is kept in the manifest, so that
+    ``dyncnn bench DIR`` times the bundle on the same kind of images.
 
     ``runtime="executorch"`` writes ExecuTorch programs lowered to XNNPACK instead of ONNX graphs (same bundle
     layout and driver, see :mod:`.executorch`; ``max_batch`` bounds the batch of one program call, larger batches
@@ -404,7 +407,11 @@ def export_bundle(model: nn.Module, out_dir: str | os.PathLike, input_shape: Seq
         if len(input_shape) != 3 or input_shape[-1] != input_shape[-2]:
             raise ExportError(f"{type(model).__name__} bundles take square images: input_shape must be (C, S, S), "
                               f"got {tuple(input_shape)}")
-        return writer(model, out_dir, policy=policy, check_inputs=check_inputs, input_size=int(input_shape[-1]))
+        manifest = writer(model, out_dir, policy=policy, check_inputs=check_inputs, input_size=int(input_shape[-1]))
+        if data:
+            manifest["data"] = dict(data)
+            write_manifest(out_dir, manifest)
+        return manifest
     if runtime == "executorch":
         from .executorch import require
         require()
@@ -426,6 +433,8 @@ def export_bundle(model: nn.Module, out_dir: str | os.PathLike, input_shape: Seq
             manifest = _export_multi_exit(model, tmp, example, _coerce_policy(model, policy), opset, **opts)
         else:
             manifest = _export_static(model, tmp, example, opset, **opts)
+        if data:
+            manifest["data"] = dict(data)
         write_manifest(tmp, manifest)
         checks = [torch.randn(3, *input_shape, generator=gen), *check_inputs]
         manifest["check"] = {"max_rel_err": check_bundle(model, tmp, checks), "batches": len(checks),
