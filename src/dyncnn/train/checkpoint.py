@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, DyncnnError
-from ..files import apply_umask, atomic_write_bytes, atomic_write_text, model_spec   # noqa: F401 (re-exported)
+from ..files import apply_umask, atomic_write_text, model_spec
 
 FORMAT = "dyncnn-checkpoint-1"
 META_KEY = "dyncnn"
