@@ -211,7 +211,8 @@ def _tiny_settings(out, **kw):
     from dyncnn.frontier.runner import FrontierSettings, _static
     models = {"static": [_static("small /2", "tiny_mobilenet", 2, widths=[8, 16]),
                          _static("big", "tiny_mobilenet", 1, widths=[8, 16, 32])],
-              "dynamic": [{"label": "cascade", "kind": "cascade", "members": ["small /2", "big"]}]}
+              "dynamic": [{"label": "cascade", "kind": "cascade", "members": ["small /2", "big"]},
+                          {"label": "searched", "kind": "searched", "max_members": 3}]}
     return FrontierSettings(out=out, canvas=32, seeds=(0,), epochs=1, train_repeats=1, val_repeats=1,
                             test_repeats=1, rounds=3, single_images=8, batch_images=32, batch_sizes=(1, 16),
                             threads=(1,), models=models, **kw)
@@ -226,11 +227,19 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
         assert (tmp_path / "fr" / name).stat().st_size > 500
     saved = json.loads((tmp_path / "fr" / "frontier.json").read_text())
     seed = saved["seeds"][0]
-    assert set(seed["static"]) == {"small /2", "big"} and saved["summary"]["selected"] == "cascade"
+    assert set(seed["static"]) == {"small /2", "big"} and saved["summary"]["selected"] in ("cascade", "searched")
     points = seed["dynamic"]["cascade"]["points"]
     assert sum(p["chosen"] for p in points) == 1 and any(p.get("full_depth") for p in points)
     # the bundle driver's decisions on the test split equal the offline assignment from eager logits
     assert all(p["offline_agrees"] == p["n_test"] for p in points)
+    # the searched cascade: members chosen on validation among the static models, then built and timed alike
+    search = seed["cascade_search"]
+    assert set(search["member_ms"]) == {"small /2", "big"} and search["candidates"] == 1
+    by_cost = sorted(search["member_ms"], key=search["member_ms"].get)        # members run cheapest first
+    assert seed["dynamic"]["searched"]["members"] == by_cost == search["ranking"][0]["members"]
+    assert seed["dynamic"]["searched"]["kind"] == "searched"
+    assert all(p["offline_agrees"] == p["n_test"] for p in seed["dynamic"]["searched"]["points"])
+    assert "Cascade search (validation split only)" in (tmp_path / "fr" / "frontier.md").read_text()
     merit = seed["merit"]["t1_b1"]["models"]["cascade"]
     assert merit["speedup"] > 0 and merit["dynamic_latency"] > 0
     assert "faster than the static front" in (tmp_path / "fr" / "frontier.md").read_text()
@@ -283,3 +292,61 @@ def test_tiny_frontier_timed_in_executorch(tmp_path):
     assert all(p["rt"]["t1_b16"]["median_ms"] > 0 for p in points)
     md = (tmp_path / "fr" / "frontier.md").read_text()
     assert "ExecuTorch (XNNPACK)" in md and "ET ms batch 16, 1 thread" in md
+
+
+# -- choosing on validation: threshold grid and cascade search ---------------------------------------------------
+
+def _exits(n=300, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(k, n, generator=g, dtype=torch.float64)
+    correct = torch.rand(k, n, generator=g) < torch.linspace(0.6, 0.9, k)[:, None]
+    return scores, correct
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_grid_candidates_equal_the_plain_threshold_evaluation(k):
+    from dyncnn.dynamic.budget import evaluate_thresholds
+    from dyncnn.frontier.search import grid_candidates
+    scores, correct = _exits(k=k)
+    cost = [1.0, 3.0, 7.0][:k]
+    cands = grid_candidates(scores, correct, cost, [1.0] * k, points=11)
+    assert len(cands) > 5
+    for c in cands:       # each vectorized figure equals the one-sample-at-a-time assignment of its thresholds
+        ref = evaluate_thresholds(scores, correct, torch.tensor([*c["thresholds"], -math.inf],
+                                                                dtype=torch.float64), cost)
+        assert math.isclose(c["val_accuracy"], ref.accuracy, abs_tol=1e-12)
+        assert math.isclose(c["val_cost"], ref.mean_macs, abs_tol=1e-12)
+        assert c["val_exit_fractions"] == pytest.approx(ref.exit_fractions, abs=1e-12)
+    keys = {tuple(round(f * 300) for f in c["val_exit_fractions"]) for c in cands}
+    assert len(keys) == len(cands)                                      # each split of the samples once
+    assert any(c["val_exit_fractions"][-1] == 1.0 for c in cands)       # "never exit early" is a candidate
+    assert grid_candidates(*_exits(k=4), [1, 2, 3, 4], [1.0] * 4) == []     # more exits: the q sweep's job
+
+
+def test_cascade_search_picks_the_cheapest_cascade_that_reaches_the_target():
+    from dyncnn.frontier.search import search_cascades
+    g = torch.Generator().manual_seed(0)
+    n, y = 400, torch.arange(400) % 10
+
+    def model(acc, confident_when_right=True):
+        # right on a fraction `acc` of the samples; confident (sharp logits) exactly on those it gets right
+        logits = torch.randn(n, 10, generator=g) * 0.1
+        right = torch.rand(n, generator=g) < acc
+        pred = torch.where(right, y, (y + 1) % 10)
+        logits[torch.arange(n), pred] += torch.where(right, 8.0, 0.5) if confident_when_right else 3.0
+        return logits
+    logits = {"tiny": model(0.7), "uninformative": model(0.7, confident_when_right=False), "big": model(0.95)}
+    cost = {"tiny": 1.0, "uninformative": 1.0, "big": 10.0}
+    target = float((logits["big"].argmax(1) == y).double().mean())
+    ranking = search_cascades(logits, y, cost, target)
+    # the tiny model's confidence says when it is right: most samples stop there, the big one takes the rest
+    # (the best cascade may also spend the slack above the target on the uninformative model in between)
+    assert ranking[0]["members"][0] == "tiny" and ranking[0]["members"][-1] == "big" and ranking[0]["reaches"]
+    assert ranking[0]["val_cost"] < 5.0 and ranking[0]["val_accuracy"] >= target
+    pair = {tuple(r["members"]): r for r in ranking if len(r["members"]) == 2}
+    assert pair["tiny", "big"]["val_cost"] < 5.0
+    # a first member whose confidence carries no information saves little at the target
+    assert pair["uninformative", "big"]["val_cost"] > pair["tiny", "big"]["val_cost"] + 2.0
+    assert len(ranking) == 4                                  # 3 pairs and 1 triple, members by increasing cost
+    with pytest.raises(ValueError, match="need a cost"):
+        search_cascades(logits, y, {"tiny": 1.0}, target)

@@ -29,11 +29,15 @@ from .train.checkpoint import atomic_write_text, load_checkpoint
 from .viz import plot_accuracy_by_scale, plot_easy_hard_gallery, plot_exit_histogram, plot_training_curves
 
 
-def _rebuild(s: FrontierSettings, seed: int, label: str):
-    """The trained dynamic model ``label`` of ``seed`` from the run's checkpoints (cascades from their members)."""
+def _rebuild(s: FrontierSettings, seed_result: dict, label: str):
+    """The trained dynamic model ``label`` of one seed's results from the run's checkpoints (cascades, searched
+    ones included, from the members that seed used)."""
     models = s.model_set()
     specs = {m["label"]: m for m in models["static"]}
+    seed = seed_result["seed"]
     spec = next(d for d in models["dynamic"] if d["label"] == label)
+    if spec["kind"] in ("cascade", "searched"):
+        spec = {"label": label, "kind": "cascade", "members": seed_result["dynamic"][label]["members"]}
     statics = {}
     for m in spec.get("members", []):
         net = build_static(specs[m])
@@ -60,7 +64,7 @@ def run_demo(out_dir: Path = Path("runs/demo"), epochs: int | None = None, threa
     chosen = next(p for p in seed["dynamic"][label]["points"] if p["chosen"])
 
     # where the selected cascade spends its work: exits taken, which digits leave early, accuracy by digit scale
-    net = _rebuild(s, 0, label)
+    net = _rebuild(s, seed, label)
     test = load_data(s)["test"]
     x = test.images.float() / 255
     policy = ExitPolicy(chosen["thresholds"], "max_prob", chosen["temperatures"])
@@ -78,9 +82,10 @@ def run_demo(out_dir: Path = Path("runs/demo"), epochs: int | None = None, threa
         early.append(float((res.exit_index[m] == 0).double().mean()) if m.any() else 0.0)
     plot_accuracy_by_scale(edges, acc, counts, out_dir / "accuracy_by_scale.png",
                            title=f"{label}: test accuracy by digit size")
+    last = (seed["dynamic"][label].get("members") or ["tiny-M"])[-1]
     history = [json.loads(line) for line in
-               (out_dir / "models" / "seed0" / _slug("tiny-M") / "metrics.jsonl").read_text().splitlines()]
-    plot_training_curves(history, out_dir / "training.png", title="static tiny-M (the cascade's last member)")
+               (out_dir / "models" / "seed0" / _slug(last) / "metrics.jsonl").read_text().splitlines()]
+    plot_training_curves(history, out_dir / "training.png", title=f"static {last} (the cascade's last member)")
     scale_line = ("Share of digits that leave at the first (low-resolution) exit, by digit size (fraction of the "
                   "canvas): " + ", ".join(f"{lo:.2f}-{hi:.2f}: {e:.0%} (n={n})"
                                           for lo, hi, e, n in zip(edges[:-1], edges[1:], early, counts)) + ".")

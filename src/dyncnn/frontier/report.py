@@ -40,6 +40,11 @@ def headline(results: dict) -> str:
          f"{best['speedup_min']:.2f}-{best['speedup_max']:.2f}x), its test accuracy "
          f"{best['accuracy_gap_mean'] * 100:+.2f} points from the best static model's "
          f"({best['best_static_mean']:.4f}: {within} it).")
+    picks = {sd["seed"]: sd["dynamic"][label]["members"] for sd in results["seeds"]
+             if sd["dynamic"][label].get("kind") == "searched"}
+    if picks:
+        s += " Its members, chosen on validation: " + "; ".join(f"seed {k}: {' -> '.join(v)}"
+                                                                for k, v in picks.items()) + "."
     others = [c for c in summ if c != cond and label in summ[c]]
     if others:
         s += " Elsewhere: " + ", ".join(f"{summ[c][label]['speedup_mean']:.2f}x at {_cond_name(c)}" for c in others) + "."
@@ -51,7 +56,7 @@ def render_markdown(results: dict) -> str:
     m = results["machine"]
     seeds = results["seeds"]
     rt, rt_name, rt_short = _runtime(results)
-    lines = [f"# Accuracy against measured latency: dynamic networks vs the static front", "",
+    lines = ["# Accuracy against measured latency: dynamic networks vs the static front", "",
              headline(results), "",
              f"Data: ScaledMNIST {st['canvas']}x{st['canvas']}, clutter {st['clutter']}; {st['epochs']} epochs for "
              f"every model (same schedule, augmentation and seed); test split rendered {st['test_repeats']} times "
@@ -90,12 +95,24 @@ def render_markdown(results: dict) -> str:
                   "|---|---|---|---|---|---|---|" + "---|" * len(conds)]
         for label, d in sd["dynamic"].items():
             for p in d["points"]:
-                tag = "chosen" if p["chosen"] else "full depth" if p.get("full_depth") else f"q={p['q']:.3g}"
+                tag = "chosen" if p["chosen"] else "full depth" if p.get("full_depth") else \
+                    f"q={p['q']:.3g}" if p.get("q") is not None else "grid"
                 pred = ", ".join(f"{v:.4f}" for v in p["predicted_ms_b1"].values())
                 lines.append(f"| {label} | {tag} | {p['val_accuracy']:.4f} | {p['test_accuracy']:.4f} | "
                              f"{p['test_mean_macs'] / 1e6:.2f}M | "
                              f"{'/'.join(f'{f:.2f}' for f in p['test_exit_fractions'])} | {pred} | " +
                              " | ".join(_ms(p["rt"][c]) for c in conds) + " |")
+        if sd.get("cascade_search"):
+            cs = sd["cascade_search"]
+            lines += ["", "### Cascade search (validation split only)", "",
+                      f"{cs['candidates']} cascades of 2-3 static models scored on validation logits with the "
+                      f"members' batch-1 {rt_short} latencies ({cs['threads']} thread(s), validation images): "
+                      + ", ".join(f"{k} {v:.3f} ms" for k, v in cs["member_ms"].items()) + ". The cheapest "
+                      "reaching the best static validation accuracy was built and timed:", "",
+                      "| members | reaches target | val acc | predicted ms per image |", "|---|---|---|---|"]
+            for r in cs["ranking"][:5]:
+                lines.append(f"| {' -> '.join(r['members'])} | {'yes' if r['reaches'] else 'no'} | "
+                             f"{r['val_accuracy']:.4f} | {r['val_cost']:.4f} |")
         lines += ["", "### Figure of merit per condition", "",
                   "| dynamic model | condition | chosen: test acc gap | static front ms at that accuracy | dynamic ms "
                   "| speedup | realized vs own full depth | MAC speedup | kept | predicted ms | measured ms |",

@@ -24,7 +24,7 @@ import math
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -47,6 +47,7 @@ from ..train import TrainConfig, Trainer, evaluate
 from ..train.checkpoint import atomic_write_text, load_checkpoint, read_checkpoint, save_checkpoint
 from .report import RUNTIME_NAMES
 from .front import Point, pareto_front, select_on_validation, speedup_at_equal_accuracy
+from .search import grid_candidates, search_cascades
 
 # -- what is compared ------------------------------------------------------------------------------------------
 
@@ -61,6 +62,12 @@ def _static(label: str, name: str, factor: int = 1, **cfg) -> dict:
 def _cascade(label: str, *members: str) -> dict:
     """A cascade of the preset's static models (by label), cheapest first."""
     return {"label": label, "kind": "cascade", "members": list(members)}
+
+
+def _searched(label: str = "cascade searched on validation", max_members: int = 3) -> dict:
+    """A cascade whose members are chosen among the preset's trained static models on the validation split
+    (:func:`~dyncnn.frontier.search.search_cascades`); each seed may choose other members."""
+    return {"label": label, "kind": "searched", "max_members": max_members}
 
 
 def presets(canvas: int) -> dict[str, dict]:
@@ -101,13 +108,15 @@ def presets(canvas: int) -> dict[str, dict]:
     return {
         "demo": {"static": demo_static,
                  "dynamic": [_cascade("resolution cascade /2 -> full", "tiny-M /2", "tiny-M"),
-                             _cascade("resolution cascade /4 -> /2 -> full", "tiny-S /4", "tiny-M /2", "tiny-M")]},
+                             _cascade("resolution cascade /4 -> /2 -> full", "tiny-S /4", "tiny-M /2", "tiny-M"),
+                             _searched()]},
         "full": {"static": full_static,
                  "dynamic": [_cascade("resolution cascade /2 -> full", "tiny-M /2", "tiny-M"),
                              _cascade("resolution cascade /4 -> /2 -> full", "tiny-S /4", "tiny-M /2", "tiny-M"),
                              _cascade("resolution cascade /2 -> tiny-L", "tiny-M /2", "tiny-L"),
                              _cascade("cascade /2 -> tiny-M -> tiny-L", "tiny-M /2", "tiny-M", "tiny-L"),
                              _cascade("width cascade tiny-S -> tiny-M", "tiny-S", "tiny-M"),
+                             _searched(),
                              exits_on(TINY_M, "exits on tiny-M (distill+GE)"),
                              msdnet]},
         "phone": {"static": phone_static,
@@ -116,6 +125,7 @@ def presets(canvas: int) -> dict[str, dict]:
                                        "mnv3-small /2", "mnv3-small"),
                               _cascade("cascade tiny-XL /2 -> mnv3-small", "tiny-XL /2", "mnv3-small"),
                               _cascade("resolution cascade tiny-XL /2 -> full", "tiny-XL /2", "tiny-XL"),
+                              _searched(),
                               exits_on(TINY_XL, "exits on tiny-XL (distill+GE)")]},
     }
 
@@ -368,7 +378,15 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
     target_val = result["static"][best_static]["val_accuracy"]
     result["best_static_by_val"] = best_static
 
+    searched = None
     for spec in models["dynamic"]:
+        kind = spec["kind"]
+        if kind == "searched":
+            if searched is None:
+                searched = _search_members(statics, lambda label: bundle_of(bundles / _slug(label), t_cost),
+                                           val, x_val, target_val, s, t_cost, spec["max_members"], log, seed)
+                result["cascade_search"] = searched
+            spec = _cascade(spec["label"], *searched["ranking"][0]["members"])
         label = spec["label"]
         net = build_dynamic(spec, statics, static_specs) if spec["kind"] == "cascade" else trained_dyn[label]
         net.eval()
@@ -390,9 +408,11 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
         test_scores = exit_scores(test_logits, temperatures=temps)
         val_correct = val_logits.argmax(-1) == val_y
         test_correct = test_logits.argmax(-1) == test_y
-        cands = _sweep_candidates(val_scores, val_correct, stage_tables[t_cost], temps)
+        # operating points: the MSDNet sweep (its last entry: full depth) and, for 2-3 exits, a threshold grid
+        sweep = _sweep_candidates(val_scores, val_correct, stage_tables[t_cost], temps)
+        cands = grid_candidates(val_scores, val_correct, stage_tables[t_cost], temps) + sweep
         chosen = select_on_validation(cands, target_val)
-        picked = {tuple(p["thresholds"]): p for p in [*_curve(cands, s.curve_points), chosen, cands[-1]]}
+        picked = {tuple(p["thresholds"]): p for p in [*_curve(cands, s.curve_points), chosen, sweep[-1]]}
         points = [dict(p, chosen=p["thresholds"] == chosen["thresholds"]) for p in picked.values()]
         bundle = load_bundle(folder, threads=1)
         entries = []
@@ -415,7 +435,7 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
             timed.append(Timed(key, lambda t, f=folder, pol=policy: _dyn_runner(bundle_of(f, t), pol)))
             if p["chosen"] or p.get("full_depth"):
                 eager_timed.append(Timed(key, lambda t, m=net, pol=policy: _eager_dynamic(m, pol)))
-        result["dynamic"][label] = {"kind": spec["kind"], "members": spec.get("members"),
+        result["dynamic"][label] = {"kind": kind, "members": spec.get("members"),
                                     "chosen_val_accuracy": chosen["val_accuracy"],
                                     "chosen_val_cost_ms": chosen["val_cost"], "target_val_accuracy": target_val,
                                     "exit_macs": exit_macs, "temperatures": temps,
@@ -442,6 +462,45 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
             p["rt"], p["eager"] = rt[p["key"]], eager.get(p["key"], {})
     result["merit"] = figures_of_merit(result, s)
     return result
+
+
+def _image_ms(bundle, images: np.ndarray, repeats: int = 3) -> float:
+    """Median milliseconds of running ``bundle`` on one image of ``images``, after one warm-up pass."""
+    times = []
+    for rep in range(repeats + 1):
+        for i in range(len(images)):
+            t0 = time.perf_counter()
+            bundle.run_numpy(images[i:i + 1])
+            if rep:
+                times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def _search_members(statics: dict[str, nn.Module], bundle: Callable, val, x_val: Tensor, target_val: float,
+                    s: FrontierSettings, threads: int, max_members: int, log, seed: int) -> dict:
+    """The members of the searched cascade, on the validation split: every static model's validation logits
+    (eager) and its batch-1 latency in the runtime (its exported bundle, ``threads`` threads, validation images),
+    then :func:`~dyncnn.frontier.search.search_cascades`."""
+    with torch_threads(threads):
+        cost = {label: _image_ms(bundle(label), x_val[:64].numpy()) for label in statics}
+    with torch_threads(max(s.threads)):
+        logits = {label: collect_exit_logits(_AsExits(net).eval(), val)[0][0] for label, net in statics.items()}
+    y = torch.as_tensor(val.targets)
+    ranking = search_cascades(logits, y, cost, target_val, max_members)
+    log(f"  seed {seed}: cascade searched on validation: {' -> '.join(ranking[0]['members'])} (predicted "
+        f"{ranking[0]['val_cost']:.3f} ms per image, validation accuracy {ranking[0]['val_accuracy']:.4f})")
+    return {"member_ms": cost, "threads": threads, "ranking": ranking[:10], "candidates": len(ranking)}
+
+
+class _AsExits(nn.Module):
+    """A static network as a one-exit network (``forward`` returns the list of exit logits)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return [self.net(x)]
 
 
 def _export_options(s: FrontierSettings) -> dict:
