@@ -389,7 +389,8 @@ def cmd_eval(args) -> int:
     dataset = _dataset(args, args.split, data_cfg)
     if args.budget or args.anytime:
         return _eval_dynamic(args, model, dataset)
-    from .dynamic.evaluation import evaluate_dynamic, format_dynamic, is_gated
+    from .dynamic.evaluation import evaluate_dynamic, format_dynamic
+    from .dynamic.protocols import is_gated
     if is_gated(model):       # layer skipping, channel gating, experts, routing, pixel masks: executed inference
         result = evaluate_dynamic(model, dataset, progress=True)
         result.update(checkpoint=str(args.checkpoint), split=args.split, dataset=data_cfg["name"])

@@ -3,7 +3,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dyncnn.dynamic.evaluation import evaluate_dynamic, format_dynamic, is_gated
+from dyncnn.dynamic.evaluation import evaluate_dynamic, format_dynamic
+from dyncnn.dynamic.protocols import is_gated
 from dyncnn.dynamic.executor import CostLedger, ExitResult, Executor
 
 

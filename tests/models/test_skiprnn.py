@@ -10,7 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dyncnn.data.mnist import MNISTDigits
 from dyncnn.data.sequences import RowSequenceDigits
-from dyncnn.dynamic.evaluation import evaluate_dynamic, is_gated
+from dyncnn.dynamic.evaluation import evaluate_dynamic
+from dyncnn.dynamic.protocols import is_gated
 from dyncnn.models import create_model, list_models
 from dyncnn.models.skiprnn import SkipRNNConfig, skip_rnn
 

@@ -1,17 +1,21 @@
 """The runtime of input-adaptive inference: conditional execution, exits, policies, budgets, and the gated
-mechanisms (layer skipping, channel gating, routing, pixel masks) built on them."""
-from .evaluation import evaluate_dynamic, is_gated
+mechanisms (layer skipping, channel gating, pixel masks) built on them. Model families that use them live in
+:mod:`dyncnn.models` (e.g. the routing super-network in :mod:`dyncnn.models.routing`)."""
+from .evaluation import evaluate_dynamic
 from .executor import CostLedger, ExitResult, Executor, early_exit_inference
 from .exits import Cascade, ConvHead, LinearHead, MultiExitNetwork, attach_exits
 from .patches import crop_patches, crop_patches_differentiable
 from .policy import ExitPolicy, confidence
-from .routing import PathCfg, RoutingSuperNet, SuperNetCfg
+from .protocols import (AuxLoss, DynamicModel, EarlyExitModel, HasExits, OwnTrainingLoss, ProgressAware,
+                        ResidualBranchBlock, is_gated)
 from .skipping import FeedForwardGate, LayerSkipNetwork, RecurrentGate, backbone_parts, is_skippable
 from .spatial import SparseExportError, gated_branch, sparse_block_forward
 from .width import ChannelGatedNet, recalibrate_norms
 
 __all__ = ["CostLedger", "ExitResult", "Executor", "early_exit_inference", "MultiExitNetwork", "attach_exits",
            "Cascade", "LinearHead", "ConvHead", "ExitPolicy", "confidence", "evaluate_dynamic", "is_gated",
-           "crop_patches", "crop_patches_differentiable", "PathCfg", "RoutingSuperNet", "SuperNetCfg",
+           "AuxLoss", "DynamicModel", "EarlyExitModel", "HasExits", "OwnTrainingLoss", "ProgressAware",
+           "ResidualBranchBlock",
+           "crop_patches", "crop_patches_differentiable",
            "FeedForwardGate", "LayerSkipNetwork", "RecurrentGate", "backbone_parts", "is_skippable",
            "SparseExportError", "gated_branch", "sparse_block_forward", "ChannelGatedNet", "recalibrate_norms"]

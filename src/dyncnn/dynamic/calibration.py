@@ -18,6 +18,7 @@ from ..errors import DyncnnError
 from ..files import atomic_write_text, model_spec
 from .budget import collect_exit_logits, exit_scores, fit_temperatures, solve_for_budget
 from .policy import ExitPolicy
+from .protocols import HasExits
 
 FORMAT = "dyncnn-thresholds-1"
 
@@ -33,7 +34,7 @@ def calibrate(model: nn.Module, val_set: Dataset, target_macs: float | None = No
     latency budget is solved on measured stage times rather than on MACs. Returns the thresholds record."""
     if sum(t is not None for t in (target_macs, target_fraction, target_accuracy, target_ms)) != 1:
         raise DyncnnError("give exactly one of target_macs, target_fraction, target_accuracy, target_ms")
-    if not hasattr(model, "exit_macs"):
+    if not isinstance(model, HasExits):
         raise DyncnnError(f"{type(model).__name__} is not a multi-exit network (it has no exits to calibrate)")
     logits, targets = collect_exit_logits(model, val_set)
     temps = fit_temperatures(logits, targets) if temperature_scaling else [1.0] * logits.shape[0]

@@ -1,6 +1,6 @@
 """Evaluation of gated dynamic models (layer skipping, channel gating, experts, routing, pixel masks, ...).
 
-These models share one inference contract (see ``DynamicModel``): ``infer(x)`` returns an ``ExitResult`` whose
+These models share one inference contract (see :class:`~dyncnn.dynamic.protocols.DynamicModel`): ``infer(x)`` returns an ``ExitResult`` whose
 ``macs`` are the MACs each sample really ran and whose ``choices`` (N, D) are the per-sample decisions (1 = that
 block / channel group / expert ran, or the fraction of positions that ran). A model whose decisions pick one of
 several options (a routing network's path per cell) returns the index taken per decision and names the options in
@@ -9,26 +9,12 @@ cost with every gate on.
 """
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
-
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..errors import DyncnnError
-from .executor import ExitResult
-
-
-@runtime_checkable
-class DynamicModel(Protocol):
-    def infer(self, x: Tensor) -> ExitResult: ...
-    def full_macs(self, x: Tensor) -> int: ...
-
-
-def is_gated(model) -> bool:
-    """A gated dynamic model (not a multi-exit network, which has its own budgeted evaluation)."""
-    return isinstance(model, DynamicModel) and not hasattr(model, "num_exits")
 
 
 @torch.no_grad()

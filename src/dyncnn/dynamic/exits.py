@@ -290,25 +290,3 @@ class Cascade(MultiExitNetwork):
 
     def __init__(self, models: Sequence[nn.Module], num_classes: int, in_chans: int = 3):
         super().__init__([nn.Identity() for _ in models], list(models), num_classes, in_chans)
-
-
-def multi_exit(backbone: str = "mobilenet_v2", stages: Sequence[str] | None = None, head: str = "linear",
-               num_classes: int = 10, in_chans: int = 3, backbone_cfg: dict | None = None,
-               example_size: int = 64) -> SplitMultiExit:
-    """Registered builder: exits attached to a registered / torchvision / timm backbone, rebuildable by name
-    (``create_model("multi_exit", backbone="tiny_mobilenet", stages=[...])``), hence checkpointable."""
-    from ..models.registry import create_model
-    cfg = dict(backbone_cfg or {})
-    if not backbone.startswith(("torchvision:", "timm:")):
-        cfg.setdefault("in_chans", in_chans)
-    net = attach_exits(create_model(backbone, num_classes=num_classes, **cfg), stages, head, num_classes,
-                       example_size)
-    return net
-
-
-def _register() -> None:
-    from ..models.registry import register_model
-    register_model(multi_exit, name="multi_exit")
-
-
-_register()

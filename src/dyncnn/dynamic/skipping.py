@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ..errors import check_image_batch
+from .blocks import ResidualBranchBlock
 from .executor import CostLedger, Executor, ExitResult, eval_copy, measure_macs
 
 Decide = Callable[[int, Tensor], Tensor]   # (gated position j, block input h) -> (N,) decision in {0, 1}
@@ -37,11 +38,7 @@ Decide = Callable[[int, Tensor], Tensor]   # (gated position j, block input h) -
 
 def is_skippable(block: nn.Module) -> bool:
     """A block whose output has its input's shape, so that skipping it (output = input) is well defined."""
-    if hasattr(block, "has_skip"):                       # MobileNet V2/V3 inverted residual
-        return bool(block.has_skip)
-    if hasattr(block, "shortcut") and hasattr(block, "branch"):   # ResNet ResidualBlock
-        return isinstance(block.shortcut, nn.Identity)
-    return False
+    return isinstance(block, ResidualBranchBlock) and bool(block.identity_skip)
 
 
 def backbone_parts(backbone: nn.Module) -> tuple[Callable[[Tensor], Tensor], list[nn.Module], list[str],

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..errors import DyncnnError, is_exporting
 from ..layers.sparse_conv import (PackedConv, Positions, apply_packed, check_mask, compact_neighbours, conv_at,
                                   dilate_mask, fold_bn, pack_conv, rows_to_map, scatter_rows, to_padded_rows)
+from .blocks import ResidualBranchBlock
 
 
 class SparseExportError(DyncnnError):
@@ -126,18 +127,9 @@ def _units(seq: nn.Module) -> BranchUnit | None:
 def gated_branch(block: nn.Module) -> GatedBranch | None:
     """The sparse description of a shape-preserving residual block (ResNet basic / bottleneck, MobileNet inverted
     residual without SE), or None when the block has to run dense (stride, channel change, SE, other layers)."""
-    from ..models.mobilenet import InvertedResidual
-    from ..models.resnet import ResidualBlock
-    if isinstance(block, ResidualBlock):
-        if not isinstance(block.shortcut, nn.Identity):
-            return None
-        seqs, post = list(block.branch), block.act
-    elif isinstance(block, InvertedResidual):
-        if not block.has_skip or not isinstance(block.se, nn.Identity):
-            return None
-        seqs, post = [m for m in (block.conv_pw, block.conv_dw, block.conv_pwl) if not isinstance(m, nn.Identity)], None
-    else:
+    if not isinstance(block, ResidualBranchBlock) or not (block.identity_skip and block.plain_branch):
         return None
+    seqs, post = block.branch_units(), block.post_act
     units = [_units(s) for s in seqs]
     if not units or any(u is None for u in units):
         return None

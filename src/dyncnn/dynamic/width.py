@@ -40,37 +40,30 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from ..errors import check_image_batch
 from ..layers.gates import HardGate, anneal, budget_loss, check_budget, layer_bounds_loss
-from ..models.mobilenet import InvertedResidual
-from ..models.resnet import ResidualBlock
+from .blocks import ResidualBranchBlock
 from .executor import CostLedger, Executor, ExitResult, eval_copy
 
 
 # --- blocks: which convolutions produce the hidden channels, and how the branch meets the shortcut ------------
 
-def block_units(block: nn.Module) -> list[nn.Sequential]:
+def block_units(block: nn.Module) -> list[nn.Module]:
     """The conv-norm-act units of a gateable block in order; all but the last produce the hidden channels."""
-    if isinstance(block, ResidualBlock):
-        return list(block.branch)
-    if isinstance(block, InvertedResidual):
-        return [block.conv_pw, block.conv_dw, block.conv_pwl]
-    raise TypeError(f"cannot gate the channels of a {type(block).__name__}")
+    if isinstance(block, ResidualBranchBlock):
+        return block.branch_units()
+    raise TypeError(f"cannot gate the channels of a {type(block).__name__}: it does not describe its branch "
+                    f"(dyncnn.dynamic.blocks.ResidualBranchBlock)")
 
 
 def is_gateable(block: nn.Module) -> bool:
-    """Residual blocks with >= 2 units; inverted residuals with an expansion and no squeeze-excitation (SE
-    pools over the hidden channels, which would need its own slicing)."""
-    if isinstance(block, ResidualBlock):
-        return len(block.branch) >= 2
-    if isinstance(block, InvertedResidual):
-        return not isinstance(block.conv_pw, nn.Identity) and isinstance(block.se, nn.Identity)
-    return False
+    """Blocks that describe their branch and whose hidden channels may be sliced: ResNet residual blocks with >= 2
+    units; inverted residuals with an expansion and no squeeze-excitation (SE pools over the hidden channels,
+    which would need its own slicing)."""
+    return isinstance(block, ResidualBranchBlock) and block.channel_gateable
 
 
 def combine(block: nn.Module, x: Tensor, out: Tensor) -> Tensor:
     """The block's output from its input ``x`` and its branch output ``out`` (same ops as the static forward)."""
-    if isinstance(block, ResidualBlock):
-        return block.act(out + block.shortcut(x))
-    return out + x if block.has_skip else out
+    return block.merge(x, out)
 
 
 def sliced_ops(unit: nn.Sequential, c_in: int, c_out: int | None) -> list:

@@ -46,6 +46,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps
 from ..dynamic.executor import measure_macs
 from ..dynamic.exits import as_policy
 from ..dynamic.policy import ExitPolicy
+from ..dynamic.protocols import EarlyExitModel
 from ..files import apply_umask, atomic_write_text, model_spec
 from .onnx import ExportError, export_graph, relative_error, required_opset
 
@@ -55,8 +56,9 @@ _CONST_TYPES = (type(None), bool, int, float, str)
 
 
 def is_multi_exit(model: nn.Module) -> bool:
-    """Whether ``model`` has the MultiExitNetwork interface (stages, heads, initial_state, infer)."""
-    return all(hasattr(model, a) for a in ("stages", "heads", "initial_state", "infer"))
+    """Whether ``model`` has the MultiExitNetwork interface (stages, heads, initial_state, infer):
+    :class:`~dyncnn.dynamic.protocols.EarlyExitModel`."""
+    return isinstance(model, EarlyExitModel)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

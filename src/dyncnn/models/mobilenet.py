@@ -94,6 +94,30 @@ class InvertedResidual(nn.Module):
         out = self.conv_pwl(self.se(self.conv_dw(self.conv_pw(x))))
         return out + x if self.has_skip else out
 
+    # -- the block's description for dynamic execution (dyncnn.dynamic.blocks.ResidualBranchBlock) ----------
+    def branch_units(self) -> list[nn.Module]:
+        return [m for m in (self.conv_pw, self.conv_dw, self.conv_pwl) if not isinstance(m, nn.Identity)]
+
+    def merge(self, x: Tensor, out: Tensor) -> Tensor:
+        return out + x if self.has_skip else out
+
+    @property
+    def identity_skip(self) -> bool:
+        return self.has_skip
+
+    @property
+    def plain_branch(self) -> bool:
+        return isinstance(self.se, nn.Identity)
+
+    @property
+    def post_act(self) -> None:
+        return None
+
+    @property
+    def channel_gateable(self) -> bool:
+        # the expansion is the hidden layer to slice; without one the depthwise conv reads the block input
+        return not isinstance(self.conv_pw, nn.Identity) and self.plain_branch
+
 
 def scale_width(channels: int, width_mult: float) -> int:
     """The one channel-rounding rule of this family: scale, then round to a multiple of 8."""

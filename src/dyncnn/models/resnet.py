@@ -76,6 +76,29 @@ class ResidualBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.branch(x) + self.shortcut(x))
 
+    # -- the block's description for dynamic execution (dyncnn.dynamic.blocks.ResidualBranchBlock) ----------
+    def branch_units(self) -> list[nn.Module]:
+        return list(self.branch)
+
+    def merge(self, x: Tensor, out: Tensor) -> Tensor:
+        return self.act(out + self.shortcut(x))
+
+    @property
+    def identity_skip(self) -> bool:
+        return isinstance(self.shortcut, nn.Identity)
+
+    @property
+    def plain_branch(self) -> bool:
+        return True
+
+    @property
+    def post_act(self) -> nn.Module:
+        return self.act
+
+    @property
+    def channel_gateable(self) -> bool:
+        return len(self.branch) >= 2
+
 
 class BasicBlock(ResidualBlock):
     """Two 3x3 convolutions (ResNet-18/34 and the CIFAR ResNets); ``width`` channels out."""

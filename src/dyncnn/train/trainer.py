@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..dynamic.protocols import AuxLoss, OwnTrainingLoss, ProgressAware
 from ..errors import DyncnnError
 from .checkpoint import (atomic_write_text, load_checkpoint, remove_stale_temporaries, save_checkpoint,
                          sync_json_copies)
@@ -261,7 +262,7 @@ class Trainer:
                        disable=None if (c.progress and self.dist.is_main) else True)
             for x, y in bar:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                if hasattr(self.model, "set_progress"):
+                if isinstance(self.model, ProgressAware):
                     self.model.set_progress(self.step / self.total_steps)
                 lr = self.lr_at(self.step)
                 for g in self.optimizer.param_groups:
@@ -270,9 +271,9 @@ class Trainer:
                     out = model(x)
                     # A model with its own training objective (e.g. a REINFORCE policy that needs the targets for
                     # its reward) provides ``training_loss(outputs, target)``; validation still uses ``loss_fn``.
-                    loss = (self.model.training_loss(out, y) if hasattr(self.model, "training_loss")
+                    loss = (self.model.training_loss(out, y) if isinstance(self.model, OwnTrainingLoss)
                             else self.loss_fn(out, y))
-                    if hasattr(self.model, "regularization_loss"):
+                    if isinstance(self.model, AuxLoss):
                         loss = loss + self.model.regularization_loss()
                 if not torch.isfinite(loss):
                     raise DyncnnError(f"loss became {float(loss)} at step {self.step}; lower the learning rate "

@@ -4,7 +4,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dyncnn.dynamic.executor import measure_macs
-from dyncnn.dynamic.routing import PathCfg, RoutingSuperNet, SuperNetCfg
+from dyncnn.models.routing import PathCfg, RoutingSuperNet, SuperNetCfg
 from dyncnn.layers.gates import budget_loss
 from dyncnn.models import create_model
 from dyncnn.models.resnet import resnet_cifar

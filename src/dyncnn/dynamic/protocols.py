@@ -1,0 +1,78 @@
+"""The typed interfaces the trainer, evaluation, calibration, export and the CLI read a model through.
+
+They are structural (``typing.Protocol``, checked with ``isinstance``): a model takes part by having the members,
+without inheriting from anything. One place names them, instead of ``hasattr`` tests scattered over the callers.
+
+- :class:`DynamicModel`: every dynamic family. ``infer(x, policy=None)`` returns an :class:`ExitResult`
+  (per-sample logits, exit index, MACs that ran, decisions) and ``full_macs(x)`` is the most a sample can cost.
+- :class:`EarlyExitModel`: a multi-exit network (stages and heads run in turn; samples leave at confident exits).
+- :class:`HasExits`: anything with exits to calibrate (multi-exit networks, GFNet, AdaFocus).
+- :class:`GatedModel`: a dynamic model that is not multi-exit (gates, experts, routes, masks, steps).
+- Training hooks, each optional: :class:`AuxLoss` (``regularization_loss()`` added to the loss, e.g. a budget
+  term), :class:`OwnTrainingLoss` (``training_loss(outputs, targets)`` replaces the loss, e.g. REINFORCE),
+  :class:`ProgressAware` (``set_progress(fraction)`` before each step, e.g. Gumbel temperature annealing).
+"""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+from .blocks import ResidualBranchBlock
+from .executor import ExitResult
+
+
+@runtime_checkable
+class DynamicModel(Protocol):
+    def infer(self, x: Tensor) -> ExitResult: ...
+    def full_macs(self, x: Tensor) -> int: ...
+
+
+@runtime_checkable
+class EarlyExitModel(Protocol):
+    """A network of ``stages`` (state -> state) and ``heads`` (state -> logits) run from ``initial_state(x)``;
+    ``infer(x, policy)`` lets confident samples leave. Staged bundles export exactly these."""
+    stages: object
+    heads: object
+
+    def initial_state(self, x: Tensor) -> object: ...
+    def infer(self, x: Tensor, policy=None) -> ExitResult: ...
+
+
+@runtime_checkable
+class HasExits(Protocol):
+    """A model whose ``forward`` returns every exit's logits and ``exit_macs(x)`` the cumulative per-sample MACs of
+    leaving at each exit: multi-exit networks, GFNet's glance and focus steps, AdaFocus's frames. Thresholds are
+    calibrated for these (``dynamic.calibration``)."""
+
+    def exit_macs(self, x: Tensor) -> list[int]: ...
+
+
+@runtime_checkable
+class AuxLoss(Protocol):
+    def regularization_loss(self) -> Tensor: ...
+
+
+@runtime_checkable
+class OwnTrainingLoss(Protocol):
+    def training_loss(self, outputs, targets: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class ProgressAware(Protocol):
+    def set_progress(self, fraction: float) -> None: ...
+
+
+def is_early_exit(model) -> bool:
+    """Whether ``model`` is a multi-exit network (:class:`EarlyExitModel`)."""
+    return isinstance(model, EarlyExitModel)
+
+
+def is_gated(model) -> bool:
+    """A gated dynamic model (:class:`DynamicModel` and not a multi-exit network, which has its own budgeted
+    evaluation)."""
+    return isinstance(model, DynamicModel) and not isinstance(model, EarlyExitModel)
+
+
+__all__ = ["DynamicModel", "EarlyExitModel", "HasExits", "AuxLoss", "OwnTrainingLoss", "ProgressAware", "ResidualBranchBlock",
+           "is_early_exit", "is_gated"]
