@@ -98,9 +98,9 @@ def part_a(args) -> dict:
             rates = r["choice_rate"]
             choice = (f"path-0 rate {sum(rates) / len(rates):.2f}" if name.startswith("routing")
                       else f"expert use {min(rates):.2f}..{max(rates):.2f}")
-            if name.startswith("routing"):   # choices are path indices: report the share of each path
+            if name.startswith("routing"):   # choices are one-hot per cell: report the share of each path
                 res = model.infer(torch.stack([test[i][0] for i in range(len(test))]))
-                share = torch.bincount(res.choices.flatten(), minlength=model.num_paths).double()
+                share = torch.bincount(model.paths_taken(res).flatten(), minlength=model.num_paths).double()
                 choice = "paths " + "/".join(f"{v:.2f}" for v in (share / share.sum()).tolist())
         trained[label] = model
         print(f"trained {label}: {acc:.2%} in {seconds:.0f} s", flush=True)

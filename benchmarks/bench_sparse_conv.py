@@ -132,7 +132,7 @@ def train_table(backbone: str, budgets: list[float], epochs: int, ft_epochs: int
             from dyncnn.viz.spatial_plots import plot_model_masks
             imgs = torch.stack([test[i][0] for i in range(6)])
             print(f"mask overlays: {plot_model_masks(model, imgs, f'{plot_dir}/dynconv_{backbone}_b{b}.png', 6)}")
-        rate = ", ".join(f"{v:.2f}" for v in r["choice_rate"])
+        rate = ", ".join(f"{v:.2f}" for v in r["active_fraction"])
         rows.append(f"| dynconv {backbone} | {b} | {r['accuracy']:.4f} | {r['mean_macs'] / 1e6:.3f}M "
                     f"| {r['mean_macs'] / macs:.0%} | {rate} | {t_ft:.0f}s |")
     head = ["| model | budget | test acc | mean MACs | of static | active fraction per gated block | train time |",

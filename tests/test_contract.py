@@ -87,6 +87,8 @@ def _distinct(result: ExitResult) -> int:
     rows = result.exit_index.view(len(result), -1).float()
     if result.choices is not None:
         rows = torch.cat([rows, result.choices.reshape(len(result), -1).float()], 1)
+    if result.fractions is not None:
+        rows = torch.cat([rows, result.fractions.reshape(len(result), -1).float()], 1)
     return len({tuple(r.tolist()) for r in rows})
 
 
@@ -224,6 +226,11 @@ def test_dynamic_contract(name, tmp_path):
     assert r.logits.shape == (N, 10) and r.exit_index.shape == (N,) and r.macs.shape == (N,)
     assert r.macs.dtype == torch.int64 and bool((r.macs > 0).all())
     assert r.choices is None or r.choices.shape[0] == N
+    if r.choices is not None:     # one meaning everywhere: 0/1 per named decision (routing: one-hot per cell)
+        assert set(r.choices.unique().tolist()) <= {0, 1}, f"choices must be 0/1, got {r.choices.unique().tolist()}"
+        names = getattr(model, "decision_names", None)
+        if names is not None and r.choices.dim() == 2:
+            assert r.choices.shape[1] == len(names), (r.choices.shape, len(names))
     assert bool(torch.isfinite(r.logits).all())
     # the ledger is what ran, and nothing costs more than the whole network
     assert int(r.macs.sum()) == counter.get_total_flops() // 2, "ledger != FlopCounterMode of the same call"
@@ -241,6 +248,8 @@ def test_dynamic_contract(name, tmp_path):
         assert int(one.exit_index) == int(r.exit_index[i]) and int(one.macs) == int(r.macs[i]), i
         if r.choices is not None:
             torch.testing.assert_close(one.choices, r.choices[i:i + 1], rtol=0, atol=0)
+        if r.fractions is not None:
+            torch.testing.assert_close(one.fractions, r.fractions[i:i + 1], rtol=0, atol=0)
         torch.testing.assert_close(one.logits, r.logits[i:i + 1], rtol=1e-3, atol=atol)
     # checkpoint save -> load (rebuilt from the header alone) -> the same outputs
     from dyncnn.train.checkpoint import load_checkpoint, save_checkpoint

@@ -110,7 +110,7 @@ def test_ledger_equals_flop_counter_and_batched_equals_per_sample(tiny_models, i
     with FlopCounterMode(display=False) as counter:
         r = model.infer(images)
     assert int(r.macs.sum()) == counter.get_total_flops() // 2
-    frac = r.choices
+    frac = r.fractions
     assert frac.shape == (3, len(model.decision_names)) and bool(((frac > 0) & (frac < 1)).any())
     assert bool((r.macs < model.full_macs(images)).all())
     assert len(set(r.macs.tolist())) > 1               # data-dependent cost per sample
@@ -169,13 +169,17 @@ def test_training_forward_gradients_and_budget(images):
     assert model.regularization_loss().item() > early
 
 
-def test_masks_and_return_masks(tiny_models, images):
+def test_masks_fractions_and_choices_of_infer(tiny_models, images):
     model = tiny_models["dynconv_tiny_resnet_mnist"]
-    r, masks = model.infer(images, return_masks=True)
+    r = model.infer(images)
+    masks = r.masks
     assert len(masks) == len(model.decision_names)
     for k, m in enumerate(masks):
         assert m.dtype == torch.bool and m.shape[0] == 3
-        assert torch.allclose(m.flatten(1).float().mean(1), r.choices[:, k])
+        assert torch.allclose(m.flatten(1).float().mean(1), r.fractions[:, k])
+    # choices keep the one meaning of every family: 0/1 per decision (here: did the block compute any position)
+    assert torch.equal(r.choices, (r.fractions > 0).to(torch.int64)) and set(r.choices.unique().tolist()) <= {0, 1}
+    assert torch.equal(r.exit_index, r.choices.sum(1))
     assert all(torch.equal(a, b) for a, b in zip(model.masks(images), masks))
 
 

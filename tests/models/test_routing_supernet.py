@@ -50,7 +50,8 @@ def test_forced_full_path_equals_the_resnet_it_is_built_from():
     net.force_path = 0
     result = net.infer(x)
     assert torch.equal(result.logits, resnet(x))
-    assert (result.choices == 0).all() and (result.exit_index == len(net.cells)).all()
+    assert (net.paths_taken(result) == 0).all() and (result.exit_index == len(net.cells)).all()
+    assert result.choices.shape == (3, len(net.cells) * net.num_paths) and (result.choices.sum(1) == len(net.cells)).all()
     routers = sum(measure_macs(c.router, torch.zeros(1, c.router.fc.in_features, 1, 1)) for c in net.cells)
     assert result.macs[0].item() == flop_macs(resnet, x[:1])[1] + routers == net.full_macs(x)
 
@@ -63,7 +64,7 @@ def test_forced_path_equals_the_static_network_of_that_path(path):
     result = net.infer(x)
     static = net.static_path(path)
     assert torch.equal(result.logits, static(x))
-    assert (result.choices == path).all()
+    assert (net.paths_taken(result) == path).all()
     assert result.macs[0].item() < net.full_macs(x)
 
 
@@ -80,7 +81,7 @@ def test_batched_equals_per_sample_and_ledger_equals_flop_counter():
     assert result.macs.sum().item() == counted
     assert len({tuple(c) for c in result.choices.tolist()}) > 1          # samples took different routes
     fixed, table = net.cost_table(x)
-    expected = fixed + table.gather(1, result.choices.t()).sum(0)         # each sample: its own paths' MACs
+    expected = fixed + table.gather(1, net.paths_taken(result).t()).sum(0)   # each sample: its own paths' MACs
     assert torch.equal(result.macs, expected.to(torch.int64))
     for i in range(8):
         one = net.infer(x[i:i + 1])
@@ -237,13 +238,14 @@ def test_checkpoint_round_trip_keeps_the_shared_shortcuts(tmp_path):
 
 
 def test_evaluate_dynamic_reports_per_path_rates():
-    """Issue 14, bug 5: ``choices`` of a routing network are path indices; evaluate_dynamic averaged them as if
-    they were 0/1 decisions. It now reports, per cell, the share of samples that took each path."""
+    """Issue 14, bug 5: ``choices`` of a routing network were path indices, which evaluate_dynamic averaged as if
+    they were 0/1 decisions. They are now one-hot per cell (the one meaning of ``choices``), and the report gives,
+    per cell, the share of samples that took each path."""
     from dyncnn.dynamic.evaluation import evaluate_dynamic, format_dynamic
     net = routed_net()
     x = varied_batch(12)
     r = evaluate_dynamic(net, list(zip(x, torch.zeros(12, dtype=torch.int64))), batch_size=5)
-    choices = net.infer(x).choices
+    choices = net.paths_taken(net.infer(x))
     cells, paths = len(net.cells), net.num_paths
     assert r["decision_names"][:paths] == ["cell0.path0", "cell0.path1", "cell0.path2"]
     assert len(r["choice_rate"]) == len(r["decision_names"]) == cells * paths

@@ -1,11 +1,11 @@
 """Evaluation of gated dynamic models (layer skipping, channel gating, experts, routing, pixel masks, ...).
 
-These models share one inference contract (see :class:`~dyncnn.dynamic.protocols.DynamicModel`): ``infer(x)`` returns an ``ExitResult`` whose
-``macs`` are the MACs each sample really ran and whose ``choices`` (N, D) are the per-sample decisions (1 = that
-block / channel group / expert ran, or the fraction of positions that ran). A model whose decisions pick one of
-several options (a routing network's path per cell) returns the index taken per decision and names the options in
-``choice_options``; its rates are reported per option (one-hot per decision). ``full_macs(x)`` is the per-sample
-cost with every gate on.
+These models share one inference contract (see :class:`~dyncnn.dynamic.protocols.DynamicModel`): ``infer(x)``
+returns an ``ExitResult`` whose ``macs`` are the MACs each sample really ran and whose ``choices`` (N, D) are the
+per-sample 0/1 decisions named by the model's ``decision_names`` (1 = that block / channel group / expert / step
+ran; a routing cell's path is one-hot over its paths), so their mean is the rate of each decision. DynConv's share
+of active positions per block is reported apart (``fractions`` -> ``active_fraction``). ``full_macs(x)`` is the
+per-sample cost with every gate on.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def evaluate_dynamic(model, dataset: Dataset, batch_size: int = 256, progress: b
     device = module_device(model)
     was_training = model.training
     model.eval()
-    correct, macs, choices = 0, [], []
+    correct, macs, choices, fractions = 0, [], [], []
     try:
         for x, y in tqdm(DataLoader(dataset, batch_size=batch_size), disable=None if progress else True,
                          desc="eval", leave=False):
@@ -35,7 +35,9 @@ def evaluate_dynamic(model, dataset: Dataset, batch_size: int = 256, progress: b
             correct += int((r.logits.argmax(1).cpu() == torch.as_tensor(y)).sum())
             macs.append(r.macs.cpu())
             if r.choices is not None:
-                choices.append(_one_hot(model, r.choices.cpu()))
+                choices.append(r.choices.cpu().float())
+            if r.fractions is not None:
+                fractions.append(r.fractions.cpu().float())
         full = int(model.full_macs(dataset[0][0].unsqueeze(0).to(device)))
     finally:
         model.train(was_training)
@@ -48,17 +50,10 @@ def evaluate_dynamic(model, dataset: Dataset, batch_size: int = 256, progress: b
         out["choice_rate"] = [round(float(v), 4) for v in c.mean(0)]
         names = getattr(model, "decision_names", None)
         if names is not None:
-            options = getattr(model, "choice_options", None)
-            out["decision_names"] = [f"{n}.{o}" for n in names for o in options] if options else list(names)
+            out["decision_names"] = list(names)
+    if fractions:
+        out["active_fraction"] = [round(float(v), 4) for v in torch.cat(fractions).mean(0)]
     return out
-
-
-def _one_hot(model, choices: Tensor) -> Tensor:
-    """(N, D) decisions as (N, D * options) 0/1 for models whose choices are option indices, else as floats."""
-    options = getattr(model, "choice_options", None)
-    if not options:
-        return choices.float()
-    return torch.nn.functional.one_hot(choices.long(), len(options)).flatten(1).float()
 
 
 def format_dynamic(result: dict) -> str:
@@ -69,4 +64,8 @@ def format_dynamic(result: dict) -> str:
     if "choice_rate" in result:
         names = result.get("decision_names") or [str(i) for i in range(len(result["choice_rate"]))]
         lines.append("decision rates: " + ", ".join(f"{n}={r:.2f}" for n, r in zip(names, result["choice_rate"])))
+    if "active_fraction" in result:
+        names = result.get("decision_names") or [str(i) for i in range(len(result["active_fraction"]))]
+        lines.append("active positions: " + ", ".join(f"{n}={r:.2f}" for n, r in
+                                                      zip(names, result["active_fraction"])))
     return "\n".join(lines)

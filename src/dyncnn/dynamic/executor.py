@@ -30,11 +30,20 @@ State = Any   # a tensor or a pytree of tensors, batch-first
 
 @dataclass
 class ExitResult:
-    """What a dynamic inference call returns, one entry per input sample."""
+    """What a dynamic inference call returns, one entry per input sample.
+
+    ``choices`` means the same in every family: (N, D) 0/1, one column per decision the model names in
+    ``decision_names`` (1 = that block / channel group / expert / step / frame ran; a decision among several
+    options, e.g. a routing cell's path, is one-hot over its options). Quantities that are not 0/1 decisions have
+    their own fields: ``fractions`` (N, D), the share of positions each DynConv block computed (``choices`` is then
+    whether it computed any), and ``masks``, DynConv's executed positions, bool (N, H, W) per gated block.
+    """
     logits: Tensor       # (N, classes): the prediction each sample left with
     exit_index: Tensor   # (N,) which exit / how many steps each sample used
     macs: Tensor         # (N,) MACs each sample really used (int64)
-    choices: Tensor | None = None   # (N, D) per-sample decisions of gated models (1 = block / group / expert ran)
+    choices: Tensor | None = None   # (N, D) 0/1 per-sample decisions of gated models, see the class docstring
+    fractions: Tensor | None = None     # (N, D) active share per decision where it is not 0/1 (DynConv)
+    masks: list | None = None           # DynConv: the executed positions, bool (N, H, W) per gated block
 
     def __len__(self) -> int:
         return self.logits.shape[0]

@@ -253,7 +253,7 @@ class AdaFocus(nn.Module):
                 break
             keep = ~done_cpu
             rows, hp, hc = rows[keep], hp[keep.to(hp.device)], hc[keep.to(hc.device)]
-        return AdaFocusResult(logits_out, exit_index, ledger.macs, read, centers_out)
+        return AdaFocusResult(logits_out, exit_index, ledger.macs, read, centers=centers_out)
 
     @torch.no_grad()
     def step_macs(self, x: Tensor) -> int:

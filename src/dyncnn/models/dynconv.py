@@ -2,8 +2,9 @@
 
 The backbone is kept as ``model.backbone`` with its own parameter names, so a static checkpoint loads into it
 (``model.backbone.load_state_dict(static.state_dict())``) and the mask units are fine-tuned on top. Gated-model
-contract (``dynamic/evaluation.py``): ``infer`` executes the masks sparsely and returns per-sample MACs and the
-per-block fraction of active positions as ``choices``; eval ``forward`` is ``infer(x).logits``.
+contract (``dynamic/evaluation.py``): ``infer`` executes the masks sparsely and returns per-sample MACs, the
+per-block fraction of active positions as ``fractions`` (``choices``: whether a block computed any position) and
+the executed masks; eval ``forward`` is ``infer(x).logits``.
 
 The budget is a fraction of the *gated* blocks' MACs (as in DynConv): the dense parts (stem, stride-2 blocks,
 head) and the mask units are not counted against it, but they are in every reported MAC figure.
@@ -152,16 +153,16 @@ class DynConvNet(nn.Module):
             masks.append(mask)
             fracs.append(mask.flatten(1).float().mean(1))
         logits = ex.run(self.tail, h, rows, ledger)
-        choices = torch.stack(fracs, 1)
-        used = (choices > 0).sum(1)
-        return ExitResult(logits, used, ledger.macs.clone(), choices), masks
+        fractions = torch.stack(fracs, 1)
+        choices = (fractions > 0).to(torch.int64)
+        return ExitResult(logits, choices.sum(1), ledger.macs.clone(), choices, fractions=fractions,
+                          masks=masks), masks
 
-    def infer(self, x: Tensor, return_masks: bool = False):
-        """Sparse inference: ``ExitResult`` (exit_index = number of gated blocks that computed any position,
-        choices = (N, gated blocks) fraction of active positions); with ``return_masks`` also the list of
-        executed masks, bool (N, H, W) per gated block."""
-        result, masks = self._execute(x)
-        return (result, masks) if return_masks else result
+    def infer(self, x: Tensor) -> ExitResult:
+        """Sparse inference: an ``ExitResult`` with exit_index = the number of gated blocks that computed any
+        position, choices = (N, gated blocks) 0/1 whether each block computed any position, fractions = the share
+        of positions each block computed, masks = the executed positions, bool (N, H, W) per gated block."""
+        return self._execute(x)[0]
 
     def masks(self, x: Tensor) -> list[Tensor]:
         """The executed positions of every gated block, bool (N, H_b, W_b)."""

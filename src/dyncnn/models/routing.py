@@ -152,8 +152,8 @@ class RoutingSuperNet(Backbone):
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(c, cfg.num_classes))
         self.stage_info = []
         self.min_input_size = 2 ** (len(cfg.widths) - 1)
-        self.decision_names = [f"cell{i}" for i in range(len(cells))]
-        self.choice_options = [f"path{p}" for p in range(len(cfg.paths))]   # infer's choices: path per cell
+        # infer's choices: one-hot over the paths of each cell, cell-major
+        self.decision_names = [f"cell{i}.path{p}" for i in range(len(cells)) for p in range(len(cfg.paths))]
         self.executor = Executor()
         self.tau = cfg.tau[0]
         self.progress = 1.0       # without set_progress (no schedule): full cost weight, no Gumbel noise
@@ -307,7 +307,12 @@ class RoutingSuperNet(Backbone):
             choices[:, i] = choice.cpu()
             h = self._run_paths(cell, h, choice, rows, ledger)
         logits = ex.run(self.head, h, rows, ledger)
-        return ExitResult(logits, (choices == 0).sum(1), ledger.macs, choices)
+        one_hot = torch.nn.functional.one_hot(choices, len(self.cells[0].paths)).flatten(1)
+        return ExitResult(logits, (choices == 0).sum(1), ledger.macs, one_hot)
+
+    def paths_taken(self, result: ExitResult) -> Tensor:
+        """The path index each sample took in each cell, (N, cells), from ``infer``'s one-hot ``choices``."""
+        return result.choices.view(len(result), len(self.cells), -1).argmax(-1)
 
     def _run_paths(self, cell: RoutingCell, h: Tensor, choice: Tensor, rows: Tensor, ledger: CostLedger) -> Tensor:
         n = h.shape[0]
