@@ -10,7 +10,6 @@ per-sample cost with every gate on.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
