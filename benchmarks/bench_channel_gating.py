@@ -87,7 +87,7 @@ def timed(fn, repeats: int) -> float:
 def latency_rows(label: str, model, x, levels=None, repeats: int = 15) -> list[dict]:
     model.eval()
     res = model.infer(x, levels)
-    model.set_gates(True)
+    model.force(True)
     full = model.infer(x)
     mac_speedup = float(full.macs.double().mean() / res.macs.double().mean())
     lv = res.choices.view(len(x), len(model.gates), model.groups).sum(2)
@@ -95,7 +95,7 @@ def latency_rows(label: str, model, x, levels=None, repeats: int = 15) -> list[d
     rows = []
     for batch in (64, 1):
         def run(force, lv=levels):
-            model.set_gates(force)
+            model.force(force)
             if batch == 64:
                 return lambda: model.infer(x, lv if not force else None)
             singles = [x[i:i + 1] for i in range(len(x))]
@@ -108,7 +108,7 @@ def latency_rows(label: str, model, x, levels=None, repeats: int = 15) -> list[d
         rows.append({"model": label, "batch": batch, "levels_per_block": distinct if batch == 64 else 1.0,
                      "mac_speedup": mac_speedup, "full_ms": t_full, "gated_ms": t_dyn, "realized": realized,
                      "ratio": realized / mac_speedup})
-    model.set_gates(None)
+    model.force(None)
     return rows
 
 

@@ -7,7 +7,7 @@ wall-clock speedup of executed skipping against its MAC speedup.
     policy on the FROZEN backbone with the curriculum, then policy and backbone jointly); report test
     accuracy, mean MACs per sample (the ledger of executed inference, gates / policy included) and the fraction of
     the static backbone's MACs.
-(b) Time ``infer`` of each gated model against the same model forced all-on (``force_gates(True)``: the static
+(b) Time ``infer`` of each gated model against the same model forced all-on (``force(True)``: the static
     backbone through the same executor), same inputs, same process, at batch 64 and batch 1 (each sample alone);
     realized speedup = all-on latency / dynamic latency, beside MAC speedup = all-on MACs / mean MACs. Besides
     the trained ScaledMNIST models, a full-width SkipNet ResNet-110 with random gates (about half the blocks
@@ -143,7 +143,7 @@ def speed(label: str, model: nn.Module, x: torch.Tensor, args) -> list[dict]:
     repeats = args.repeats
     dyn = copy.deepcopy(model).eval()
     full = copy.deepcopy(model).eval()
-    full.force_gates(True)
+    full.force(True)
     r = dyn.infer(x)
     mac_speedup = float(full.infer(x).macs.double().mean() / r.macs.double().mean())
     rows = []

@@ -58,3 +58,31 @@ def test_protocols_sort_the_families():
     assert not isinstance(static, DynamicModel) and not is_early_exit(static) and not is_gated(static)
     assert isinstance(routing, AuxLoss) and isinstance(routing, ProgressAware)
     assert not isinstance(static, AuxLoss)
+
+
+@pytest.mark.parametrize("name,value", [("skipnet_resnet20_cifar", True), ("channel_gated_resnet14_tiny", True),
+                                        ("dynconv_tiny_resnet_mnist", True), ("moe_resnet_tiny", 0),
+                                        ("routing_supernet_tiny", 0)])
+def test_one_way_to_force_decisions(name, value):
+    from dyncnn.dynamic import Forceable, forced
+    torch.manual_seed(0)
+    model = dyncnn.create_model(name).eval()
+    assert isinstance(model, Forceable)
+    chans = 3 if name.startswith("skipnet") else 1
+    x = torch.randn(4, chans, 32, 32) * torch.linspace(0.2, 3, 4).view(-1, 1, 1, 1)
+    free = model.infer(x)
+    with forced(model, value):
+        pinned = model.infer(x)
+    if value is True:                 # every decision on, the same cost for every sample, at most the whole network
+        assert (pinned.choices == 1).all() and len(set(pinned.macs.tolist())) == 1
+        assert (pinned.macs <= model.full_macs(x[:1])).all()
+        assert pinned.fractions is None or (pinned.fractions == 1).all()
+    elif name.startswith("moe"):      # every sample of every MoE layer on expert `value`
+        per = pinned.choices.view(4, -1, model.moe_layers()[0].num_experts)
+        assert (per[:, :, value] == 1).all() and per.sum() == per[:, :, value].sum()
+    else:                             # every cell on path `value`
+        assert (model.paths_taken(pinned) == value).all()
+    again = model.infer(x)            # the context manager let the model decide again
+    assert torch.equal(again.macs, free.macs) and torch.equal(again.logits, free.logits)
+    with pytest.raises(ValueError):
+        model.force("on")

@@ -90,14 +90,14 @@ def test_all_on_reproduces_static_backbone(name):
     static = (resnet_cifar(14, num_classes=10, in_chans=1, width_mult=0.25) if chans == 1
               else mobilenet_v2(num_classes=10, width_mult=0.25)).eval()
     model.backbone.load_state_dict(static.state_dict())
-    model.force_gates(True)
+    model.force(True)
     with FlopCounterMode(display=False) as counter:
         r = model.infer(x)
     assert torch.equal(r.logits, static(x))
     assert bool((r.choices == 1).all())
     assert int(r.macs[0]) == model.static_macs(x) == counter.get_total_flops() // 2 // len(x)
     assert model.full_macs(x) > model.static_macs(x)      # the gates / policy cost something
-    model.force_gates(False)                               # every gated block skipped: only fixed parts run
+    model.force(False)                               # every gated block skipped: only fixed parts run
     fixed, _, _ = model.cost_table(x)
     assert bool((model.infer(x).macs == fixed).all())
 
@@ -224,7 +224,7 @@ def test_bad_inputs():
     model = SkipNet(net, SkipNetConfig(gated_blocks=(1, 3)))
     assert model.gated == [1, 3]
     with pytest.raises(ValueError, match="True, False or None"):
-        model.force_gates("on")
+        model.force("on")
     with pytest.raises(ValueError, match="1 input channels"):
         model.infer(torch.randn(2, 3, 32, 32))
     with pytest.raises(ValueError, match="finite"):

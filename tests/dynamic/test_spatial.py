@@ -125,13 +125,13 @@ def test_ledger_equals_flop_counter_and_batched_equals_per_sample(tiny_models, i
 @pytest.mark.parametrize("name", NAMES)
 def test_forced_on_reproduces_static_backbone(tiny_models, images, name):
     model = tiny_models[name]
-    model.force = True
+    model.force(True)
     try:
         r = model.infer(images)
         with FlopCounterMode(display=False) as counter:
             static = model.backbone(images)
     finally:
-        model.force = None
+        model.force(None)
     assert torch.equal(r.logits, static)
     assert int(r.macs[0]) == counter.get_total_flops() // 2 // 3
     assert bool((r.choices == 1).all())
@@ -139,11 +139,11 @@ def test_forced_on_reproduces_static_backbone(tiny_models, images, name):
 
 def test_all_off_skips_every_gated_block(tiny_models, images):
     model = tiny_models["dynconv_tiny_resnet_mnist"]
-    model.force = False
+    model.force(False)
     try:
         r = model.infer(images)
     finally:
-        model.force = None
+        model.force(None)
     assert bool((r.choices == 0).all()) and bool((r.exit_index == 0).all())
     assert bool((r.macs < model.full_macs(images) // 2).all())
 

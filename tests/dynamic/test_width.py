@@ -96,7 +96,7 @@ def test_all_on_reproduces_static_backbone(gated):
     name, model, x = gated
     static = TINY[name]().eval()
     static.load_state_dict(model.backbone.state_dict())
-    model.set_gates(True)
+    model.force(True)
     r = model.infer(x)
     with torch.no_grad():
         ref = static(x)
@@ -105,11 +105,11 @@ def test_all_on_reproduces_static_backbone(gated):
     gate_macs = sum(g.fc.in_features * g.fc.out_features for g in model.gates)
     static_macs = dyncnn.count_macs(static, x[:1]).total
     assert (r.macs == model.full_macs(x)).all() and model.full_macs(x) == static_macs + gate_macs
-    model.set_gates(False)                  # the narrowest level everywhere
+    model.force(False)                  # the narrowest level everywhere
     narrow = model.infer(x)
     assert (narrow.choices.view(len(x), -1, model.groups)[..., 1:] == 0).all()
     assert (narrow.macs < 0.6 * r.macs).all()
-    model.set_gates(None)
+    model.force(None)
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
@@ -151,7 +151,7 @@ def test_checkpoint_round_trip_and_large_models_all_on():
     # .to() replaces the tensors: the sliced views and measured costs must follow (float64 here)
     static = resnet_cifar(14, in_chans=1, width_mult=0.5).eval()
     static.load_state_dict(model.backbone.state_dict())
-    model.set_gates(True)
+    model.force(True)
     assert torch.equal(model.double().infer(x.double()).logits, static.double()(x.double()))
     # the backbone's weights appear once, under their static names; the gates add one Linear per gated block
     assert set(model.state_dict()) == {f"backbone.{k}" for k in model.backbone.state_dict()} | \
@@ -160,7 +160,7 @@ def test_checkpoint_round_trip_and_large_models_all_on():
                          ("channel_gated_mobilenet_v2", mobilenet_v2(num_classes=10))]:
         m = dyncnn.create_model(name, num_classes=10).eval()
         m.backbone.load_state_dict(static.state_dict())
-        m.set_gates(True)
+        m.force(True)
         xs = torch.rand(2, 3, 32, 32)
         with torch.no_grad():
             assert torch.equal(m.infer(xs).logits, static.eval()(xs))
@@ -210,7 +210,7 @@ def test_recalibrate_norms_uses_inference_decisions():
     from dyncnn.dynamic.width import recalibrate_norms
     model = dyncnn.create_model("channel_gated_resnet14_tiny").eval()
     x = _inputs(8)
-    model.set_gates(True)                   # full width: the statistics must be the static net's batch statistics
+    model.force(True)                   # full width: the statistics must be the static net's batch statistics
     recalibrate_norms(model, [x])
     static = resnet_cifar(14, in_chans=1, width_mult=0.5)
     static.load_state_dict(model.backbone.state_dict())
@@ -223,7 +223,7 @@ def test_recalibrate_norms_uses_inference_decisions():
     for (k, a), b in zip(model.backbone.state_dict().items(), static.state_dict().values()):
         assert torch.allclose(a.double(), b.double(), atol=1e-5), k
     assert not model.training and all(not g.training for g in model.gates)
-    model.set_gates(None)
+    model.force(None)
     _spread_gates(model, x)                 # mixed widths: narrowed hidden channels leave later statistics changed
     recalibrate_norms(model, [(x, None)])
     last = model.backbone.stages[2][1].branch[1][1].running_mean
@@ -284,7 +284,7 @@ def test_budget_ramp():
         got.append(model.current_budget())
     assert got == pytest.approx([1.0, 0.75, 0.5, 0.5])
     # at progress 0 the all-on network meets the ramped target: no cost loss; at the end it does not
-    model.train().set_gates(True)
+    model.train().force(True)
     model.set_progress(0.0)
     model(_inputs(4))
     full_loss = model.regularization_loss()

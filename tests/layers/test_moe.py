@@ -199,12 +199,12 @@ def test_forced_expert_equals_the_static_backbone_exactly(family):
     blocks = [p for p, _ in backbone_units(backbone) if p.startswith("stages.") and int(p.split(".")[1]) in stages]
     # capacity 0.5 would drop samples of a learned routing; a forced expert takes every sample
     model = MoENetwork(copy.deepcopy(backbone), blocks, MoEConfig(4, 2, capacity_factor=0.5), upcycle=True).eval()
-    model.force_expert(3)
+    model.force(3)
     assert torch.equal(model.infer(x).logits, backbone(x))
     assert model.infer(x).choices.view(2, -1, 4)[:, :, 3].all()
-    model.force_expert(None)
+    model.force(None)
     fresh = MoENetwork(copy.deepcopy(backbone), blocks, MoEConfig(4, 1), upcycle=False).eval()
-    fresh.force_expert(0)
+    fresh.force(0)
     static = backbone(x)
     assert static.abs().max() > 1e-2
     gap = (fresh.infer(x).logits - static).abs().max()
@@ -289,6 +289,6 @@ def test_bad_configurations_raise_clear_errors():
     with pytest.raises(ValueError, match=r"stages\.9\.0.*available: stages\.0\.0"):
         create_model("moe_resnet_tiny", moe_blocks=["stages.9.0"])
     with pytest.raises(ValueError, match=r"expert index in 0\.\.3"):
-        create_model("moe_resnet_tiny").force_expert(4)
+        create_model("moe_resnet_tiny").force(4)
     with pytest.raises(ValueError, match="input channels"):
         create_model("moe_resnet_tiny").eval().infer(torch.rand(1, 3, 32, 32))

@@ -18,7 +18,7 @@ def flop_macs(fn, *args):
 
 def calibrate_norms(model: nn.Module, shape) -> None:
     """Running statistics of one random batch, so that eval-mode activations keep their scale."""
-    was_forced = getattr(model, "force_path", None)
+    was_forced = getattr(model, "forced", None)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = 1.0
@@ -47,7 +47,7 @@ def test_forced_full_path_equals_the_resnet_it_is_built_from():
         cell.paths[0].load_state_dict(block.state_dict())
     net.head[2].load_state_dict(resnet.fc.state_dict())
     x = torch.rand(3, 1, 32, 32)
-    net.force_path = 0
+    net.force(0)
     result = net.infer(x)
     assert torch.equal(result.logits, resnet(x))
     assert (net.paths_taken(result) == 0).all() and (result.exit_index == len(net.cells)).all()
@@ -60,7 +60,7 @@ def test_forced_full_path_equals_the_resnet_it_is_built_from():
 def test_forced_path_equals_the_static_network_of_that_path(path):
     net = routed_net()
     x = torch.rand(4, 1, 32, 32)
-    net.force_path = path
+    net.force(path)
     result = net.infer(x)
     static = net.static_path(path)
     assert torch.equal(result.logits, static(x))
@@ -110,13 +110,13 @@ def test_training_gives_gradients_to_routers_from_task_and_cost_losses():
 def test_cost_loss_is_the_budget_loss_of_the_executed_route():
     net = routed_net().train()
     x = torch.rand(4, 1, 32, 32)
-    net.force_path = 2
+    net.force(2)
     net(x)
     fixed, table = net.cost_table(x)
     used = torch.full((4,), float(fixed + table[:, 2].sum()))       # every sample took path 2 everywhere
     assert torch.allclose(net.regularization_loss(),
                           net.cost_weight * budget_loss(used, net.full_macs(x), net.budget), rtol=1e-5)
-    net.force_path = None
+    net.force(None)
     net(x)
     assert net.regularization_loss().requires_grad
 
@@ -181,7 +181,7 @@ def test_load_backbone_starts_path_0_at_the_resnet_and_narrow_paths_at_its_leadi
     calibrate_norms(resnet, (1, 1, 32, 32))
     net = create_model("routing_supernet_tiny").load_backbone(resnet).eval()
     x = torch.rand(3, 1, 32, 32)
-    net.force_path = 0
+    net.force(0)
     assert torch.equal(net.infer(x).logits, resnet(x))
     block, half = resnet.blocks()[2], net.cells[2].paths[1]
     hidden = half.branch[0][0].weight.shape[0]
@@ -204,7 +204,7 @@ def test_bad_inputs_raise_clear_errors():
             create_model("routing_supernet_tiny", budget=budget)
     net = create_model("routing_supernet_tiny")
     with pytest.raises(ValueError, match=r"path index in 0\.\.2"):
-        net.force_path = 3
+        net.force(3)
     with pytest.raises(ValueError, match="path kind must be one of"):
         PathCfg("wide")
     with pytest.raises(ValueError, match="cells_per_stage"):

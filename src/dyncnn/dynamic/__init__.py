@@ -6,16 +6,16 @@ from .executor import CostLedger, ExitResult, Executor, early_exit_inference
 from .exits import Cascade, ConvHead, LinearHead, MultiExitNetwork, attach_exits
 from .patches import crop_patches, crop_patches_differentiable
 from .policy import ExitPolicy, confidence
-from .protocols import (AuxLoss, DynamicModel, EarlyExitModel, HasExits, OwnTrainingLoss, ProgressAware,
-                        ResidualBranchBlock, is_gated)
+from .protocols import (AuxLoss, DynamicModel, EarlyExitModel, Forceable, HasExits, OwnTrainingLoss,
+                        ProgressAware, ResidualBranchBlock, forced, is_gated)
 from .skipping import FeedForwardGate, LayerSkipNetwork, RecurrentGate, backbone_parts, is_skippable
 from .spatial import SparseExportError, gated_branch, sparse_block_forward
 from .width import ChannelGatedNet, recalibrate_norms
 
 __all__ = ["CostLedger", "ExitResult", "Executor", "early_exit_inference", "MultiExitNetwork", "attach_exits",
            "Cascade", "LinearHead", "ConvHead", "ExitPolicy", "confidence", "evaluate_dynamic", "is_gated",
-           "AuxLoss", "DynamicModel", "EarlyExitModel", "HasExits", "OwnTrainingLoss", "ProgressAware",
-           "ResidualBranchBlock",
+           "AuxLoss", "DynamicModel", "EarlyExitModel", "Forceable", "forced", "HasExits", "OwnTrainingLoss",
+           "ProgressAware", "ResidualBranchBlock",
            "crop_patches", "crop_patches_differentiable",
            "FeedForwardGate", "LayerSkipNetwork", "RecurrentGate", "backbone_parts", "is_skippable",
            "SparseExportError", "gated_branch", "sparse_block_forward", "ChannelGatedNet", "recalibrate_norms"]

@@ -8,12 +8,14 @@ without inheriting from anything. One place names them, instead of ``hasattr`` t
 - :class:`EarlyExitModel`: a multi-exit network (stages and heads run in turn; samples leave at confident exits).
 - :class:`HasExits`: anything with exits to calibrate (multi-exit networks, GFNet, AdaFocus).
 - :class:`GatedModel`: a dynamic model that is not multi-exit (gates, experts, routes, masks, steps).
+- :class:`Forceable`: ``force(value)`` pins the decisions (:func:`forced` as a context manager).
 - Training hooks, each optional: :class:`AuxLoss` (``regularization_loss()`` added to the loss, e.g. a budget
   term), :class:`OwnTrainingLoss` (``training_loss(outputs, targets)`` replaces the loss, e.g. REINFORCE),
   :class:`ProgressAware` (``set_progress(fraction)`` before each step, e.g. Gumbel temperature annealing).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor
@@ -49,6 +51,28 @@ class HasExits(Protocol):
 
 
 @runtime_checkable
+class Forceable(Protocol):
+    """The one way to pin a dynamic model's decisions: ``force(value)``, ``None`` to let the model decide again.
+    What ``value`` may be depends on the decision: ``True`` / ``False`` for gates (layer skipping: every block runs
+    / every gated block is skipped; channel gating: full width / narrowest level; DynConv: ``True`` only, every
+    position), an expert index for mixtures of experts, a path index for routing."""
+
+    def force(self, value) -> None: ...
+
+
+@contextlib.contextmanager
+def forced(model: Forceable, value):
+    """``with forced(model, True): ...`` runs the block with the decisions pinned, then lets the model decide."""
+    if not isinstance(model, Forceable):
+        raise TypeError(f"{type(model).__name__} has no decisions to force (no force(value) method)")
+    model.force(value)
+    try:
+        yield model
+    finally:
+        model.force(None)
+
+
+@runtime_checkable
 class AuxLoss(Protocol):
     def regularization_loss(self) -> Tensor: ...
 
@@ -74,5 +98,5 @@ def is_gated(model) -> bool:
     return isinstance(model, DynamicModel) and not isinstance(model, EarlyExitModel)
 
 
-__all__ = ["DynamicModel", "EarlyExitModel", "HasExits", "AuxLoss", "OwnTrainingLoss", "ProgressAware", "ResidualBranchBlock",
+__all__ = ["DynamicModel", "EarlyExitModel", "HasExits", "Forceable", "forced", "AuxLoss", "OwnTrainingLoss", "ProgressAware", "ResidualBranchBlock",
            "is_early_exit", "is_gated"]

@@ -18,7 +18,7 @@ front from a policy network, but both run the same loop. :class:`LayerSkipNetwor
   the ledger charges each sample what ran for it: stem, head, the blocks it ran, and the decision machinery
   (gates, policy network), every piece measured once per shape with ``FlopCounterMode``.
 
-``force_gates(True)`` runs every block without running the gates or the policy: exactly the static backbone.
+``force(True)`` runs every block without running the gates or the policy: exactly the static backbone.
 """
 from __future__ import annotations
 
@@ -132,11 +132,11 @@ class LayerSkipNetwork(nn.Module):
     def num_gated(self) -> int:
         return len(self.gated)
 
-    def force_gates(self, value: bool | None) -> None:
+    def force(self, value: bool | None) -> None:
         """``True``: run every block (the static backbone, no gate / policy runs); ``False``: skip every gated
-        block; ``None``: decide per sample."""
-        if value not in (True, False, None):
-            raise ValueError(f"force_gates expects True, False or None, got {value!r}")
+        block; ``None``: decide per sample (:class:`~dyncnn.dynamic.protocols.Forceable`)."""
+        if value not in (True, False, None) or isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(f"force expects True, False or None, got {value!r}")
         self._force = value
 
     # -- costs ---------------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ class LayerSkipNetwork(nn.Module):
         return fixed + int(blocks.sum()) + decision
 
     def static_macs(self, x: Tensor) -> int:
-        """Per-sample MACs of the static backbone (what ``force_gates(True)`` runs)."""
+        """Per-sample MACs of the static backbone (what ``force(True)`` runs)."""
         fixed, blocks, _ = self.cost_table(x)
         return fixed + int(blocks.sum())
 

@@ -296,8 +296,11 @@ class ChannelGatedNet(nn.Module):
     def decision_names(self) -> list[str]:
         return [f"{p}.g{g}" for p in self.gated_paths for g in range(self.groups)]
 
-    def set_gates(self, force: bool | None) -> None:
-        """Pin every gate on (True: the static backbone), to the narrowest level (False), or free (None)."""
+    def force(self, force: bool | None) -> None:
+        """Pin every gate on (True: the static backbone), to the narrowest level (False), or free (None)
+        (:class:`~dyncnn.dynamic.protocols.Forceable`)."""
+        if force not in (True, False, None) or isinstance(force, int) and not isinstance(force, bool):
+            raise ValueError(f"force expects True, False or None, got {force!r}")
         for g in self.gates:
             g.gate.force = force
 

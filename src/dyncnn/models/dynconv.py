@@ -79,7 +79,7 @@ class DynConvNet(nn.Module):
                                         for g in self._gated if g is not None)
         self.tail = _Tail(backbone)
         self.executor = Executor()
-        self.force: bool | None = None     # True: every mask on (the static backbone); False: every mask off
+        self._force: bool | None = None    # True: every mask on (the static backbone); False: every mask off
         self.progress = 0.0
         self._reg: Tensor | None = None
 
@@ -93,8 +93,8 @@ class DynConvNet(nn.Module):
         so with short fine-tuning the logits stay close to 0 and test-time thresholding (no noise) disagrees with
         training; ``anneal_noise`` scales the logistic noise by ``1 - progress`` so that the decisions of the last
         steps are the test-time ones (DynConv keeps full noise and trains hundreds of epochs instead)."""
-        if self.force is not None:
-            return torch.full_like(h[:, :1], float(self.force))
+        if self._force is not None:
+            return torch.full_like(h[:, :1], float(self._force))
         logits = unit(h)
         scale = 1.0 - self.progress if self.cfg.anneal_noise else 1.0
         if scale > 0:
@@ -142,8 +142,8 @@ class DynConvNet(nn.Module):
             if g is None:
                 h = ex.run(block, h, rows, ledger)
                 continue
-            if self.force is not None:        # forced: no mask unit runs
-                mask = torch.full((n, *h.shape[-2:]), bool(self.force), dtype=torch.bool, device=h.device)
+            if self._force is not None:       # forced: no mask unit runs
+                mask = torch.full((n, *h.shape[-2:]), bool(self._force), dtype=torch.bool, device=h.device)
             else:
                 logits = ex.run(self.mask_units[k], h, rows, ledger)
                 mask = torch.ones_like(logits[:, 0], dtype=torch.bool) if all_on else logits[:, 0] >= 0
@@ -167,6 +167,13 @@ class DynConvNet(nn.Module):
     def masks(self, x: Tensor) -> list[Tensor]:
         """The executed positions of every gated block, bool (N, H_b, W_b)."""
         return self._execute(x)[1]
+
+    def force(self, value: bool | None) -> None:
+        """``True``: every mask on, no mask unit runs (the static backbone); ``False``: every mask off (only the
+        blocks' shortcuts); ``None``: the mask units decide (:class:`~dyncnn.dynamic.protocols.Forceable`)."""
+        if value not in (True, False, None) or isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(f"force expects True, False or None, got {value!r}")
+        self._force = value
 
     def full_macs(self, x: Tensor) -> int:
         """Per-sample MACs with every mask on (backbone + mask units)."""

@@ -6,7 +6,7 @@ the block's shortcut and final activation. Inference runs the chain stem -> bloc
 :class:`Executor`, so each sample is charged exactly the router, shortcut and experts it used.
 
 ``upcycle=True`` starts every expert as a copy of the block it replaces (sparse upcycling): with the weights of a
-sample summing to 1 (``renormalize``, ``straight_through``, or E = k = 1, or ``force_expert``) the network then
+sample summing to 1 (``renormalize``, ``straight_through``, or E = k = 1, or ``force(expert)``) the network then
 equals the backbone. Narrower experts (``expert_ratio < 1``) start as the block's leading channels. Upcycling a
 TRAINED backbone and fine-tuning is what reaches the backbone's accuracy on ScaledMNIST: trained from scratch,
 the routers' logits stay far below the routing noise, every expert sees a random quarter of the data and the
@@ -165,8 +165,9 @@ class MoENetwork(nn.Module):
     def moe_layers(self) -> list[ConvMoE]:
         return [m for _, m in self._units if isinstance(m, ConvMoE)]
 
-    def force_expert(self, expert: int | None) -> None:
-        """Route every sample of every MoE layer to ``expert`` (None: learned routing)."""
+    def force(self, expert: int | None) -> None:
+        """Route every sample of every MoE layer to ``expert`` (None: learned routing)
+        (:class:`~dyncnn.dynamic.protocols.Forceable`)."""
         for m in self.moe_layers():
             m.force_expert = expert
 

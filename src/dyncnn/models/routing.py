@@ -132,7 +132,7 @@ class RoutingCell(nn.Module):
 class RoutingSuperNet(Backbone):
     """Stem (3x3 conv) -> stages of :class:`RoutingCell` -> global pool -> linear.
 
-    ``force_path`` (a path index or None) sends every sample of every cell down that path: the network is then
+    ``force(path)`` (a path index or None) sends every sample of every cell down that path: the network is then
     the static network ``static_path(p)`` (path 0 with the default paths: a ResNet of basic blocks).
     """
 
@@ -170,15 +170,20 @@ class RoutingSuperNet(Backbone):
         return len(self.cfg.paths)
 
     @property
-    def force_path(self) -> int | None:
+    def forced(self) -> int | None:
+        """The path every cell is forced to (None: the routers decide)."""
         return self._force
 
-    @force_path.setter
-    def force_path(self, path: int | None) -> None:
+    def force(self, path: int | None) -> None:
+        """Send every sample of every cell down ``path`` (None: the routers decide)
+        (:class:`~dyncnn.dynamic.protocols.Forceable`)."""
+        self._check_path(path)
+        self._force = path
+
+    def _check_path(self, path) -> None:
         if path is not None and (isinstance(path, bool) or not isinstance(path, int)
                                  or not 0 <= path < self.num_paths):
-            raise ValueError(f"force_path must be None or a path index in 0..{self.num_paths - 1}, got {path!r}")
-        self._force = path
+            raise ValueError(f"force expects None or a path index in 0..{self.num_paths - 1}, got {path!r}")
 
     def set_progress(self, progress: float) -> None:
         self.progress = min(max(float(progress), 0.0), 1.0)
@@ -200,8 +205,9 @@ class RoutingSuperNet(Backbone):
 
     def static_path(self, path: int) -> nn.Sequential:
         """The static network that always takes ``path`` (shares this network's modules)."""
-        self.force_path = path                      # validates
-        self.force_path = None
+        if path is None:
+            raise ValueError("static_path needs a path index, got None")
+        self._check_path(path)
         return nn.Sequential(self.stem, *[c.paths[path] for c in self.cells], self.head)
 
     @torch.no_grad()

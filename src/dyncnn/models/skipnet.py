@@ -76,8 +76,8 @@ class SkipNet(LayerSkipNetwork):
         self._used: tuple[Tensor, int] | None = None
         self._cost_scale = 1.0 if cfg.cost_ramp == 0 else 0.0
 
-    def force_gates(self, value: bool | None) -> None:
-        super().force_gates(value)
+    def force(self, value: bool | None) -> None:
+        super().force(value)
         self.hard.force = value
 
     def set_progress(self, progress: float) -> None:
