@@ -1,5 +1,7 @@
 """Training recipes: the registry ``fit_model`` dispatches on (families with stages), and the plain Trainer run
 for every other model."""
+import math
+
 import pytest
 import torch
 from torch.utils.data import TensorDataset
@@ -41,3 +43,23 @@ def test_a_plain_model_trains_with_one_trainer_run(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     x, y = collate(data, [3, 1])
     assert x.shape == (2, 1, 16, 16) and y.tolist() == [3, 1]
+
+
+def test_the_shared_ppo_update_favours_actions_with_positive_advantage():
+    """GFNet and AdaFocus share one PPO (train/recipes/ppo.py): on a Gaussian policy whose reward is the first
+    coordinate of the action, the update moves the mean along that coordinate."""
+    from dyncnn.dynamic.rl import RolloutBuffer, gaussian_log_prob
+    from dyncnn.train.recipes.ppo import PPOSettings, ppo_update
+    torch.manual_seed(0)
+    mean = torch.zeros(2, requires_grad=True)
+    T, N = 3, 64
+    actions = torch.randn(T, N, 2) * 0.1
+    buf = RolloutBuffer()
+    for t in range(T):
+        buf.add((), actions[t], gaussian_log_prob(actions[t], mean.detach().expand(N, 2), 0.1), torch.zeros(N),
+                actions[t][:, 0])
+    opt = torch.optim.SGD([mean], lr=0.01)
+    loss = ppo_update(opt, lambda: (gaussian_log_prob(actions, mean.expand(T, N, 2), 0.1), torch.zeros(T, N)),
+                      buf, PPOSettings(updates=3))
+    assert math.isfinite(loss)
+    assert mean[0].item() > 0.01 and abs(mean[1].item()) < mean[0].item() / 3

@@ -26,12 +26,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ...dynamic.patches import crop_patches
-from ...dynamic.rl import RolloutBuffer, gaussian_log_prob, ppo_loss
+from ...dynamic.rl import RolloutBuffer, gaussian_log_prob
 from ...errors import DyncnnError
 from ...models.gfnet import GFNet
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..trainer import TrainConfig, Trainer, TrainResult, epoch_batches, evaluate
 from . import collate, register_recipe
+from .ppo import PPOSettings, ppo_update
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,10 @@ class GlanceStagesConfig:
     clip: float = 0.2
     ppo_updates: int = 2                    # PPO passes over each rollout
     value_coef: float = 0.5
+
+    @property
+    def ppo(self) -> PPOSettings:
+        return PPOSettings(self.ppo_lr, self.gamma, self.clip, self.ppo_updates, self.value_coef)
 
     @classmethod
     def from_extra(cls, extra: dict | None) -> "GlanceStagesConfig":
@@ -82,19 +87,16 @@ def ppo_step(model, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer, cfg:
             new_prob = torch.softmax(s["logits"], 1).gather(1, y[:, None]).squeeze(1)
             buf.add(state, raw, log_prob, value, new_prob - prob)
             prob = new_prob
-    returns, adv = buf.returns_and_advantages(cfg.gamma)
-    for _ in range(cfg.ppo_updates):
-        loss = x.new_zeros(())
+
+    def reevaluate():        # the policy again on the stored states: each step's log-probability and value
+        new_lp, values = [], []
         for t, (f, w, h0) in enumerate(buf.states):
             mean, hp_t = model.policy(f, w, h0)
-            new_lp = gaussian_log_prob(buf.actions[t], mean, std)
-            loss = loss + ppo_loss(new_lp, buf.log_probs[t], adv[t], cfg.clip) \
-                + cfg.value_coef * F.mse_loss(model.policy.value(hp_t), returns[t])
-        loss = loss / len(buf)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return {"loss": float(loss.detach()), "gain": float((prob - first).mean())}
+            new_lp.append(gaussian_log_prob(buf.actions[t], mean, std))
+            values.append(model.policy.value(hp_t))
+        return torch.stack(new_lp), torch.stack(values)
+    loss = ppo_update(optimizer, reevaluate, buf, cfg.ppo)
+    return {"loss": loss, "gain": float((prob - first).mean())}
 
 
 def locate_step(model, x: Tensor, digit_centers: Tensor, optimizer: torch.optim.Optimizer) -> dict:

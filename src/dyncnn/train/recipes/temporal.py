@@ -22,15 +22,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ...dynamic.rl import RolloutBuffer, gaussian_log_prob, ppo_loss
+from ...dynamic.rl import RolloutBuffer, gaussian_log_prob
 from ...models.adafocus import AdaFocus
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..trainer import TrainConfig, Trainer, TrainResult, epoch_batches
 from . import collate, register_recipe
+from .ppo import PPOSettings, ppo_update, progress_rewards
 
 
 @dataclass
@@ -45,18 +45,14 @@ class AdaFocusStages:
     value_coef: float = 0.5
     finetune_lr_scale: float = 0.1      # stage-3 learning rate = this x the TrainConfig's
 
+    @property
+    def ppo(self) -> PPOSettings:
+        return PPOSettings(self.ppo_lr, self.gamma, self.clip, self.ppo_updates, self.value_coef)
+
     def __post_init__(self):
         if min(self.policy_epochs, self.finetune_epochs, self.ppo_updates) < 0 or \
                 (self.random_epochs is not None and self.random_epochs < 0):
             raise ValueError("stage epochs and ppo_updates must be >= 0")
-
-
-def progress_rewards(logits: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-    """GFNet / AdaFocus reward (T, N): the gain in true-class probability from the previous step (the first step
-    gains over chance, 1 / classes)."""
-    p = torch.stack([F.softmax(z.float(), 1).gather(1, target[:, None]).squeeze(1) for z in logits])
-    prev = torch.cat([torch.full_like(p[:1], 1.0 / logits[0].shape[1]), p[:-1]])
-    return p - prev
 
 
 def ppo_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
@@ -70,15 +66,12 @@ def ppo_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor
     buffer = RolloutBuffer()
     for k in range(rewards.shape[0]):
         buffer.add(ro["glance"][:, k], ro["actions"][:, k], old_logp[k], ro["values"][:, k], rewards[k])
-    returns, adv = buffer.returns_and_advantages(stages.gamma)
-    for _ in range(stages.ppo_updates):
+
+    def reevaluate():        # the small recurrent policy again on the stored glance features
         means, values = model.actor_sequence(ro["glance"])
-        new_logp = gaussian_log_prob(ro["actions"], means, model.std).T
-        loss = ppo_loss(new_logp, old_logp, adv, stages.clip) + stages.value_coef * F.mse_loss(values.T, returns)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return {"reward": float(rewards.sum(0).mean()), "loss": float(loss.detach()),
+        return gaussian_log_prob(ro["actions"], means, model.std).T, values.T
+    loss = ppo_update(optimizer, reevaluate, buffer, stages.ppo)
+    return {"reward": float(rewards.sum(0).mean()), "loss": loss,
             "acc": float((logits[-1].argmax(1) == y).float().mean())}
 
 
