@@ -350,3 +350,18 @@ def test_cascade_search_picks_the_cheapest_cascade_that_reaches_the_target():
     assert len(ranking) == 4                                  # 3 pairs and 1 triple, members by increasing cost
     with pytest.raises(ValueError, match="need a cost"):
         search_cascades(logits, y, {"tiny": 1.0}, target)
+
+
+def test_temperatures_fit_on_logits_made_in_inference_mode():
+    """Logits collected under torch.inference_mode (as a user's evaluation loop makes them) used to fail in the
+    LBFGS fit ("Inference tensors cannot be saved for backward"); they give the same temperatures as plain ones."""
+    from dyncnn.dynamic.budget import fit_temperatures
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (200,), generator=g)
+    logits = torch.randn(2, 200, 10, generator=g) * 3
+    logits[0, torch.arange(200), y] += 4.0            # exit 0 over-confident where right: T > 1 expected
+    want = fit_temperatures(logits, y)
+    with torch.inference_mode():
+        frozen = logits.clone()
+        got = fit_temperatures(frozen, y)
+    assert got == pytest.approx(want, rel=1e-6) and want[0] > 1.0

@@ -173,18 +173,24 @@ def solve_for_budget(val_scores: Tensor, val_correct: Tensor, exit_macs, target_
 
 
 def fit_temperatures(logits: Tensor, targets: Tensor, iters: int = 100) -> list[float]:
-    """Per-exit temperature scaling (Guo et al. 2017): T_k minimising the NLL of exit k on validation logits."""
+    """Per-exit temperature scaling (Guo et al. 2017): T_k minimising the NLL of exit k on validation logits.
+    Logits made under ``torch.inference_mode`` are accepted (they are copied out of it for the fit)."""
     temps = []
-    for k in range(logits.shape[0]):
-        log_t = torch.zeros(1, requires_grad=True)
-        opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
-        z = logits[k].detach().float()
-
-        def closure():
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(z / log_t.exp(), targets)
-            loss.backward()
-            return loss
-        opt.step(closure)
-        temps.append(float(log_t.detach().exp()))
+    with torch.inference_mode(False), torch.enable_grad():
+        targets = torch.as_tensor(targets).clone()
+        for k in range(logits.shape[0]):
+            temps.append(_fit_temperature(logits[k].detach().float().clone(), targets, iters))
     return temps
+
+
+def _fit_temperature(z: Tensor, targets: Tensor, iters: int) -> float:
+    log_t = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(z / log_t.exp(), targets)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return float(log_t.detach().exp())

@@ -60,6 +60,14 @@ class Forceable(Protocol):
     def force(self, value) -> None: ...
 
 
+def check_gate_flag(value) -> bool | None:
+    """``value`` if it is ``True``, ``False`` or ``None`` (the values a gated family's ``force`` takes), else a
+    ValueError; 1 and 0 are refused too, so that a path or expert index is never taken for a gate flag."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"force expects True, False or None, got {value!r}")
+    return value
+
+
 @contextlib.contextmanager
 def forced(model: Forceable, value):
     """``with forced(model, True): ...`` runs the block with the decisions pinned, then lets the model decide."""

@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from ..errors import check_image_batch
 from .blocks import ResidualBranchBlock
 from .executor import CostLedger, Executor, ExitResult, eval_copy, measure_macs
+from .protocols import check_gate_flag
 
 Decide = Callable[[int, Tensor], Tensor]   # (gated position j, block input h) -> (N,) decision in {0, 1}
 
@@ -135,9 +136,7 @@ class LayerSkipNetwork(nn.Module):
     def force(self, value: bool | None) -> None:
         """``True``: run every block (the static backbone, no gate / policy runs); ``False``: skip every gated
         block; ``None``: decide per sample (:class:`~dyncnn.dynamic.protocols.Forceable`)."""
-        if value not in (True, False, None) or isinstance(value, int) and not isinstance(value, bool):
-            raise ValueError(f"force expects True, False or None, got {value!r}")
-        self._force = value
+        self._force = check_gate_flag(value)
 
     # -- costs ---------------------------------------------------------------------------------------------
     def _decision_macs(self, x1: Tensor, inputs: list[Tensor]) -> int:   # pragma: no cover - abstract

@@ -42,6 +42,7 @@ from ..errors import check_image_batch
 from ..layers.gates import HardGate, anneal, budget_loss, check_budget, layer_bounds_loss
 from .blocks import ResidualBranchBlock
 from .executor import CostLedger, Executor, ExitResult, eval_copy
+from .protocols import check_gate_flag
 
 
 # --- blocks: which convolutions produce the hidden channels, and how the branch meets the shortcut ------------
@@ -299,8 +300,7 @@ class ChannelGatedNet(nn.Module):
     def force(self, force: bool | None) -> None:
         """Pin every gate on (True: the static backbone), to the narrowest level (False), or free (None)
         (:class:`~dyncnn.dynamic.protocols.Forceable`)."""
-        if force not in (True, False, None) or isinstance(force, int) and not isinstance(force, bool):
-            raise ValueError(f"force expects True, False or None, got {force!r}")
+        check_gate_flag(force)
         for g in self.gates:
             g.gate.force = force
 

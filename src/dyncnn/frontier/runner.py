@@ -362,12 +362,16 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
     timed: list[Timed] = []
     eager_timed: list[Timed] = []
     t_cost = s.threads[0]
-    # static models: accuracy on val (for the target) and test, MACs, one bundle each
+    # static models: accuracy on val (for the target; the logits also feed the cascade search) and test, MACs,
+    # one bundle each
+    val_y = torch.as_tensor(val.targets)
+    static_val_logits: dict[str, Tensor] = {}
     with torch_threads(max(s.threads)):
         for label, net in statics.items():
             folder = bundles / _slug(label)
             export_bundle(net, folder, tuple(x_test.shape[1:]), **_export_options(s))
-            acc_val = evaluate(net, val)["acc"]
+            static_val_logits[label] = collect_exit_logits(_AsExits(net).eval(), val)[0][0]
+            acc_val = float((static_val_logits[label].argmax(1) == val_y).double().mean())
             acc_test = evaluate(net, test)["acc"]
             macs = count_macs(net, x_test[:1]).per_sample
             result["static"][label] = {"val_accuracy": acc_val, "test_accuracy": acc_test, "macs": macs,
@@ -383,8 +387,9 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
         kind = spec["kind"]
         if kind == "searched":
             if searched is None:
-                searched = _search_members(statics, lambda label: bundle_of(bundles / _slug(label), t_cost),
-                                           val, x_val, target_val, s, t_cost, spec["max_members"], log, seed)
+                searched = _search_members(static_val_logits, val_y,
+                                           lambda label: bundle_of(bundles / _slug(label), t_cost), x_val,
+                                           target_val, t_cost, spec["max_members"], log, seed)
                 result["cascade_search"] = searched
             spec = _cascade(spec["label"], *searched["ranking"][0]["members"])
         label = spec["label"]
@@ -476,17 +481,14 @@ def _image_ms(bundle, images: np.ndarray, repeats: int = 3) -> float:
     return float(np.median(times))
 
 
-def _search_members(statics: dict[str, nn.Module], bundle: Callable, val, x_val: Tensor, target_val: float,
-                    s: FrontierSettings, threads: int, max_members: int, log, seed: int) -> dict:
+def _search_members(val_logits: dict[str, Tensor], val_y: Tensor, bundle: Callable, x_val: Tensor,
+                    target_val: float, threads: int, max_members: int, log, seed: int) -> dict:
     """The members of the searched cascade, on the validation split: every static model's validation logits
     (eager) and its batch-1 latency in the runtime (its exported bundle, ``threads`` threads, validation images),
     then :func:`~dyncnn.frontier.search.search_cascades`."""
     with torch_threads(threads):
-        cost = {label: _image_ms(bundle(label), x_val[:64].numpy()) for label in statics}
-    with torch_threads(max(s.threads)):
-        logits = {label: collect_exit_logits(_AsExits(net).eval(), val)[0][0] for label, net in statics.items()}
-    y = torch.as_tensor(val.targets)
-    ranking = search_cascades(logits, y, cost, target_val, max_members)
+        cost = {label: _image_ms(bundle(label), x_val[:64].numpy()) for label in val_logits}
+    ranking = search_cascades(val_logits, val_y, cost, target_val, max_members)
     log(f"  seed {seed}: cascade searched on validation: {' -> '.join(ranking[0]['members'])} (predicted "
         f"{ranking[0]['val_cost']:.3f} ms per image, validation accuracy {ranking[0]['val_accuracy']:.4f})")
     return {"member_ms": cost, "threads": threads, "ranking": ranking[:10], "candidates": len(ranking)}

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..dynamic.executor import CostLedger, Executor, ExitResult, eval_copy
+from ..dynamic.protocols import check_gate_flag
 from ..dynamic.spatial import (EXPORT_MESSAGE, GatedBranch, MaskUnit, MaskUnitCfg, SparseExportError, gated_branch,
                                masked_block_forward, sparse_block_forward)
 from ..errors import check_image_batch
@@ -171,9 +172,7 @@ class DynConvNet(nn.Module):
     def force(self, value: bool | None) -> None:
         """``True``: every mask on, no mask unit runs (the static backbone); ``False``: every mask off (only the
         blocks' shortcuts); ``None``: the mask units decide (:class:`~dyncnn.dynamic.protocols.Forceable`)."""
-        if value not in (True, False, None) or isinstance(value, int) and not isinstance(value, bool):
-            raise ValueError(f"force expects True, False or None, got {value!r}")
-        self._force = value
+        self._force = check_gate_flag(value)
 
     def full_macs(self, x: Tensor) -> int:
         """Per-sample MACs with every mask on (backbone + mask units)."""
