@@ -6,6 +6,7 @@ Two scales, every model trained with the same budget (5 epochs, cosine schedule,
 - ``full``: the demo's 64x64 ScaledMNIST (clutter 2); 8 static networks (tiny_mobilenet at three widths and at full,
   1/2 and 1/4 resolution, MobileNetV3-Small x0.5, ShuffleNetV2 x0.5) against resolution / width cascades built from
   them, exits on tiny-M trained with self-distillation and gradient equilibrium, and MSDNet with the same recipe;
+  at both scales also the cascade whose 2-3 members are searched among the static networks on validation;
 - ``phone``: a 128x128 canvas with networks of 1.2-73M MACs (MobileNetV3-Small, ShuffleNetV2 x1.0, tiny_mobilenet
   up to 73M), where a runtime's per-call overhead is a small share of a model's time.
 
