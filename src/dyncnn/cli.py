@@ -838,9 +838,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "rounds, median and IQR) and write frontier.json / .md / .png with the speedup "
                                    "at equal accuracy.")
     f.add_argument("--preset", default="demo", choices=["demo", "full", "phone"],
-                   help="model set: demo (3 static, 2 cascades, the cascade search), full (8 static, 7 dynamic), "
-                        "phone (128x128 canvas, 1-73M MAC networks); every preset includes a cascade whose "
-                        "members are searched on validation")
+                   help="model set: demo (3 static, 2 cascades), full (8 static, 7 dynamic), phone (128x128 "
+                        "canvas, 1-73M MAC networks); full and phone include a cascade whose members are searched "
+                        "on validation")
     f.add_argument("--dataset", default="scaled_mnist", choices=["scaled_mnist"], help="data (the embedded digits)")
     f.add_argument("--canvas", type=int, default=None, help="image side (default: 64, 128 for --preset phone)")
     f.add_argument("--clutter", type=int, default=2, help="clutter fragments per image")

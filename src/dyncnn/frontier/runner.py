@@ -108,8 +108,8 @@ def presets(canvas: int) -> dict[str, dict]:
     return {
         "demo": {"static": demo_static,
                  "dynamic": [_cascade("resolution cascade /2 -> full", "tiny-M /2", "tiny-M"),
-                             _cascade("resolution cascade /4 -> /2 -> full", "tiny-S /4", "tiny-M /2", "tiny-M"),
-                             _searched()]},
+                             # no cascade search: with three static networks its candidates are these cascades
+                             _cascade("resolution cascade /4 -> /2 -> full", "tiny-S /4", "tiny-M /2", "tiny-M")]},
         "full": {"static": full_static,
                  "dynamic": [_cascade("resolution cascade /2 -> full", "tiny-M /2", "tiny-M"),
                              _cascade("resolution cascade /4 -> /2 -> full", "tiny-S /4", "tiny-M /2", "tiny-M"),
