@@ -251,3 +251,15 @@ def test_noise_annealing_makes_training_decisions_the_test_decisions(images):
         h = model.backbone.stem(images)
         noisy = model._mask(model.mask_units[0], h)[:, 0] > 0.5
     assert not torch.equal(noisy, want[0])
+
+
+def test_evaluation_reports_active_positions_apart_from_decision_rates(tiny_models, images):
+    from dyncnn.dynamic.evaluation import evaluate_dynamic, format_dynamic
+    model = tiny_models["dynconv_tiny_resnet_mnist"]
+    r = evaluate_dynamic(model, list(zip(images, torch.zeros(len(images), dtype=torch.int64))), batch_size=2)
+    fractions = model.infer(images).fractions
+    assert r["active_fraction"] == pytest.approx(fractions.double().mean(0).tolist(), abs=1e-4)
+    # the decision rates are those of the 0/1 choices (did a block compute any position), not the shares
+    assert r["choice_rate"] == pytest.approx((fractions > 0).double().mean(0).tolist(), abs=1e-4)
+    text = format_dynamic(r)
+    assert "active positions: " in text and "decision rates: " in text

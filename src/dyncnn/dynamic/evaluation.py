@@ -60,11 +60,8 @@ def format_dynamic(result: dict) -> str:
              f"({result['macs_fraction']:.0%} of {result['full_macs'] / 1e6:.3f}M with every gate on), "
              f"10/50/90% quantiles " + " / ".join(f"{v / 1e6:.3f}M" for v in result["macs_quantiles"].values())
              + f" on {result['n']} samples"]
-    if "choice_rate" in result:
-        names = result.get("decision_names") or [str(i) for i in range(len(result["choice_rate"]))]
-        lines.append("decision rates: " + ", ".join(f"{n}={r:.2f}" for n, r in zip(names, result["choice_rate"])))
-    if "active_fraction" in result:
-        names = result.get("decision_names") or [str(i) for i in range(len(result["active_fraction"]))]
-        lines.append("active positions: " + ", ".join(f"{n}={r:.2f}" for n, r in
-                                                      zip(names, result["active_fraction"])))
+    for key, title in (("choice_rate", "decision rates"), ("active_fraction", "active positions")):
+        if key in result:
+            names = result.get("decision_names") or [str(i) for i in range(len(result[key]))]
+            lines.append(f"{title}: " + ", ".join(f"{n}={r:.2f}" for n, r in zip(names, result[key])))
     return "\n".join(lines)
