@@ -256,3 +256,14 @@ def test_zoo_caches_rows_per_version_and_refreshes_with_no_cache(monkeypatch, ca
 def dyncnn_version() -> str:
     from dyncnn import __version__
     return __version__
+
+
+def test_anytime_eval_of_a_gated_model_says_it_has_no_exits(tmp_path, capsys):
+    """``eval --anytime`` reads the exits of a HasExits model; a gated model (infer, but no exits) used to get past
+    the check and fail on ``exit_macs`` with an AttributeError."""
+    import dyncnn
+    from dyncnn.train.checkpoint import save_checkpoint
+    ckpt = save_checkpoint(tmp_path / "last.safetensors", dyncnn.create_model("routing_supernet_tiny"),
+                           extra={"data": {"name": "mnist"}})
+    assert main(["eval", str(ckpt), "--anytime"]) == 2
+    assert "need a multi-exit network; RoutingSuperNet has no exits" in capsys.readouterr().err

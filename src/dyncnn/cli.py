@@ -411,7 +411,8 @@ def _eval_dynamic(args, model, dataset) -> int:
 
     from .dynamic.budget import anytime, collect_exit_logits
     from .dynamic.calibration import load_thresholds
-    if not hasattr(model, "infer"):
+    from .dynamic.protocols import HasExits
+    if not isinstance(model, HasExits):
         raise DyncnnError(f"--budget/--anytime need a multi-exit network; {type(model).__name__} has no exits")
     out: dict = {"checkpoint": str(args.checkpoint), "split": args.split}
     if args.anytime:

@@ -296,7 +296,9 @@ class RoutingSuperNet(Backbone):
 
     @torch.no_grad()
     def infer(self, x: Tensor) -> ExitResult:
-        """Executed inference: each path runs only on the rows whose router chose it (argmax)."""
+        """Executed inference: each path runs only on the rows whose router chose it (argmax). ``choices`` is
+        one-hot over the paths of each cell (:meth:`paths_taken` gives the indices); ``exit_index`` counts the
+        cells in which a sample took path 0 (the full block)."""
         x = self.check_input(x)
         if self.training:     # never switch a shared model to eval and back (see MultiExitNetwork.infer)
             return eval_copy(self).infer(x)
