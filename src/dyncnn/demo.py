@@ -29,15 +29,11 @@ from .train.checkpoint import atomic_write_text, load_checkpoint
 from .viz import plot_accuracy_by_scale, plot_easy_hard_gallery, plot_exit_histogram, plot_training_curves
 
 
-def _rebuild(s: FrontierSettings, seed_result: dict, label: str):
-    """The trained dynamic model ``label`` of one seed's results from the run's checkpoints (cascades, searched
-    ones included, from the members that seed used)."""
+def _rebuild(s: FrontierSettings, seed: int, label: str):
+    """The trained dynamic model ``label`` of ``seed`` from the run's checkpoints (cascades from their members)."""
     models = s.model_set()
     specs = {m["label"]: m for m in models["static"]}
-    seed = seed_result["seed"]
     spec = next(d for d in models["dynamic"] if d["label"] == label)
-    if spec["kind"] in ("cascade", "searched"):
-        spec = {"label": label, "kind": "cascade", "members": seed_result["dynamic"][label]["members"]}
     statics = {}
     for m in spec.get("members", []):
         net = build_static(specs[m])
@@ -64,7 +60,7 @@ def run_demo(out_dir: Path = Path("runs/demo"), epochs: int | None = None, threa
     chosen = next(p for p in seed["dynamic"][label]["points"] if p["chosen"])
 
     # where the selected cascade spends its work: exits taken, which digits leave early, accuracy by digit scale
-    net = _rebuild(s, seed, label)
+    net = _rebuild(s, seed["seed"], label)
     test = load_data(s)["test"]
     x = test.images.float() / 255
     policy = ExitPolicy(chosen["thresholds"], "max_prob", chosen["temperatures"])

@@ -7,7 +7,6 @@ import torch
 import dyncnn
 from dyncnn.dynamic import (AuxLoss, DynamicModel, EarlyExitModel, HasExits, ProgressAware, ResidualBranchBlock,
                             is_gated)
-from dyncnn.dynamic.protocols import is_early_exit
 
 
 @pytest.mark.parametrize("name,cfg", [("resnet20_cifar", {}), ("resnet50", {"width_mult": 0.25}),
@@ -53,9 +52,9 @@ def test_protocols_sort_the_families():
     gated = dyncnn.create_model("skipnet_resnet20_cifar")
     routing = dyncnn.create_model("routing_supernet_tiny")
     static = dyncnn.create_model("resnet20_cifar")
-    assert is_early_exit(exits) and isinstance(exits, (EarlyExitModel, HasExits, DynamicModel))
+    assert all(isinstance(exits, p) for p in (EarlyExitModel, HasExits, DynamicModel))
     assert not is_gated(exits) and is_gated(gated) and is_gated(routing)
-    assert not isinstance(static, DynamicModel) and not is_early_exit(static) and not is_gated(static)
+    assert not isinstance(static, (DynamicModel, EarlyExitModel)) and not is_gated(static)
     assert isinstance(routing, AuxLoss) and isinstance(routing, ProgressAware)
     assert not isinstance(static, AuxLoss)
 

@@ -95,11 +95,6 @@ class ProgressAware(Protocol):
     def set_progress(self, fraction: float) -> None: ...
 
 
-def is_early_exit(model) -> bool:
-    """Whether ``model`` is a multi-exit network (:class:`EarlyExitModel`)."""
-    return isinstance(model, EarlyExitModel)
-
-
 def is_gated(model) -> bool:
     """A gated dynamic model (:class:`DynamicModel` and not a multi-exit network, which has its own budgeted
     evaluation)."""
@@ -107,4 +102,4 @@ def is_gated(model) -> bool:
 
 
 __all__ = ["DynamicModel", "EarlyExitModel", "HasExits", "Forceable", "forced", "AuxLoss", "OwnTrainingLoss", "ProgressAware", "ResidualBranchBlock",
-           "is_early_exit", "is_gated"]
+           "is_gated"]
