@@ -46,7 +46,7 @@ from dyncnn.dynamic.losses import MultiExitLoss
 from dyncnn.dynamic.policy import ExitPolicy
 from dyncnn.export import export_bundle, load_bundle
 from dyncnn.export.bench import bench_model, format_table
-from dyncnn.profile.latency import time_callable
+from dyncnn.profile.latency import retain_freed_memory, time_callable
 from dyncnn.train import TrainConfig, Trainer
 
 PAIRS = [("mobilenet_v2", "torchvision:mobilenet_v2"), ("mobilenet_v3_large", "torchvision:mobilenet_v3_large"),
@@ -179,6 +179,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)     # as ONNX Runtime does; denormals would make eager timings erratic
+    retain_freed_memory()      # large activations reused, not page-faulted in again per call
     result: dict = {"threads": args.threads, "torch": torch.__version__}
     import onnxruntime
     result["onnxruntime"] = onnxruntime.__version__

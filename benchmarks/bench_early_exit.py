@@ -5,7 +5,10 @@ to the last one. We time ``infer`` with those thresholds and with full depth (sa
 process, eager PyTorch, fixed threads, denormals flushed), at batch 64 and at batch 1 (each of the 64 samples alone), and report
 realized speedup = full latency / dynamic latency beside MAC speedup = full MACs / mean MACs (the ledger's).
 
-    python benchmarks/bench_early_exit.py [--threads 2] [--models msdnet_cifar ...]
+Each network is timed as built ("plain") and after ``optimize_for_inference`` ("optimized": BatchNorm folded into
+the convolutions, channels-last weights), which is how it would be deployed in eager PyTorch.
+
+    python benchmarks/bench_early_exit.py [--threads 2] [--models msdnet_cifar ...] [--variants plain optimized]
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ import torch
 
 import dyncnn
 from dyncnn.dynamic import ExitPolicy
-from dyncnn.profile.latency import median_ms
+from dyncnn.layers.fusion import optimize_for_inference
+from dyncnn.profile.latency import median_ms, retain_freed_memory
 
 CONFIGS = {
     "msdnet_cifar": dict(name="msdnet_cifar", kw={"num_classes": 10}, shape=(3, 32, 32)),
@@ -34,7 +38,7 @@ def timed(fn, repeats: int) -> float:
     return median_ms(fn, repeats)
 
 
-def bench(label: str, cfg: dict, repeats: int) -> list[dict]:
+def bench(label: str, cfg: dict, repeats: int, variant: str) -> list[dict]:
     torch.manual_seed(0)
     net = dyncnn.create_model(cfg["name"], **cfg["kw"]).eval()
     x = torch.randn(64, *cfg["shape"])
@@ -42,6 +46,8 @@ def bench(label: str, cfg: dict, repeats: int) -> list[dict]:
         first = torch.softmax(net(x)[0], 1).max(1).values
     half = ExitPolicy([float(first.median())] + [float("inf")] * (net.num_exits - 2))
     full = ExitPolicy.never(net.num_exits)
+    if variant == "optimized":
+        net = optimize_for_inference(net)
     res = net.infer(x, half)
     mac_speedup = float(net.infer(x, full).macs.double().mean() / res.macs.double().mean())
     rows = []
@@ -54,7 +60,8 @@ def bench(label: str, cfg: dict, repeats: int) -> list[dict]:
             t_full = timed(lambda: [net.infer(s, full) for s in singles], max(3, repeats // 4))
             t_dyn = timed(lambda: [net.infer(s, half) for s in singles], max(3, repeats // 4))
         realized = t_full / t_dyn
-        rows.append({"model": label, "batch": batch, "exit_mix": torch.bincount(res.exit_index).tolist(),
+        rows.append({"model": label, "variant": variant, "batch": batch,
+                     "exit_mix": torch.bincount(res.exit_index).tolist(),
                      "mac_speedup": mac_speedup, "full_ms": t_full, "dynamic_ms": t_dyn, "realized": realized,
                      "ratio": realized / mac_speedup})
     return rows
@@ -65,11 +72,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--models", nargs="*", default=list(CONFIGS))
+    ap.add_argument("--release-memory", action="store_true",
+                    help="keep glibc's default of unmapping large freed blocks (page faults on every call)")
+    ap.add_argument("--variants", nargs="*", choices=("plain", "optimized"), default=["plain", "optimized"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     # Randomly initialised networks drift into denormal floats deep down, which x86 computes tens of times
     # slower; trained networks and ONNX Runtime do not pay that, so flush them to zero as deployment does.
     torch.set_flush_denormal(True)
+    if not args.release_memory:
+        retain_freed_memory()
     registered = set(dyncnn.list_models())
     rows = []
     for label in args.models:
@@ -77,13 +89,15 @@ def main() -> None:
         if cfg["name"] not in registered:
             print(f"(skipping {label}: not registered)")
             continue
-        rows += bench(label, cfg, args.repeats)
+        for variant in args.variants:
+            rows += bench(label, cfg, args.repeats, variant)
     print(f"\nreal early exit, half the batch at the first exit; eager PyTorch, {args.threads} threads; batch 1 = "
           f"the 64 samples one at a time (total ms)\n")
-    print("| model | batch | exits taken | full depth ms | dynamic ms | MAC speedup | realized speedup | realized / MAC |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | variant | batch | exits taken | full depth ms | dynamic ms | MAC speedup | realized speedup | "
+          "realized / MAC |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['batch']} | {r['exit_mix']} | {r['full_ms']:.1f} | {r['dynamic_ms']:.1f} | "
+        print(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['exit_mix']} | {r['full_ms']:.1f} | {r['dynamic_ms']:.1f} | "
               f"{r['mac_speedup']:.2f}x | {r['realized']:.2f}x | {r['ratio']:.2f} |")
 
 

@@ -45,6 +45,7 @@ from dyncnn.export.onnx import export_onnx, onnx_session
 from dyncnn.models import create_model
 from dyncnn.profile.macs import count_macs
 from dyncnn.train import TrainConfig, Trainer, evaluate
+from dyncnn.profile.latency import retain_freed_memory
 
 
 def timed_per_image(fn, images: np.ndarray, repeats: int) -> float:
@@ -150,6 +151,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
+    retain_freed_memory()      # large activations reused, not page-faulted in again per call
     if args.quick:
         args.static_epochs, args.epochs, args.latency_images, args.repeats = 1, 1, 40, 2
         args.locate_epochs, args.ppo_epochs, args.finetune_epochs = 1, 1, 1

@@ -30,7 +30,7 @@ from dyncnn.models.moe import MoENetwork, backbone_units
 from dyncnn.models.resnet import resnet_cifar
 from dyncnn.profile.macs import count_macs
 from dyncnn.train.trainer import TrainConfig, Trainer, evaluate
-from dyncnn.profile.latency import median_ms
+from dyncnn.profile.latency import median_ms, retain_freed_memory
 
 ST = dict(straight_through=True)
 FT_ROUTE = dict(cost_weight=16.0, noise_until=0.25, cost_warmup=0.1)   # short fine-tune: reach the budget early
@@ -177,6 +177,7 @@ def main() -> None:
     if args.quick:
         args.epochs = args.ft_epochs = args.route_ft_epochs = 1
     torch.set_flush_denormal(True)
+    retain_freed_memory()      # large activations reused, not page-faulted in again per call
     trained = part_a(args) if "a" in args.part else {}
     if "b" in args.part:
         part_b(args, trained)

@@ -27,7 +27,7 @@ from torch import nn
 
 from dyncnn.data.sequences import ClipFeatureSequences, RowSequenceDigits
 from dyncnn.models import create_model
-from dyncnn.profile.latency import torch_threads
+from dyncnn.profile.latency import retain_freed_memory, torch_threads
 from dyncnn.train import TrainConfig, Trainer
 
 
@@ -113,6 +113,7 @@ def main() -> None:
     if args.quick:
         args.epochs, args.costs = 3, "0.01,0.04"
     torch.set_flush_denormal(True)
+    retain_freed_memory()      # large activations reused, not page-faulted in again per call
     torch.set_num_threads(args.train_threads)
     name = {"rows": "mnist_rows", "clips": "clips"}[args.data]
     with torch_threads(1):

@@ -6,12 +6,15 @@ PyTorch on ``--threads`` threads. Masks are spatially coherent blobs (a smooth r
 per-sample quantile), as DynConv's learned masks are; the first unit runs on the mask dilated by the kernel, so
 the MAC speedup counts the dilated positions. "ratio" = measured speedup / MAC speedup (the aim: >= 0.6 at 25%).
 The mask unit is not included on either side (it is a 1x1 conv to one channel, < 1% of a block).
+With ``--optimize`` the dense block is timed as eager deployment would run it (``optimize_for_inference``:
+BatchNorm folded, channels-last weights) on a channels-last input, as activations are in an optimized network;
+the sparse path gets the same input and always folds BatchNorm into its kernels.
 
 Part 2 (``--train``): on ScaledMNIST (canvas 64), the static tiny backbone is trained, then DynConv models start
 from its weights and fine-tune with masks at budgets 0.25 / 0.5 / 0.75; test accuracy against mean executed MACs
 (``evaluate_dynamic``: the ledger's MACs of sparse inference).
 
-    python benchmarks/bench_sparse_conv.py [--quick] [--threads 2] [--train] [--backbone resnet|mobilenet_v2]
+    python benchmarks/bench_sparse_conv.py [--quick] [--threads 2] [--optimize] [--train] [--backbone resnet|...]
 """
 from __future__ import annotations
 
@@ -24,9 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from dyncnn.dynamic.spatial import gated_branch, sparse_block_forward
+from dyncnn.layers.fusion import optimize_for_inference
 from dyncnn.layers.sparse_conv import dilate_mask
 from dyncnn.models.mobilenet import InvertedResidual, InvertedResidualCfg
 from dyncnn.models.resnet import BasicBlock
+from dyncnn.profile.latency import retain_freed_memory
 
 
 def timed_pair(fa, fb, repeats: int, warmup: int = 5) -> tuple[float, float]:
@@ -64,7 +69,7 @@ BLOCKS = {
 }
 
 
-def block_table(batches: list[int], densities: list[float], repeats: int) -> None:
+def block_table(batches: list[int], densities: list[float], repeats: int, optimize: bool = False) -> None:
     """Prints the table row by row (a row per block, batch and density)."""
     print("| block | batch | active | dilated | MAC speedup | dense ms | sparse ms | speedup | ratio |\n"
           "|---|---|---|---|---|---|---|---|---|", flush=True)
@@ -72,15 +77,17 @@ def block_table(batches: list[int], densities: list[float], repeats: int) -> Non
         block = make().eval()
         g = gated_branch(block)
         full = sum(g.unit_macs(s, s))
+        dense = optimize_for_inference(block) if optimize else block
         for n in batches:
             x = torch.randn(n, c, s, s).relu()
+            xd = x.contiguous(memory_format=torch.channels_last) if optimize else x
             with torch.no_grad():
                 for d in densities:
                     mask = blob_mask(n, s, s, d, seed=n)
                     _, macs = sparse_block_forward(g, x, mask)
                     mac_speedup = full * n / float(macs.sum())
                     dil = float(dilate_mask(mask, g.dilation).float().mean()) if g.split > 0 else float(d)
-                    t_dense, t_sparse = timed_pair(lambda: block(x), lambda: sparse_block_forward(g, x, mask),
+                    t_dense, t_sparse = timed_pair(lambda: dense(xd), lambda: sparse_block_forward(g, xd, mask),
                                                    repeats if n == 1 else max(5, repeats // 5))
                     sp = t_dense / t_sparse
                     print(f"| {name} | {n} | {d:.0%} | {dil:.0%} | {mac_speedup:.2f}x | {t_dense * 1e3:.3f} "
@@ -145,6 +152,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer repeats / blocks / epochs (a smoke run)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--optimize", action="store_true",
+                   help="time the dense block BatchNorm-folded and channels-last (optimize_for_inference)")
     p.add_argument("--train", action="store_true", help="also train and evaluate models on ScaledMNIST")
     p.add_argument("--backbone", choices=("resnet", "mobilenet_v2"), default="resnet")
     p.add_argument("--epochs", type=int, default=None, help="static backbone epochs")
@@ -155,11 +164,13 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.set_flush_denormal(True)
+    retain_freed_memory()      # large activations reused, not page-faulted in again per call
     if not a.skip_blocks:
         reps = a.repeats or (10 if a.quick else 100)
-        print(f"## sparse vs dense block, eager PyTorch, {a.threads} threads, median of {reps} runs at batch 1, "
-              f"{max(5, reps // 5)} at batch 32 (interleaved)\n")
-        block_table([1] if a.quick else [1, 32], [0.25, 0.5], reps)
+        dense = "optimize_for_inference" if a.optimize else "as built"
+        print(f"## sparse vs dense block ({dense}), eager PyTorch, {a.threads} threads, median of {reps} runs at "
+              f"batch 1, {max(5, reps // 5)} at batch 32 (interleaved)\n")
+        block_table([1] if a.quick else [1, 32], [0.25, 0.5], reps, a.optimize)
     if a.train:
         torch.set_num_threads(1)
         epochs = a.epochs or (1 if a.quick else 6)

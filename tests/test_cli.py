@@ -50,6 +50,16 @@ def test_profile_torchvision_model(capsys):
     assert r["peak_activation_mb"] > 0
 
 
+def test_profile_optimize_adds_the_folded_channels_last_row(capsys):
+    assert main(["profile", "tiny_mobilenet", "--input-size", "32", "--batch-sizes", "1", "2", "--min-time", "0",
+                 "--threads", "1", "--no-onnx", "--optimize", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["latency"]
+    assert [(s["backend"], s.get("mode"), s["batch_size"]) for s in rows] == [
+        ("eager", None, 1), ("eager", None, 2),
+        ("eager", "BN folded, channels-last", 1), ("eager", "BN folded, channels-last", 2)]
+    assert all(s["median_ms"] > 0 for s in rows)
+
+
 def test_train_eval_resume(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--model", "tiny_mobilenet", "--dataset", "mnist", "--epochs", "2", "--batch-size", "64",

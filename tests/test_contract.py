@@ -9,6 +9,7 @@ A family passes by being registered: nothing here names a family's internals, on
   or gate / policy / router / mask-unit layers (gated models) are set so that samples split with wide margins;
 - checkpoint save -> load (rebuilt from the header) -> identical outputs;
 - a training-mode model is not changed by ``infer`` (its result is the eval-mode one);
+- ``optimize_for_inference`` (BatchNorm folded, channels-last weights) keeps decisions, MACs and the ledger;
 - and, per family, export either matches eager or raises ``ExportError`` saying why.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dyncnn.dynamic.executor import ExitResult
 from dyncnn.dynamic.policy import ExitPolicy
+from dyncnn.layers.fusion import optimize_for_inference
 from dyncnn.models.registry import create_model, list_models, model_class
 
 # Registered sizes that are too large for a 2-core test: the same family, built small.
@@ -268,6 +270,16 @@ def test_dynamic_contract(name, tmp_path):
     torch.testing.assert_close(trained.logits, r.logits, rtol=1e-3, atol=atol)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), f"infer in training mode changed {k}"
+    # BatchNorm folded and channels-last weights: the same decisions and MACs, and the ledger is still what ran
+    fast = optimize_for_inference(model)
+    fast_infer = (lambda inp: fast.infer(inp, policy)) if policy is not None else fast.infer
+    with FlopCounterMode(display=False) as counter:
+        f = fast_infer(x)
+    assert torch.equal(f.exit_index, r.exit_index) and torch.equal(f.macs, r.macs)
+    assert int(f.macs.sum()) == counter.get_total_flops() // 2
+    if r.choices is not None:
+        assert torch.equal(f.choices, r.choices)
+    torch.testing.assert_close(f.logits, r.logits, rtol=1e-3, atol=atol)
 
 
 def _one_per_family() -> list[str]:

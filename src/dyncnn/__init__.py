@@ -13,11 +13,11 @@ __version__ = "0.1.0"
 
 _LAZY = {"create_model": ".models", "list_models": ".models", "register_model": ".models",
          "count_macs": ".profile", "count_params": ".profile", "measure_latency": ".profile",
-         "peak_memory": ".profile"}
+         "peak_memory": ".profile", "optimize_for_inference": ".layers.fusion"}
 
 __all__ = [
     "create_model", "list_models", "register_model", "count_macs", "count_params", "measure_latency",
-    "peak_memory", "DyncnnError", "CheckpointError", "check_image_batch", "__version__",
+    "peak_memory", "optimize_for_inference", "DyncnnError", "CheckpointError", "check_image_batch", "__version__",
 ]
 
 

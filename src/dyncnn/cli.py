@@ -277,6 +277,8 @@ def cmd_profile(args) -> int:
     import torch
 
     from .profile import count_macs, measure_latency, peak_memory
+    from .profile.latency import retain_freed_memory
+    retain_freed_memory()
     if _is_bundle(args.model):
         return _profile_bundle(args)
     model, meta = _load_model(args.model, cfg=_parse_cfg(args.cfg))
@@ -287,13 +289,22 @@ def cmd_profile(args) -> int:
     result = {"model": args.model, "input_shape": list(shape), "macs": macs.total, "params": macs.params,
               "peak_activation_mb": mem.peak_activation_bytes / 2**20, "param_mb": mem.param_bytes / 2**20,
               "threads": args.threads, "latency": []}
-    backends = ["eager"] + ([] if args.no_onnx else ["onnxruntime"])
+    backends = ["eager"] + (["optimized"] if args.optimize else []) + ([] if args.no_onnx else ["onnxruntime"])
     device = _device(args)
     result["device"] = device.type
     for backend in backends:
-        stats = measure_latency(model, x, args.batch_sizes, threads=args.threads, backend=backend,
-                                min_time_s=args.min_time, device=device if backend == "eager" else "cpu")
-        result["latency"] += [s.as_dict() for s in stats.values()]
+        timed = model
+        if backend == "optimized":                  # the same eager model, BatchNorm folded, channels-last
+            from .layers.fusion import optimize_for_inference
+            timed = optimize_for_inference(model.eval())
+        stats = measure_latency(timed, x, args.batch_sizes, threads=args.threads,
+                                backend="onnxruntime" if backend == "onnxruntime" else "eager",
+                                min_time_s=args.min_time, device=device if backend != "onnxruntime" else "cpu")
+        rows = [s.as_dict() for s in stats.values()]
+        if backend == "optimized":
+            for r in rows:
+                r["mode"] = "BN folded, channels-last"
+        result["latency"] += rows
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -519,6 +530,8 @@ def _exit_latency_table(model, val, args) -> list[float]:
 
 def cmd_frontier(args) -> int:
     from .frontier.runner import FrontierSettings, merge_runs, run_frontier
+    from .profile.latency import retain_freed_memory
+    retain_freed_memory()
     if args.merge:
         merge_runs(args.merge, args.out)
         print((Path(args.out) / "frontier.md").read_text().split("\n## ")[0])
@@ -537,6 +550,8 @@ def cmd_frontier(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
+    from .profile.latency import retain_freed_memory
+    retain_freed_memory()
     run_demo(out_dir=Path(args.out), epochs=args.epochs, threads=args.threads)
     return 0
 
@@ -675,6 +690,8 @@ def cmd_export(args) -> int:
 def cmd_bench(args) -> int:
     from .export import own_writer
     from .export.bench import bench_model, format_table
+    from .profile.latency import retain_freed_memory
+    retain_freed_memory()
     if _is_bundle(args.model):
         return _bench_bundle(args)
     model, meta = _load_model(args.model, cfg=_parse_cfg(args.cfg))
@@ -762,6 +779,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--threads", type=int, default=THREADS, help="intra-op threads of eager PyTorch and ONNX Runtime")
     pr.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs per point")
     pr.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime measurement")
+    pr.add_argument("--optimize", action="store_true", help="also time the eager model after "
+                    "optimize_for_inference (BatchNorm folded into the convolutions, channels-last weights)")
     pr.add_argument("--device", default="auto", help="where the eager rows run: auto (CUDA when available), cpu, "
                     "cuda, cuda:N or mps (ONNX Runtime runs on the CPU)")
     pr.add_argument("--cfg", nargs="*", metavar="KEY=VALUE", help="model keyword arguments")

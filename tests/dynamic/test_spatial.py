@@ -263,3 +263,18 @@ def test_evaluation_reports_active_positions_apart_from_decision_rates(tiny_mode
     assert r["choice_rate"] == pytest.approx((fractions > 0).double().mean(0).tolist(), abs=1e-4)
     text = format_dynamic(r)
     assert "active positions: " in text and "decision rates: " in text
+
+
+def test_sparse_path_runs_the_folded_convolutions_after_optimize_for_inference(tiny_models, images):
+    """The sparse units read their modules from the block, so BatchNorm folded into the convolution is what the
+    gather-GEMM-scatter path packs: no stale copy of the old conv and BN is kept aside."""
+    from dyncnn.layers.fusion import optimize_for_inference
+    model = tiny_models["dynconv_tiny_resnet_mnist"]
+    want = model.infer(images)
+    fast = optimize_for_inference(model)
+    tree = {id(m) for m in fast.modules()}
+    units = [u for g in fast._gated if g is not None for u in g.units]
+    assert units and all(id(u.conv) in tree and isinstance(u.norm, nn.Identity) for u in units)
+    got = fast.infer(images)
+    assert torch.equal(got.macs, want.macs) and torch.equal(got.fractions, want.fractions)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)

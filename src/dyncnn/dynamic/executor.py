@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import all_finite
+from ..layers.fusion import put_rows, take_rows
 
 State = Any   # a tensor or a pytree of tensors, batch-first
 
@@ -110,7 +111,7 @@ def select_rows(state: State, rows: Tensor | slice) -> State:
     if isinstance(rows, Tensor):
         if rows.dtype == torch.bool:
             rows = rows.nonzero().squeeze(1)
-        return tree_map(lambda t: t.index_select(0, rows.to(t.device)) if isinstance(t, Tensor) and t.dim() > 0
+        return tree_map(lambda t: take_rows(t, rows.to(t.device)) if isinstance(t, Tensor) and t.dim() > 0
                         else t, state)
     return tree_map(lambda t: t[rows] if isinstance(t, Tensor) and t.dim() > 0 else t, state)
 
@@ -193,11 +194,11 @@ class Executor:
         if not taken:
             return otherwise
         idx = take_cpu.nonzero().squeeze(1)
-        out = self.run(stage, state.index_select(0, idx.to(state.device)), rows[idx], ledger)
+        out = self.run(stage, take_rows(state, idx.to(state.device)), rows[idx], ledger)
         idx = idx.to(otherwise.device)
         if overwrite and out.dtype == otherwise.dtype:
-            return otherwise.index_copy_(0, idx, out)
-        return otherwise.index_copy(0, idx, out.to(otherwise.dtype))
+            return put_rows(otherwise, idx, out)
+        return put_rows(otherwise.clone(), idx, out.to(otherwise.dtype))
 
     def clear(self) -> None:
         self._cache.clear()

@@ -57,16 +57,38 @@ class MaskUnit(nn.Module):
         return self.conv(x)
 
 
-@dataclass
 class BranchUnit:
-    """One conv -> norm -> activation of a residual branch, as the sparse path sees it."""
-    conv: nn.Conv2d
-    norm: nn.Module
-    act: nn.Module | None
+    """One conv -> norm -> activation of a residual branch, as the sparse path sees it. The modules are read from
+    their container at each use, so that a rewrite of it (BatchNorm folded into the convolution by
+    ``layers.fusion.optimize_for_inference``) is what runs on the sparse path too."""
+
+    __slots__ = ("seq", "_keys")
+
+    def __init__(self, seq: nn.Sequential):
+        self.seq, self._keys = seq, list(seq._modules)
+
+    @property
+    def conv(self) -> nn.Conv2d:
+        return self.seq._modules[self._keys[0]]
+
+    @property
+    def norm(self) -> nn.Module:
+        return self.seq._modules[self._keys[1]]
+
+    @property
+    def act(self) -> nn.Module | None:
+        return self.seq._modules[self._keys[2]] if len(self._keys) == 3 else None
 
     @property
     def kernel(self) -> int:
         return self.conv.kernel_size[0]
+
+    def tensors(self) -> tuple:
+        """The tensors the folded kernel is made of (a folded norm has none of its own)."""
+        conv, norm = self.conv, self.norm
+        if isinstance(norm, nn.BatchNorm2d):
+            return conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var
+        return conv.weight, conv.bias
 
 
 class GatedBranch:
@@ -87,8 +109,7 @@ class GatedBranch:
     def packed(self) -> list[PackedConv]:
         """Every unit's kernel with its eval BatchNorm folded in, cached until a parameter or buffer changes."""
         key = tuple((t.data_ptr(), t._version) for u in self.units       # attributes, not module iterators: at
-                    for t in (u.conv.weight, u.conv.bias, u.norm.weight, u.norm.bias,    # batch 1 those cost as
-                              u.norm.running_mean, u.norm.running_var) if t is not None)   # much as a convolution
+                    for t in u.tensors() if t is not None)                 # batch 1 those cost as much as a conv
         if getattr(self, "_key", None) != key:
             with torch.no_grad():
                 self._packed = [pack_conv(*fold_bn(u.conv, u.norm), groups=u.conv.groups) for u in self.units]
@@ -113,7 +134,8 @@ class GatedBranch:
 def _units(seq: nn.Module) -> BranchUnit | None:
     """A ConvNormAct (conv, norm[, act]) as a BranchUnit, or None if its shape is not supported."""
     parts = list(seq.children()) if isinstance(seq, nn.Sequential) else []
-    if len(parts) not in (2, 3) or not isinstance(parts[0], nn.Conv2d) or not isinstance(parts[1], nn.BatchNorm2d):
+    if (len(parts) not in (2, 3) or not isinstance(parts[0], nn.Conv2d)
+            or not isinstance(parts[1], (nn.BatchNorm2d, nn.Identity))):      # Identity: BatchNorm folded
         return None
     conv = parts[0]
     k = conv.kernel_size[0]
@@ -121,7 +143,7 @@ def _units(seq: nn.Module) -> BranchUnit | None:
             or conv.padding != (k // 2, k // 2) or conv.groups not in (1, conv.in_channels)
             or (conv.groups > 1 and conv.out_channels != conv.in_channels)):
         return None
-    return BranchUnit(conv, parts[1], parts[2] if len(parts) == 3 else None)
+    return BranchUnit(seq)
 
 
 def gated_branch(block: nn.Module) -> GatedBranch | None:

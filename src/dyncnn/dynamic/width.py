@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ..errors import check_image_batch
+from ..layers.fusion import take_rows
 from ..layers.gates import HardGate, anneal, budget_loss, check_budget, layer_bounds_loss
 from .blocks import ResidualBranchBlock
 from .executor import CostLedger, Executor, ExitResult, eval_copy
@@ -439,7 +440,7 @@ class ChannelGatedNet(nn.Module):
         if max(counts) == len(chosen):        # one level for every row: no gather
             return fns[chosen[0] - 1](h), perm
         order = torch.argsort(levels, stable=True)
-        h = h.index_select(0, order.to(h.device))
+        h = take_rows(h, order.to(h.device))
         ys, start = [], 0
         for lvl, count in enumerate(counts):
             if count:

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fusion import take_rows
+
 BALANCE_LOSSES = ("switch", "importance")
 
 
@@ -250,7 +252,7 @@ class ConvMoE(nn.Module):
         if k == 1 and len(src) == n and max(counts) == n:   # one expert takes the whole batch: no gather
             xs, src_rows = x, rows
         else:
-            xs, src_rows = x.index_select(0, src), (rows[src.cpu()] if charge else None)
+            xs, src_rows = take_rows(x, src), (rows[src.cpu()] if charge else None)
         ys, start = [], 0
         for e, count in enumerate(counts):
             if not count:

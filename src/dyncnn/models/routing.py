@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..dynamic.executor import CostLedger, ExitResult, Executor, eval_copy, measure_macs
 from ..layers import ConvNormAct, DepthwiseSeparableConv
+from ..layers.fusion import empty_rows, put_rows, take_rows
 from ..layers.gates import anneal, budget_loss, check_budget
 from ..layers.moe import Router
 from .base import Backbone
@@ -332,10 +333,10 @@ class RoutingSuperNet(Backbone):
                 continue
             if counts[p] == n:
                 return self.executor.run(cell.paths[p], h, rows, ledger)
-            y = self.executor.run(cell.paths[p], h.index_select(0, idx), rows[idx.cpu()], ledger)
+            y = self.executor.run(cell.paths[p], take_rows(h, idx), rows[idx.cpu()], ledger)
             if out is None:
-                out = y.new_empty((n,) + y.shape[1:])
-            out.index_copy_(0, idx, y)
+                out = empty_rows(y, n)
+            put_rows(out, idx, y)
         return out
 
 def _paths(paths: Sequence[PathCfg | dict | tuple] | None) -> tuple[PathCfg, ...]:
