@@ -92,6 +92,19 @@ def test_executed_path_equals_dense_masked_path(gated):
     assert torch.allclose(model(x), r.logits)                  # eval forward = infer().logits
 
 
+def test_cut_weights_follow_in_place_updates(gated):
+    """The cut convolution weights are dense copies: an in-place change of the block's weights (a training step)
+    must reach the executed path, as it reaches the dense masked path."""
+    _, model, x = gated
+    model.infer(x)                                         # the cut copies are made
+    with torch.no_grad():
+        for m in model.backbone.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.mul_(0.5)
+    r = model.infer(x)
+    assert torch.allclose(model.dense_forward(x), r.logits, atol=1e-5)
+
+
 def test_all_on_reproduces_static_backbone(gated):
     name, model, x = gated
     static = TINY[name]().eval()

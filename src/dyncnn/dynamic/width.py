@@ -70,9 +70,11 @@ def combine(block: nn.Module, x: Tensor, out: Tensor) -> Tensor:
 
 def sliced_ops(unit: nn.Sequential, c_in: int, c_out: int | None) -> list:
     """A conv-norm-act ``unit`` as a list of callables that read the first ``c_in`` of its input channels and keep
-    its first ``c_out`` output channels (None: all); a depthwise conv keeps ``c_in``. The weights are views of the
-    unit's tensors (in-place updates show through); norms use their running statistics, with the very call
-    ``F.batch_norm`` makes, so that the full level reproduces the static block bit for bit."""
+    its first ``c_out`` output channels (None: all); a depthwise conv keeps ``c_in``. A cut convolution weight is a
+    dense copy in the weight's own memory layout (a strided view would be reordered by oneDNN on every call), so
+    the caller re-slices when the unit's tensors change (:meth:`LevelStage.__call__` keys on their versions); norms
+    use their running statistics, with the very call ``F.batch_norm`` makes, so that the full level reproduces the
+    static block bit for bit."""
     ops = []
     for m in unit:
         if isinstance(m, nn.Conv2d):
@@ -85,6 +87,9 @@ def sliced_ops(unit: nn.Sequential, c_in: int, c_out: int | None) -> list:
             else:
                 raise ValueError(f"sliced execution supports dense and depthwise convs, got groups={m.groups}")
             c_in = w.shape[0]
+            if not w.is_contiguous() and not w.is_contiguous(memory_format=torch.channels_last):
+                cl = m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
+                w = w.detach().contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
             b = None if m.bias is None else m.bias[:c_in]
             ops.append(partial(_conv, w=w, b=b, args=(m.stride, m.padding, m.dilation, groups)))
         elif isinstance(m, nn.BatchNorm2d):
@@ -109,13 +114,14 @@ class LevelStage:
     """A block at width level ``level`` (1..groups): its hidden convolutions cut to the first
     ``c = level * hidden / groups`` channels, every convolution dense and contiguous in its channels.
 
-    The sliced views are prepared on the first call and again when the block's tensors move (``.to()``)."""
+    The cut weights are prepared on the first call and again when a convolution's weight moves (``.to()``) or is
+    changed in place (a training step): the key is each weight's storage and version."""
 
     def __init__(self, block: nn.Module, hidden: int, groups: int, level: int):
         self.block, self.level, self.c = block, level, level * hidden // groups
         self._units = block_units(block)
         self._ops: list[list] | None = None
-        self._ptr = -1
+        self._key: tuple = ()
 
     def _prepare(self) -> None:
         first = self._units[0][0]
@@ -124,7 +130,10 @@ class LevelStage:
             ops.append(sliced_ops(unit, c_in, self.c))
             c_in = self.c
         ops.append(sliced_ops(self._units[-1], c_in, None))
-        self._ops, self._ptr = ops, first.weight.data_ptr()
+        self._ops, self._key = ops, self._weights_key()
+
+    def _weights_key(self) -> tuple:
+        return tuple((u[0].weight.data_ptr(), u[0].weight._version) for u in self._units)
 
     def reset(self) -> None:
         self._ops = None
@@ -135,11 +144,11 @@ class LevelStage:
         new = copy.copy(self)
         memo[id(self)] = new
         new.block = copy.deepcopy(self.block, memo)
-        new._units, new._ops, new._ptr = block_units(new.block), None, -1
+        new._units, new._ops, new._key = block_units(new.block), None, ()
         return new
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self._ops is None or self._units[0][0].weight.data_ptr() != self._ptr:
+        if self._ops is None or self._weights_key() != self._key:
             self._prepare()
         y = x
         for unit in self._ops:
