@@ -30,6 +30,7 @@ import dyncnn
 from dyncnn.data import ScaledMNIST
 from dyncnn.dynamic.evaluation import evaluate_dynamic
 from dyncnn.dynamic.width import recalibrate_norms
+from dyncnn.layers.fusion import optimize_for_inference
 from dyncnn.models.resnet import resnet_cifar
 from dyncnn.profile.latency import median_ms, retain_freed_memory
 
@@ -84,8 +85,10 @@ def timed(fn, repeats: int) -> float:
     return median_ms(fn, repeats)
 
 
-def latency_rows(label: str, model, x, levels=None, repeats: int = 15) -> list[dict]:
+def latency_rows(label: str, model, x, levels=None, repeats: int = 15, optimize: bool = False) -> list[dict]:
     model.eval()
+    if optimize:
+        model = optimize_for_inference(model)
     res = model.infer(x, levels)
     model.force(True)
     full = model.infer(x)
@@ -131,6 +134,8 @@ def main() -> None:
     ap.add_argument("--train-threads", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="threads for the latency measurement")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--optimize", action="store_true", help="time the models after optimize_for_inference "
+                    "(BatchNorm folded, channels-last weights)")
     ap.add_argument("--cache", default="", help="folder to save trained weights to / load them from (reruns "
                                                 "of the timing part skip training)")
     args = ap.parse_args()
@@ -205,18 +210,20 @@ def main() -> None:
     rows = []
     if 0.5 in gated_models:
         rows += latency_rows(f"tiny ResNet-{args.depth}, budget 0.5, learned decisions", gated_models[0.5], x,
-                             repeats=args.repeats)
+                             repeats=args.repeats, optimize=args.optimize)
     torch.manual_seed(0)
     big = dyncnn.create_model("channel_gated_resnet32_cifar", groups=args.groups).eval()
     xb = torch.rand(64, 3, 32, 32)
     nb = len(big.gates)
     half = args.groups // 2
     rows += latency_rows(f"ResNet-32 (16/32/64), every sample at level {half}/{args.groups}", big, xb,
-                         torch.full((64, nb), half, dtype=torch.long), args.repeats)
+                         torch.full((64, nb), half, dtype=torch.long), args.repeats, args.optimize)
     mix = torch.randint(half - 1, half + 2, (64, nb)).clamp(1, args.groups)
-    rows += latency_rows(f"ResNet-32, random levels {half - 1}..{half + 1} per sample", big, xb, mix, args.repeats)
+    rows += latency_rows(f"ResNet-32, random levels {half - 1}..{half + 1} per sample", big, xb, mix, args.repeats,
+                         args.optimize)
     print(f"\n## (b) realized vs MAC speedup of infer against the same model forced all-on "
-          f"({args.threads} threads, eager, median of {args.repeats} runs)\n")
+          f"({args.threads} threads, eager{', optimize_for_inference' if args.optimize else ''}, median of "
+          f"{args.repeats} runs)\n")
     print("| model | batch | distinct levels per block | MAC speedup | all-on ms | gated ms | realized | "
           "realized / MAC |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
