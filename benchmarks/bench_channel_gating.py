@@ -13,7 +13,11 @@ forced on (same process, eager PyTorch, fixed threads, denormals flushed), at ba
 samples), as realized speedup = forced-on time / gated time beside MAC speedup. A width-1.0 ResNet-32 (3x32x32)
 with forced levels separates the limits: every sample at the same level (no gather/scatter) vs a random mix.
 
-    python benchmarks/bench_channel_gating.py [--quick] [--train-threads 1] [--threads 2]
+``--optimize`` times the models of (b) after ``optimize_for_inference``; ``--narrow-convs`` prints only the table of
+3x3 convolutions with all and with half of their output channels that bounds (b) on narrow networks.
+
+    python benchmarks/bench_channel_gating.py [--quick] [--train-threads 1] [--threads 2] [--optimize]
+    python benchmarks/bench_channel_gating.py --narrow-convs
 """
 from __future__ import annotations
 
@@ -115,6 +119,23 @@ def latency_rows(label: str, model, x, levels=None, repeats: int = 15, optimize:
     return rows
 
 
+def narrow_conv_rows(repeats: int = 200) -> list[str]:
+    """What bounds channel gating on narrow networks: a 3x3 convolution with all its output channels and with half
+    of them (the first convolution of a gated block at level 2 of 4: half the MACs), the cut weight a dense copy
+    as LevelStage makes it."""
+    rows = ["| batch | channels | map | all outputs us | half the outputs us | time ratio (MAC ratio 0.5) |",
+            "|---|---|---|---|---|---|"]
+    for n, c, s in ((1, 8, 32), (1, 16, 16), (1, 32, 8), (64, 8, 32), (64, 16, 16), (64, 32, 8)):
+        x = torch.randn(n, c, s, s)
+        w = torch.randn(c, c, 3, 3)
+        wh = w[:c // 2].contiguous()
+        reps = repeats if n == 1 else max(10, repeats // 10)
+        full = median_ms(lambda: F.conv2d(x, w, padding=1), reps)
+        half = median_ms(lambda: F.conv2d(x, wh, padding=1), reps)
+        rows.append(f"| {n} | {c} | {s}x{s} | {full * 1e3:.1f} | {half * 1e3:.1f} | {half / full:.2f} |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 epoch each, fewer timing repeats (smoke run)")
@@ -134,6 +155,8 @@ def main() -> None:
     ap.add_argument("--train-threads", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="threads for the latency measurement")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--narrow-convs", action="store_true", help="only the table of narrow 3x3 convolutions with "
+                    "all and half of their outputs (what bounds gating on tiny networks)")
     ap.add_argument("--optimize", action="store_true", help="time the models after optimize_for_inference "
                     "(BatchNorm folded, channels-last weights)")
     ap.add_argument("--cache", default="", help="folder to save trained weights to / load them from (reruns "
@@ -143,6 +166,11 @@ def main() -> None:
         args.static_epochs, args.finetune_epochs, args.repeats = 1, 1, 5
     torch.set_flush_denormal(True)
     retain_freed_memory()      # large activations reused, not page-faulted in again per call
+    if args.narrow_convs:
+        torch.set_num_threads(args.threads)
+        print(f"## 3x3 convolutions with all and with half of their outputs, eager PyTorch, {args.threads} threads\n")
+        print("\n".join(narrow_conv_rows()))
+        return
     torch.manual_seed(0)
     torch.set_num_threads(args.train_threads)
     t_start = time.perf_counter()

@@ -8,7 +8,10 @@ realized speedup = full latency / dynamic latency beside MAC speedup = full MACs
 Each network is timed as built ("plain") and after ``optimize_for_inference`` ("optimized": BatchNorm folded into
 the convolutions, channels-last weights), which is how it would be deployed in eager PyTorch.
 
+``--stages`` adds each stage's time at 64 and at 32 rows and the ratio an executor with no overhead would reach.
+
     python benchmarks/bench_early_exit.py [--threads 2] [--models msdnet_cifar ...] [--variants plain optimized]
+                                          [--stages]
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 
 import dyncnn
 from dyncnn.dynamic import ExitPolicy
+from dyncnn.dynamic.executor import select_rows
 from dyncnn.layers.fusion import optimize_for_inference
 from dyncnn.profile.latency import median_ms, retain_freed_memory
 
@@ -67,11 +71,46 @@ def bench(label: str, cfg: dict, repeats: int, variant: str) -> list[dict]:
     return rows
 
 
+def _rows(state, n: int):
+    return select_rows(state, slice(0, n))          # every tensor of a (multi-scale, dict) state
+
+
+def stage_profile(label: str, cfg: dict, repeats: int) -> list[str]:
+    """Each stage and exit head of the optimized network timed on the batch of 64 and on its first 32 rows, and
+    the realized / MAC ratio an executor with no overhead of its own would reach when half the batch leaves at the
+    first exit: the bound of the table above."""
+    torch.manual_seed(0)
+    net = optimize_for_inference(dyncnn.create_model(cfg["name"], **cfg["kw"]).eval())
+    x = torch.randn(64, *cfg["shape"])
+    cum = net.exit_macs(x[:1])
+    rows, t64, t32 = [], [], []
+    with torch.inference_mode():
+        state = net.initial_state(x)
+        for k, (stage, head) in enumerate(zip(net.stages, net.heads)):
+            a, b = state, _rows(state, 32)
+            state = stage(a)
+            s64, s32 = median_ms(lambda: stage(a), repeats), median_ms(lambda: stage(b), repeats)
+            o, o32 = state, _rows(state, 32)
+            h64, h32 = median_ms(lambda: head(o), repeats), median_ms(lambda: head(o32), repeats)
+            t64.append(s64 + h64)
+            t32.append(s32 + h32)
+            macs = cum[k] - (cum[k - 1] if k else 0)
+            rows.append(f"| {label} | {k} | {macs / cum[-1]:.0%} | {s64:.3f} / {h64:.3f} | {s32:.3f} / {h32:.3f} | "
+                        f"{(s32 + h32) / (s64 + h64):.2f} |")
+    full, dyn = sum(t64), t64[0] + sum(t32[1:])
+    mac = cum[-1] / (cum[0] + (cum[-1] - cum[0]) / 2)
+    rows.append(f"| {label} | bound | first stage {t64[0] / full:.0%} of the time | full {full:.2f} | "
+                f"half out at exit 0 {dyn:.2f} | **{full / dyn / mac:.2f}** |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--models", nargs="*", default=list(CONFIGS))
+    ap.add_argument("--stages", action="store_true", help="also time each stage at 64 and 32 rows (the bound of the "
+                    "batch-64 ratio with no executor overhead)")
     ap.add_argument("--release-memory", action="store_true",
                     help="keep glibc's default of unmapping large freed blocks (page faults on every call)")
     ap.add_argument("--variants", nargs="*", choices=("plain", "optimized"), default=["plain", "optimized"])
@@ -99,6 +138,13 @@ def main() -> None:
     for r in rows:
         print(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['exit_mix']} | {r['full_ms']:.1f} | {r['dynamic_ms']:.1f} | "
               f"{r['mac_speedup']:.2f}x | {r['realized']:.2f}x | {r['ratio']:.2f} |")
+    if args.stages:
+        print("\nper stage, optimized network, ms at 64 rows and at 32 (stage / exit head); bound = realized / MAC "
+              "with half the batch out at the first exit and no executor overhead\n")
+        print("| model | stage | share of MACs | 64 rows ms | 32 rows ms | 32 / 64 |\n|---|---|---|---|---|---|")
+        for label in args.models:
+            if CONFIGS[label]["name"] in registered:
+                print("\n".join(stage_profile(label, CONFIGS[label], args.repeats * 3)))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ the same weights) is timed too, for reference.
 features per step; the digit is visible in 25-50% of the frames).
 
     python benchmarks/bench_skiprnn.py [--data rows|clips] [--epochs 30] [--costs 0.003,0.01] [--cell gru] [--quick]
+    python benchmarks/bench_skiprnn.py --step-profile        # one inference step, part by part (no training)
 """
 from __future__ import annotations
 
@@ -93,6 +94,46 @@ def latencies_ms(fns: dict, x: torch.Tensor, batch: int, rounds: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def step_profile(hidden: int, features: int, steps: int, threads: list[int], repeats: int = 2000) -> list[str]:
+    """What one step of executed skipping costs at batch 64 with half the rows updating, part by part, against the
+    plain model's step (the whole batch through the cell): the bound of the realized / MAC ratio."""
+    model = create_model("skiprnn_gru_mnist_rows", num_classes=10, hidden_size=hidden).eval()
+    cell, gate = model.step.cell, model.gate
+    if cell.input_size != features:
+        cell = nn.GRUCell(features, hidden)
+    x, h = torch.randn(64, features), torch.randn(64, hidden)
+    idx = torch.arange(0, 64, 2)
+    ks = torch.arange(1, steps, dtype=torch.float32)
+    nt = torch.zeros(64, dtype=torch.int64)
+    parts = {
+        "cell, 64 rows (the plain step)": lambda: cell(x, h),
+        "cell, 32 rows": lambda: cell(x[:32], h[:32]),
+        "gather 32 rows + cell + scatter": lambda: h.index_copy_(0, idx, cell(x.index_select(0, idx),
+                                                                              h.index_select(0, idx))),
+        "gate and next update step (32 rows)": lambda: nt.index_copy_(
+            0, idx, (torch.sigmoid(gate(h[:32])) * ks < 0.5).sum(1) + 1),
+        "schedule (rows due, next step)": lambda: (torch.eq(nt, 0).nonzero().squeeze(1), int(nt.min())),
+    }
+    rows = ["| part | " + " | ".join(f"{t} thread(s), us" for t in threads) + " |",
+            "|---|" + "---|" * len(threads)]
+    with torch.no_grad():
+        times = {}
+        for t in threads:
+            with torch_threads(t):
+                for name, fn in parts.items():
+                    for _ in range(50):
+                        fn()
+                    ts = []
+                    for _ in range(repeats):
+                        t0 = time.perf_counter()
+                        fn()
+                        ts.append(time.perf_counter() - t0)
+                    times[name, t] = statistics.median(ts) * 1e6
+    for name in parts:
+        rows.append(f"| {name} | " + " | ".join(f"{times[name, t]:.1f}" for t in threads) + " |")
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="rows", choices=("rows", "clips"),
@@ -109,7 +150,15 @@ def main() -> None:
     p.add_argument("--cache", default=None, help="folder to save trained weights to / load them from (re-timing)")
     p.add_argument("--rounds", type=int, default=15, help="timed rounds per latency measurement")
     p.add_argument("--quick", action="store_true", help="3 epochs, two cost weights: a smoke run")
+    p.add_argument("--step-profile", action="store_true",
+                   help="only the cost of one inference step, part by part (what bounds the realized speedup)")
     args = p.parse_args()
+    if args.step_profile:
+        threads = [int(v) for v in args.threads.split(",")]
+        print(f"## one step of Skip-GRU inference at batch 64, half the rows updating (hidden {args.hidden}, "
+              f"28 features), median of 2000 calls\n")
+        print("\n".join(step_profile(args.hidden, 28, 28, threads)))
+        return
     if args.quick:
         args.epochs, args.costs = 3, "0.01,0.04"
     torch.set_flush_denormal(True)
