@@ -9,7 +9,8 @@
     weights on the static schedule (they end far below the backbone: see the module docs). Single-threaded.
 (b) realized wall-clock speedup of dispatch (each expert runs only on its samples, ``infer``) against the simulated
     MoE of published code (every expert on every sample, masked: ``forward_dense``), beside the MAC speedup
-    (dense MACs / ledger MACs), at batch 64 and batch 1, with ``--threads`` threads (default 2).
+    (dense MACs / ledger MACs), at batch 64 and batch 1, with ``--threads`` threads (default 2); ``--optimize``
+    times both after ``optimize_for_inference``.
 
     python benchmarks/bench_moe_routing.py [--quick] [--part a|b|ab] [--epochs 5] [--ft-epochs 3]
         [--route-ft-epochs 6] [--threads 2]
@@ -24,6 +25,7 @@ import torch
 
 from dyncnn.data import ScaledMNIST
 from dyncnn.dynamic.evaluation import evaluate_dynamic
+from dyncnn.layers.fusion import optimize_for_inference
 from dyncnn.layers.moe import MoEConfig
 from dyncnn.models import create_model
 from dyncnn.models.moe import MoENetwork, backbone_units
@@ -131,7 +133,7 @@ def part_b(args, trained: dict) -> None:
                 ("moe_mobilenet_v2 E=4 k=1 (64x64)", None, (3, 64, 64))]
     repeats = 5 if args.quick else 9
     print(f"\n(b) dispatch (infer) vs every expert on every sample (forward_dense), {args.threads} threads, "
-          f"eager, median of {repeats}\n")
+          f"eager{', optimize_for_inference' if args.optimize else ''}, median of {repeats}\n")
     print("| model | batch | dense ms | dispatch ms | realized speedup | MAC speedup | realized / MAC |")
     print("|---|---|---|---|---|---|---|")
     for label, model, shape in configs:
@@ -142,6 +144,8 @@ def part_b(args, trained: dict) -> None:
             for m in model.moe_layers():          # untrained: a random router spreads samples over experts
                 torch.nn.init.normal_(m.router.fc.weight, 0.0, 1.0)
         model.eval()
+        if args.optimize:
+            model = optimize_for_inference(model)
         x = torch.rand(64, *shape)
         with torch.no_grad():
             mac_speedup = model.full_macs(x) / float(model.infer(x).macs.double().mean())
@@ -163,6 +167,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="640 training images, 1 epoch, fewer timing repeats")
     p.add_argument("--part", default="ab", choices=["a", "b", "ab"])
+    p.add_argument("--optimize", action="store_true", help="(b): time the models after optimize_for_inference "
+                   "(BatchNorm folded, channels-last weights)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--ft-epochs", type=int, default=3)
