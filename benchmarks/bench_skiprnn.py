@@ -28,7 +28,7 @@ from torch import nn
 
 from dyncnn.data.sequences import ClipFeatureSequences, RowSequenceDigits
 from dyncnn.models import create_model
-from dyncnn.profile.latency import retain_freed_memory, torch_threads
+from dyncnn.profile.latency import median_ms, retain_freed_memory, torch_threads
 from dyncnn.train import TrainConfig, Trainer
 
 
@@ -121,14 +121,7 @@ def step_profile(hidden: int, features: int, steps: int, threads: list[int], rep
         for t in threads:
             with torch_threads(t):
                 for name, fn in parts.items():
-                    for _ in range(50):
-                        fn()
-                    ts = []
-                    for _ in range(repeats):
-                        t0 = time.perf_counter()
-                        fn()
-                        ts.append(time.perf_counter() - t0)
-                    times[name, t] = statistics.median(ts) * 1e6
+                    times[name, t] = median_ms(fn, repeats, warmup=50) * 1e3
     for name in parts:
         rows.append(f"| {name} | " + " | ".join(f"{times[name, t]:.1f}" for t in threads) + " |")
     return rows
