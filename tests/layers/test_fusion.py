@@ -85,11 +85,13 @@ def test_pairs_without_a_known_order_or_with_shared_modules_stay():
 
     tied = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), bn, nn.Conv2d(4, 4, 1), bn)
     model = nn.Sequential(tied, Unordered(), nn.Sequential(Custom(4, 4, 1), nn.BatchNorm2d(4)),
-                          ConvNormAct(4, 4, 3)).eval()
+                          ConvNormAct(4, 4, 3), ConvNormAct(4, 4, 1)).eval()
+    model[4][1].train()                         # left in training mode: it normalises with batch statistics
     x = torch.randn(2, 4, 8, 8)
     want = model(x)
-    assert fold_batchnorm(model) == 1                       # only the ConvNormAct
+    assert fold_batchnorm(model) == 1                       # only the first ConvNormAct
     assert isinstance(model[3][1], nn.Identity) and model[0][1] is bn
+    assert isinstance(model[4][1], nn.BatchNorm2d)
     torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
 
 

@@ -34,8 +34,10 @@ def _plain_conv(m: nn.Module) -> bool:
 
 
 def _foldable_bn(bn: nn.Module, conv: nn.Module) -> bool:
+    """An eval BatchNorm2d with running statistics over the convolution's outputs (a submodule left in training
+    mode inside an eval model normalises with batch statistics: not foldable)."""
     return (type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.running_mean is not None
-            and bn.num_features == conv.out_channels)
+            and bn.num_features == conv.out_channels and not bn.training and not conv.training)
 
 
 def _fold_sequential(seq: nn.Sequential, shared: set[int]) -> int:
