@@ -120,6 +120,7 @@ class LevelStage:
     def __init__(self, block: nn.Module, hidden: int, groups: int, level: int):
         self.block, self.level, self.c = block, level, level * hidden // groups
         self._units = block_units(block)
+        self._first = [next(iter(u._modules)) for u in self._units]     # each unit's conv, read live by name
         self._ops: list[list] | None = None
         self._key: tuple = ()
 
@@ -132,8 +133,9 @@ class LevelStage:
         ops.append(sliced_ops(self._units[-1], c_in, None))
         self._ops, self._key = ops, self._weights_key()
 
-    def _weights_key(self) -> tuple:
-        return tuple((u[0].weight.data_ptr(), u[0].weight._version) for u in self._units)
+    def _weights_key(self) -> tuple:                # on every call: dict lookups, not Sequential indexing
+        ws = [u._modules[k].weight for u, k in zip(self._units, self._first)]
+        return tuple((w.data_ptr(), w._version) for w in ws)
 
     def reset(self) -> None:
         self._ops = None
@@ -145,6 +147,7 @@ class LevelStage:
         memo[id(self)] = new
         new.block = copy.deepcopy(self.block, memo)
         new._units, new._ops, new._key = block_units(new.block), None, ()
+        new._first = [next(iter(u._modules)) for u in new._units]
         return new
 
     def __call__(self, x: Tensor) -> Tensor:
