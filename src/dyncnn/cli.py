@@ -277,8 +277,6 @@ def cmd_profile(args) -> int:
     import torch
 
     from .profile import count_macs, measure_latency, peak_memory
-    from .profile.latency import retain_freed_memory
-    retain_freed_memory()
     if _is_bundle(args.model):
         return _profile_bundle(args)
     model, meta = _load_model(args.model, cfg=_parse_cfg(args.cfg))
@@ -530,8 +528,6 @@ def _exit_latency_table(model, val, args) -> list[float]:
 
 def cmd_frontier(args) -> int:
     from .frontier.runner import FrontierSettings, merge_runs, run_frontier
-    from .profile.latency import retain_freed_memory
-    retain_freed_memory()
     if args.merge:
         merge_runs(args.merge, args.out)
         print((Path(args.out) / "frontier.md").read_text().split("\n## ")[0])
@@ -550,8 +546,6 @@ def cmd_frontier(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    from .profile.latency import retain_freed_memory
-    retain_freed_memory()
     run_demo(out_dir=Path(args.out), epochs=args.epochs, threads=args.threads)
     return 0
 
@@ -690,8 +684,6 @@ def cmd_export(args) -> int:
 def cmd_bench(args) -> int:
     from .export import own_writer
     from .export.bench import bench_model, format_table
-    from .profile.latency import retain_freed_memory
-    retain_freed_memory()
     if _is_bundle(args.model):
         return _bench_bundle(args)
     model, meta = _load_model(args.model, cfg=_parse_cfg(args.cfg))
@@ -964,8 +956,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Commands that time models: their process keeps freed activations for reuse (profile.latency.retain_freed_memory)
+TIMING_COMMANDS = ("profile", "bench", "frontier", "demo")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in TIMING_COMMANDS:
+        from .profile.latency import retain_freed_memory
+        retain_freed_memory()
     try:
         code = args.func(args)
         sys.stdout.flush()          # a closed pipe shows here, inside the handlers below, not at exit
