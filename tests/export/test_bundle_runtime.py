@@ -10,7 +10,7 @@ import dyncnn
 from dyncnn.dynamic import Cascade, ExitPolicy
 from dyncnn.dynamic.policy import confidence
 from dyncnn.export import FORMAT, BundleError, confidence_np, export_bundle, load_bundle
-from dyncnn.export.runtime import DynamicBundle
+from dyncnn.export.runtime import DynamicBundle, exit_test_one, row_values
 
 
 class _Recorder:
@@ -55,9 +55,10 @@ def test_decisions_equal_eager_on_whole_scaled_mnist_test_split(tmp_path, scaled
     # in chunks of 64, and one sample at a time, the same answers
     chunks = [bundle.run(xt[i:i + 64]) for i in range(0, 1000, 64)]
     assert torch.equal(torch.cat([c.exit_index for c in chunks]), want.exit_index)
-    for i in range(0, 1000, 97):
-        one = bundle.run(xt[i:i + 1].numpy())              # numpy input works too
-        assert int(one.exit_index) == int(want.exit_index[i])
+    ones = [bundle.run(xt[i:i + 1].numpy()) for i in range(1000)]      # numpy input works too
+    assert torch.equal(torch.cat([o.exit_index for o in ones]), want.exit_index)     # batch-1 path: same decisions
+    assert torch.equal(torch.cat([o.macs for o in ones]), want.macs)
+    assert float((torch.cat([o.logits for o in ones]) - want.logits).abs().max() / want.logits.abs().max()) < 1e-4
 
 
 def test_later_stages_see_only_the_active_rows(tmp_path, tiny_multi_exit, spread_policy):
@@ -118,6 +119,51 @@ def test_numpy_confidence_matches_torch(criterion):
         got = confidence_np(logits.numpy(), criterion, temp)
         assert got.dtype == np.float32
         assert np.abs(got - want).max() <= 4e-7          # a few float32 ulps at most
+
+
+@pytest.mark.parametrize("classes", [2, 10, 64, 100])
+@pytest.mark.parametrize("criterion", ["max_prob", "entropy", "margin"])
+def test_single_sample_exit_test_is_the_float32_twins_decision(criterion, classes):
+    """The batch-1 test screens in double precision; its decision must be the float32 twin's, also for thresholds
+    placed exactly at a sample's float32 confidence or one ulp either side of it (where the two could differ)."""
+    rng = np.random.default_rng(classes)
+    logits = (rng.standard_normal((300, classes)) * rng.random((300, 1)) * 12).astype(np.float32)
+    logits[:20] *= 40                                      # confidences of exactly 1.0 in float32
+    checked = near = 0
+    for temp in (1.0, 0.37, 1.9):
+        conf = confidence_np(logits, criterion, temp)
+        for row, c in zip(logits, conf):
+            one = row[None]
+            values = row_values(one)
+            assert (values is None) == (classes > 64)
+            for thr in (c, np.nextafter(c, np.float32(2)), np.nextafter(c, np.float32(-2)), np.float32(1.0),
+                        np.float32(rng.random())):
+                want = bool(confidence_np(one, criterion, temp)[0] >= thr)
+                assert exit_test_one(one, values, criterion, temp, np.float32(thr)) == want, (row, temp, thr)
+                checked += 1
+                near += abs(float(c) - float(thr)) < 1e-6
+    assert checked == 4500 and near >= 2700                # most thresholds sit within float32 rounding
+
+
+def test_non_finite_logits_are_refused_at_batch_1_and_in_a_batch(tmp_path, tiny_multi_exit):
+    class _Poison:
+        def __init__(self, sess, value):
+            self.sess, self.value = sess, value
+
+        def run(self, names, feed):
+            outs = self.sess.run(names, feed)
+            outs[-1][-1, 3] = self.value                    # the last row's logits of stage 1's head
+            return outs
+
+    model = tiny_multi_exit()
+    export_bundle(model, tmp_path / "b", (1, 32, 32), policy=ExitPolicy([math.inf, math.inf]))
+    x = np.random.default_rng(0).random((5, 1, 32, 32), dtype=np.float32)
+    for value in (np.nan, np.inf, -np.inf):
+        bundle = load_bundle(tmp_path / "b")
+        bundle._steps[1].sess = _Poison(bundle._steps[1].sess, value)
+        for batch in (x[:1], x):
+            with pytest.raises(FloatingPointError, match="exit 1 produced NaN/Inf logits for 1 samples"):
+                bundle.run(batch)
 
 
 @pytest.mark.parametrize("criterion,temperatures", [("max_prob", []), ("entropy", [0.02, 1.0, 1.0]),
