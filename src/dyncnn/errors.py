@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:      # torch is imported by the checks themselves: `dyncnn --help` must not pay for it
+    import torch
     from torch import Tensor
 
 
