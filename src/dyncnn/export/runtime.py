@@ -32,7 +32,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import numpy as np
 import torch
@@ -330,7 +330,7 @@ def _as_batch(x: Any, shape: Sequence[int]) -> np.ndarray:
     return x
 
 
-def _non_finite(k: int, logits: np.ndarray):
+def _non_finite(k: int, logits: np.ndarray) -> NoReturn:
     raise FloatingPointError(f"exit {k} produced NaN/Inf logits for {int((~np.isfinite(logits)).any(1).sum())} "
                              f"samples; refusing to take an exit decision on them")
 
