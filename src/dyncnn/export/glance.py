@@ -32,8 +32,7 @@ from torch import Tensor, nn
 from ..dynamic.policy import ExitPolicy
 from ..models.gfnet import GFNet, gather_patches, traceable_corners
 from .onnx import ExportError, export_graph, onnx_session, relative_error
-from .runtime import (BundleError, _as_batch, _read_manifest, bundle_file, confidence_np, exit_test_one,
-                      logits_finite, row_values)
+from .runtime import BundleError, _as_batch, _read_manifest, bundle_file, confidence_np, one_sample_leaves
 from .staged import FORMAT, MANIFEST, _base_manifest, file_record, register_writer, write_manifest, \
     writing_bundle
 
@@ -214,17 +213,10 @@ class GlanceBundle:
         rules, st = self._exit_rules(policy), {}
         for k in range(self.num_exits):
             st = self._step(k, x, st)
-            logits = st["logits"]
-            values = row_values(logits)
-            if not logits_finite(logits, values):
-                raise FloatingPointError(f"step {k} produced NaN/Inf logits; refusing to take an exit decision")
-            if k == self.num_exits - 1:
-                return logits, k
-            thr, temp = rules[k]
-            if thr == np.inf:
-                continue
-            if thr == -np.inf or exit_test_one(logits, values, policy.criterion, temp, thr):
-                return logits, k
+            last = k == self.num_exits - 1
+            thr, temp = (None, 1.0) if last else rules[k]
+            if one_sample_leaves(k, st["logits"], last, thr, policy.criterion, temp, "step"):
+                return st["logits"], k
         raise AssertionError  # unreachable: the last step returns
 
     def run_numpy(self, x: Any, policy=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

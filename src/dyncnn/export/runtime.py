@@ -102,6 +102,22 @@ def exit_test_one(logits: np.ndarray, values: list[float] | None, criterion: str
     return bool(confidence_np(logits, criterion, temperature)[0] >= threshold)
 
 
+def one_sample_leaves(k: int, logits: np.ndarray, last: bool, threshold: np.float32 | None, criterion: str,
+                      temperature: float, step: str = "exit") -> bool:
+    """Whether the one sample of ``logits`` (1, C) leaves at ``step`` ``k``: NaN/Inf logits are refused, the last
+    step always takes it, an infinite threshold never / always does (eager's decision without the math), and
+    otherwise :func:`exit_test_one` decides. The batch-1 loop of the multi-exit and glance drivers."""
+    values = row_values(logits)
+    if not logits_finite(logits, values):
+        raise FloatingPointError(f"{step} {k} produced NaN/Inf logits for 1 samples; refusing to take an exit "
+                                 f"decision on them")
+    if last:
+        return True
+    if threshold == np.inf:
+        return False
+    return threshold == -np.inf or exit_test_one(logits, values, criterion, temperature, threshold)
+
+
 def _read_manifest(folder: Path) -> dict:
     if not folder.is_dir():
         raise BundleError(f"bundle {folder} does not exist or is not a folder (write one with `dyncnn export`)")
@@ -498,15 +514,8 @@ class DynamicBundle(_Bundle):
         last = min(self.num_exits - 1, len(policy.thresholds))
         for k in range(self.num_exits):
             leaves, logits = self._step(k, leaves)
-            values = row_values(logits)
-            if not logits_finite(logits, values):
-                _non_finite(k, logits)
-            if k == last:
-                return logits, k
-            thr = np.float32(policy.thresholds[k])
-            if thr == np.inf:            # no finite confidence reaches it: eager's decision, without the math
-                continue
-            if thr == -np.inf or exit_test_one(logits, values, policy.criterion, policy.temperature(k), thr):
+            thr = np.float32(policy.thresholds[k]) if k < last else None
+            if one_sample_leaves(k, logits, k == last, thr, policy.criterion, policy.temperature(k)):
                 return logits, k
         raise AssertionError("unreachable: the last exit returns")
 
