@@ -102,6 +102,11 @@ def exit_test_one(logits: np.ndarray, values: list[float] | None, criterion: str
     return bool(confidence_np(logits, criterion, temperature)[0] >= threshold)
 
 
+def _non_finite(k: int, logits: np.ndarray, step: str = "exit") -> NoReturn:
+    raise FloatingPointError(f"{step} {k} produced NaN/Inf logits for {int((~np.isfinite(logits)).any(1).sum())} "
+                             f"samples; refusing to take an exit decision on them")
+
+
 def one_sample_leaves(k: int, logits: np.ndarray, last: bool, threshold: np.float32 | None, criterion: str,
                       temperature: float, step: str = "exit") -> bool:
     """Whether the one sample of ``logits`` (1, C) leaves at ``step`` ``k``: NaN/Inf logits are refused, the last
@@ -109,8 +114,7 @@ def one_sample_leaves(k: int, logits: np.ndarray, last: bool, threshold: np.floa
     otherwise :func:`exit_test_one` decides. The batch-1 loop of the multi-exit and glance drivers."""
     values = row_values(logits)
     if not logits_finite(logits, values):
-        raise FloatingPointError(f"{step} {k} produced NaN/Inf logits for 1 samples; refusing to take an exit "
-                                 f"decision on them")
+        _non_finite(k, logits, step)
     if last:
         return True
     if threshold == np.inf:
@@ -344,11 +348,6 @@ def _as_batch(x: Any, shape: Sequence[int]) -> np.ndarray:
     if x.size and not np.isfinite(x.sum()) and not np.isfinite(x).all():   # the sum is the fast first look
         raise DyncnnError(f"input: expected finite values, got {int((~np.isfinite(x)).sum())} NaN/Inf entries")
     return x
-
-
-def _non_finite(k: int, logits: np.ndarray) -> NoReturn:
-    raise FloatingPointError(f"exit {k} produced NaN/Inf logits for {int((~np.isfinite(logits)).any(1).sum())} "
-                             f"samples; refusing to take an exit decision on them")
 
 
 class _Bundle:
