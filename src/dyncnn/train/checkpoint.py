@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, DyncnnError
 from ..files import apply_umask, atomic_write_text, model_spec
+from ..models.pretrained import check_state_dict
 
 FORMAT = "dyncnn-checkpoint-1"
 META_KEY = "dyncnn"
@@ -182,23 +183,6 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
             raise CheckpointError(f"checkpoint {path} names {name!r} an alias of {source!r}, which it does not hold")
         tensors[name] = tensors[source]
     return tensors, meta
-
-
-def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: str = "checkpoint") -> None:
-    """Raise CheckpointError naming missing, unexpected and mis-shaped keys if ``state`` does not fit ``model``."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k}: model {tuple(own[k].shape)} vs {source} {tuple(state[k].shape)}"
-                    for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or shapes:
-        def few(items):
-            return ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
-        parts = [f"missing keys: {few(missing)}" if missing else "",
-                 f"unexpected keys: {few(unexpected)}" if unexpected else "",
-                 f"shape mismatches: {few(shapes)}" if shapes else ""]
-        raise CheckpointError(f"{source} does not match the model ({type(model).__name__}): "
-                              + "; ".join(p for p in parts if p))
 
 
 def model_from_header(path: str | os.PathLike, spec: object, state: dict[str, Tensor]) -> nn.Module:
