@@ -124,3 +124,14 @@ def test_timm_state_dict(tmp_path):
     assert m.dyncnn_weights["adapted_stem"] == ["conv_stem.weight"]
     assert m.dyncnn_weights["dropped_classifier"] == ["classifier.bias", "classifier.weight"]
     _same(m.state_dict(), ref.state_dict(), skip={"conv_stem.weight", "classifier.weight", "classifier.bias"})
+
+
+def test_multi_exit_takes_its_backbones_file(reference, tmp_path):
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    net = dyncnn.create_model("multi_exit", backbone="torchvision:resnet18", num_classes=1000, weights=path).eval()
+    assert net.exit_stages == ["layer2", "layer3", "layer4"] and "weights" not in net.dyncnn_spec["cfg"]
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(net(x)[-1], reference(x))
+    grey = dyncnn.create_model("multi_exit", backbone="torchvision:resnet18", in_chans=1, weights=path)
+    assert grey.dyncnn_weights["adapted_stem"] == ["conv1.weight"] and grey.dyncnn_weights["dropped_classifier"]

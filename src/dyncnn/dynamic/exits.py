@@ -280,6 +280,10 @@ def attach_exits(backbone: nn.Module, stages: Sequence[str] | None = None, head:
     net = SplitMultiExit(segments, heads, num_classes, in_chans, segments[0].input_name)
     net.exit_stages = stages
     net.min_input_size = getattr(backbone, "min_input_size", 1)
+    # The backbone the segments were cut from (its modules are the segments' own, not copies), kept outside the
+    # module tree so that the state dict is unchanged: its state dict files load into it (``weights=``, ``--init``)
+    # and fine-tuning finds its classifier through it.
+    object.__setattr__(net, "source_backbone", backbone)
     return net
 
 

@@ -7,6 +7,7 @@ downloaded, ever.
   run code) or ``.safetensors``; a training checkpoint that wraps the state dict under ``state_dict`` / ``model``
   (timm's, torchvision's reference scripts') and keys prefixed ``module.`` (DistributedDataParallel) or
   ``_orig_mod.`` (torch.compile) are unwrapped;
+- exits attached to a backbone (``multi_exit``, :func:`~dyncnn.dynamic.attach_exits`) take the backbone's file;
 - for ``torchvision:`` models, a weight name (``"DEFAULT"``, ``"IMAGENET1K_V1"`` or
   ``"MobileNet_V3_Small_Weights.IMAGENET1K_V1"``), read from the torch hub cache where torchvision itself keeps
   downloads (``$TORCH_HOME/hub/checkpoints/<file>``); when the file is not there, the error says the exact path
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 
 from ..dynamic.backbone import adapt_input_weight, first_conv
 from ..errors import CheckpointError, DyncnnError
+from ..files import model_spec
 
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _WRAPPERS = ("state_dict", "model", "module", "net")
@@ -154,7 +156,12 @@ def load_weights(model: nn.Module, weights: str | os.PathLike | dict, name: str 
     and dropping a classifier of another class count (see the module docstring). Returns what was done:
     ``{"file", "adapted_stem", "dropped_classifier"}`` (the keys concerned)."""
     source = f"weights {weights}" if not isinstance(weights, dict) else "the state dict"
+    backbone = getattr(model, "source_backbone", None)
+    if isinstance(backbone, nn.Module):
+        name = model_spec(model).get("cfg", {}).get("backbone", name)
     state = dict(weights) if isinstance(weights, dict) else read_state_dict(resolve_weights(name, weights))
+    if isinstance(backbone, nn.Module) and not set(state) & set(model.state_dict()):
+        model = backbone     # exits attached to a backbone: a file of the backbone's own keys is its weights
     own = model.state_dict()
     adapted, dropped = [], []
     stem = first_conv(model)
