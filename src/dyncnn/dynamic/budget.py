@@ -172,9 +172,18 @@ def solve_for_budget(val_scores: Tensor, val_correct: Tensor, exit_macs, target_
     return best
 
 
+# The range a fitted temperature is kept in. An exit near chance level keeps lowering its NLL as T grows (the
+# softmax tends to uniform), and LBFGS walks T to 1e4 and beyond; every confidence then lies within 1e-5 of 1/C,
+# a band a few float32 rounding steps wide, and the exit decisions are decided by rounding: eager PyTorch and an
+# exported bundle (other exp/sum order, logits 1e-6 apart) then disagree on samples near a threshold (issue 27:
+# 7 of 500 validation images, T = 37000). The NLL is convex in 1/T, so the clamped fit is the best T in the range.
+TEMPERATURE_RANGE = (0.05, 20.0)
+
+
 def fit_temperatures(logits: Tensor, targets: Tensor, iters: int = 100) -> list[float]:
-    """Per-exit temperature scaling (Guo et al. 2017): T_k minimising the NLL of exit k on validation logits.
-    Logits made under ``torch.inference_mode`` are accepted (they are copied out of it for the fit)."""
+    """Per-exit temperature scaling (Guo et al. 2017): T_k minimising the NLL of exit k on validation logits,
+    within :data:`TEMPERATURE_RANGE`. Logits made under ``torch.inference_mode`` are accepted (they are copied out
+    of it for the fit)."""
     temps = []
     with torch.inference_mode(False), torch.enable_grad():
         targets = torch.as_tensor(targets).clone()
@@ -193,4 +202,6 @@ def _fit_temperature(z: Tensor, targets: Tensor, iters: int) -> float:
         loss.backward()
         return loss
     opt.step(closure)
-    return float(log_t.detach().exp())
+    t = float(log_t.detach().exp())
+    lo, hi = TEMPERATURE_RANGE
+    return min(max(t, lo), hi) if math.isfinite(t) else hi

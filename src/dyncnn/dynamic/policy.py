@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -88,9 +88,18 @@ class ExitPolicy:
 
     @classmethod
     def of(cls, policy) -> "ExitPolicy":
-        """``policy`` itself, or an ExitPolicy of max-probability thresholds from a list / tuple / 1-D tensor;
-        anything else (a number, a string) is an InputTypeError saying what was expected."""
-        return policy if isinstance(policy, ExitPolicy) else cls(policy)
+        """``policy`` itself; an ExitPolicy of max-probability thresholds from a list / tuple / 1-D tensor; or the
+        policy of a mapping with ``thresholds`` (and optionally ``criterion``, ``temperatures``): the record
+        ``calibrate()`` returns, a thresholds file's JSON, ``to_dict()``. Anything else (a number, a string) is an
+        InputTypeError saying what was expected."""
+        if isinstance(policy, ExitPolicy):
+            return policy
+        if isinstance(policy, Mapping):
+            if "thresholds" not in policy:
+                raise InputTypeError(f"expected a policy record with 'thresholds' (what calibrate() returns), got "
+                                     f"a mapping with keys {sorted(map(str, policy))[:8]}")
+            return cls(policy["thresholds"], policy.get("criterion", "max_prob"), policy.get("temperatures", []))
+        return cls(policy)
 
     @classmethod
     def never(cls, num_exits: int) -> "ExitPolicy":
