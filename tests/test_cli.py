@@ -167,8 +167,8 @@ def test_help_imports_no_torch_and_documents_every_option():
             if action.option_strings and action.default is not None and action.default is not False:
                 assert "default" in action.help or f"(default: {action.default})" in text or \
                     f"(default: {' '.join(map(str, action.default))})" in text, (name, action.option_strings)
-    train = " ".join(parser.parse_args(["train", "--model", "x", "--out", "y"]).func.__name__.split())
-    assert train == "cmd_train"
+    import dyncnn.cli.train
+    assert parser.parse_args(["train", "--model", "x", "--out", "y"]).func is dyncnn.cli.train.run
     sub = parser._subparsers._group_actions[0].choices
     assert "--epochs EPOCHS passes over the training split (default: 10)" in " ".join(sub["train"].format_help().split())
     for cmd in ("profile", "bench", "demo"):       # one timing policy: the same default thread count
@@ -176,11 +176,11 @@ def test_help_imports_no_torch_and_documents_every_option():
 
 
 def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
-    import dyncnn.cli as cli
+    import dyncnn.cli.zoo as zoo
 
     def interrupted(args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(cli, "cmd_zoo", interrupted)
+    monkeypatch.setattr(zoo, "run", interrupted)
     assert main(["zoo"]) == 130
     err = capsys.readouterr().err
     assert err == "dyncnn zoo: interrupted\n"
@@ -222,15 +222,15 @@ def test_zoo_caches_rows_per_version_and_refreshes_with_no_cache(monkeypatch, ca
     """Issue 17: the second `dyncnn zoo` reads the cache (no model is profiled again), `--no-cache` measures again,
     the JSON on stdout parses, the cache file is written to a temporary file and renamed, and a corrupt cache is
     ignored rather than fatal."""
-    import dyncnn.cli as cli
+    import dyncnn.cli.zoo as zoo
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls = []
-    real_row = cli._zoo_row
-    monkeypatch.setattr(cli, "_zoo_row", lambda name, size: calls.append(name) or real_row(name, size))
+    real_row = zoo._zoo_row
+    monkeypatch.setattr(zoo, "_zoo_row", lambda name, size: calls.append(name) or real_row(name, size))
     renames = []
     real_replace = os.replace
-    monkeypatch.setattr(cli.os, "replace", lambda src, dst: renames.append((src, dst)) or real_replace(src, dst))
+    monkeypatch.setattr(zoo.os, "replace", lambda src, dst: renames.append((src, dst)) or real_replace(src, dst))
 
     argv = ["zoo", "--pattern", "tiny_mobilenet*", "--input-size", "32", "--json"]
     assert main(argv) == 0

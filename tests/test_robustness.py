@@ -315,11 +315,11 @@ def test_cfg_errors_name_the_key_and_list_the_valid_ones(capsys):
 
 
 def test_os_errors_exit_2_with_the_file_named(tmp_path, capsys, monkeypatch):
-    import dyncnn.cli as cli
+    import dyncnn.cli.profile as profile
 
     def denied(args):
         raise PermissionError(13, "Permission denied", str(tmp_path / "ro" / "last.safetensors"))
-    monkeypatch.setattr(cli, "cmd_profile", denied)
+    monkeypatch.setattr(profile, "run", denied)
     assert main(["profile", "tiny_mobilenet"]) == 2
     err = capsys.readouterr().err
     assert f"cannot access {tmp_path / 'ro' / 'last.safetensors'}: Permission denied" in err

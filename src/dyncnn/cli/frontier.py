@@ -1,0 +1,57 @@
+"""``dyncnn frontier``: dynamic networks against the static accuracy-latency front."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("frontier", help="dynamic networks against the static accuracy-latency front (ONNX Runtime)",
+                       description="Train a static front (zoo networks at several widths and input resolutions) "
+                                   "and dynamic candidates with one training budget, choose each dynamic operating "
+                                   "point on the validation split, time everything in ONNX Runtime (interleaved "
+                                   "rounds, median and IQR) and write frontier.json / .md / .png with the speedup "
+                                   "at equal accuracy.")
+    p.add_argument("--preset", default="demo", choices=["demo", "full", "phone"],
+                   help="model set: demo (3 static, 2 cascades), full (8 static, 7 dynamic), phone (128x128 "
+                        "canvas, 1-73M MAC networks); full and phone include a cascade whose members are searched "
+                        "on validation")
+    p.add_argument("--dataset", default="scaled_mnist", choices=["scaled_mnist"], help="data (the embedded digits)")
+    p.add_argument("--canvas", type=int, default=None, help="image side (default: 64, 128 for --preset phone)")
+    p.add_argument("--clutter", type=int, default=2, help="clutter fragments per image")
+    p.add_argument("--seed", type=int, default=0, help="data split and rendering seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (every model trained with each)")
+    p.add_argument("--epochs", type=int, default=5, help="epochs for every model")
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate (cosine schedule) for every model")
+    p.add_argument("--test-repeats", type=int, default=3, help="renderings of each test digit")
+    p.add_argument("--device", default="cpu", help="training device: cpu, cuda, mps or auto (timing is on the CPU)")
+    p.add_argument("--runtime", choices=["onnxruntime", "executorch"], default="onnxruntime",
+                   help="runtime the bundles are timed in (executorch: XNNPACK, needs dyncnn[mobile])")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="runtime thread counts timed")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="batch sizes timed")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median and IQR over them)")
+    p.add_argument("--single-images", type=int, default=200, help="test images timed one at a time per round")
+    p.add_argument("--batch-images", type=int, default=640, help="test images timed in batches per round")
+    p.add_argument("--no-eager", action="store_true", help="skip the eager PyTorch timings")
+    p.add_argument("--only-train", action="store_true", help="train (or resume) every model and stop")
+    p.add_argument("--merge", nargs="+", default=None, metavar="RUN_DIR",
+                   help="instead of running: one report from finished runs of other seeds (same settings)")
+    p.add_argument("--out", default="runs/frontier", help="output folder (checkpoints are reused from it)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..frontier.runner import FrontierSettings, merge_runs, run_frontier
+    if args.merge:
+        merge_runs(args.merge, args.out)
+        print((Path(args.out) / "frontier.md").read_text().split("\n## ")[0])
+        return 0
+    canvas = args.canvas or (128 if args.preset == "phone" else 64)
+    settings = FrontierSettings(out=Path(args.out), preset=args.preset, canvas=canvas, clutter=args.clutter,
+                                data_seed=args.seed, seeds=tuple(args.seeds), epochs=args.epochs,
+                                threads=tuple(args.threads), batch_sizes=tuple(args.batch_sizes),
+                                rounds=args.rounds, single_images=args.single_images,
+                                batch_images=args.batch_images, eager=not args.no_eager,
+                                device=args.device, only_train=args.only_train, lr=args.lr,
+                                test_repeats=args.test_repeats, runtime=args.runtime)
+    run_frontier(settings)
+    return 0
