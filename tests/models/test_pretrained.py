@@ -35,7 +35,7 @@ def test_pth_file_loads_all_keys(reference, tmp_path):
     _same(m.state_dict(), reference.state_dict())
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(m(x), reference(x))
-    assert m.dyncnn_weights == {"file": str(path), "adapted_stem": [], "dropped_classifier": []}
+    assert m.dyncnn_weights == {"file": str(path), "into": "model", "adapted_stem": [], "dropped_classifier": []}
     assert "weights" not in m.dyncnn_spec["cfg"]        # a checkpoint rebuilds the model, its weights follow
 
 
@@ -135,3 +135,4 @@ def test_multi_exit_takes_its_backbones_file(reference, tmp_path):
     torch.testing.assert_close(net(x)[-1], reference(x))
     grey = dyncnn.create_model("multi_exit", backbone="torchvision:resnet18", in_chans=1, weights=path)
     assert grey.dyncnn_weights["adapted_stem"] == ["conv1.weight"] and grey.dyncnn_weights["dropped_classifier"]
+    assert grey.dyncnn_weights["into"] == "backbone" and net.dyncnn_weights["into"] == "backbone"

@@ -154,14 +154,16 @@ def resolve_weights(name: str, weights: str | os.PathLike) -> Path:
 def load_weights(model: nn.Module, weights: str | os.PathLike | dict, name: str = "model") -> dict:
     """Load a state dict file (or a state dict) into ``model``, adapting the stem to the model's input channels
     and dropping a classifier of another class count (see the module docstring). Returns what was done:
-    ``{"file", "adapted_stem", "dropped_classifier"}`` (the keys concerned)."""
+    ``{"file", "into", "adapted_stem", "dropped_classifier"}`` (``into``: "model", or "backbone" for exits
+    attached to one; the keys concerned)."""
     source = f"weights {weights}" if not isinstance(weights, dict) else "the state dict"
     backbone = getattr(model, "source_backbone", None)
     if isinstance(backbone, nn.Module):
         name = model_spec(model).get("cfg", {}).get("backbone", name)
     state = dict(weights) if isinstance(weights, dict) else read_state_dict(resolve_weights(name, weights))
+    into = "model"
     if isinstance(backbone, nn.Module) and not set(state) & set(model.state_dict()):
-        model = backbone     # exits attached to a backbone: a file of the backbone's own keys is its weights
+        model, into = backbone, "backbone"   # exits attached to a backbone: a file of its own keys is its weights
     own = model.state_dict()
     adapted, dropped = [], []
     stem = first_conv(model)
@@ -183,5 +185,5 @@ def load_weights(model: nn.Module, weights: str | os.PathLike | dict, name: str 
                 state[key] = own[key]
     check_state_dict(model, state, source=source)
     model.load_state_dict(state)
-    return {"file": None if isinstance(weights, dict) else str(weights), "adapted_stem": adapted,
+    return {"file": None if isinstance(weights, dict) else str(weights), "into": into, "adapted_stem": adapted,
             "dropped_classifier": dropped}
