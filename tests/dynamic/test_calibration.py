@@ -71,3 +71,11 @@ def test_temperatures_are_kept_in_range():
     temps = fit_temperatures(torch.cat([chance, sharp]), targets)
     assert temps[:2] == [TEMPERATURE_RANGE[1]] * 2
     assert 1.0 < temps[2] < TEMPERATURE_RANGE[1]
+    # the search finds the minimum of the NLL over the range (a plain grid of 4001 temperatures as the reference)
+    grid = torch.exp(torch.linspace(math.log(TEMPERATURE_RANGE[0]), math.log(TEMPERATURE_RANGE[1]), 4001,
+                                    dtype=torch.float64))
+    nll = torch.stack([torch.nn.functional.cross_entropy(sharp[0].double() / t, targets) for t in grid])
+    assert temps[2] == pytest.approx(float(grid[nll.argmin()]), rel=2e-3)
+    # a perfectly separated validation set drives T to 0: the fit stops at the end of the range
+    perfect = torch.nn.functional.one_hot(targets, 10).float()[None] * 50
+    assert fit_temperatures(perfect, targets) == [TEMPERATURE_RANGE[0]]
