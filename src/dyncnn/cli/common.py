@@ -132,7 +132,8 @@ def _load_model(spec: str, num_classes: int | None = None, cfg: dict | None = No
 
 def _input_shape(model, input_size: int | None, in_chans: int | None, meta: dict) -> tuple[int, int, int]:
     data = meta.get("data", {})
-    c = in_chans or getattr(model, "in_chans", None) or 3
+    from ..dynamic.backbone import input_channels
+    c = in_chans or input_channels(model, default=3)
     s = input_size or data.get("input_size") or 224
     return c, s, s
 
