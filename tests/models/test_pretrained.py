@@ -136,3 +136,27 @@ def test_multi_exit_takes_its_backbones_file(reference, tmp_path):
     grey = dyncnn.create_model("multi_exit", backbone="torchvision:resnet18", in_chans=1, weights=path)
     assert grey.dyncnn_weights["adapted_stem"] == ["conv1.weight"] and grey.dyncnn_weights["dropped_classifier"]
     assert grey.dyncnn_weights["into"] == "backbone" and net.dyncnn_weights["into"] == "backbone"
+
+
+def test_timm_default_weights_come_from_the_hugging_face_cache_only(tmp_path, monkeypatch):
+    timm = pytest.importorskip("timm")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(dyncnn.DyncnnError, match="never downloads") as e:
+        dyncnn.create_model("timm:mobilenetv3_small_050", weights="DEFAULT")
+    repo = tmp_path / "hf" / "models--timm--mobilenetv3_small_050.lamb_in1k"
+    assert f"{repo}/snapshots/REVISION/model.safetensors" in str(e.value)
+    assert "huggingface.co/timm/mobilenetv3_small_050.lamb_in1k" in str(e.value)
+    torch.manual_seed(4)
+    ref = timm.create_model("mobilenetv3_small_050")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()},
+              str(repo / "snapshots" / "abc123" / "model.safetensors"))
+    m = dyncnn.create_model("timm:mobilenetv3_small_050", weights="DEFAULT")
+    _same(m.state_dict(), ref.state_dict())
+    assert m.dyncnn_weights["file"] == str(repo / "snapshots" / "abc123" / "model.safetensors")
+    net = dyncnn.create_model("multi_exit", backbone="timm:mobilenetv3_small_050", num_classes=1000,
+                              weights="DEFAULT")
+    assert net.dyncnn_weights["into"] == "backbone"

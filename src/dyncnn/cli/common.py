@@ -28,8 +28,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="scaled_mnist",
                    help="embedded: mnist | scaled_mnist | scaled_mnist_large (128x128, small digits) | moving_digits "
-                        "(clips) | mnist_rows (row sequences) | clip_features (clip frame sequences); local: cifar10 | cifar100 | folder "
-                        "(an ImageFolder tree ROOT/[SPLIT/]CLASS/IMAGE, also called imagefolder) (default: %(default)s)")
+                        "(clips) | mnist_rows (row sequences) | clip_features (clip frame sequences); local: "
+                        "cifar10 | cifar100 | folder (an ImageFolder tree ROOT/[SPLIT/]CLASS/IMAGE, also called "
+                        "imagefolder) (default: %(default)s)")
     p.add_argument("--data-root", default=None, help="folder of cifar10/cifar100/folder data (never downloaded)")
     p.add_argument("--image-size", type=int, default=224, help="folder: image side after resize and crop "
                    "(default: %(default)s)")

@@ -363,8 +363,8 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
     for spec in models["dynamic"]:
         if spec["kind"] == "trained":
             log(f"  seed {seed}: training dynamic {spec['label']}")
-            net, info = train_one(build_dynamic(spec, statics, static_specs, **shape), spec["label"], seed, s, train, val,
-                                  data["meta"], loss=_loss(spec.get("recipe")))
+            net, info = train_one(build_dynamic(spec, statics, static_specs, **shape), spec["label"], seed, s, train,
+                                  val, data["meta"], loss=_loss(spec.get("recipe")))
             trained_dyn[spec["label"]] = net
             result["training_seconds"][spec["label"]] = info["seconds"]
     if s.only_train:

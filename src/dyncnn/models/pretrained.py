@@ -11,7 +11,9 @@ downloaded, ever.
 - for ``torchvision:`` models, a weight name (``"DEFAULT"``, ``"IMAGENET1K_V1"`` or
   ``"MobileNet_V3_Small_Weights.IMAGENET1K_V1"``), read from the torch hub cache where torchvision itself keeps
   downloads (``$TORCH_HOME/hub/checkpoints/<file>``); when the file is not there, the error says the exact path
-  and the URL to fetch it from -- no connection is attempted.
+  and the URL to fetch it from -- no connection is attempted;
+- for ``timm:`` models, ``"DEFAULT"``: the model's default pretrained weights where timm stores a download (the
+  Hugging Face cache, else the torch hub cache), with the same error when absent.
 
 The state dict must fit the model, with two adaptations:
 
@@ -132,17 +134,60 @@ def hub_weights_path(arch: str, name: str) -> tuple[Path, str]:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url), weights.url
 
 
-def resolve_weights(name: str, weights: str | os.PathLike) -> Path:
-    """The file ``weights`` stands for in ``create_model(name, weights=...)``: a path, or (for ``torchvision:``
-    models) a weight name looked up in the torch hub cache. Never downloads."""
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache folder, as ``huggingface_hub`` finds it (``$HF_HUB_CACHE``, ``$HF_HOME/hub``,
+    ``$XDG_CACHE_HOME/huggingface/hub``, ``~/.cache/huggingface/hub``), without importing it."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                     os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    return Path(home) / "hub"
+
+
+def timm_cached_weights(model: nn.Module, name: str) -> Path:
+    """The default pretrained weights of timm model ``model`` where timm would have stored a download: the Hugging
+    Face cache (``models--timm--ARCH.TAG/snapshots/REVISION/model.safetensors``), else the torch hub cache (its
+    ``url``'s file). Nothing is downloaded: when neither holds it, the error names both places."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    places, sources = [], []
+    if cfg.get("hf_hub_id"):
+        repo = hf_hub_cache() / f"models--{cfg['hf_hub_id'].replace('/', '--')}"
+        ref = repo / "refs" / "main"
+        snapshots = [repo / "snapshots" / ref.read_text().strip()] if ref.is_file() else \
+            sorted((repo / "snapshots").glob("*"))
+        for snap in snapshots:
+            for f in ("model.safetensors", "pytorch_model.bin"):
+                if (snap / f).is_file():
+                    return snap / f
+        places.append(f"{repo}/snapshots/REVISION/model.safetensors")
+        sources.append(f"https://huggingface.co/{cfg['hf_hub_id']}")
+    if cfg.get("url"):
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg["url"])
+        if path.is_file():
+            return path
+        places.append(str(path))
+        sources.append(cfg["url"])
+    if not places:
+        raise DyncnnError(f"{name} has no published pretrained weights; give the path of a state dict file")
+    raise DyncnnError(f"the DEFAULT weights of {name} are not in the Hugging Face or torch hub cache: expected "
+                      f"{' or '.join(places)}. dyncnn never downloads weights at run time; fetch them yourself "
+                      f"({' or '.join(sources)}) and put the file there, or pass its path with weights=PATH")
+
+
+def resolve_weights(name: str, weights: str | os.PathLike, model: nn.Module | None = None) -> Path:
+    """The file ``weights`` stands for in ``create_model(name, weights=...)``: a path; for ``torchvision:`` models
+    a weight name looked up in the torch hub cache; for ``timm:`` models ``"DEFAULT"``, looked up where timm keeps
+    downloads (:func:`timm_cached_weights`). Never downloads."""
     text = os.fspath(weights)
     looks_like_path = os.sep in text or "/" in text or text.endswith(STATE_DICT_SUFFIXES) or Path(text).exists()
     if looks_like_path:
         return Path(text)
+    if name.startswith("timm:") and text == "DEFAULT" and model is not None:
+        return timm_cached_weights(model, name)
     if not name.startswith("torchvision:"):
         raise DyncnnError(f"{name}: weights={text!r} is not a file; give the path of a state dict file "
-                          f"({', '.join(STATE_DICT_SUFFIXES)}) -- weights by name are looked up in the torch hub "
-                          f"cache for torchvision: models only")
+                          f"({', '.join(STATE_DICT_SUFFIXES)}) -- weights by name are looked up in the caches for "
+                          f"torchvision: models (a weight name) and timm: models (DEFAULT) only")
     path, url = hub_weights_path(name.partition(":")[2], text)
     if not path.is_file():
         raise DyncnnError(f"weights {text!r} of {name} are not in the torch hub cache: expected the file {path}. "
@@ -154,13 +199,15 @@ def resolve_weights(name: str, weights: str | os.PathLike) -> Path:
 def load_weights(model: nn.Module, weights: str | os.PathLike | dict, name: str = "model") -> dict:
     """Load a state dict file (or a state dict) into ``model``, adapting the stem to the model's input channels
     and dropping a classifier of another class count (see the module docstring). Returns what was done:
-    ``{"file", "into", "adapted_stem", "dropped_classifier"}`` (``into``: "model", or "backbone" for exits
-    attached to one; the keys concerned)."""
+    ``{"file", "into", "adapted_stem", "dropped_classifier"}`` (the file read; ``into``: "model", or "backbone"
+    for exits attached to one; the keys concerned)."""
     source = f"weights {weights}" if not isinstance(weights, dict) else "the state dict"
     backbone = getattr(model, "source_backbone", None)
     if isinstance(backbone, nn.Module):
         name = model_spec(model).get("cfg", {}).get("backbone", name)
-    state = dict(weights) if isinstance(weights, dict) else read_state_dict(resolve_weights(name, weights))
+    path = None if isinstance(weights, dict) else \
+        resolve_weights(name, weights, backbone if isinstance(backbone, nn.Module) else model)
+    state = dict(weights) if path is None else read_state_dict(path)
     into = "model"
     if isinstance(backbone, nn.Module) and not set(state) & set(model.state_dict()):
         model, into = backbone, "backbone"   # exits attached to a backbone: a file of its own keys is its weights
@@ -185,5 +232,5 @@ def load_weights(model: nn.Module, weights: str | os.PathLike | dict, name: str 
                 state[key] = own[key]
     check_state_dict(model, state, source=source)
     model.load_state_dict(state)
-    return {"file": None if isinstance(weights, dict) else str(weights), "into": into, "adapted_stem": adapted,
+    return {"file": None if path is None else str(path), "into": into, "adapted_stem": adapted,
             "dropped_classifier": dropped}
