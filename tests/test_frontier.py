@@ -2,6 +2,7 @@
 cascade and its bundle, gradient equilibrium, and a tiny end-to-end ``frontier`` run."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -242,7 +243,7 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
     assert "Cascade search (validation split only)" in (tmp_path / "fr" / "frontier.md").read_text()
     merit = seed["merit"]["t1_b1"]["models"]["cascade"]
     assert merit["speedup"] > 0 and merit["dynamic_latency"] > 0
-    assert "faster than the static front" in (tmp_path / "fr" / "frontier.md").read_text()
+    assert re.search(r"x (faster|slower) than the static front", (tmp_path / "fr" / "frontier.md").read_text())
     # runs of other seeds (say, made in parallel) merge into one report, summarized over both
     other = tmp_path / "fr_seed1"
     other.mkdir()
