@@ -30,3 +30,35 @@ def test_the_load_average_has_two_decimals():
     text = render_markdown(_results(1.2, 1.2))
     assert "load average at the end 1.23, 0.50, 0.25," in text and "1.2345" not in text
     assert "load average at the end unknown," in render_markdown(_results(1.2, 1.2, load=None))
+
+
+def test_progress_lines_name_the_step_its_seconds_and_the_time_left(monkeypatch):
+    import dyncnn.frontier.runner as runner
+    now = [0.0]
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: now[0])
+    lines = []
+    progress = runner._Progress(3, lines.append)
+    for t, name in ((10.0, "tiny-S /4: trained"), (30.0, "tiny-M /2: trained"), (60.0, "tiny-M: reused")):
+        now[0] = t
+        progress.step(name)
+    assert lines == ["    tiny-S /4: trained in 10.0 s (1 of 3, about 20 s left)",
+                     "    tiny-M /2: trained in 20.0 s (2 of 3, about 15 s left)",
+                     "    tiny-M: reused in 30.0 s (3 of 3)"]
+    assert [runner._duration(s) for s in (42.4, 185, 3720)] == ["42 s", "3 min 5 s", "1 h 2 min"]
+
+
+def test_timing_logs_a_line_per_condition_and_draws_no_bar_off_a_terminal(capsys):
+    """A log file (stderr not a terminal) gets the progress lines and no tqdm bars."""
+    import numpy as np
+
+    from dyncnn.frontier.runner import FrontierSettings, Timed, time_interleaved
+    s = FrontierSettings(seeds=(0,), threads=(1,), batch_sizes=(1, 4), rounds=3, single_images=2, batch_images=8)
+    items = [Timed(k, lambda threads: (lambda x: x.sum())) for k in ("a", "b")]
+    lines = []
+    out = time_interleaved(items, np.zeros((8, 1, 4, 4), np.float32), s, "ORT", log=lines.append)
+    assert set(out["a"]) == set(out["b"]) == {"t1_b1", "t1_b4"}
+    assert capsys.readouterr().err == ""
+    assert len(lines) == 2
+    assert re.fullmatch(r"    ORT 1 thread\(s\), batch 1: 2 models timed in \d+\.\d s \(1 of 2, about \d+ s left\)",
+                        lines[0]), lines
+    assert lines[1].startswith("    ORT 1 thread(s), batch 4: 2 models timed in ") and lines[1].endswith("(2 of 2)")

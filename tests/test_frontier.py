@@ -223,7 +223,14 @@ def _tiny_settings(out, **kw):
 def test_tiny_frontier_run_writes_its_three_files(tmp_path):
     from dyncnn.frontier.runner import merge_runs, run_frontier
     s = _tiny_settings(tmp_path / "fr")
-    r = run_frontier(s, log=lambda *a: None)
+    lines = []
+    r = run_frontier(s, log=lines.append)
+    # a line per model trained, prepared and timing condition: name, seconds, time left (issue 27)
+    assert [ln.split(" in ")[0] for ln in lines if " s (" in ln and " of " in ln][:2] == \
+        ["    small /2: trained", "    big: trained"]
+    assert sum(": exported and evaluated in" in ln or ": calibrated, exported and run on test in" in ln
+               for ln in lines) == 4
+    assert sum("models timed in" in ln for ln in lines) == 2 * 2     # runtime and eager, at batch 1 and 16
     for name in ("frontier.json", "frontier.md", "frontier.png"):
         assert (tmp_path / "fr" / name).stat().st_size > 500
     saved = json.loads((tmp_path / "fr" / "frontier.json").read_text())
