@@ -62,3 +62,18 @@ def test_timing_logs_a_line_per_condition_and_draws_no_bar_off_a_terminal(capsys
     assert re.fullmatch(r"    ORT 1 thread\(s\), batch 1: 2 models timed in \d+\.\d s \(1 of 2, about \d+ s left\)",
                         lines[0]), lines
     assert lines[1].startswith("    ORT 1 thread(s), batch 4: 2 models timed in ") and lines[1].endswith("(2 of 2)")
+
+
+def test_readme_names_the_networks_the_demo_trains():
+    """README's `make demo` line says which static networks the demo trains: those of the "demo" preset."""
+    from pathlib import Path
+
+    from dyncnn.frontier.runner import presets
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("make demo   #")
+    comment = " ".join(ln.split("#", 1)[1].strip() for ln in readme[start:readme.index("make test", start)]
+                       .splitlines())
+    expected = [f"{spec['label'].split(' /')[0]} " + (f"on the {spec['factor']}x downsampled image"
+                                                       if spec["factor"] > 1 else "at full resolution")
+                for spec in presets(64)["demo"]["static"]]
+    assert f"train a small static front ({', '.join(expected)})" in comment, comment
