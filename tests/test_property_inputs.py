@@ -3,14 +3,13 @@ bundle's ``run`` give a correct result or a DyncnnError, never another exception
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import dyncnn
 from dyncnn.errors import DyncnnError
 from dyncnn.export import export_bundle, load_bundle
 
-SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+SETTINGS = settings()      # the profile that tests/conftest.py loads: DYNCNN_HYPOTHESIS_PROFILE=ci (default) or long
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.uint8, torch.bool]
 
 
