@@ -183,6 +183,10 @@ def test_a_second_writer_is_refused_with_the_holders_pid_and_a_killed_holders_lo
     with output_lock(out) as lock:                                          # ... is taken over
         assert lock.read_text().split() == [str(os.getpid())]
     assert not lock.exists()                                                # and removed on release
+    lock.symlink_to("/dev/zero")                   # a lock file planted as a link is not followed
+    with pytest.raises(OSError):
+        with output_lock(out):
+            pass
 
 
 def test_export_and_frontier_outputs_are_locked(tmp_path):

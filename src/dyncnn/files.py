@@ -124,9 +124,10 @@ def read_json(path: str | os.PathLike, what: str, error: type[Exception] = Dyncn
 
 
 def _holder(path: Path) -> str:
+    """The pid written in a lock file (which is untrusted as any file: read bounded)."""
     try:
-        text = path.read_text()[:200].strip()
-    except OSError:
+        text = read_bounded(path, 64, "lock file").decode(errors="replace").strip()
+    except (OSError, DyncnnError):
         text = ""
     return text.split()[0] if text else "unknown"
 
@@ -147,7 +148,7 @@ def output_lock(folder: str | os.PathLike, what: str = "this folder",
     path = Path(lock_file) if lock_file is not None else Path(folder) / LOCK_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)    # a planted link is refused
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

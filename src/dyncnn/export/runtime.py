@@ -1,7 +1,8 @@
 """The host-side driver of an exported bundle: ONNX Runtime sessions plus the exit policy, in numpy.
 
-``load_bundle(dir)`` checks the bundle before it loads anything (manifest present, of this format, every graph file
-present with the recorded SHA-256, each session's inputs and outputs as the manifest says) and returns a
+``load_bundle(dir)`` checks the bundle before it loads anything (manifest present, of this format and valid, every
+graph file present with the recorded size and SHA-256, each session's input and output names and per-sample shapes as
+the manifest says: :mod:`.bundle_format`) and returns a
 :class:`StaticBundle` or a :class:`DynamicBundle`. ``DynamicBundle.run(x)`` is eager ``MultiExitNetwork.infer``
 re-done on the host: stage ``k``'s session runs on the rows still active, head ``k`` scores them, the rows whose
 confidence meets threshold ``k`` leave with those logits, and only the others are fed to stage ``k + 1`` (the
