@@ -28,8 +28,9 @@ MAX_CHECKPOINT_BYTES = 16 << 30     # the mobile networks' checkpoints are megab
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the ``.NAME.*.tmp`` files that an interrupted atomic write left in ``folder`` (one writer per folder
-    is assumed: call it when a run starts); returns what was removed."""
+    """Delete the ``.NAME.*.tmp`` files that an interrupted atomic write left in ``folder`` (call it when a run
+    starts, holding the folder's ``files.output_lock`` as ``Trainer.fit`` does: no other writer is then running);
+    returns what was removed."""
     folder = Path(folder)
     removed = []
     if folder.is_dir():
