@@ -134,6 +134,14 @@ def test_malformed_manifests_are_refused_at_load_with_the_reason(multi, tmp_path
         load_bundle(_copy(multi, tmp_path / "b", edit))
 
 
+def test_writers_cannot_write_a_manifest_the_loader_would_refuse(multi, tmp_path):
+    manifest = json.loads((multi / "manifest.json").read_text())
+    manifest["exit_macs"] = manifest["exit_macs"][::-1]
+    with pytest.raises(BundleError, match="exit_macs must not decrease"):
+        bundle_format.write_manifest(tmp_path, manifest)
+    assert not list(tmp_path.iterdir())
+
+
 # -- checkpoint headers ---------------------------------------------------------------------------------------
 def _forged(path: Path, header: str) -> Path:
     save_file({"model.w": torch.zeros(1)}, str(path), metadata={META_KEY: header})

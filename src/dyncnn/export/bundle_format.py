@@ -161,8 +161,15 @@ def is_bundle_folder(folder: Path) -> bool:
 
 
 def write_manifest(folder: str | os.PathLike, manifest: dict) -> None:
+    """Write ``manifest`` into ``folder`` atomically, after the checks the loader makes (:func:`validate_manifest`):
+    a writer cannot leave a manifest that :func:`read_manifest` would refuse."""
     import json
-    atomic_write_text(Path(folder) / MANIFEST, json.dumps(manifest, indent=2, allow_nan=True) + "\n")
+    path = Path(folder) / MANIFEST
+    if manifest.get("format") != FORMAT or manifest.get("kind") not in KINDS:
+        raise BundleError(f"{path}: refusing to write a manifest of format {manifest.get('format')!r} and kind "
+                          f"{manifest.get('kind')!r}; expected {FORMAT!r} and one of {KINDS}")
+    validate_manifest(manifest, str(path))
+    atomic_write_text(path, json.dumps(manifest, indent=2, allow_nan=True) + "\n")
 
 
 # What each kind of bundle must hold (beyond format and kind), checked before anything is read.
