@@ -40,6 +40,7 @@ from ..dynamic.losses import MultiExitLoss
 from ..dynamic.policy import ExitPolicy
 from ..export.runtime import load_bundle, record_stage_latency
 from ..export.staged import RUNTIMES, export_bundle
+from ..files import output_lock, read_json
 from ..models import create_model
 from ..profile import count_macs
 from ..profile.latency import torch_threads
@@ -599,7 +600,8 @@ def run_frontier(s: FrontierSettings, log=print) -> dict:
     ``s.out`` and returns the results."""
     torch.set_flush_denormal(True)      # as ONNX Runtime does; denormals would make eager timings erratic
     try:
-        return _run_frontier(s, log)
+        with output_lock(s.out, "frontier output"):     # a second frontier into s.out meanwhile is refused
+            return _run_frontier(s, log)
     finally:
         torch.set_flush_denormal(False)   # process-wide: leave the default behind
 
@@ -653,7 +655,7 @@ def upgrade_results(run: dict) -> dict:
 def merge_runs(folders: Sequence[str | Path], out: str | Path) -> dict:
     """One report from runs of the same models and settings made for different seeds (e.g. in parallel
     processes): their seeds side by side, summarized again, written to ``out``."""
-    runs = [upgrade_results(json.loads((Path(f) / "frontier.json").read_text())) for f in folders]
+    runs = [upgrade_results(read_json(Path(f) / "frontier.json", "frontier results")) for f in folders]
     first = runs[0]
     keys = ("preset", "canvas", "clutter", "data_seed", "epochs", "threads", "batch_sizes", "test_repeats",
             "runtime")
@@ -671,7 +673,8 @@ def merge_runs(folders: Sequence[str | Path], out: str | Path) -> dict:
                "seeds": seeds, "merged_from": [str(f) for f in folders],
                "machines": [r["machine"] for r in runs], "seconds": max(r["seconds"] for r in runs)}
     results["summary"] = summarize_seeds(seeds, settings)
-    write_outputs(results, Path(out))
+    with output_lock(Path(out), "frontier output"):
+        write_outputs(results, Path(out))
     return results
 
 
