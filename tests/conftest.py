@@ -1,5 +1,22 @@
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Property-based tests (hypothesis) run under a profile chosen by DYNCNN_HYPOTHESIS_PROFILE:
+# - ci (default): few examples, derandomized: the same examples every run, seconds per test;
+# - long: DYNCNN_HYPOTHESIS_EXAMPLES examples per test (default 2000) from random seeds, for a fuzzing session
+#   (`DYNCNN_HYPOTHESIS_PROFILE=long pytest tests/test_property_inputs.py --hypothesis-show-statistics`); a failure
+#   prints the seed that reproduces it (@reproduce_failure) and is kept in .hypothesis/ to be replayed first.
+_QUIET = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True, suppress_health_check=_QUIET)
+settings.register_profile("long", max_examples=int(os.environ.get("DYNCNN_HYPOTHESIS_EXAMPLES", "2000")),
+                          deadline=None, derandomize=False, print_blob=True, suppress_health_check=_QUIET)
+HYPOTHESIS_PROFILE = os.environ.get("DYNCNN_HYPOTHESIS_PROFILE", "ci")
+if HYPOTHESIS_PROFILE not in ("ci", "long"):
+    raise pytest.UsageError(f"DYNCNN_HYPOTHESIS_PROFILE must be ci or long, got {HYPOTHESIS_PROFILE!r}")
+settings.load_profile(HYPOTHESIS_PROFILE)
 
 
 @pytest.fixture(autouse=True)

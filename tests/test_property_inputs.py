@@ -3,14 +3,18 @@ bundle's ``run`` give a correct result or a DyncnnError, never another exception
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import dyncnn
 from dyncnn.errors import DyncnnError
 from dyncnn.export import export_bundle, load_bundle
 
-SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+SETTINGS = settings()      # the profile that tests/conftest.py loads: DYNCNN_HYPOTHESIS_PROFILE=ci (default) or long
+RUNS: dict[str, int] = {}  # examples run per test (the inner properties escape --hypothesis-show-statistics)
+
+
+def _report(key: str) -> None:
+    print(f"\n{key}: {RUNS.get(key, 0)} examples ({settings().max_examples} asked)")   # shown with pytest -s
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.uint8, torch.bool]
 
 
@@ -81,12 +85,14 @@ def test_eager_infer_gives_a_result_or_a_dyncnn_error(family):
     @example(x=torch.rand(1, 1, 2, 3), policy=None)
     @example(x=torch.rand(1, 1, 200, 9), policy=[])
     def prop(x, policy):
+        RUNS[family] = RUNS.get(family, 0) + 1
         try:
             result = model.infer(x, policy) if takes_policy else model.infer(x)
         except DyncnnError:
             return
         _check_eager(model, x, policy, result)
     prop()
+    _report(family)
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +112,7 @@ def test_bundle_run_gives_a_result_or_a_dyncnn_error(bundles, kind):
     @SETTINGS
     @given(x=inputs((1, 32, 32)), policy=POLICIES)
     def prop(x, policy):
+        RUNS[f"bundle {kind}"] = RUNS.get(f"bundle {kind}", 0) + 1
         try:
             got = bundle.run(x, policy) if kind == "multi" else bundle.run(x)
         except DyncnnError:
@@ -119,3 +126,4 @@ def test_bundle_run_gives_a_result_or_a_dyncnn_error(bundles, kind):
         else:
             _check_eager(model, x32, policy, got)
     prop()
+    _report(f"bundle {kind}")

@@ -229,7 +229,7 @@ def test_temperatures_must_be_positive_and_finite(temps):
     (lambda m: m.update(kind="static"), "kind 'static' needs graph.*that of a 'multi_exit' bundle"),
     (lambda m: m.update(num_classes=7), "outputs logits of shape .*7 classes"),
     (lambda m: m["input"].update(shape=["batch", 1, 64, 64]), r"takes inputs of shape \(N, 1, 32, 32\)"),
-    (lambda m: m["stages"][0].pop("logits"), "malformed"),
+    (lambda m: m["stages"][0].pop("logits"), "stage 0: logits come from None"),
 ])
 def test_manifests_are_validated_on_load(bundles, tmp_path, edit, message):
     with pytest.raises(BundleError, match=message):

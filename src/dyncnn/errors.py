@@ -20,6 +20,10 @@ class CheckpointError(DyncnnError):
     """A checkpoint that is missing, truncated, or belongs to another model or configuration."""
 
 
+class LockedError(DyncnnError):
+    """An output folder that another running dyncnn process writes into (see ``dyncnn.files.output_lock``)."""
+
+
 class InputTypeError(DyncnnError, TypeError):
     """An input of the wrong Python type (a list where a tensor is expected): a DyncnnError, and a TypeError."""
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 
+from .. import __version__
 from ..errors import DyncnnError
 from . import bench, calibrate, demo, eval, export, frontier, profile, train, zoo
 from .common import THREADS, _HelpFormatter
@@ -17,9 +19,43 @@ __all__ = ["COMMANDS", "THREADS", "TIMING_COMMANDS", "build_parser", "main", "zo
 COMMANDS = (zoo, profile, train, eval, calibrate, frontier, demo, export, bench)
 
 
+class _Parser(argparse.ArgumentParser):
+    """The top-level parser: a mistyped command or option is refused with a suggestion (difflib), an option by its
+    command's parser (that command's usage), not by the top level's "unrecognized arguments"."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._subparsers is not None:   # the subcommands' parsers are of this class too: check once, at the top
+            self._check_spelling(sys.argv[1:] if args is None else list(args))
+        return super().parse_known_args(args, namespace)
+
+    def _check_spelling(self, argv: list[str]) -> None:
+        commands = self._subparsers._group_actions[0].choices
+        i = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+        if i is None:
+            return
+        if argv[i] not in commands:
+            self.error(f"unknown command {argv[i]!r}{_did_you_mean(argv[i], commands)} (commands: "
+                       f"{', '.join(commands)})")
+        sub = commands[argv[i]]
+        for a in argv[i + 1:]:
+            if a == "--":
+                break
+            name = a.split("=", 1)[0]
+            if not a.startswith("-") or a == "-" or sub._negative_number_matcher.match(a) or \
+                    any(o.startswith(name) for o in sub._option_string_actions):
+                continue
+            sub.error(f"unrecognized argument {a}{_did_you_mean(name, sub._option_string_actions)}")
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dyncnn", description="Efficient mobile CNNs and dynamic networks that "
-                                "execute the computation they save: build, train, profile, evaluate.")
+    p = _Parser(prog="dyncnn", description="Efficient mobile CNNs and dynamic networks that execute the computation "
+                "they save: build, train, profile, evaluate.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_parser(sub)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DyncnnError
-from .common import _add_data_args, _data_cfg_for, _dataset, _device, _file_sha256, _writable_file
+from .common import _add_data_args, _data_cfg_for, _dataset, _device, _file_sha256, _not_a_bundle, _writable_file
 
 
 def add_parser(sub) -> None:
@@ -35,6 +35,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..dynamic.calibration import calibrate, save_thresholds
     from ..train import load_checkpoint
+    _not_a_bundle(args.checkpoint, "a training checkpoint (calibrate takes the checkpoint, --bundle its bundle)")
     ckpt = Path(args.checkpoint)
     # beside the checkpoint, inside the run folder (a folder given as the checkpoint is the run folder)
     out = _writable_file(Path(args.out) if args.out else

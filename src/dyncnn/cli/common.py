@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from ..errors import DyncnnError
@@ -89,6 +90,61 @@ def _is_bundle(spec: str) -> bool:
     return (Path(spec) / "manifest.json").is_file()
 
 
+def _not_a_bundle(spec: str, expected: str) -> None:
+    """Refuse an exported bundle, a file of one or an exported graph where ``expected`` (a checkpoint, a model) is
+    needed, saying what it is and which commands take it."""
+    p = Path(spec)
+    folder = p if _is_bundle(spec) else p.parent if p.is_file() and _is_bundle(str(p.parent)) else None
+    if folder is not None:
+        what = "a bundle (exported model)" if folder == p else f"a file of the bundle (exported model) {folder}"
+        raise DyncnnError(f"{spec} is {what}, not {expected}: use `dyncnn bench {folder}` or "
+                          f"`dyncnn profile {folder}`")
+    if p.suffix in (".onnx", ".pte"):
+        raise DyncnnError(f"{spec} is an exported graph ({p.suffix}), not {expected}: dyncnn runs exported models "
+                          f"as bundles, the folder `dyncnn export` writes (with manifest.json): use `dyncnn bench "
+                          f"DIR` or `dyncnn profile DIR`")
+
+
+def _cfg_item(key: str, value) -> str:
+    return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+
+
+def _create_model(name: str, cfg: dict, fixed: dict | None = None, defaults: dict | None = None):
+    """``create_model`` at the CLI boundary. ``fixed`` maps the keyword arguments that other flags set to (value,
+    flag): a ``--cfg`` item for one of them is refused naming the flag. ``defaults`` are keyword arguments that
+    ``--cfg`` may override. A ``--cfg`` value that the model rejects (its ValueError, TypeError or RuntimeError, or
+    empty weights from a size of 0) is reported naming the ``--cfg`` items, not as a traceback."""
+    import warnings
+
+    from ..models import create_model
+    from ..models.registry import UnknownModelError
+    fixed = fixed or {}
+    for key in cfg:
+        if key in fixed:
+            value, flag = fixed[key]
+            raise DyncnnError(f"--cfg {_cfg_item(key, cfg[key])}: {key} is set by {flag} ({value}); drop it from --cfg")
+    kwargs = {**(defaults or {}), **cfg, **{k: v for k, (v, _) in fixed.items()}}
+    if not cfg:
+        return create_model(name, **kwargs)
+
+    def items(message: str) -> str:        # the items the message speaks of, else all of them
+        named = [k for k in cfg if re.search(rf"\b{re.escape(k)}\b", message)] or list(cfg)
+        return " ".join(_cfg_item(k, cfg[k]) for k in named)
+    try:
+        with warnings.catch_warnings():     # a size of 0: torch warns while it initialises the empty weights
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            model = create_model(name, **kwargs)
+    except UnknownModelError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise DyncnnError(f"--cfg {items(str(e))}: {e}") from e
+    empty = [f"{n} {tuple(p.shape)}" for n, p in model.named_parameters() if p.numel() == 0]
+    if empty:
+        raise DyncnnError(f"--cfg {items('')}: {name} built with it has empty weights ({', '.join(empty[:2])}); "
+                          f"expected sizes and counts of at least 1")
+    return model
+
+
 def _writable_folder(path: Path, flag: str = "--out") -> Path:
     """Check before any work that ``path`` can be a folder we write into: not an existing file, creatable,
     writable."""
@@ -123,12 +179,13 @@ def _file_sha256(path: str | Path) -> str | None:
 
 def _load_model(spec: str, num_classes: int | None = None, cfg: dict | None = None):
     """A registered model name, ``torchvision:``/``timm:`` name, or a checkpoint path."""
-    from ..models import create_model
+    _not_a_bundle(spec, "a model name or checkpoint")
     if spec.endswith(".safetensors") or Path(spec).is_dir():
         from ..train import load_checkpoint
         model, meta = load_checkpoint(spec)
         return model, meta
-    return create_model(spec, num_classes=num_classes, **(cfg or {})), {}
+    fixed = {"num_classes": (num_classes, "the data")} if num_classes is not None else None
+    return _create_model(spec, cfg or {}, fixed), {}
 
 
 def _input_shape(model, input_size: int | None, in_chans: int | None, meta: dict) -> tuple[int, int, int]:

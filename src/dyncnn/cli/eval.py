@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from ..errors import DyncnnError
-from .common import _add_data_args, _data_cfg_for, _dataset, _device, _file_sha256
+from .common import _add_data_args, _data_cfg_for, _dataset, _device, _file_sha256, _not_a_bundle
 
 
 def add_parser(sub) -> None:
@@ -25,6 +25,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..train import evaluate, load_checkpoint
+    _not_a_bundle(args.checkpoint, "a training checkpoint")
     model, meta = load_checkpoint(args.checkpoint)
     model.to(_device(args))          # evaluation follows the model's device
     data_cfg = _data_cfg_for(args, meta)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DyncnnError
-from .common import _add_data_args, _cli_data_cfg, _dataset, _parse_cfg, _writable_folder
+from .common import _add_data_args, _cli_data_cfg, _create_model, _dataset, _parse_cfg, _writable_folder
 
 
 def add_parser(sub) -> None:
@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (not on norms and biases)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
     p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up, in epochs")
-    p.add_argument("--cfg", nargs="*", metavar="KEY=VALUE", help="model keyword arguments")
+    p.add_argument("--cfg", nargs="*", metavar="KEY=VALUE", help="model keyword arguments (in_chans and frames "
+                   "default to the dataset's; num_classes is the dataset's)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors if present")
     p.add_argument("--overwrite", action="store_true", help="replace the training run already in --out (its "
@@ -45,16 +46,16 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from ..models import create_model
     from ..train import TrainConfig
     _check_train_out(args)
     train_set, val_set = _dataset(args, "train"), _dataset(args, "val")
-    cfg = _parse_cfg(args.cfg)
-    cfg.setdefault("in_chans", train_set.in_chans)       # torchvision / timm models take it too (stem adapted)
+    defaults = {"in_chans": train_set.in_chans}   # --cfg may override these; num_classes is the dataset's
+    # (torchvision / timm models take in_chans too: their stem is adapted)
     if hasattr(train_set, "frames") and not args.model.startswith(("torchvision:", "timm:")):
-        cfg.setdefault("frames", train_set.frames)       # clips: the temporal models are built for T frames
+        defaults["frames"] = train_set.frames       # clips: the temporal models are built for T frames
     torch.manual_seed(args.seed)         # the initial weights are part of what --seed fixes
-    model = create_model(args.model, num_classes=train_set.num_classes, **cfg)
+    model = _create_model(args.model, _parse_cfg(args.cfg), defaults=defaults,
+                          fixed={"num_classes": (train_set.num_classes, f"--dataset {args.dataset}")})
     if args.init:
         from ..train.checkpoint import init_from_checkpoint
         part = init_from_checkpoint(model, args.init)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import DyncnnError
-from ..files import atomic_write_text, model_spec
+from ..files import atomic_write_text, model_spec, read_json
 from .budget import collect_exit_logits, exit_scores, fit_temperatures, solve_for_budget
 from .policy import ExitPolicy
 from .protocols import HasExits
@@ -118,16 +118,22 @@ def validate_thresholds_record(record: object, where: str) -> ExitPolicy:
     if record.get("format") != FORMAT:
         raise DyncnnError(f"{where} is not a dyncnn thresholds file (format {record.get('format')!r}, "
                           f"expected {FORMAT!r})")
-    missing = [k for k in ("num_exits", "thresholds", "exit_macs") if k not in record]
+    missing = [k for k in ("num_exits", "thresholds", "temperatures", "exit_macs") if k not in record]
     if missing:
-        raise DyncnnError(f"{where}: the thresholds file lacks {', '.join(missing)}; re-run `dyncnn calibrate`")
+        why = (" (the thresholds were solved on confidences at the fitted per-exit temperatures: without them "
+               "they compare other numbers, and every sample may leave at the first exit)"
+               if "temperatures" in missing else "")
+        raise DyncnnError(f"{where}: the thresholds file lacks {', '.join(missing)}{why}; re-run `dyncnn calibrate`")
     k = record["num_exits"]
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise DyncnnError(f"{where}: num_exits must be a positive integer, got {k!r:.40}")
-    policy = ExitPolicy(record["thresholds"], record.get("criterion", "max_prob"), record.get("temperatures", []))
+    policy = ExitPolicy(record["thresholds"], record.get("criterion", "max_prob"), record["temperatures"])
     if len(policy.thresholds) not in (k - 1, k):
         raise DyncnnError(f"{where}: {len(policy.thresholds)} thresholds for {k} exits; expected {k - 1} (one per "
                           f"exit but the last)")
+    if len(policy.temperatures) != k:
+        raise DyncnnError(f"{where}: {len(policy.temperatures)} temperatures for {k} exits; expected one per exit "
+                          f"(as `dyncnn calibrate` writes; 1.0 where no temperature was fitted)")
     macs = record["exit_macs"]
     if not isinstance(macs, list) or len(macs) != k or \
             any(isinstance(m, bool) or not isinstance(m, (int, float)) or not m >= 0 for m in macs):
@@ -145,10 +151,7 @@ def load_thresholds(path: str | Path, model: nn.Module | None = None,
         raise DyncnnError(f"thresholds file {path} does not exist (write one with `dyncnn calibrate`)")
     if not path.is_file():
         raise DyncnnError(f"thresholds file {path} is not a file (expected the JSON that `dyncnn calibrate` writes)")
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DyncnnError(f"thresholds file {path} is not valid JSON: {e}") from None
+    record = read_json(path, "thresholds file")
     if model is not None and isinstance(record, dict) and record.get("format") == FORMAT:
         exits = getattr(model, "num_exits", None)
         if exits != record.get("num_exits"):

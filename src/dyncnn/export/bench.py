@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from ..profile.latency import DEFAULT_THREADS, on_device, spread_warning, summarize, time_callable, torch_threads
-from .runtime import _read_manifest, load_bundle
+from .bundle_format import read_manifest
+from .runtime import load_bundle
 from .staged import export_bundle, is_multi_exit, own_writer
 
 
@@ -125,7 +126,7 @@ def bench_bundle(folder: str | Path, images: Tensor, labels: Tensor | None = Non
     for every precision it holds (FP32, and INT8 when exported with ``--quantize``); the result has the shape of
     :func:`bench_model`'s, without eager rows and eager parity."""
     folder = Path(folder)
-    manifest = _read_manifest(folder)
+    manifest = read_manifest(folder)
     kind = manifest["kind"]
     precisions = ["fp32"]
     if kind != "glance":
@@ -313,7 +314,7 @@ def profile_bundle(folder: str | Path, batch_sizes: Sequence[int] = (1, 32), thr
 
     from ..dynamic.policy import ExitPolicy
     folder = Path(folder)
-    manifest = _read_manifest(folder)
+    manifest = read_manifest(folder)
     kind = manifest["kind"]
     shape = [int(s) for s in manifest["input"]["shape"][1:]]
     if kind == "glance":

@@ -112,7 +112,7 @@ class CondGraph:
     def run(self, x: Any, policy) -> Any:
         from ..dynamic.executor import ExitResult
         from ..dynamic.policy import ExitPolicy
-        from .runtime import _as_batch
+        from .host import _as_batch
         policy = ExitPolicy.of(policy)
         x = _as_batch(x, self.input_shape)
         thr = np.asarray((list(policy.thresholds) + [math.inf])[:max(self.num_exits - 1, 1)], dtype=np.float32)

@@ -32,9 +32,9 @@ from torch import Tensor, nn
 from ..dynamic.policy import ExitPolicy
 from ..models.gfnet import GFNet, gather_patches, traceable_corners
 from .onnx import ExportError, export_graph, onnx_session, relative_error
-from .runtime import BundleError, _as_batch, _read_manifest, bundle_file, confidence_np, one_sample_leaves
-from .staged import FORMAT, MANIFEST, _base_manifest, file_record, register_writer, write_manifest, \
-    writing_bundle
+from .bundle_format import (FORMAT, MANIFEST, BundleError, base_manifest, bundle_file, check_graph_shapes,
+                            file_record, read_manifest, register_writer, write_manifest, writing_bundle)
+from .host import _as_batch, confidence_np, one_sample_leaves
 
 KIND = "glance"
 
@@ -96,7 +96,7 @@ def export_glance_bundle(model: GFNet, out_dir: str | os.PathLike, *, input_size
         export_graph(_Focus(model, side, True), (image, h, hp, feat, where), tmp / "focus_last.onnx", names,
                      ["logits"], opset=opset, what=f"{what} last focus step", strip="model.")
         steps = model.step_macs(image[:1])
-        manifest = _base_manifest(model, KIND, (model.in_chans, side, side), opset)
+        manifest = base_manifest(model, KIND, (model.in_chans, side, side), opset)
         manifest.update(num_classes=model.num_classes, num_exits=model.num_steps, patch_size=p, step_macs=steps,
                         policy_dim=pol, hidden_dim=hid,
                         exit_macs=np.cumsum(steps).tolist(), policy=policy.to_dict(),
@@ -135,7 +135,7 @@ def load_glance_bundle(folder: str | os.PathLike, threads: int = 1, verify: bool
     path = folder / MANIFEST
     if not path.exists():
         raise BundleError(f"{folder} holds no {MANIFEST}: not a dyncnn bundle (write one with export_glance_bundle)")
-    manifest = _read_manifest(folder)
+    manifest = read_manifest(folder)
     if manifest.get("format") != FORMAT or manifest.get("kind") != KIND:
         raise BundleError(f"{path}: expected a {FORMAT!r} bundle of kind {KIND!r}, got {manifest.get('format')!r} "
                           f"/ {manifest.get('kind')!r}")
@@ -158,6 +158,8 @@ class GlanceBundle:
         for name, entry in manifest["graphs"].items():
             f = bundle_file(folder, entry["files"]["fp32"], f"graph {name!r}", verify)
             self.sessions[name] = onnx_session(f, threads)
+            check_graph_shapes(folder, self.sessions[name], f"graph {name!r}", {"image": self.input_shape},
+                               self.num_classes)
 
     def _policy(self, policy) -> ExitPolicy:
         if policy is None:

@@ -104,8 +104,8 @@ def _batches(images: Tensor | np.ndarray, batch_size: int) -> Iterable[np.ndarra
 
 def quantize_bundle(folder: str | os.PathLike, calibration: Tensor | np.ndarray, batch_size: int = 32) -> dict:
     """Add INT8 graphs to the bundle in ``folder``, calibrated on ``calibration`` images; returns the manifest."""
+    from .bundle_format import file_record, write_manifest
     from .runtime import load_bundle
-    from .staged import file_record, write_manifest
     folder = Path(folder)
     bundle = load_bundle(folder, "fp32")
     manifest = bundle.manifest

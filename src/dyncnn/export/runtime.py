@@ -1,7 +1,8 @@
 """The host-side driver of an exported bundle: ONNX Runtime sessions plus the exit policy, in numpy.
 
-``load_bundle(dir)`` checks the bundle before it loads anything (manifest present, of this format, every graph file
-present with the recorded SHA-256, each session's inputs and outputs as the manifest says) and returns a
+``load_bundle(dir)`` checks the bundle before it loads anything (manifest present, of this format and valid, every
+graph file present with the recorded size and SHA-256, each session's input and output names and per-sample shapes as
+the manifest says: :mod:`.bundle_format`) and returns a
 :class:`StaticBundle` or a :class:`DynamicBundle`. ``DynamicBundle.run(x)`` is eager ``MultiExitNetwork.infer``
 re-done on the host: stage ``k``'s session runs on the rows still active, head ``k`` scores them, the rows whose
 confidence meets threshold ``k`` leave with those logits, and only the others are fed to stage ``k + 1`` (the
@@ -25,240 +26,26 @@ Inputs are checked before any session runs: a 4-D batch of the exported channels
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from ..dynamic.policy import ExitPolicy
-from ..errors import DyncnnError, InputTypeError
-from .staged import FORMAT, MANIFEST, RUNTIMES, graph_io, sha256_file
+from ..errors import DyncnnError
+from .bundle_format import (MANIFEST, RUNTIMES, BundleError, bundle_file, bundle_lock, check_graph_shapes, graph_io,
+                            read_manifest, stage_io_shapes, write_manifest)
+from .host import (SCREEN_MARGIN, _as_batch, _non_finite, confidence_np, exit_test_one, logits_finite,  # noqa: F401
+                   one_sample_leaves, row_values)
+
+_read_manifest = read_manifest      # the name the CLI imports (to go when the CLI imports bundle_format)
 
 PRECISIONS = ("fp32", "int8")
-
-
-class BundleError(DyncnnError):
-    """A bundle folder that is missing, of another format version, or whose files do not match its manifest."""
-
-
-def confidence_np(logits: np.ndarray, criterion: str = "max_prob", temperature: float = 1.0) -> np.ndarray:
-    """numpy twin of :func:`dyncnn.dynamic.policy.confidence` (float32, same order of operations)."""
-    z = np.asarray(logits, dtype=np.float32)
-    if temperature != 1.0:
-        z = z / np.float32(temperature)
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    inv = np.float32(1.0) / e.sum(axis=-1, keepdims=True)
-    if criterion == "max_prob":       # the top probability is exp(0) * inv = inv exactly
-        return inv[:, 0]
-    p = e * inv
-    if criterion == "margin":
-        top = np.partition(p, p.shape[-1] - 2, axis=-1)[:, -2:]
-        return top[:, 1] - top[:, 0]
-    if criterion == "entropy":
-        ent = -(p * np.log(np.maximum(p, np.float32(1e-12)))).sum(axis=-1, dtype=np.float32)
-        return -ent / np.float32(math.log(p.shape[-1]))
-    raise ValueError(f"unknown exit criterion {criterion!r}; expected max_prob, entropy or margin")
-
-
-SCREEN_MARGIN = 1e-4    # float32's rounding moves a confidence by a few 1e-7: beyond this, it cannot flip a decision
-_SCALAR_CLASSES = 64     # up to this many classes, one sample's logits are read as Python floats
-
-
-def row_values(logits: np.ndarray) -> list[float] | None:
-    """One sample's (1, C) logits as Python floats when ``C`` is small (the fast exit test), else None."""
-    return logits.ravel().tolist() if logits.shape[-1] <= _SCALAR_CLASSES else None
-
-
-def logits_finite(logits: np.ndarray, values: list[float] | None = None) -> bool:
-    """No NaN/Inf in ``logits``; ``values``: the same as :func:`row_values` (their double sum cannot overflow)."""
-    if values is not None:
-        return math.isfinite(sum(values))
-    return bool(np.isfinite(logits.sum()) or np.isfinite(logits).all())   # the float32 sum may overflow
-
-
-def exit_test_one(logits: np.ndarray, values: list[float] | None, criterion: str, temperature: float,
-                  threshold: np.float32) -> bool:
-    """``confidence_np(logits, criterion, temperature)[0] >= threshold`` for one sample's finite (1, C) logits.
-
-    The driver makes this test after every stage of a batch-1 call, where the float32 twin's seven numpy calls
-    (about 14 us) would weigh on stages of 0.1-0.2 ms. For ``max_prob`` the confidence is first computed in double
-    precision on ``values`` (:func:`row_values`, about 1.5 us); the float32 twin decides only when that confidence
-    lies within :data:`SCREEN_MARGIN` of the threshold. So the decision is always the float32 twin's.
-    """
-    if criterion == "max_prob" and values is not None:
-        m, t, s = max(values), float(temperature), 0.0
-        for v in values:
-            s += math.exp((v - m) / t)
-        c, thr = 1.0 / s, float(threshold)
-        if abs(c - thr) > SCREEN_MARGIN:
-            return c > thr
-    return bool(confidence_np(logits, criterion, temperature)[0] >= threshold)
-
-
-def _non_finite(k: int, logits: np.ndarray, step: str = "exit") -> NoReturn:
-    raise FloatingPointError(f"{step} {k} produced NaN/Inf logits for {int((~np.isfinite(logits)).any(1).sum())} "
-                             f"samples; refusing to take an exit decision on them")
-
-
-def one_sample_leaves(k: int, logits: np.ndarray, last: bool, threshold: np.float32 | None, criterion: str,
-                      temperature: float, step: str = "exit") -> bool:
-    """Whether the one sample of ``logits`` (1, C) leaves at ``step`` ``k``: NaN/Inf logits are refused, the last
-    step always takes it, an infinite threshold never / always does (eager's decision without the math), and
-    otherwise :func:`exit_test_one` decides. The batch-1 loop of the multi-exit and glance drivers."""
-    values = row_values(logits)
-    if not logits_finite(logits, values):
-        _non_finite(k, logits, step)
-    if last:
-        return True
-    if threshold == np.inf:
-        return False
-    return threshold == -np.inf or exit_test_one(logits, values, criterion, temperature, threshold)
-
-
-def _read_manifest(folder: Path) -> dict:
-    if not folder.is_dir():
-        raise BundleError(f"bundle {folder} does not exist or is not a folder (write one with `dyncnn export`)")
-    path = folder / MANIFEST
-    if not path.exists():
-        raise BundleError(f"bundle {folder} has no {MANIFEST}: not a dyncnn bundle, or an export that did not "
-                          f"finish (write one with `dyncnn export`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise BundleError(f"{path} is not valid JSON: {e}") from None
-    fmt = manifest.get("format") if isinstance(manifest, dict) else None
-    if fmt != FORMAT:
-        raise BundleError(f"{path} has format {fmt!r}; this dyncnn reads {FORMAT!r} (re-export the model with "
-                          f"this version)")
-    if manifest.get("kind") not in ("static", "multi_exit", "glance"):
-        raise BundleError(f"{path}: unknown bundle kind {manifest.get('kind')!r}")
-    validate_manifest(manifest, str(path))
-    return manifest
-
-
-# What each kind of bundle must hold (beyond format and kind), checked before anything is read.
-_KIND_KEYS = {"static": ("graph",), "multi_exit": ("num_exits", "stages", "exit_macs", "policy"),
-              "glance": ("num_exits", "graphs", "exit_macs", "policy", "patch_size", "policy_dim", "hidden_dim")}
-MAX_GRAPH_BYTES = 1 << 32      # 4 GiB: ONNX protobufs cannot be larger without external data
-
-
-def _positive_int(value, what: str, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BundleError(f"{where}: {what} must be a positive integer, got {value!r:.80}")
-    return value
-
-
-def validate_manifest(manifest: dict, where: str = "manifest") -> None:
-    """The checks that a manifest (untrusted input, like any file) must pass before the driver uses it, with the
-    rules of the Python API: the content its ``kind`` needs; the input shape and class count positive integers;
-    per exit a stage and a non-negative, non-decreasing cumulative MAC count; an exit policy with one threshold
-    per exit but the last (or one per exit), finite positive temperatures."""
-    kind = manifest.get("kind")
-    missing = [k for k in _KIND_KEYS[kind] if k not in manifest]
-    if missing:
-        other = [k for k, keys in _KIND_KEYS.items() if k != kind and all(key in manifest for key in keys)]
-        hint = f"; its content is that of a {other[0]!r} bundle" if other else ""
-        raise BundleError(f"{where}: a bundle of kind {kind!r} needs {', '.join(missing)}, which it lacks{hint}")
-    shape = (manifest.get("input") or {}).get("shape") if isinstance(manifest.get("input"), dict) else None
-    if not isinstance(shape, list) or len(shape) != 4:
-        raise BundleError(f"{where}: input.shape must be ['batch', C, H, W], got {shape!r:.80}")
-    for v, what in zip(shape[1:], ("input channels", "input height", "input width")):
-        _positive_int(v, what, where)
-    _positive_int(manifest.get("num_classes"), "num_classes", where)
-    if kind == "static":
-        if not isinstance(manifest["graph"], dict):
-            raise BundleError(f"{where}: graph must be an object, got {type(manifest['graph']).__name__}")
-        return
-    k = _positive_int(manifest["num_exits"], "num_exits", where)
-    listed = manifest["graphs"] if kind == "glance" else manifest["stages"]
-    if kind == "multi_exit" and (not isinstance(listed, list) or len(listed) != k):
-        raise BundleError(f"{where}: expected {k} stages (one per exit), got "
-                          f"{len(listed) if isinstance(listed, list) else type(listed).__name__}")
-    if kind == "glance" and not isinstance(listed, dict):
-        raise BundleError(f"{where}: graphs must be an object, got {type(listed).__name__}")
-    macs = manifest["exit_macs"]
-    if not isinstance(macs, list) or len(macs) != k or \
-            any(isinstance(m, bool) or not isinstance(m, int) or m < 0 for m in macs):
-        raise BundleError(f"{where}: exit_macs must list {k} non-negative integers (cumulative MACs per exit), "
-                          f"got {macs!r:.120}")
-    if any(b < a for a, b in zip(macs, macs[1:])):
-        raise BundleError(f"{where}: exit_macs must not decrease (they are cumulative), got {macs}")
-    p = manifest["policy"]
-    if not isinstance(p, dict):
-        raise BundleError(f"{where}: policy must be an object, got {type(p).__name__}")
-    try:
-        policy = ExitPolicy(p.get("thresholds"), p.get("criterion", "max_prob"), p.get("temperatures", []))
-    except DyncnnError as e:
-        raise BundleError(f"{where}: invalid exit policy: {e}") from None
-    if len(policy.thresholds) not in (k - 1, k):
-        raise BundleError(f"{where}: the exit policy has {len(policy.thresholds)} thresholds; expected {k - 1} "
-                          f"(one per exit but the last)")
-    if len(policy.temperatures) not in (0, k - 1, k):
-        raise BundleError(f"{where}: the exit policy has {len(policy.temperatures)} temperatures; expected none "
-                          f"or one per exit ({k})")
-
-
-def bundle_file(folder: Path, rec: object, what: str, verify: bool) -> Path:
-    """The graph file that manifest record ``rec`` names, after the checks that keep a crafted manifest inside
-    the bundle: a relative name without ``..`` (``stage0.onnx``, ``int8/stage0.onnx``), not absolute, of a
-    regular file inside ``folder`` (not a device, FIFO or a link out of the folder), whose size is checked
-    before it is hashed."""
-    name = rec.get("file") if isinstance(rec, dict) else None
-    parts = name.split("/") if isinstance(name, str) else []
-    if not parts or any(part in ("", ".", "..") for part in parts) or "\\" in name or "\0" in name or \
-            os.path.isabs(name):
-        raise BundleError(f"bundle {folder}: {what}: the manifest names the file {name!r:.80}; expected a plain "
-                          f"file name inside the bundle folder (such as stage0.onnx or int8/stage0.onnx)")
-    path = folder / name
-    if not path.exists() and not path.is_symlink():
-        raise BundleError(f"bundle {folder}: {what} file {name} is missing")
-    if not path.resolve().is_relative_to(folder.resolve()):
-        raise BundleError(f"bundle {folder}: {what} file {name} links outside the bundle folder; refusing it")
-    st = path.stat()
-    if not stat.S_ISREG(st.st_mode):
-        raise BundleError(f"bundle {folder}: {what} file {name} is not a regular file")
-    expected = rec.get("bytes")
-    if verify:
-        if isinstance(expected, bool) or not isinstance(expected, int) or not 0 < expected <= MAX_GRAPH_BYTES:
-            raise BundleError(f"bundle {folder}: {what}: the manifest's size of {name} is {expected!r:.40}; "
-                              f"expected a positive byte count")
-        if st.st_size != expected:
-            raise BundleError(f"bundle {folder}: {what} file {name} has {st.st_size} bytes, the manifest says "
-                              f"{expected} (a different or truncated file)")
-        digest = sha256_file(path)
-        if digest != rec.get("sha256"):
-            raise BundleError(f"bundle {folder}: {what} file {name} does not match the manifest's checksum (sha256 "
-                              f"{digest[:12]}..., expected {str(rec.get('sha256'))[:12]}...); the files come from "
-                              f"another export")
-    return path
-
-
-def check_graph_shapes(folder: Path, sess, what: str, input_shape: Sequence[int] | None = None,
-                       input_name: str | None = None, num_classes: int | None = None,
-                       logits_name: str = "logits") -> None:
-    """Refuse a graph whose declared input size or class count disagrees with the manifest (ONNX Runtime would
-    fail with INVALID_ARGUMENT at the first call, or numpy would broadcast the logits into wrong results)."""
-    if not hasattr(sess, "get_inputs"):     # an ExecuTorch program: its method checks the shapes it is given
-        return
-    dims = {i.name: i.shape for i in sess.get_inputs()}
-    dims.update({o.name: o.shape for o in sess.get_outputs()})
-    if input_shape is not None and input_name in dims:
-        got = list(dims[input_name])[1:]
-        if len(got) != len(input_shape) or any(isinstance(g, int) and g != e for g, e in zip(got, input_shape)):
-            raise BundleError(f"bundle {folder}: {what} takes inputs of shape (N, {', '.join(map(str, got))}); the "
-                              f"manifest says (N, {', '.join(map(str, input_shape))})")
-    if num_classes is not None and logits_name in dims:
-        got = list(dims[logits_name])
-        if len(got) != 2 or (isinstance(got[1], int) and got[1] != num_classes):
-            raise BundleError(f"bundle {folder}: {what} outputs logits of shape {got}; the manifest says "
-                              f"{num_classes} classes")
 
 
 def _session(folder: Path, entry: dict, precision: str, threads: int, expect_in: list[str],
@@ -301,7 +88,7 @@ def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int
     if threads < 1:
         raise BundleError(f"threads must be >= 1, got {threads}")
     folder = Path(folder)
-    manifest = _read_manifest(folder)
+    manifest = read_manifest(folder)
     runtime = manifest.get("runtime", "onnxruntime")
     if runtime not in RUNTIMES:
         raise BundleError(f"bundle {folder}: unknown runtime {runtime!r} (this dyncnn runs {RUNTIMES})")
@@ -319,35 +106,6 @@ def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int
     except (KeyError, TypeError, AttributeError, IndexError) as e:   # an entry of the wrong shape in the JSON
         raise BundleError(f"{folder / MANIFEST} is malformed ({type(e).__name__}: {e}); expected the manifest "
                           f"that `dyncnn export` writes") from None
-
-
-def _as_batch(x: Any, shape: Sequence[int]) -> np.ndarray:
-    """Validate an input batch against the exported (C, H, W) and return it as contiguous float32 numpy."""
-    if type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 4 and x.shape[1:] == shape and \
-            x.flags.c_contiguous:       # the common case, checked without conversions (batch-1 latency)
-        if x.size and not np.isfinite(x.sum()) and not np.isfinite(x).all():
-            raise DyncnnError(f"input: expected finite values, got {int((~np.isfinite(x)).sum())} NaN/Inf entries")
-        return x
-    if isinstance(x, torch.Tensor):
-        if not x.is_floating_point():
-            raise DyncnnError(f"input: expected a floating-point batch (float32 in [0, 1]), got {x.dtype}; "
-                              f"convert with x.float() / 255")
-        x = x.detach().cpu().float().numpy()
-    if not isinstance(x, np.ndarray):
-        raise InputTypeError(f"input: expected a numpy array or torch tensor of shape (N, {', '.join(map(str, shape))})"
-                        f", got {type(x).__name__}")
-    expected = f"(N, {', '.join(map(str, shape))})"
-    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(shape):
-        hint = " (add a batch axis)" if x.ndim == 3 else ""
-        raise DyncnnError(f"input: expected shape {expected} as exported, got {tuple(x.shape)}{hint}; the "
-                          f"bundle's input size is fixed at export")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise DyncnnError(f"input: expected a floating-point batch (float32 in [0, 1]), got {x.dtype}; convert "
-                          f"with x.astype(np.float32) / 255")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.size and not np.isfinite(x.sum()) and not np.isfinite(x).all():   # the sum is the fast first look
-        raise DyncnnError(f"input: expected finite values, got {int((~np.isfinite(x)).sum())} NaN/Inf entries")
-    return x
 
 
 class _Bundle:
@@ -376,7 +134,7 @@ class StaticBundle(_Bundle):
         g = manifest["graph"]
         self.sess = _session(folder, g, precision, threads, g.get("inputs"), g.get("outputs"), "the model graph",
                              verify, self.runtime)
-        check_graph_shapes(folder, self.sess, "the model graph", self.input_shape, "input", self.num_classes)
+        check_graph_shapes(folder, self.sess, "the model graph", {"input": self.input_shape}, self.num_classes)
 
     def run_numpy(self, x: Any) -> np.ndarray:
         x = self.check_input(x)
@@ -402,10 +160,7 @@ class DynamicBundle(_Bundle):
 
     def __init__(self, folder: Path, manifest: dict, precision: str, threads: int, verify: bool):
         super().__init__(folder, manifest, precision, threads)
-        self.num_exits = int(manifest["num_exits"])
-        if not (len(manifest["stages"]) == len(manifest["exit_macs"]) == self.num_exits):
-            raise BundleError(f"bundle {folder}: the manifest lists {len(manifest['stages'])} stages and "
-                              f"{len(manifest['exit_macs'])} exit costs for {self.num_exits} exits")
+        self.num_exits = int(manifest["num_exits"])      # stages and exit costs: one each (validate_manifest)
         self.exit_macs = [int(m) for m in manifest["exit_macs"]]
         self._cum = np.asarray(self.exit_macs, dtype=np.int64)
         p = manifest["policy"]
@@ -418,7 +173,8 @@ class DynamicBundle(_Bundle):
             if st["files"]:
                 sess = _session(folder, st, precision, threads, [f"in{i}" for i in st["inputs"]], out_names,
                                 f"stage {k}", verify, self.runtime)
-                check_graph_shapes(folder, sess, f"stage {k}", self.input_shape if k == 0 else None, "in0",
+                shapes = {**stage_io_shapes(st), **({"in0": self.input_shape} if k == 0 else {})}
+                check_graph_shapes(folder, sess, f"stage {k}", shapes,
                                    self.num_classes if graph_logits else None)
             elif graph_logits:
                 raise BundleError(f"bundle {folder}: stage {k} takes its logits from a graph but has no file")
@@ -584,9 +340,14 @@ def record_stage_latency(folder: str | os.PathLike, stage_ms: Sequence[float], t
     under ``stage_latency_ms[str(threads)]``; returns the manifest. Latencies are a property of the machine that
     measured them, which is recorded beside them."""
     import platform
-    from .staged import write_manifest
     folder = Path(folder)
-    manifest = _read_manifest(folder)
+    with bundle_lock(folder):
+        return _record_stage_latency(folder, stage_ms, threads, machine or
+                                     f"{platform.machine()} {platform.processor() or ''}".strip())
+
+
+def _record_stage_latency(folder: Path, stage_ms: Sequence[float], threads: int, machine: str) -> dict:
+    manifest = read_manifest(folder)
     if manifest["kind"] != "multi_exit" or len(stage_ms) != int(manifest["num_exits"]):
         raise BundleError(f"bundle {folder}: expected {manifest.get('num_exits')} stage latencies for a multi-exit "
                           f"bundle, got {len(stage_ms)} for a {manifest['kind']} bundle")
@@ -595,8 +356,7 @@ def record_stage_latency(folder: str | os.PathLike, stage_ms: Sequence[float], t
     table = manifest.setdefault("stage_latency_ms", {})
     table[str(int(threads))] = {"stage_ms": [float(t) for t in stage_ms],
                                 "cumulative_ms": np.cumsum(np.asarray(stage_ms, dtype=np.float64)).tolist(),
-                                "batch": 1, "runtime": "onnxruntime",
-                                "machine": machine or f"{platform.machine()} {platform.processor() or ''}".strip()}
+                                "batch": 1, "runtime": "onnxruntime", "machine": machine}
     write_manifest(folder, manifest)
     return manifest
 

@@ -24,18 +24,15 @@ them); only the batch axis is dynamic.
 
 Every export is checked: ``onnx.checker`` on each graph, then the bundle is loaded and every exit's logits are
 compared with eager on a random batch and on any real batches given (relative error below 1e-4). The bundle is
-built in a temporary folder beside ``out_dir`` and renamed into place, so an interrupted export leaves nothing.
+built in a temporary folder beside ``out_dir`` and renamed into place, so an interrupted export leaves nothing but
+that folder, which the next export into ``out_dir`` removes; an advisory lock keeps a second export out of
+``out_dir`` meanwhile (:func:`~.bundle_format.writing_bundle`). The format itself (manifest, file records, checks,
+limits) is :mod:`.bundle_format`'s.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import importlib
-import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -47,11 +44,11 @@ from ..dynamic.executor import measure_macs
 from ..dynamic.exits import as_policy
 from ..dynamic.policy import ExitPolicy
 from ..dynamic.protocols import EarlyExitModel
-from ..files import apply_umask, atomic_write_text, model_spec
+from .bundle_format import (FORMAT, GRAPH_SUFFIX, MANIFEST, RUNTIMES, base_manifest,  # noqa: F401 (re-exported)
+                            file_record, graph_io, register_writer, registered_writer, sha256_file, write_manifest,
+                            writing_bundle)
 from .onnx import ExportError, export_graph, relative_error, required_opset
 
-FORMAT = "dyncnn-bundle-1"
-MANIFEST = "manifest.json"
 _CONST_TYPES = (type(None), bool, int, float, str)
 
 
@@ -59,31 +56,6 @@ def is_multi_exit(model: nn.Module) -> bool:
     """Whether ``model`` has the MultiExitNetwork interface (stages, heads, initial_state, infer):
     :class:`~dyncnn.dynamic.protocols.EarlyExitModel`."""
     return isinstance(model, EarlyExitModel)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_record(folder: Path, name: str) -> dict:
-    """``{"file", "sha256", "bytes"}`` of ``folder/name``: what the runtime checks before loading it."""
-    p = folder / name
-    return {"file": name, "sha256": sha256_file(p), "bytes": p.stat().st_size}
-
-
-def graph_io(path: str | os.PathLike) -> tuple[list[str], list[str]]:
-    import onnx
-    g = onnx.load(str(path), load_external_data=False).graph
-    inits = {i.name for i in g.initializer}
-    return [i.name for i in g.input if i.name not in inits], [o.name for o in g.output]
-
-
-RUNTIMES = ("onnxruntime", "executorch")
-GRAPH_SUFFIX = {"onnxruntime": ".onnx", "executorch": ".pte"}
 
 
 def write_graph(runtime: str, module: nn.Module, args: Sequence[Tensor], folder: Path, stem: str,
@@ -145,69 +117,6 @@ class _GraphCall(nn.Module):
         return tuple(res)
 
 
-def _prepare_out_dir(out_dir: Path) -> Path:
-    """A fresh temporary folder beside ``out_dir``; refuses an ``out_dir`` holding something other than a bundle."""
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise ExportError(f"--out {out_dir} exists and is not a folder")
-        if any(out_dir.iterdir()) and not is_bundle_folder(out_dir):
-            raise ExportError(f"--out {out_dir} is a non-empty folder without a dyncnn bundle (no {MANIFEST} of "
-                              f"format {FORMAT!r}); refusing to replace it (choose a new or empty folder)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    apply_umask(tmp, folder=True)
-    return tmp
-
-
-def is_bundle_folder(folder: Path) -> bool:
-    """Whether ``folder`` holds a dyncnn bundle: a manifest that says so (a folder that merely has some
-    ``manifest.json`` is someone else's, and is never replaced)."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith("dyncnn-bundle-")
-
-
-def _commit(tmp: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` (empty, absent, or an older bundle) by the finished bundle in ``tmp``."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-
-
-@contextlib.contextmanager
-def writing_bundle(out_dir: Path, model: nn.Module):
-    """Yield a temporary folder beside ``out_dir`` with ``model`` in eval mode; on success the folder replaces
-    ``out_dir`` (see :func:`_commit`), on failure it is removed; the model's mode is restored either way."""
-    was_training = model.training
-    model.eval()
-    tmp = _prepare_out_dir(out_dir)
-    try:
-        yield tmp
-        _commit(tmp, out_dir)
-    finally:
-        model.train(was_training)
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _base_manifest(model: nn.Module, kind: str, input_shape: Sequence[int], opset: int,
-                   runtime: str = "onnxruntime") -> dict:
-    manifest = {"format": FORMAT, "kind": kind, "runtime": runtime, "model": model_spec(model),
-                "model_class": type(model).__name__, "num_classes": int(getattr(model, "num_classes", 0) or 0),
-                "input": {"name": "input", "shape": ["batch", *map(int, input_shape)], "dtype": "float32"},
-                "opset": opset, "exporter": "torchscript", "torch_version": torch.__version__}
-    if runtime == "executorch":
-        from .executorch import version
-        manifest.update(exporter="torch.export + XNNPACK partitioner", executorch_version=version())
-    return manifest
-
-
 def _calibration_chunks(calibration: Tensor | None, runtime: str, batch: int = 32) -> list[Tensor] | None:
     """ExecuTorch INT8 graphs are quantized at export (PT2E): the calibration images in batches."""
     if calibration is None or runtime != "executorch":
@@ -240,7 +149,7 @@ def _export_static(model: nn.Module, folder: Path, example: Tensor, opset: int, 
                           f"logits tensor, and is neither a multi-exit network nor a family with its own bundle "
                           f"writer: it has no bundle format")
     num_classes = int(out.shape[1])
-    manifest = _base_manifest(model, "static", example.shape[1:], opset, runtime)
+    manifest = base_manifest(model, "static", example.shape[1:], opset, runtime)
     manifest.update(num_classes=num_classes, macs=int(count_macs(model, example[:1]).total),
                     graph={"files": files, "inputs": ["input"], "outputs": ["logits"]}, **_runtime_notes([notes]))
     return manifest
@@ -317,14 +226,10 @@ def _export_multi_exit(model: nn.Module, folder: Path, example: Tensor, policy: 
             total += stage_macs + head_macs
             cum.append(int(total))
             leaves, spec = out_leaves, out_spec
-    manifest = _base_manifest(model, "multi_exit", example.shape[1:], opset, runtime)
+    manifest = base_manifest(model, "multi_exit", example.shape[1:], opset, runtime)
     manifest.update(num_classes=int(logits.shape[1]), num_exits=k_exits, stages=stages, exit_macs=cum,
                     policy=policy.to_dict(), **_runtime_notes(notes))
     return manifest
-
-
-def write_manifest(folder: str | os.PathLike, manifest: dict) -> None:
-    atomic_write_text(Path(folder) / MANIFEST, json.dumps(manifest, indent=2, allow_nan=True) + "\n")
 
 
 def _coerce_policy(model: nn.Module, policy: ExitPolicy | Sequence[float] | None) -> ExitPolicy:
@@ -351,30 +256,11 @@ def check_bundle(model: nn.Module, folder: str | os.PathLike, inputs: Sequence[T
     return worst
 
 
-_WRITERS: dict[type, Callable] = {}
-_WRITER_MODULES = ("glance",)       # the modules that register a writer of their own
-
-
-def register_writer(cls: type) -> Callable[[Callable], Callable]:
-    """Register the decorated ``writer(model, out_dir, *, policy, check_inputs, input_size) -> manifest`` for the
-    bundles of model class ``cls`` (and its subclasses): a family whose bundle needs graphs and a driver of its own
-    (GFNet's patch crops between graphs) instead of the staged one."""
-    def deco(fn: Callable) -> Callable:
-        if cls in _WRITERS and _WRITERS[cls] is not fn:
-            raise ValueError(f"{cls.__name__} already has a bundle writer ({_WRITERS[cls].__name__})")
-        _WRITERS[cls] = fn
-        return fn
-    return deco
-
-
 def own_writer(model: nn.Module) -> Callable | None:
-    """The bundle writer registered for ``model``'s class (or a base class); None: the staged writer below."""
-    for mod in _WRITER_MODULES:
-        importlib.import_module(f"{__package__}.{mod}")
-    for cls in type(model).__mro__:
-        if cls in _WRITERS:
-            return _WRITERS[cls]
-    return None
+    """The bundle writer registered for ``model``'s class (or a base class, see
+    :func:`~.bundle_format.register_writer`); None: the staged writer below."""
+    from . import glance  # noqa: F401  (the module that registers GFNet's writer)
+    return registered_writer(model)
 
 
 def export_bundle(model: nn.Module, out_dir: str | os.PathLike, input_shape: Sequence[int], *,

@@ -31,6 +31,18 @@ def _ms(entry: dict) -> str:
     return f"{med:.4f} ± {iqr / 2:.4f}{flag}"
 
 
+def ratio_words(speedup: float) -> str:
+    """A speedup in words: ``1.90x faster``, and a ratio below 1 as ``1.89x slower`` (never ``0.53x faster``)."""
+    if not 0 < speedup < float("inf"):
+        return f"{speedup:.2f}x"
+    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+
+
+def _load_average(load) -> str:
+    """``os.getloadavg()`` as recorded (a 1, 5 and 15 minute triple, or None) with 2 decimals."""
+    return ", ".join(f"{v:.2f}" for v in load) if load else "unknown"
+
+
 def headline(results: dict) -> str:
     """The one-sentence result: the best dynamic model's speedup at equal accuracy, batch 1."""
     summ = {c: v for c, v in results["summary"].items() if c != "selected"}
@@ -41,9 +53,9 @@ def headline(results: dict) -> str:
     n = len(results["seeds"])
     within = "within 0.3 points of" if best["within_0.3_points"] else "short of"
     s = (f"**{label}** (the dynamic model chosen on validation: the lowest predicted latency that reaches the best "
-         f"static model's validation accuracy) runs {best['speedup_mean']:.2f}x faster than the static front at "
+         f"static model's validation accuracy) runs {ratio_words(best['speedup_mean'])} than the static front at "
          f"equal accuracy in {_runtime(results)[1]} ({_cond_name(cond)}; mean of {n} training "
-         f"seed{'s' if n > 1 else ''}, range "
+         f"seed{'s' if n > 1 else ''}, speedup range "
          f"{best['speedup_min']:.2f}-{best['speedup_max']:.2f}x), its test accuracy "
          f"{best['accuracy_gap_mean'] * 100:+.2f} points from the best static model's "
          f"({best['best_static_mean']:.4f}: {within} it).")
@@ -54,7 +66,8 @@ def headline(results: dict) -> str:
                                                                 for k, v in picks.items()) + "."
     others = [c for c in summ if c != cond and label in summ[c]]
     if others:
-        s += " Elsewhere: " + ", ".join(f"{summ[c][label]['speedup_mean']:.2f}x at {_cond_name(c)}" for c in others) + "."
+        s += " Elsewhere: " + ", ".join(f"{ratio_words(summ[c][label]['speedup_mean'])} at {_cond_name(c)}"
+                                    for c in others) + "."
     return s
 
 
@@ -71,7 +84,7 @@ def render_markdown(results: dict) -> str:
              f"accuracy reaches the best static model's), then measured once on test. Latency: {rt_name}, ms "
              f"per image, median ± half the IQR over {st['rounds']} rounds in which every model is timed in turn; "
              f"(!) marks a spread above {SPREAD_WARNING:.0%} of the median. Machine: {m['processor']}, "
-             f"{m['cpus']} CPUs, load average at the end {m.get('load_average')}, torch {m['torch']}, "
+             f"{m['cpus']} CPUs, load average at the end {_load_average(m.get('load_average'))}, torch {m['torch']}, "
              f"{rt} {m.get(rt, '?')}.", "",
              "## Speedup at equal accuracy (mean over seeds)", "",
              "| dynamic model | condition | speedup | range | accuracy vs best static | kept of MAC speedup |",

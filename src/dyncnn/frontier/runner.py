@@ -40,6 +40,7 @@ from ..dynamic.losses import MultiExitLoss
 from ..dynamic.policy import ExitPolicy
 from ..export.runtime import load_bundle, record_stage_latency
 from ..export.staged import RUNTIMES, export_bundle
+from ..files import output_lock, read_json
 from ..models import create_model
 from ..profile import count_macs
 from ..profile.latency import torch_threads
@@ -277,13 +278,39 @@ def _quartiles(v: list[float]) -> tuple[float, float, float]:
     return statistics.median(v), q[0], q[2]
 
 
+def _duration(seconds: float) -> str:
+    """``42 s``, ``3 min 5 s``, ``1 h 2 min``: a time as a log line says it."""
+    s = round(seconds)
+    return f"{s} s" if s < 60 else f"{s // 60} min {s % 60} s" if s < 3600 else f"{s // 3600} h {s % 3600 // 60} min"
+
+
+class _Progress:
+    """One log line per finished step of a phase (a model trained, a model exported and evaluated, a timing
+    condition): its name, its seconds and the time the phase has left, from the mean step so far. Off a terminal
+    (a log file), where the tqdm bars are off, these lines are what shows that a long run moves."""
+
+    def __init__(self, total: int, log: Callable[[str], object]):
+        self.total, self.log, self.done = total, log, 0
+        self.t0 = self.last = time.perf_counter()
+
+    def step(self, what: str) -> None:
+        now = time.perf_counter()
+        self.done += 1
+        left = (now - self.t0) / self.done * (self.total - self.done)
+        self.log(f"    {what} in {now - self.last:.1f} s ({self.done} of {self.total}"
+                 + (f", about {_duration(left)} left)" if self.done < self.total else ")"))
+        self.last = now
+
+
 def time_interleaved(items: Sequence[Timed], images: np.ndarray, s: FrontierSettings, label: str = "runtime",
-                     release: Callable[[], None] = lambda: None) -> dict:
+                     release: Callable[[], None] = lambda: None, log: Callable[[str], object] | None = None) -> dict:
     """ms per image of every item, for every (threads, batch): all items timed in each round, their order
     rotated between rounds; median and quartiles over rounds. Returns ``{key: {"t{threads}_b{batch}": {...}}}``.
-    ``release`` is called after each thread count, to free that count's sessions (and their memory arenas)."""
+    ``release`` is called after each thread count, to free that count's sessions (and their memory arenas).
+    A tqdm bar per (threads, batch) on a terminal; with ``log``, one line each (:class:`_Progress`)."""
     singles = [images[i:i + 1] for i in range(min(s.single_images, len(images)))]
     out: dict[str, dict] = {it.key: {} for it in items}
+    progress = _Progress(len(s.threads) * len(s.batch_sizes), log) if log else None
     for threads in s.threads:
         runners = {it.key: it.make(threads) for it in items}
         for b in s.batch_sizes:
@@ -294,7 +321,8 @@ def time_interleaved(items: Sequence[Timed], images: np.ndarray, s: FrontierSett
                     fn(c)
             per: dict[str, list[float]] = {k: [] for k in runners}
             keys = list(runners)
-            for r in tqdm(range(s.rounds), desc=f"{label} {threads} thread(s), batch {b}", leave=False):
+            for r in tqdm(range(s.rounds), desc=f"{label} {threads} thread(s), batch {b}", leave=False,
+                          disable=None):        # None: no bar off a terminal
                 shift = r % len(keys)
                 for k in keys[shift:] + keys[:shift]:
                     fn = runners[k]
@@ -305,6 +333,8 @@ def time_interleaved(items: Sequence[Timed], images: np.ndarray, s: FrontierSett
             for k, v in per.items():
                 med, p25, p75 = _quartiles(v)
                 out[k][f"t{threads}_b{b}"] = {"median_ms": med, "p25_ms": p25, "p75_ms": p75, "rounds": len(v)}
+            if progress:
+                progress.step(f"{label} {threads} thread(s), batch {b}: {len(items)} models timed")
         del runners
         release()
         gc.collect()
@@ -354,11 +384,13 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
     static_specs = {m["label"]: m for m in models["static"]}
     result: dict = {"seed": seed, "static": {}, "dynamic": {}, "training_seconds": {}}
     statics: dict[str, nn.Module] = {}
+    training = _Progress(len(models["static"]) + sum(d["kind"] == "trained" for d in models["dynamic"]), log)
     for spec in models["static"]:
         log(f"  seed {seed}: training static {spec['label']}")
         net, info = train_one(build_static(spec, **shape), spec["label"], seed, s, train, val, data["meta"])
         statics[spec["label"]] = net
         result["training_seconds"][spec["label"]] = info["seconds"]
+        training.step(f"{spec['label']}: {'reused' if info.get('reused') else 'trained'}")
     trained_dyn: dict[str, nn.Module] = {}
     for spec in models["dynamic"]:
         if spec["kind"] == "trained":
@@ -367,6 +399,7 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
                                   val, data["meta"], loss=_loss(spec.get("recipe")))
             trained_dyn[spec["label"]] = net
             result["training_seconds"][spec["label"]] = info["seconds"]
+            training.step(f"{spec['label']}: {'reused' if info.get('reused') else 'trained'}")
     if s.only_train:
         return result
 
@@ -384,6 +417,8 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
     # one bundle each
     val_y = y_val
     static_val_logits: dict[str, Tensor] = {}
+    log(f"  seed {seed}: exporting, evaluating and calibrating every model")
+    prepared = _Progress(len(statics) + len(models["dynamic"]), log)
     with torch_threads(max(s.threads)):
         for label, net in statics.items():
             folder = bundles / _slug(label)
@@ -396,6 +431,7 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
                                        "params": sum(p.numel() for p in net.parameters())}
             timed.append(Timed(f"static|{label}", lambda t, f=folder: bundle_of(f, t).run_numpy))
             eager_timed.append(Timed(f"static|{label}", lambda t, m=net: _eager_static(m)))
+            prepared.step(f"{label}: exported and evaluated")
     best_static = max(result["static"], key=lambda k: result["static"][k]["val_accuracy"])
     target_val = result["static"][best_static]["val_accuracy"]
     result["best_static_by_val"] = best_static
@@ -467,10 +503,11 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
                                     "anytime_test": [float(test_correct[k].double().mean())
                                                      for k in range(net.num_exits)],
                                     "points": entries}
+        prepared.step(f"{label}: calibrated, exported and run on test")
 
     log(f"  seed {seed}: timing {len(timed)} models / operating points in {RUNTIME_NAMES[s.runtime][0]} "
         f"(threads {list(s.threads)}, batches {list(s.batch_sizes)}, {s.rounds} interleaved rounds)")
-    rt = time_interleaved(timed, x_test_np, s, RUNTIME_NAMES[s.runtime][0], release=sessions.clear)
+    rt = time_interleaved(timed, x_test_np, s, RUNTIME_NAMES[s.runtime][0], release=sessions.clear, log=log)
     eager = {}
     if s.eager:
         es = FrontierSettings(**{**asdict(s), "threads": (max(s.threads),), "rounds": max(3, s.rounds // 2),
@@ -478,7 +515,7 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
                                  "batch_images": max(max(s.batch_sizes), s.batch_images // 2),
                                  "models": s.models})
         with torch.inference_mode():
-            eager = time_interleaved(eager_timed, x_test, es, "eager")
+            eager = time_interleaved(eager_timed, x_test, es, "eager", log=log)
     for label, r in result["static"].items():
         r["rt"], r["eager"] = rt[f"static|{label}"], eager.get(f"static|{label}", {})
     for label, d in result["dynamic"].items():
@@ -600,7 +637,8 @@ def run_frontier(s: FrontierSettings, log=print) -> dict:
     ``s.out`` and returns the results."""
     torch.set_flush_denormal(True)      # as ONNX Runtime does; denormals would make eager timings erratic
     try:
-        return _run_frontier(s, log)
+        with output_lock(s.out, "frontier output"):     # a second frontier into s.out meanwhile is refused
+            return _run_frontier(s, log)
     finally:
         torch.set_flush_denormal(False)   # process-wide: leave the default behind
 
@@ -655,7 +693,7 @@ def upgrade_results(run: dict) -> dict:
 def merge_runs(folders: Sequence[str | Path], out: str | Path) -> dict:
     """One report from runs of the same models and settings made for different seeds (e.g. in parallel
     processes): their seeds side by side, summarized again, written to ``out``."""
-    runs = [upgrade_results(json.loads((Path(f) / "frontier.json").read_text())) for f in folders]
+    runs = [upgrade_results(read_json(Path(f) / "frontier.json", "frontier results")) for f in folders]
     first = runs[0]
     keys = ("preset", "canvas", "clutter", "data_seed", "epochs", "threads", "batch_sizes", "test_repeats",
             "runtime")
@@ -673,7 +711,8 @@ def merge_runs(folders: Sequence[str | Path], out: str | Path) -> dict:
                "seeds": seeds, "merged_from": [str(f) for f in folders],
                "machines": [r["machine"] for r in runs], "seconds": max(r["seconds"] for r in runs)}
     results["summary"] = summarize_seeds(seeds, settings)
-    write_outputs(results, Path(out))
+    with output_lock(Path(out), "frontier output"):
+        write_outputs(results, Path(out))
     return results
 
 

@@ -20,16 +20,18 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, DyncnnError
-from ..files import apply_umask, atomic_write_text, model_spec
+from ..files import MAX_JSON_BYTES, apply_umask, atomic_write_text, model_spec, parse_json, read_bounded
 from ..models.pretrained import check_state_dict
 
 FORMAT = "dyncnn-checkpoint-1"
 META_KEY = "dyncnn"
+MAX_CHECKPOINT_BYTES = 16 << 30     # the mobile networks' checkpoints are megabytes; a larger file is refused unread
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the ``.NAME.*.tmp`` files that an interrupted atomic write left in ``folder`` (one writer per folder
-    is assumed: call it when a run starts); returns what was removed."""
+    """Delete the ``.NAME.*.tmp`` files that an interrupted atomic write left in ``folder`` (call it when a run
+    starts, holding the folder's ``files.output_lock`` as ``Trainer.fit`` does: no other writer is then running);
+    returns what was removed."""
     folder = Path(folder)
     removed = []
     if folder.is_dir():
@@ -49,14 +51,15 @@ def sync_json_copies(folder: str | os.PathLike) -> list[Path]:
         try:
             with safe_open(str(ckpt), framework="pt") as f:
                 header = (f.metadata() or {}).get(META_KEY)
-            meta = json.loads(header) if header else None
+            meta = parse_json(header, f"checkpoint {ckpt}", CheckpointError) if header else None
         except (SafetensorError, OSError, ValueError, RuntimeError):
             continue
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             continue
         text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
         copy = ckpt.with_suffix(".json")
-        if not copy.exists() or copy.read_text() != text:
+        if not copy.is_file() or copy.stat().st_size != len(text.encode()) or \
+                read_bounded(copy, len(text.encode()), "checkpoint copy") != text.encode():
             atomic_write_text(copy, text)
             fixed.append(copy)
     return fixed
@@ -169,6 +172,12 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
         path = path / "last.safetensors"
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist (expected a .safetensors file written by dyncnn)")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a regular file (expected a .safetensors file written by "
+                              f"dyncnn)")
+    if path.stat().st_size > MAX_CHECKPOINT_BYTES:
+        raise CheckpointError(f"checkpoint {path} has {path.stat().st_size} bytes, more than the "
+                              f"{MAX_CHECKPOINT_BYTES} a checkpoint may have; refusing to load it")
     try:
         tensors = load_file(str(path))
         from safetensors import safe_open
@@ -180,11 +189,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     if header is None:
         raise CheckpointError(f"checkpoint {path} has no dyncnn metadata; expected a file written by "
                               f"dyncnn.train.save_checkpoint (a plain state dict loads with safetensors directly)")
-    try:
-        meta = json.loads(header)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {path}: its dyncnn header is not valid JSON ({e}); expected the JSON "
-                              f"object written by dyncnn.train.save_checkpoint") from None
+    if len(header) > MAX_JSON_BYTES:
+        raise CheckpointError(f"checkpoint {path}: its dyncnn header has {len(header)} characters, more than the "
+                              f"{MAX_JSON_BYTES} a header may have")
+    meta = parse_json(header, f"checkpoint {path}: its dyncnn header", CheckpointError)
     if not isinstance(meta, dict):
         raise CheckpointError(f"checkpoint {path}: its dyncnn header is a JSON {type(meta).__name__}, expected "
                               f"an object")

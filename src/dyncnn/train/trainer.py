@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..dynamic.protocols import AuxLoss, OwnTrainingLoss, ProgressAware
 from ..errors import DyncnnError
+from ..files import output_lock
 from .checkpoint import (atomic_write_text, load_checkpoint, remove_stale_temporaries, save_checkpoint,
                          sync_json_copies)
 from .device import DEVICES, autocast, module_device, resolve_device
@@ -233,6 +234,14 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> TrainResult:
+        """Train (``resume``: from ``out_dir/last.safetensors`` when it exists), holding the lock of ``out_dir``:
+        a second run into the same folder meanwhile gets a LockedError naming this process."""
+        if self.out_dir is None or not self.dist.is_main:
+            return self._fit(resume)
+        with output_lock(self.out_dir, "training folder"):
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> TrainResult:
         c = self.config
         if self.out_dir is not None and self.dist.is_main:
             # what a killed write left: orphan temporaries, a JSON copy one step behind its checkpoint
