@@ -96,8 +96,9 @@ class ExitPolicy:
             return policy
         if isinstance(policy, Mapping):
             if "thresholds" not in policy:
-                raise InputTypeError(f"expected a policy record with 'thresholds' (what calibrate() returns), got "
-                                     f"a mapping with keys {sorted(map(str, policy))[:8]}")
+                raise InputTypeError(f"expected an ExitPolicy, a list of thresholds or a policy record with "
+                                     f"'thresholds' (what calibrate() returns), got a mapping with keys "
+                                     f"{sorted(map(str, policy))[:8]}")
             return cls(policy["thresholds"], policy.get("criterion", "max_prob"), policy.get("temperatures", []))
         return cls(policy)
 
