@@ -32,6 +32,9 @@ def test_torchvision_models_take_in_chans(name):
     assert m(torch.randn(2, 1, 32, 32)).shape == (2, 10)
     with pytest.raises(RuntimeError):
         m(torch.randn(2, 3, 32, 32))
+    for bad in (0, -1, 1.5, "1", True):
+        with pytest.raises(dyncnn.DyncnnError, match="in_chans must be a positive integer"):
+            dyncnn.create_model(name, in_chans=bad)
 
 
 def test_input_channels_reads_the_first_convolution():

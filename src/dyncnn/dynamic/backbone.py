@@ -64,6 +64,8 @@ def set_input_channels(model: nn.Module, in_chans: int) -> nn.Module:
     """Make ``model`` take ``in_chans`` channels: its stem convolution (:func:`first_conv`) is replaced by one with
     ``in_chans`` inputs and weights from :func:`adapt_input_weight`; ``model.in_chans`` is set. Returns ``model``.
     A grouped stem (depthwise on the input) cannot be adapted and is refused."""
+    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
+        raise DyncnnError(f"in_chans must be a positive integer (1 for grey images, 3 for RGB), got {in_chans!r}")
     found = first_conv(model)
     if found is None:
         raise DyncnnError(f"{type(model).__name__} has no nn.Conv2d stem whose input channels could be changed")
