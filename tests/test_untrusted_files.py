@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import dyncnn
+from dyncnn.cli import main
 from dyncnn.dynamic.calibration import FORMAT as THRESHOLDS_FORMAT, load_thresholds
 from dyncnn.errors import CheckpointError, DyncnnError, LockedError
 from dyncnn.export import BundleError, export_bundle, load_bundle
@@ -174,7 +175,7 @@ HOLDER = textwrap.dedent("""
 """)
 
 
-def test_a_second_writer_is_refused_with_the_holders_pid_and_a_killed_holders_lock_is_taken_over(tmp_path):
+def test_a_second_writer_is_refused_with_the_holders_pid_and_a_killed_holders_lock_is_taken_over(tmp_path, capsys):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(SRC), str(out)], stdout=subprocess.PIPE, text=True)
     try:
@@ -184,6 +185,11 @@ def test_a_second_writer_is_refused_with_the_holders_pid_and_a_killed_holders_lo
             ds = torch.utils.data.TensorDataset(torch.rand(4, 1, 16, 16), torch.arange(4))
             Trainer(_tiny_static().train(), ds, None, TrainConfig(epochs=1, batch_size=4, progress=False), out).fit()
         assert not (out / "metrics.jsonl").exists()       # the refused run wrote nothing
+        (out / "metrics.jsonl").write_text("the running run's epochs\n")
+        assert main(["train", "--model", "tiny_mobilenet", "--dataset", "mnist", "--out", str(out),
+                     "--overwrite"]) == 2                   # --overwrite does not remove a running run's files
+        assert f"is in use by another dyncnn process (pid {proc.pid}" in capsys.readouterr().err
+        assert (out / "metrics.jsonl").read_text() == "the running run's epochs\n"
     finally:
         proc.kill()
         proc.wait()
