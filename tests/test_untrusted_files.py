@@ -135,6 +135,13 @@ def test_malformed_manifests_are_refused_at_load_with_the_reason(multi, tmp_path
         load_bundle(_copy(multi, tmp_path / "b", edit))
 
 
+def test_profile_and_bench_refuse_a_20000_exit_bundle_at_once(multi, tmp_path, capsys):
+    b = _copy(multi, tmp_path / "b", _many_exits)         # `dyncnn profile` ran past 300 s on it
+    for command in ("profile", "bench"):
+        assert main([command, str(b)]) == 2
+        assert "num_exits is 20000; at most 256" in capsys.readouterr().err
+
+
 def test_writers_cannot_write_a_manifest_the_loader_would_refuse(multi, tmp_path):
     manifest = json.loads((multi / "manifest.json").read_text())
     manifest["exit_macs"] = manifest["exit_macs"][::-1]
