@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, settings
 # Property-based tests (hypothesis) run under a profile chosen by DYNCNN_HYPOTHESIS_PROFILE:
 # - ci (default): few examples, derandomized: the same examples every run, seconds per test;
 # - long: DYNCNN_HYPOTHESIS_EXAMPLES examples per test (default 2000) from random seeds, for a fuzzing session
-#   (`DYNCNN_HYPOTHESIS_PROFILE=long pytest tests/test_property_inputs.py --hypothesis-show-statistics`); a failure
+#   (`DYNCNN_HYPOTHESIS_PROFILE=long pytest -s tests/test_property_inputs.py`: -s shows the examples run); a failure
 #   prints the seed that reproduces it (@reproduce_failure) and is kept in .hypothesis/ to be replayed first.
 _QUIET = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True, suppress_health_check=_QUIET)

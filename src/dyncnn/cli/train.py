@@ -95,12 +95,16 @@ def _check_train_out(args) -> None:
     """Refuse to train into a folder that holds another run unless told what to do with it; with
     ``--overwrite``, remove that run's files first (nothing else in the folder is touched)."""
     out = _writable_folder(Path(args.out))
-    found = _existing_run(out)
-    if not found or args.resume:
+    if not out.is_dir():            # nothing to check (a run starting meanwhile is refused by the Trainer's lock)
         return
-    if not args.overwrite:
-        raise DyncnnError(f"--out {out} already holds a training run ({', '.join(found[:4])}); pass --resume to "
-                          f"continue it, --init {out / 'last.safetensors'} with a new --out to start a new run from "
-                          f"its weights, or --overwrite to replace it")
-    for f in found:
-        (out / f).unlink(missing_ok=True)
+    from ..files import output_lock
+    with output_lock(out, "training folder"):     # a run still writing here is refused, its files never removed
+        found = _existing_run(out)
+        if not found or args.resume:
+            return
+        if not args.overwrite:
+            raise DyncnnError(f"--out {out} already holds a training run ({', '.join(found[:4])}); pass --resume "
+                              f"to continue it, --init {out / 'last.safetensors'} with a new --out to start a new "
+                              f"run from its weights, or --overwrite to replace it")
+        for f in found:
+            (out / f).unlink(missing_ok=True)
