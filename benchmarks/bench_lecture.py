@@ -150,9 +150,24 @@ def pm(xs, scale: float = 100.0, unit: str = "%") -> str:
     return f"{mean(xs) * scale:.1f}{unit} ({min(xs) * scale:.1f}-{max(xs) * scale:.1f})"
 
 
-def compare(a: list[float], b: list[float], a_better: str, b_better: str, margin: float = 0.0) -> tuple[str, str]:
+CHANCE_FLOOR = 0.3      # 3x chance on 10 classes: below it, a network has not learned enough to compare
+
+
+def near_chance(label: str, accs: list[float]) -> tuple[str, str] | None:
+    """The verdict for a claim whose reference network is below :data:`CHANCE_FLOOR`, else None."""
+    if mean(accs) < CHANCE_FLOOR:
+        return NOT_AT_SCALE, f"{label} is near chance ({mean(accs) * 100:.0f}%, 10 classes) after this short training"
+    return None
+
+
+def compare(a: list[float], b: list[float], a_better: str, b_better: str, margin: float = 0.0,
+            accuracies: bool = False) -> tuple[str, str]:
     """Verdict for "a is higher than b" over seeds: holds when the mean difference exceeds both the seed spreads
-    (and ``margin``), does not hold when it is that far the other way, otherwise within noise."""
+    (and ``margin``), does not hold when it is that far the other way, otherwise within noise. ``accuracies``:
+    when both sides are below :data:`CHANCE_FLOOR`, no comparison is made (both networks are near chance)."""
+    if accuracies and max(mean(a), mean(b)) < CHANCE_FLOOR:
+        return NOT_AT_SCALE, (f"both networks are near chance ({mean(a) * 100:.0f}% and {mean(b) * 100:.0f}%, "
+                              f"10 classes) after this short training")
     d, noise = mean(a) - mean(b), max(spread(a), spread(b), margin)
     if len(a) < 2 and not margin:
         noise = max(noise, 0.01)
@@ -234,7 +249,7 @@ def claim_channel_shuffle(ctx: Ctx) -> Row:
     x = one_input(test)
     macs = count_macs(ctx.cache[("shufflenet_g8", ctx.seeds[0], 0)], x).total
     verdict, why = compare(with_s, without, "the shuffled network is more accurate",
-                           "the network without shuffle is more accurate")
+                           "the network without shuffle is more accurate", accuracies=True)
     fig = f"ShuffleNetV1 g=8 x0.5 ({macs / 1e6:.2f}M MACs): with shuffle {pm(with_s)}, without {pm(without)}"
     return Row("Channel shuffle lets stacked group convolutions exchange information (ShuffleNet)",
                "Mobile design", fig, verdict, why)
@@ -257,7 +272,8 @@ def claim_inverted_residual(ctx: Ctx) -> Row:
     a = [accuracy(ctx.trained("tiny_mbv2", s, ir), test) for s in ctx.seeds]
     b = [accuracy(ctx.trained(f"bottleneck_w{width}", s, lambda: _bottleneck_resnet(width)), test)
          for s in ctx.seeds]
-    verdict, why = compare(a, b, "the inverted residuals are more accurate", "the plain bottlenecks are more accurate")
+    verdict, why = compare(a, b, "the inverted residuals are more accurate", "the plain bottlenecks are more accurate",
+                           accuracies=True)
     fig = (f"tiny MobileNetV2 ({target / 1e6:.2f}M MACs) {pm(a)} vs ResNet bottlenecks (width {width}, "
            f"{bn_macs / 1e6:.2f}M MACs) {pm(b)}")
     return Row("Inverted residuals with linear bottlenecks beat plain bottlenecks at equal MACs (MobileNetV2)",
@@ -302,7 +318,8 @@ def _against_condensenet(ctx: Ctx, key: str, build: Callable[[], nn.Module], mac
 def claim_learned_groups(ctx: Ctx) -> Row:
     learned, fixed, m_learned, m_fixed = _against_condensenet(
         ctx, "condensenet14_fixed", lambda: _condensenet(fixed=True), lambda m, x: count_macs(m, x).total)
-    verdict, why = compare(learned, fixed, "learned groups are more accurate", "fixed groups are more accurate")
+    verdict, why = compare(learned, fixed, "learned groups are more accurate", "fixed groups are more accurate",
+                           accuracies=True)
     if m_learned > 1.1 * m_fixed:
         verdict, why = NOT_AT_SCALE, (f"the learned network did not condense to the fixed one's MACs "
                                       f"({m_learned / m_fixed:.2f}x) in {ctx.epochs} epochs; {why}")
@@ -314,7 +331,7 @@ def claim_learned_groups(ctx: Ctx) -> Row:
 
 def claim_feature_reactivation(ctx: Ctx) -> Row:
     v1, v2, m_v1, m_v2 = _against_condensenet(ctx, "condensenetv2_14", lambda: _condensenet(sfr=True))
-    verdict, why = compare(v2, v1, "reactivation is more accurate", "reactivation is less accurate")
+    verdict, why = compare(v2, v1, "reactivation is more accurate", "reactivation is less accurate", accuracies=True)
     fig = (f"CondenseNetV2-14 {pm(v2)} at {m_v2 / 1e6:.2f}M MACs vs CondenseNet-14 {pm(v1)} at "
            f"{m_v1 / 1e6:.2f}M (+{m_v2 / m_v1 - 1:.0%} MACs, converted)")
     return Row("Sparse feature reactivation improves CondenseNet at a small cost (CondenseNetV2)", "Mobile design",
@@ -457,13 +474,16 @@ def claim_interference(ctx: Ctx) -> Row:
     msd_all = [_exit_eval(ctx, "msdnet", s).exit_acc[-1] for s in ctx.seeds]
     res_drop = [a - b for a, b in zip(res_plain, res_exits)]
     msd_drop = [a - b for a, b in zip(msd_last, msd_all)]
-    v_res, _ = compare(res_plain, res_exits, "", "")
+    v_res, why_res = compare(res_plain, res_exits, "", "", accuracies=True)
     fig = (f"final-exit accuracy, ResNet-8: without exits {pm(res_plain)}, with 2 early exits {pm(res_exits)}; "
            f"MSDNet (3 exits): final loss only {pm(msd_last)}, all exits {pm(msd_all)}")
-    if v_res == HOLDS and mean(res_drop) > mean(msd_drop):
-        verdict, why = HOLDS, (f"early exits cost the ResNet's final classifier {mean(res_drop) * 100:.1f} points, "
-                               f"MSDNet's {mean(msd_drop) * 100:.1f}")
-    elif mean(res_drop) < -max(spread(res_plain), spread(res_exits), 0.01):
+    costs = (f"early exits cost the ResNet's final classifier {mean(res_drop) * 100:.1f} points, MSDNet's "
+             f"{mean(msd_drop) * 100:.1f}")
+    if v_res == NOT_AT_SCALE and why_res.startswith("both networks"):
+        verdict, why = NOT_AT_SCALE, why_res
+    elif v_res == HOLDS:
+        verdict, why = (HOLDS, costs) if mean(res_drop) > mean(msd_drop) else (NOT_HERE, costs + " (no less)")
+    elif v_res == NOT_HERE:
         verdict, why = NOT_HERE, ("the ResNet's final exit is better with early exits (they act as deep "
                                   "supervision in a short training run)")
     else:
@@ -491,6 +511,7 @@ def claim_coarse_features(ctx: Ctx) -> Row:
         verdict, why = NOT_HERE, f"{shares}: the fine-feature exit keeps the larger share"
     else:
         verdict, why = NOT_AT_SCALE, f"{shares}: the difference is within the seed spread"
+    verdict, why = _exits_learned(ctx, verdict, why, "resnet8_exits", "msdnet")
     return Row("Classifiers work well only on coarse features, and a plain CNN reaches them late", "Early exits",
                fig, verdict, why)
 
@@ -498,6 +519,16 @@ def claim_coarse_features(ctx: Ctx) -> Row:
 def _budget_curve(e: ExitEval) -> list[tuple[float, float]]:
     pts = dynamic_evaluate(e.val_scores, e.test_scores, e.correct, e.macs, steps=39)
     return [(p.mean_macs, p.accuracy) for p in pts]
+
+
+def _exits_learned(ctx: Ctx, verdict: str, why: str, *keys: str) -> tuple[str, str]:
+    """``(verdict, why)``, unless the final exit of a network in ``keys`` is near chance: its exit decisions and
+    curves mean nothing then."""
+    for key in keys:
+        chance = near_chance(key, [_exit_eval(ctx, key, s).exit_acc[-1] for s in ctx.seeds])
+        if chance:
+            return chance
+    return verdict, why
 
 
 def claim_msdnet_budgeted(ctx: Ctx) -> Row:
@@ -528,6 +559,7 @@ def claim_msdnet_budgeted(ctx: Ctx) -> Row:
         verdict, why = NOT_HERE, ("MSDNet does not reach every static network's accuracy with fewer MACs after "
                                   f"{ctx.epochs} epochs on {ctx.train_size} digits (the static networks train "
                                   "faster)")
+    verdict, why = _exits_learned(ctx, verdict, why, "msdnet")
     return Row("MSDNet: 2x-5x speedup over DenseNet (and ResNet) in budgeted batch classification", "Early exits",
                fig, verdict, why)
 
@@ -556,6 +588,7 @@ def claim_ranet_budgeted(ctx: Ctx) -> Row:
     verdict, why = compare(diffs, [0.0] * len(diffs), "RANet is more accurate at equal mean MACs",
                            "MSDNet is more accurate at equal mean MACs", margin=0.005)
     fig = f"RANet minus MSDNet accuracy at equal mean MACs (common range, 9 points): {pm(diffs, unit=' points')}"
+    verdict, why = _exits_learned(ctx, verdict, why, "msdnet", "ranet")
     return Row("RANet beats MSDNet in budgeted batch classification", "Early exits", fig, verdict, why)
 
 
@@ -573,6 +606,7 @@ def claim_ranet_anytime(ctx: Ctx) -> Row:
     fig = (f"RANet {len(e_r.macs)} exits {e_r.macs[0] / 1e6:.1f}-{e_r.macs[-1] / 1e6:.1f}M, MSDNet {len(e_m.macs)} "
            f"exits {e_m.macs[0] / 1e6:.1f}-{e_m.macs[-1] / 1e6:.1f}M; RANet minus MSDNet at equal MACs: "
            f"{pm(diffs, unit=' points')}")
+    verdict, why = _exits_learned(ctx, verdict, why, "msdnet", "ranet")
     return Row("RANet beats MSDNet in anytime prediction", "Early exits", fig, verdict, why)
 
 
@@ -601,6 +635,7 @@ def claim_hard_tiny(ctx: Ctx) -> Row:
     verdict, why = compare(large, small, "large digits leave at the first exit more often",
                            "small digits leave at the first exit more often")
     fig = f"MSDNet at half its MAC range: first-exit rate, digits < 0.4 of the canvas {pm(small)}, >= 0.6 {pm(large)}"
+    verdict, why = _exits_learned(ctx, verdict, why, "msdnet")
     return Row("Images with tiny objects are hard samples (they exit late)", "Early exits", fig, verdict, why)
 
 
@@ -617,6 +652,7 @@ def claim_hard_clutter(ctx: Ctx) -> Row:
                            "cluttered digits leave at the first exit more often")
     fig = (f"MSDNet (trained with 1 clutter fragment) at half its MAC range: first-exit rate with no clutter "
            f"{pm(rates[0])}, with 3 fragments of other digits {pm(rates[3])}")
+    verdict, why = _exits_learned(ctx, verdict, why, "msdnet")
     return Row("Images with multiple objects are hard samples", "Early exits", fig, verdict, why)
 
 
@@ -642,6 +678,7 @@ def claim_hard_atypical(ctx: Ctx) -> Row:
                            "atypical digits leave at the first exit more often")
     fig = (f"MSDNet at half its MAC range: first-exit rate of the quarter of digits closest to their class's mean "
            f"image {pm(typical)}, farthest {pm(atypical)}")
+    verdict, why = _exits_learned(ctx, verdict, why, "msdnet")
     return Row("Objects without representative characteristics are hard samples", "Early exits", fig, verdict, why)
 
 
@@ -697,7 +734,9 @@ def claim_skipping(ctx: Ctx) -> Row:
            f"BlockDrop {pm(acc(drop))} at {frac(drop):.0%}")
     cost = mean(static_acc) - max(mean(acc(skip)), mean(acc(drop)))
     saved = 1 - min(frac(skip), frac(drop))
-    if saved > 0.2 and cost <= max(spread(static_acc), 0.01):
+    if near_chance("the static ResNet", static_acc):
+        verdict, why = near_chance("the static ResNet", static_acc)
+    elif saved > 0.2 and cost <= max(spread(static_acc), 0.01):
         verdict, why = HOLDS, f"{saved:.0%} of the MACs skipped within the seed spread of the static accuracy"
     elif saved > 0.2:
         verdict, why = NOT_HERE, (f"{saved:.0%} of the MACs skipped at {cost * 100:.1f} points below the static "
@@ -715,7 +754,7 @@ def _equal_mac_static(ctx: Ctx, test, dyn_rows: list[dict], what: str) -> tuple[
     d_acc = [r["accuracy"] for r in dyn_rows]
     d_macs = mean([r["mean_macs"] for r in dyn_rows])
     verdict, why = compare(d_acc, narrow, f"{what} is more accurate than the narrow static network",
-                           f"the narrow static network is more accurate than {what}")
+                           f"the narrow static network is more accurate than {what}", accuracies=True)
     if d_macs > 1.15 * n_macs and verdict == HOLDS:
         verdict, why = NOT_AT_SCALE, why + f", but it uses {d_macs / n_macs:.2f}x its MACs"
     return verdict, why, f"static ResNet-14 w0.35 {pm(narrow)} at {n_macs / 1e6:.2f}M MACs"
@@ -757,7 +796,7 @@ def claim_moe(ctx: Ctx) -> Row:
     s_macs = count_macs(_static_r14(ctx, ctx.seeds[0]), one_input(test)).total
     acc = [r["accuracy"] for r in rows]
     verdict, why = compare(acc, static_acc, "the MoE is more accurate than its static network",
-                           "the MoE is less accurate than its static network")
+                           "the MoE is less accurate than its static network", accuracies=True)
     fig = (f"MoE (4 experts, top-1, upcycled from the static ResNet-14 w0.5) {pm(acc)} at "
            f"{mean([r['mean_macs'] for r in rows]) / 1e6:.2f}M MACs vs static {pm(static_acc)} at "
            f"{s_macs / 1e6:.2f}M")
@@ -794,7 +833,7 @@ def claim_dynamic_params(ctx: Ctx) -> Row:
         macs[label] = count_macs(ctx.cache[(name, ctx.seeds[0], 0)], x).total
     ctx.panels["Dynamic parameters"].append(Panel("tiny_mobilenet and its dynamic-kernel versions", {
         k: ([macs[k] / 1e6], [mean(v)]) for k, v in accs.items()}, "MACs (M)", "test accuracy"))
-    verdicts = [compare(accs[k], accs["static"], "", "")[0] for k in ("CondConv", "DyConv")]
+    verdicts = [compare(accs[k], accs["static"], "", "", accuracies=True)[0] for k in ("CondConv", "DyConv")]
     extra = {k: macs[k] / macs["static"] - 1 for k in ("CondConv", "DyConv")}
     fig = (f"tiny_mobilenet {pm(accs['static'])} at {macs['static'] / 1e6:.2f}M MACs; CondConv (4 experts) "
            f"{pm(accs['CondConv'])} (+{extra['CondConv']:.1%} MACs); DyConv {pm(accs['DyConv'])} "
@@ -866,7 +905,9 @@ def claim_dynconv(ctx: Ctx) -> Row:
     fig = (f"DynConv on a tiny ResNet (budget 0.5): {pm(acc)} at {fr:.0%} of the MACs ({active:.0%} of positions "
            f"computed) vs static {pm(static_acc)}; batch {len(x)}: {t_full / t_dyn:.2f}x faster than all-on")
     cost = mean(static_acc) - mean(acc)
-    if fr < 0.8 and cost <= max(spread(static_acc), spread(acc), 0.01):
+    if near_chance("the static network", static_acc):
+        verdict, why = near_chance("the static network", static_acc)
+    elif fr < 0.8 and cost <= max(spread(static_acc), spread(acc), 0.01):
         verdict, why = HOLDS, f"{1 - fr:.0%} of the MACs saved within the seed spread of the static accuracy"
     elif fr < 0.8:
         verdict, why = NOT_HERE, f"{1 - fr:.0%} of the MACs saved but {cost * 100:.1f} points lost"
@@ -925,7 +966,9 @@ def claim_skiprnn(ctx: Ctx) -> Row:
     cost = mean(plain) - mean(skip)
     fig = f"GRU (64) on digits read row by row: plain {pm(plain)}, Skip-GRU {pm(skip)} skipping {pm(skipped)} of updates"
     noise = max(spread(plain), spread(skip), 0.01)
-    if mean(skipped) > 0.2 and cost <= noise:
+    if near_chance("the plain GRU", plain):
+        verdict, why = near_chance("the plain GRU", plain)
+    elif mean(skipped) > 0.2 and cost <= noise:
         verdict, why = HOLDS, "a fifth or more of the state updates skipped within the seed spread of the accuracy"
     elif mean(skipped) > 0.2:
         verdict, why = NOT_HERE, f"{mean(skipped):.0%} of the updates skipped at {cost * 100:.1f} points of accuracy"
