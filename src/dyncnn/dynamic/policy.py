@@ -61,7 +61,15 @@ def confidence_unchecked(logits: Tensor, criterion: str, temperature: float | Te
 
 @dataclass
 class ExitPolicy:
-    """Thresholds (one per exit but the last) on a confidence criterion, with per-exit temperatures."""
+    """Thresholds (one per exit but the last) on a confidence criterion, with per-exit temperatures.
+
+    The rule: a sample leaves at exit ``k`` when its confidence (float32) is ``>= thresholds[k]``.
+    ``math.inf`` is the one spelling of "never leave here" (:meth:`never`: full depth), ``-math.inf`` of "always
+    leave here" (:meth:`always_first`). Every finite threshold is an ordinary one, 1.0 included: a float32 softmax
+    saturates to exactly 1.0 (``max_prob`` with the top logit some 17-20 above the others, a trained network's
+    confident samples), so a threshold of 1.0 lets those samples leave and does not mean "never". The exported
+    bundle drivers apply the same rule (:func:`dyncnn.export.runtime.exit_test_one`).
+    """
     thresholds: Sequence[float]
     criterion: str = "max_prob"
     temperatures: Sequence[float] = field(default_factory=list)
