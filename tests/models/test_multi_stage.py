@@ -197,6 +197,18 @@ def test_bundle_decides_as_eager(tmp_path, resolutions):
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
 
 
+def test_int8_bundle_of_a_low_resolution_first_stage(tmp_path):
+    """The up-sampling of the earlier stages' features survives ONNX Runtime's shape inference (INT8 quantization
+    runs it first): the quantized bundle is written and runs."""
+    from dyncnn.export import export_bundle, load_bundle
+    net = _net(widths=WIDTHS[:2], resolutions=(2, 1))
+    manifest = export_bundle(net, tmp_path / "b", (1, 32, 32), policy=[0.5], quantize=True,
+                             calibration=_x(32, seed=3))
+    assert "int8" in manifest["stages"][1]["files"]
+    got = load_bundle(tmp_path / "b", precision="int8").run(_x(4).numpy())
+    assert got.logits.shape == (4, 10) and bool(torch.isfinite(got.logits).all())
+
+
 def test_trains_with_the_multi_exit_loss(tmp_path):
     from dyncnn.train import TrainConfig, Trainer
     net = _net().train()

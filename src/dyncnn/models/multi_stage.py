@@ -75,6 +75,12 @@ def check_stage_widths(widths, resolutions=None) -> tuple[tuple[tuple[int, ...],
     return stages, res
 
 
+def _upsample(x: Tensor, factor: int) -> Tensor:
+    """Nearest up-sampling by an integer ``factor``, to an explicit size: exported as a Resize to sizes, which ONNX
+    Runtime's shape inference (run before INT8 quantization) follows, where a Resize by scales stops it."""
+    return F.interpolate(x, size=(x.shape[-2] * factor, x.shape[-1] * factor), mode="nearest")
+
+
 class WidthStage(nn.Module):
     """Stage ``k``: its stem and per-depth units, reading the kept depthwise features of the stages before it.
 
@@ -109,7 +115,7 @@ class WidthStage(nn.Module):
         for d, (dw, pw) in enumerate(zip(self.dw, self.pw)):
             h = dw(f)
             if kept is not None:
-                prev = kept[d] if self.up == 1 else F.interpolate(kept[d], scale_factor=self.up, mode="nearest")
+                prev = kept[d] if self.up == 1 else _upsample(kept[d], self.up)
                 h = torch.cat([prev, h], 1)
             f = pw(h)
             out.append(h)
