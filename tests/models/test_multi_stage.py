@@ -212,6 +212,7 @@ def test_int8_bundle_of_a_low_resolution_first_stage(tmp_path):
 def test_trains_with_the_multi_exit_loss(tmp_path):
     from dyncnn.train import TrainConfig, Trainer
     net = _net().train()
+    net.gradient_equilibrium = True            # the frontier's recipe: distillation + gradient equilibrium
     before = copy.deepcopy(net.state_dict())
     ds = torch.utils.data.TensorDataset(torch.rand(16, 1, 32, 32), torch.arange(16) % 10)
     cfg = TrainConfig(epochs=1, batch_size=8, progress=False)
