@@ -15,7 +15,9 @@ per million MACs, which is where a structure that costs more than its MACs shows
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -58,7 +60,6 @@ def main() -> None:
     ap.add_argument("--widths", default=None, help="JSON list of per-stage widths (default: [tiny-M, tiny-S, tiny-S])")
     ap.add_argument("--resolutions", default="[2, 1, 1]", help="JSON list of per-stage downsampling factors")
     args = ap.parse_args()
-    import json
     widths = json.loads(args.widths) if args.widths else [TINY_M, TINY_S, TINY_S]
     resolutions = json.loads(args.resolutions)
     torch.set_num_threads(args.threads)
@@ -96,7 +97,8 @@ def main() -> None:
     ms = {key: statistics.median(v) for key, v in times.items()}
     print(f"\nmulti_stage widths={widths} resolutions={resolutions} at {args.size}x{args.size}, vs tiny_mobilenet "
           f"widths={tiny_w} ({tiny_macs / 1e6:.2f}M MACs); {args.threads} thread(s), median of {args.rounds} "
-          f"interleaved rounds, ms per call\n")
+          f"interleaved rounds, ms per call; load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
+          f"CPUs (eager timings suffer most from a busy machine)\n")
     print("| model | leaves at | MACs (M) | share of full | eager b1 | ORT b1 | ORT b1 ms/MMAC | eager b64 / sample "
           "| ORT b64 / sample | ORT b64 ms/MMAC |")
     print("|---|---|---|---|---|---|---|---|---|---|")
