@@ -131,8 +131,9 @@ def test_earlier_stages_run_once_at_full_depth():
     assert len(calls) == 3 * 9 and set(calls.values()) == {1}      # stem + 4 depthwise + 4 pointwise per stage
 
 
-def test_ledger_equals_flop_counter_and_batched_equals_one_at_a_time():
-    net = _net()
+@pytest.mark.parametrize("resolutions", [None, (2, 2, 1)])
+def test_ledger_equals_flop_counter_and_batched_equals_one_at_a_time(resolutions):
+    net = _net(resolutions=resolutions)
     x = _x()
     policy = _spread_policy(net, x)
     with FlopCounterMode(display=False) as counter:
