@@ -99,6 +99,13 @@ def presets(canvas: int) -> dict[str, dict]:
               "cfg": {"data": "imagenet", "nBlocks": 5, "step": 1, "base": 1, "nChannels": 8, "growthRate": 6,
                       "grFactor": [1, 2, 4], "bnFactor": [1, 2, 4]}}
 
+    # the lecture's width-wise multi-stage network: stage 1 is tiny-M on the 2x downsampled image (tiny-M /2's MACs),
+    # stages 2 and 3 add tiny-S's widths at full resolution reading the kept features (about tiny-M's MACs, then
+    # between tiny-M and tiny-L); trained with the plain multi-exit loss, since distillation and gradient
+    # equilibrium each lowered all three exits' validation accuracy in a 3-epoch check
+    multi_stage = {"label": "multi-stage tiny-M /2 +S +S", "kind": "trained", "name": "multi_stage", "recipe": {},
+                   "cfg": {"widths": [TINY_M, TINY_S, TINY_S], "resolutions": [2, 1, 1]}}
+
     def exits_on(widths, label):
         # one exit, after stage 3 of 4: the first stages are cheap in MACs but not in latency (a head and an
         # ONNX Runtime call cost about as much as an early stage), so exits go where the remaining work is large
@@ -119,6 +126,7 @@ def presets(canvas: int) -> dict[str, dict]:
                              _cascade("width cascade tiny-S -> tiny-M", "tiny-S", "tiny-M"),
                              _searched(),
                              exits_on(TINY_M, "exits on tiny-M (distill+GE)"),
+                             multi_stage,
                              msdnet]},
         "phone": {"static": phone_static,
                   "dynamic": [_cascade("resolution cascade mnv3-small /2 -> full", "mnv3-small /2", "mnv3-small"),
@@ -127,6 +135,7 @@ def presets(canvas: int) -> dict[str, dict]:
                               _cascade("cascade tiny-XL /2 -> mnv3-small", "tiny-XL /2", "mnv3-small"),
                               _cascade("resolution cascade tiny-XL /2 -> full", "tiny-XL /2", "tiny-XL"),
                               _searched(),
+                              multi_stage,
                               exits_on(TINY_XL, "exits on tiny-XL (distill+GE)")]},
     }
 
