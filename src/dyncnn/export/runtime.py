@@ -175,7 +175,11 @@ class _Bundle:
 
     def _call(self, sess, names, feed):
         t0 = time.perf_counter()
-        out = sess.run(names, feed)
+        inner = getattr(sess, "_sess", None)
+        if inner is not None:   # an ONNX Runtime session: its C++ run, without the Python wrapper's checks of
+            out = inner.run(names, feed, None)   # the feed's names (compared with the graph at load) and of
+        else:                                    # OrtValues (none passed): ~2 us a call, against 0.03-0.3 ms stages
+            out = sess.run(names, feed)
         self.session_seconds += time.perf_counter() - t0
         return out
 
@@ -190,18 +194,19 @@ class StaticBundle(_Bundle):
         self.sess, self._more = self._sessions(self.thread_plan[0], g, g.get("inputs"), g.get("outputs"),
                                                "the model graph", verify, {"input": self.input_shape},
                                                self.num_classes)
+        self._out_names = list(g.get("outputs"))     # checked against the graph's by _session
 
     def run_numpy(self, x: Any) -> np.ndarray:
         x = self.check_input(x)
         sess = _pick(self.sess, self._more, x.shape[0]) if self._more else self.sess
-        return self._call(sess, None, {"input": x})[0]
+        return self._call(sess, self._out_names, {"input": x})[0]
 
     def stage_pass_ms(self, chunks: Sequence[np.ndarray]) -> list[float]:
         """Mean milliseconds of the graph's session call on each of ``chunks`` (checked batches): the one
         stage's entry of :func:`measure_stage_threads`."""
         t0 = time.perf_counter()
         for c in chunks:
-            self._call(self.sess, None, {"input": c})
+            self._call(self.sess, self._out_names, {"input": c})
         return [(time.perf_counter() - t0) * 1e3 / len(chunks)]
 
     def run(self, x: Any):
