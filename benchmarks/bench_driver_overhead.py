@@ -12,7 +12,9 @@ order rotated between rounds, so that a change of machine load hits all alike), 
   tests, bookkeeping), and ``driver, policy``: the multi-exit bundle with thresholds that spread the images over
   the exits (its bare twin runs the same stages per image);
 - ``base``: the same with the driver of git revision ``--base`` (``export/runtime.py`` and ``export/host.py``
-  loaded from that revision), on the same bundle folders.
+  loaded from that revision), on the same sessions;
+- ``bare, IOBinding``: the bare full-depth chain through ONNX Runtime's IOBinding, outputs bound once to
+  preallocated arrays, the input bound per call (the alternative to plain ``run`` the issue names).
 
 Printed: per call, the median and IQR over rounds of microseconds, and of each driver's overhead over bare
 (paired within the round), per call and per exit. The machine is shared: read the ratios, not the absolutes.
@@ -93,6 +95,32 @@ def bare_chain(bundle, x, stop: int | None = None):
     return outs[-1]
 
 
+def iobinding_chain(bundle, x0):
+    """A bare chain like :func:`bare_chain` at batch 1 through ONNX Runtime's IOBinding, the outputs bound once to
+    preallocated arrays and only the input bound per call: returns the function of one image."""
+    import onnxruntime as ort
+    steps, binds, bufs = bundle._steps, [], []
+    x = x0
+    for g in steps:
+        outs = g.sess.run(g.out_names, {"in0": x})
+        arrs = [np.empty_like(a) for a in outs]
+        io = g.sess.io_binding()
+        for n, a in zip(g.out_names, arrs):
+            io.bind_output(n, "cpu", 0, np.float32, list(a.shape), a.ctypes.data)
+        binds.append(io)
+        bufs.append(arrs)
+        x = outs[0]
+    assert isinstance(steps[0].sess, ort.InferenceSession)
+
+    def run(x):
+        for g, io, arrs in zip(steps, binds, bufs):
+            io.bind_input("in0", "cpu", 0, np.float32, list(x.shape), x.ctypes.data)
+            g.sess._sess.run_with_iobinding(io._iobinding, None)
+            x = arrs[0]
+        return bufs[-1][-1].copy()
+    return run
+
+
 def _q(v):
     q = statistics.quantiles(v, n=4)
     return statistics.median(v), q[0], q[2]
@@ -103,7 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--images", type=int, default=100, help="images per round, one call each (batch 1)")
     p.add_argument("--batch", type=int, default=64, help="the larger batch timed (full depth)")
-    p.add_argument("--batch-calls", type=int, default=3, help="calls at the larger batch per round")
+    p.add_argument("--batch-calls", type=int, default=10, help="calls at the larger batch per round")
     p.add_argument("--base", default="main", help="git revision of the driver to compare with ('' for none)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -134,11 +162,14 @@ def main(argv=None) -> int:
         print(f"exits taken with the spread policy: {np.bincount(exits, minlength=3).tolist()}", file=sys.stderr)
         full = dyn_b["driver"].full_depth()
         ref, st = dyn_b["driver"], st_b["driver"]
+        iob = iobinding_chain(ref, singles[0])
+        np.testing.assert_allclose(iob(singles[1]), bare_chain(ref, singles[1]), rtol=1e-5, atol=1e-6)
         b1 = list(range(len(singles)))
         # group -> (inputs, exits run per input, {code: function of an input index})
         groups = {
             "static b1": (b1, [1] * len(b1), {"bare": lambda i: st.sess.run(None, {"input": singles[i]})}),
-            "multi-exit b1 full depth": (b1, [3] * len(b1), {"bare": lambda i: bare_chain(ref, singles[i])}),
+            "multi-exit b1 full depth": (b1, [3] * len(b1), {"bare": lambda i: bare_chain(ref, singles[i]),
+                                                             "iobinding": lambda i: iob(singles[i])}),
             "multi-exit b1 policy": (b1, [int(k) + 1 for k in exits],
                                      {"bare": lambda i: bare_chain(ref, singles[i], int(exits[i]))}),
             f"multi-exit b{args.batch} full depth": ([0] * args.batch_calls, [3] * args.batch_calls,
@@ -176,7 +207,7 @@ def main(argv=None) -> int:
         m, a, b = _q(med["bare"])
         print(f"| {g} | bare sess.run | {m:.1f} ({b - a:.1f}) | | | |")
         exits_per_call = sum(n_exits) / len(n_exits)
-        for c in [c for c in ("base", "driver") if c in over]:
+        for c in [c for c in ("iobinding", "base", "driver") if c in over]:
             (m, a, b), (om, oa, ob) = _q(med[c]), _q(over[c])
             ratio, rq = "", None
             if c == "driver" and "base" in over:
@@ -184,7 +215,8 @@ def main(argv=None) -> int:
                 if len(rr) > 1:
                     rq = _q(rr)
                     ratio = f"{rq[0]:.2f} ({rq[2] - rq[1]:.2f})"
-            label = "driver (this tree)" if c == "driver" else f"driver at {args.base}"
+            label = {"driver": "driver (this tree)", "base": f"driver at {args.base}",
+                     "iobinding": "bare, IOBinding"}[c]
             print(f"| {g} | {label} | {m:.1f} ({b - a:.1f}) | {om:.1f} ({ob - oa:.1f}) | "
                   f"{om / exits_per_call:.1f} | {ratio} |")
             rows.append({"case": g, "code": c, "us": m, "iqr": b - a, "overhead_us": om, "overhead_iqr": ob - oa,
