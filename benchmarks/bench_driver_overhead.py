@@ -2,8 +2,8 @@
 (issue 29, "less fixed cost per call"), and against the driver of another git revision (``--base``, default
 ``main``) in the same process.
 
-A multi-exit network on tiny_mobilenet (1 channel, 64x64, three exits, random weights with batch-norm statistics
-set on random images) and the static tiny_mobilenet, exported as bundles. Timed, in interleaved rounds (their
+A multi-exit network on tiny_mobilenet (1 channel, 64x64, three exits, random weights, batch-norm statistics of
+the random images) and the static tiny_mobilenet, exported as bundles. Timed, in interleaved rounds (their
 order rotated between rounds, so that a change of machine load hits all alike), 1 thread:
 
 - ``bare``: ``sess.run`` on the stage sessions in a chain (the multi-exit network's stages one after the other,
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 import dyncnn
+from bench_deploy import _spread_policy        # thresholds that send a third of the images to each exit
 from dyncnn.export import export_bundle, load_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,31 +60,6 @@ def load_base_driver(ref: str):
         exec(compile(src, f"{ref}:{name}.py", "exec"), mod.__dict__)
         mods[name] = mod
     return mods["runtime"]
-
-
-def _bn_on(model, images):
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-            m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        model(images)
-    return model.eval()
-
-
-def _spread(model, x) -> list[float]:
-    from dyncnn.dynamic.policy import confidence
-    with torch.no_grad():
-        outs = model(x)
-    left = torch.ones(len(x), dtype=torch.bool)
-    thr = []
-    for k, logits in enumerate(outs[:-1]):
-        conf = confidence(logits, "max_prob", 1.0)
-        t = float(torch.quantile(conf[left].double(), 1.0 - 1.0 / (len(outs) - k)))
-        thr.append(t)
-        left &= conf < t
-    return thr
 
 
 def bare_chain(bundle, x, stop: int | None = None):
@@ -139,10 +115,16 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     images = rng.random((max(args.images, args.batch), 1, 64, 64), dtype=np.float32)
     torch.manual_seed(0)
-    dyn = _bn_on(dyncnn.create_model("multi_exit", backbone="tiny_mobilenet", num_classes=10, in_chans=1,
-                                     backbone_cfg={"widths": WIDTHS[:3]}), torch.from_numpy(images))
+    dyn = dyncnn.create_model("multi_exit", backbone="tiny_mobilenet", num_classes=10, in_chans=1,
+                              backbone_cfg={"widths": WIDTHS[:3]})
+    for m in dyn.modules():      # batch-norm statistics of the images (momentum 1: the last batch's): else the
+        if isinstance(m, torch.nn.BatchNorm2d):     # random net's confidences collapse onto the thresholds, and
+            m.momentum = 1.0                        # every exit test falls to the float32 twin (host.py)
+    with torch.no_grad():
+        dyn.train()(torch.from_numpy(images))
+    dyn.eval()
     static = dyncnn.create_model("tiny_mobilenet", num_classes=10, in_chans=1, widths=WIDTHS).eval()
-    thresholds = _spread(dyn, torch.from_numpy(images))
+    thresholds = list(_spread_policy(dyn, torch.from_numpy(images[:args.images])).thresholds)
     base = load_base_driver(args.base) if args.base else None
     with tempfile.TemporaryDirectory() as tmp:
         export_bundle(dyn, Path(tmp) / "dyn", (1, 64, 64), policy=thresholds)
