@@ -50,7 +50,7 @@ PRECISIONS = ("fp32", "int8")
 
 
 def _session(folder: Path, entry: dict, precision: str, threads: int, expect_in: list[str],
-             expect_out: list[str], what: str, verify: bool, runtime: str = "onnxruntime"):
+             expect_out: list[str], what: str, verify: bool, runtime: str = "onnxruntime", spin: bool = True):
     from .onnx import onnx_session
     files = entry.get("files") if isinstance(entry, dict) else None
     files = files if isinstance(files, dict) else {}
@@ -74,14 +74,17 @@ def _session(folder: Path, entry: dict, precision: str, threads: int, expect_in:
     if sorted(ins) != sorted(expect_in) or outs != expect_out:
         raise BundleError(f"bundle {folder}: {what} file {rec['file']} has inputs {ins} and outputs {outs}; the "
                           f"manifest says {expect_in} and {expect_out}")
-    return onnx_session(path, threads)
+    return onnx_session(path, threads, spin)
 
 
-def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int | str = 1, verify: bool = True):
+def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int | str = 1, verify: bool = True,
+                spin: bool | None = None):
     """Load the bundle in ``folder`` for ``precision`` ("fp32" or "int8") with ``threads`` ONNX Runtime threads,
     or with ``threads="per-stage"``: each stage's own session with the thread count recorded for it in the
     manifest (:func:`record_stage_threads`; at a call, that of the recorded batch size nearest the rows the stage
-    gets).
+    gets). ``spin``: whether the idle threads of a multi-thread session spin (ONNX Runtime's default) or sleep;
+    None: they spin with one thread count, and sleep per stage, where a spinning pool would take the cores of the
+    next stage's session (measured: every mode several times slower on 2 loaded cores).
 
     Returns a :class:`DynamicBundle` (multi-exit) or :class:`StaticBundle`. Refuses, with the reason, a folder
     without a manifest, a manifest of another format version, and graph files that are missing, differ from the
@@ -111,7 +114,8 @@ def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int
             from .glance import GlanceBundle
             return GlanceBundle(folder, manifest, threads, verify)
         cls = DynamicBundle if manifest["kind"] == "multi_exit" else StaticBundle
-        return cls(folder, manifest, precision, threads, verify)
+        return cls(folder, manifest, precision, threads, verify,
+                   threads != THREADS_PER_STAGE if spin is None else bool(spin))
     except (KeyError, TypeError, AttributeError, IndexError) as e:   # an entry of the wrong shape in the JSON
         raise BundleError(f"{folder / MANIFEST} is malformed ({type(e).__name__}: {e}); expected the manifest "
                           f"that `dyncnn export` writes") from None
@@ -151,8 +155,9 @@ def _pick(sess, more: tuple, n: int):
 
 
 class _Bundle:
-    def __init__(self, folder: Path, manifest: dict, precision: str, threads: int | str):
+    def __init__(self, folder: Path, manifest: dict, precision: str, threads: int | str, spin: bool = True):
         self.folder, self.manifest, self.precision, self.threads = folder, manifest, precision, threads
+        self.spin = spin                # whether the idle threads of a multi-thread session spin (load_bundle)
         self.runtime = manifest.get("runtime", "onnxruntime")
         self.input_shape = tuple(int(d) for d in manifest["input"]["shape"][1:])
         self.num_classes = int(manifest["num_classes"])
@@ -165,7 +170,7 @@ class _Bundle:
         out = []
         for i, (lo, t) in enumerate(plan):
             sess = _session(self.folder, entry, self.precision, t, expect_in, expect_out, what, verify and i == 0,
-                            self.runtime)
+                            self.runtime, self.spin)
             check_graph_shapes(self.folder, sess, what, shapes, num_classes)
             out.append((lo, sess))
         return out[0][1], tuple(out[1:])
@@ -187,8 +192,9 @@ class _Bundle:
 class StaticBundle(_Bundle):
     """One graph: ``run(x)`` returns the logits as a torch tensor, ``run_numpy(x)`` as numpy."""
 
-    def __init__(self, folder: Path, manifest: dict, precision: str, threads: int | str, verify: bool):
-        super().__init__(folder, manifest, precision, threads)
+    def __init__(self, folder: Path, manifest: dict, precision: str, threads: int | str, verify: bool,
+                 spin: bool = True):
+        super().__init__(folder, manifest, precision, threads, spin)
         g = manifest["graph"]
         self.thread_plan = thread_plan(manifest, 1, threads)
         self.sess, self._more = self._sessions(self.thread_plan[0], g, g.get("inputs"), g.get("outputs"),
@@ -228,8 +234,9 @@ class _Step:
 class DynamicBundle(_Bundle):
     """A multi-exit bundle; ``run(x, policy=None)`` returns the same ``ExitResult`` as eager ``infer``."""
 
-    def __init__(self, folder: Path, manifest: dict, precision: str, threads: int | str, verify: bool):
-        super().__init__(folder, manifest, precision, threads)
+    def __init__(self, folder: Path, manifest: dict, precision: str, threads: int | str, verify: bool,
+                 spin: bool = True):
+        super().__init__(folder, manifest, precision, threads, spin)
         self.num_exits = int(manifest["num_exits"])      # stages and exit costs: one each (validate_manifest)
         self.thread_plan = thread_plan(manifest, self.num_exits, threads)
         self.exit_macs = [int(m) for m in manifest["exit_macs"]]
@@ -461,11 +468,12 @@ def measure_stage_threads(folder: str | os.PathLike, images: Any, candidates: Se
     each of ``candidates`` intra-op thread counts, at each of ``batch_sizes``: ``{batch: {threads: [ms per
     stage]}}``, the median over ``rounds`` passes over ``images`` (N, C, H, W) at full depth, the thread counts
     interleaved within each round (rotated between rounds) after a warm-up pass, so that a change of load hits
-    them alike. A batch larger than ``images`` repeats them. Feed it to :func:`record_stage_threads`."""
+    them alike; their sessions' idle threads sleep, as the per-stage driver's do (``load_bundle``'s ``spin``). A
+    batch larger than ``images`` repeats them. Feed it to :func:`record_stage_threads`."""
     if not candidates or not batch_sizes or rounds < 1:
         raise DyncnnError(f"give thread counts, batch sizes and rounds >= 1, got {candidates}, {batch_sizes}, "
                           f"{rounds}")
-    bundles = {int(t): load_bundle(folder, precision, threads=int(t)) for t in candidates}
+    bundles = {int(t): load_bundle(folder, precision, threads=int(t), spin=False) for t in candidates}
     first = next(iter(bundles.values()))
     if first.runtime != "onnxruntime" or not hasattr(first, "stage_pass_ms"):
         raise BundleError(f"bundle {folder}: thread counts per stage are measured for ONNX Runtime bundles of kind "
@@ -491,12 +499,14 @@ def measure_stage_threads(folder: str | os.PathLike, images: Any, candidates: Se
 
 
 def record_stage_threads(folder: str | os.PathLike, measured: dict[int, dict[int, Sequence[float]]],
-                         machine: str | None = None) -> dict:
+                         machine: str | None = None, margin: float = 0.05) -> dict:
     """Store in the bundle manifest, under ``stage_threads``, per batch size of ``measured``
     (:func:`measure_stage_threads`: ``{batch: {threads: [ms per stage]}}``) the thread count that ran each stage
-    fastest (a tie goes to fewer threads) beside every candidate's milliseconds; returns the manifest. What
-    ``load_bundle(folder, threads="per-stage")`` runs. Like latencies, a property of the machine that measured
-    them, which is recorded beside them."""
+    fastest beside every candidate's milliseconds; returns the manifest. What ``load_bundle(folder,
+    threads="per-stage")`` runs. More threads must be faster by more than ``margin`` (5%): the fewest threads
+    within that of the fastest win, so that noise does not hand a stage a thread pool (and the cores it takes from
+    the rest of the machine) for nothing. Like latencies, a property of the machine that measured them, which is
+    recorded beside them."""
     import platform
     folder = Path(folder)
     with bundle_lock(folder):
@@ -508,7 +518,9 @@ def record_stage_threads(folder: str | os.PathLike, measured: dict[int, dict[int
             if not cands or any(len(by_threads[t]) != stages for t in by_threads):
                 raise BundleError(f"bundle {folder}: expected {stages} stage times per thread count (a "
                                   f"{manifest['kind']} bundle), got {dict(by_threads)}")
-            best = [min(cands, key=lambda t: (float(by_threads[t][k]), t)) for k in range(stages)]
+            fastest = [min(float(by_threads[t][k]) for t in cands) for k in range(stages)]
+            best = [next(t for t in cands if float(by_threads[t][k]) <= fastest[k] * (1 + margin))
+                    for k in range(stages)]
             batches[str(int(b))] = {"threads": best,
                                     "stage_ms": {str(t): [float(v) for v in by_threads[t]] for t in cands}}
         manifest["stage_threads"] = {
