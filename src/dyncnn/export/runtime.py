@@ -83,8 +83,8 @@ def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int
     or with ``threads="per-stage"``: each stage's own session with the thread count recorded for it in the
     manifest (:func:`record_stage_threads`; at a call, that of the recorded batch size nearest the rows the stage
     gets). ``spin``: whether the idle threads of a multi-thread session spin (ONNX Runtime's default) or sleep;
-    None: they spin with one thread count, and sleep per stage, where a spinning pool would take the cores of the
-    next stage's session (measured: every mode several times slower on 2 loaded cores).
+    None: they spin with one thread count, and sleep per stage, where a stage's spinning pool would take the cores
+    that the next stage's session runs on.
 
     Returns a :class:`DynamicBundle` (multi-exit) or :class:`StaticBundle`. Refuses, with the reason, a folder
     without a manifest, a manifest of another format version, and graph files that are missing, differ from the
