@@ -222,7 +222,7 @@ def _tiny_settings(out, **kw):
 @pytest.mark.slow
 def test_tiny_frontier_run_writes_its_three_files(tmp_path):
     from dyncnn.frontier.runner import merge_runs, run_frontier
-    s = _tiny_settings(tmp_path / "fr")
+    s = _tiny_settings(tmp_path / "fr", threads=(1, "per-stage"))
     lines = []
     r = run_frontier(s, log=lines.append)
     # a line per model trained, prepared and timing condition: name, seconds, time left (issue 27)
@@ -230,7 +230,7 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
         ["    small /2: trained", "    big: trained"]
     assert sum(": exported and evaluated in" in ln or ": calibrated, exported and run on test in" in ln
                for ln in lines) == 4
-    assert sum("models timed in" in ln for ln in lines) == 2 * 2     # runtime and eager, at batch 1 and 16
+    assert sum("models timed in" in ln for ln in lines) == (2 + 1) * 2   # runtime (1 thread, per stage) and eager
     for name in ("frontier.json", "frontier.md", "frontier.png"):
         assert (tmp_path / "fr" / name).stat().st_size > 500
     saved = json.loads((tmp_path / "fr" / "frontier.json").read_text())
@@ -251,6 +251,12 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
     merit = seed["merit"]["t1_b1"]["models"]["cascade"]
     assert merit["speedup"] > 0 and merit["dynamic_latency"] > 0
     assert re.search(r"x (faster|slower) than the static front", (tmp_path / "fr" / "frontier.md").read_text())
+    # threads per stage: a column of its own, run by bundles that record their stages' thread counts
+    assert seed["merit"]["tper-stage_b16"]["models"]["cascade"]["speedup"] > 0
+    assert "ORT ms batch 16, threads per stage" in (tmp_path / "fr" / "frontier.md").read_text()
+    for name in ("cascade", "big"):
+        recorded = json.loads((tmp_path / "fr" / "bundles" / "seed0" / name / "manifest.json").read_text())
+        assert sorted(recorded["stage_threads"]["batches"]) == ["1", "16"]
     # runs of other seeds (say, made in parallel) merge into one report, summarized over both
     other = tmp_path / "fr_seed1"
     other.mkdir()
@@ -283,6 +289,18 @@ def test_results_of_older_runs_are_upgraded_for_merging():
 def test_frontier_refuses_an_unknown_runtime(tmp_path):
     with pytest.raises(ValueError, match="runtime must be one of"):
         _tiny_settings(tmp_path, runtime="tflite")
+
+
+def test_frontier_thread_settings_are_checked(tmp_path):
+    from dyncnn.frontier.runner import FrontierSettings
+    assert _tiny_settings(tmp_path, threads=(1, 2, "per-stage")).thread_counts == [1, 2]
+    assert FrontierSettings().threads == (1, 2, "per-stage")
+    assert FrontierSettings(runtime="executorch").threads == (1, 2)     # one thread pool per process
+    for bad in (("per-stage",), (0, "per-stage"), (1, "two"), (1, True)):
+        with pytest.raises(ValueError, match="threads must be counts >= 1"):
+            _tiny_settings(tmp_path, threads=bad)
+    with pytest.raises(ValueError, match="needs runtime onnxruntime"):
+        _tiny_settings(tmp_path, threads=(1, "per-stage"), runtime="executorch")
 
 
 @pytest.mark.slow
@@ -373,6 +391,16 @@ def test_temperatures_fit_on_logits_made_in_inference_mode():
         frozen = logits.clone()
         got = fit_temperatures(frozen, y)
     assert got == pytest.approx(want, rel=1e-6) and want[0] > 1.0
+
+
+def test_cli_frontier_threads_take_counts_and_per_stage(capsys):
+    from dyncnn.cli import build_parser
+    parser = build_parser()
+    assert parser.parse_args(["frontier", "--threads", "1", "per-stage"]).threads == [1, "per-stage"]
+    assert parser.parse_args(["frontier"]).threads is None          # FrontierSettings' default for the runtime
+    with pytest.raises(SystemExit):
+        parser.parse_args(["frontier", "--threads", "two"])
+    assert "expected a thread count or per-stage, got 'two'" in capsys.readouterr().err
 
 
 def test_tiny_frontier_on_an_image_folder(tmp_path, write_image_tree):

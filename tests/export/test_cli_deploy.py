@@ -130,3 +130,20 @@ def test_int8_slower_than_fp32_gets_a_note():
             {"backend": "onnxruntime", "precision": "int8", "batch": 64, "median_ms": 6.0}]
     notes = int8_notes(rows)
     assert len(notes) == 1 and notes[0].startswith("note: INT8 is slower than FP32 at batch 1 (1.500 vs 1.000 ms)")
+
+
+def test_export_records_threads_per_stage(tmp_path, checkpoint, capsys):
+    path, model = checkpoint
+    assert main(["export", str(path), "--out", str(tmp_path / "b"), "--calib-images", "64", "--stage-threads",
+                 "2", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "threads per stage (the fastest of 1, 2): batch 1: [" in out and "; batch 64: [" in out
+    entry = json.loads((tmp_path / "b" / "manifest.json").read_text())["stage_threads"]
+    assert entry["candidates"] == [1, 2] and sorted(entry["batches"]) == ["1", "64"]
+    bundle = load_bundle(tmp_path / "b", threads="per-stage")
+    intra = [s.sess.get_session_options().intra_op_num_threads for s in bundle._steps]
+    assert intra == entry["batches"]["1"]["threads"]
+    x = torch.stack([get_dataset("mnist", "test")[i][0] for i in range(100)])
+    assert torch.equal(bundle.run(x).exit_index, model.infer(x, bundle.policy).exit_index)
+    assert main(["export", str(path), "--out", str(tmp_path / "c"), "--stage-threads", "0"]) == 2
+    assert "--stage-threads takes thread counts >= 1" in capsys.readouterr().err

@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..errors import DyncnnError
 from .common import (
     _add_data_args, _deploy_images, _deploy_policy, _deploy_shape, _load_model, _parse_cfg, _takes_exit_policy,
     _writable_folder)
@@ -32,6 +33,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-batch", type=int, default=None, help="executorch: the largest batch of one program "
                    "call (memory is planned for it; larger batches run in chunks; default 64)")
     p.add_argument("--calib-images", type=int, default=256, help="validation images for INT8 calibration")
+    p.add_argument("--stage-threads", type=int, nargs="+", default=None, metavar="N",
+                   help="onnxruntime: time each stage with each of these thread counts on the validation images at "
+                        "batch 1 and 64 and record the fastest per stage (load_bundle(dir, threads=\"per-stage\"))")
     p.add_argument("--input-size", type=int, default=None, help="square input side (default: checkpoint's data "
                    "size, the model's published size, or 224)")
     p.add_argument("--in-chans", type=int, default=None, help="input channels (default: the model's)")
@@ -51,6 +55,12 @@ def run(args) -> int:
     model.eval()
     shape = _deploy_shape(model, args, meta)
     policy, source = (_deploy_policy(args, model, meta) if _takes_exit_policy(model) else (None, None))
+    if args.stage_threads and (args.runtime != "onnxruntime" or own_writer(model) is not None or
+                               min(args.stage_threads) < 1):
+        raise DyncnnError(f"--stage-threads takes thread counts >= 1, for a static or multi-exit bundle of "
+                          f"--runtime onnxruntime (ExecuTorch has one thread pool per process), got "
+                          f"{args.stage_threads} for {args.runtime}"
+                          f"{' and a glance bundle' if own_writer(model) is not None else ''}")
     if own_writer(model) is not None:       # glance-and-focus: glance/focus graphs + a driver that crops patches
         real, _ = _deploy_images(args, model, meta, shape, "val", 16)
         # export_bundle refuses what such a bundle cannot hold (another runtime, INT8, the single graph)
@@ -68,6 +78,10 @@ def run(args) -> int:
                              quantize=args.quantize, calibration=real[:args.calib_images],
                              single_graph=args.single_graph, runtime=args.runtime, max_batch=args.max_batch,
                              data=meta.get("data"))
+    if args.stage_threads:
+        from ..export.runtime import measure_stage_threads, record_stage_threads
+        measured = measure_stage_threads(args.out, real.numpy(), sorted(set(args.stage_threads)), (1, 64))
+        manifest = record_stage_threads(args.out, measured)
     if args.json:
         print(json.dumps(manifest, indent=2, allow_nan=True))
         return 0
@@ -78,6 +92,9 @@ def run(args) -> int:
           f"against eager {manifest['check']['max_rel_err']:.1e} on {manifest['check']['batches']} batches")
     if policy is not None:
         print(f"exit policy: {source}; thresholds {[round(t, 4) for t in policy.thresholds]}")
+    if args.stage_threads:
+        print("threads per stage (the fastest of " + ", ".join(map(str, manifest["stage_threads"]["candidates"]))
+              + "): " + "; ".join(f"batch {b}: {e['threads']}" for b, e in manifest["stage_threads"]["batches"].items()))
     _list_files(args.out)
     portable = (manifest.get("executorch") or {}).get("portable_ops")
     if portable:

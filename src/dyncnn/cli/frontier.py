@@ -1,6 +1,7 @@
 """``dyncnn frontier``: dynamic networks against the static accuracy-latency front."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 
@@ -30,7 +31,9 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="training device: cpu, cuda, mps or auto (timing is on the CPU)")
     p.add_argument("--runtime", choices=["onnxruntime", "executorch"], default="onnxruntime",
                    help="runtime the bundles are timed in (executorch: XNNPACK, needs dyncnn[mobile])")
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="runtime thread counts timed")
+    p.add_argument("--threads", type=_threads, nargs="+", default=None,
+                   help="runtime thread counts timed, and per-stage: each stage with the count measured fastest "
+                        "for it (default: 1 2 per-stage; with --runtime executorch: 1 2)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="batch sizes timed")
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median and IQR over them)")
     p.add_argument("--single-images", type=int, default=200, help="test images timed one at a time per round")
@@ -43,6 +46,15 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _threads(value: str) -> int | str:
+    if value == "per-stage":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a thread count or per-stage, got {value!r}") from None
+
+
 def run(args) -> int:
     from ..frontier.runner import FrontierSettings, merge_runs, run_frontier
     if args.merge:
@@ -52,7 +64,7 @@ def run(args) -> int:
     canvas = args.canvas or (32 if args.dataset.startswith("cifar") else 128 if args.preset == "phone" else 64)
     settings = FrontierSettings(out=Path(args.out), preset=args.preset, canvas=canvas, clutter=args.clutter,
                                 data_seed=args.seed, seeds=tuple(args.seeds), epochs=args.epochs,
-                                threads=tuple(args.threads), batch_sizes=tuple(args.batch_sizes),
+                                threads=args.threads and tuple(args.threads), batch_sizes=tuple(args.batch_sizes),
                                 rounds=args.rounds, single_images=args.single_images,
                                 batch_images=args.batch_images, eager=not args.no_eager,
                                 device=args.device, only_train=args.only_train, lr=args.lr,

@@ -36,6 +36,9 @@ MAX_GRAPH_BYTES = 1 << 32       # 4 GiB: ONNX protobufs cannot be larger without
 MAX_EXITS = 256                 # published multi-exit networks have up to ~10 exits
 MAX_LEAVES = 1024               # tensors and constants in one stage's state
 MAX_MACS = 10 ** 15             # per sample, cumulative: ~10,000x the largest published CNNs' cost per image
+MAX_THREADS = 1024              # intra-op threads of one session: more than any CPU this runs on has cores
+MAX_BATCH = 1 << 20             # the batch sizes a thread table is recorded for
+THREADS_PER_STAGE = "per-stage"  # the drivers' ``threads`` value that runs each stage with its recorded count
 
 
 class BundleError(DyncnnError):
@@ -216,6 +219,7 @@ def validate_manifest(manifest: dict, where: str = "manifest") -> None:
     if kind == "static":
         if not isinstance(manifest["graph"], dict):
             raise BundleError(f"{where}: graph must be an object, got {type(manifest['graph']).__name__}")
+        _validate_stage_threads(manifest.get("stage_threads"), 1, where)
         return
     k = _positive_int(manifest["num_exits"], "num_exits", where, MAX_EXITS)
     listed = manifest["graphs"] if kind == "glance" else manifest["stages"]
@@ -237,6 +241,42 @@ def validate_manifest(manifest: dict, where: str = "manifest") -> None:
         raise BundleError(f"{where}: exit_macs {macs} are not the running sum of the stages' own costs {own} "
                           f"(a damaged or edited manifest)")
     _validate_policy(manifest["policy"], k, where)
+    _validate_stage_threads(manifest.get("stage_threads"), k, where)
+
+
+def _validate_stage_threads(table: object, stages: int, where: str) -> None:
+    """The optional per-stage thread table (:func:`dyncnn.export.runtime.record_stage_threads`): the thread counts
+    tried (``candidates``), and per batch size measured (``batches``, keyed by the size as a string) the count that
+    ran each of the ``stages`` stages fastest (``threads``) and each candidate's milliseconds per call
+    (``stage_ms``)."""
+    if table is None:
+        return
+    here = f"{where}: stage_threads"
+    if not isinstance(table, dict):
+        raise BundleError(f"{here} must be an object, got {type(table).__name__}")
+    cands = table.get("candidates")
+    if not isinstance(cands, list) or not cands or \
+            any(isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= MAX_THREADS for t in cands):
+        raise BundleError(f"{here}: candidates must list thread counts in [1, {MAX_THREADS}], got {cands!r:.80}")
+    batches = table.get("batches")
+    if not isinstance(batches, dict) or not batches:
+        raise BundleError(f"{here}: batches must be a non-empty object keyed by batch size, got {batches!r:.80}")
+    for b, entry in batches.items():
+        if not (isinstance(b, str) and b.isdecimal() and 1 <= int(b) <= MAX_BATCH and str(int(b)) == b):
+            raise BundleError(f"{here}: batch size {b!r:.40} must be a positive integer (as a string) of at most "
+                              f"{MAX_BATCH}")
+        threads = entry.get("threads") if isinstance(entry, dict) else None
+        if not isinstance(threads, list) or len(threads) != stages or \
+                any(isinstance(t, bool) or not isinstance(t, int) or t not in cands for t in threads):
+            raise BundleError(f"{here}: batch {b}: threads must list {stages} thread counts (one per stage), each "
+                              f"one of the candidates {cands}, got {threads!r:.80}")
+        ms = entry.get("stage_ms", {})
+        if not isinstance(ms, dict) or any(
+                t not in {str(c) for c in cands} or not isinstance(v, list) or len(v) != stages or
+                any(isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x < float("inf") for x in v)
+                for t, v in ms.items()):
+            raise BundleError(f"{here}: batch {b}: stage_ms must map candidate thread counts to {stages} non-negative "
+                              f"finite milliseconds, got {ms!r:.120}")
 
 
 def _validate_policy(p: object, k: int, where: str) -> None:

@@ -181,12 +181,16 @@ def export_onnx(model: nn.Module, example: Tensor, path: str | os.PathLike, *, d
     return Path(path)
 
 
-def onnx_session(path: str | os.PathLike, threads: int = 1):
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads (one inter-op thread)."""
+def onnx_session(path: str | os.PathLike, threads: int = 1, spin: bool = True):
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads (one inter-op thread). ``spin=False``: its
+    pool's threads sleep after each parallel section instead of spinning (ONNX Runtime's default), so that they do
+    not take cores from the sessions that run next (the per-stage driver's, each with its own pool)."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    if not spin and threads > 1:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])

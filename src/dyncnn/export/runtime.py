@@ -27,6 +27,7 @@ Inputs are checked before any session runs: a 4-D batch of the exported channels
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 from dataclasses import dataclass
@@ -38,8 +39,8 @@ import torch
 
 from ..dynamic.policy import ExitPolicy
 from ..errors import DyncnnError
-from .bundle_format import (MANIFEST, RUNTIMES, BundleError, bundle_file, bundle_lock, check_graph_shapes, graph_io,
-                            read_manifest, stage_io_shapes, write_manifest)
+from .bundle_format import (MANIFEST, RUNTIMES, THREADS_PER_STAGE, BundleError, bundle_file, bundle_lock,
+                            check_graph_shapes, graph_io, read_manifest, stage_io_shapes, write_manifest)
 from .host import (SCREEN_MARGIN, _as_batch, _non_finite, confidence_np, exit_test_one, logits_finite,  # noqa: F401
                    one_sample_leaves, row_values)
 
@@ -49,7 +50,7 @@ PRECISIONS = ("fp32", "int8")
 
 
 def _session(folder: Path, entry: dict, precision: str, threads: int, expect_in: list[str],
-             expect_out: list[str], what: str, verify: bool, runtime: str = "onnxruntime"):
+             expect_out: list[str], what: str, verify: bool, runtime: str = "onnxruntime", spin: bool = True):
     from .onnx import onnx_session
     files = entry.get("files") if isinstance(entry, dict) else None
     files = files if isinstance(files, dict) else {}
@@ -73,11 +74,17 @@ def _session(folder: Path, entry: dict, precision: str, threads: int, expect_in:
     if sorted(ins) != sorted(expect_in) or outs != expect_out:
         raise BundleError(f"bundle {folder}: {what} file {rec['file']} has inputs {ins} and outputs {outs}; the "
                           f"manifest says {expect_in} and {expect_out}")
-    return onnx_session(path, threads)
+    return onnx_session(path, threads, spin)
 
 
-def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int = 1, verify: bool = True):
-    """Load the bundle in ``folder`` for ``precision`` ("fp32" or "int8") with ``threads`` ONNX Runtime threads.
+def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int | str = 1, verify: bool = True,
+                spin: bool | None = None):
+    """Load the bundle in ``folder`` for ``precision`` ("fp32" or "int8") with ``threads`` ONNX Runtime threads,
+    or with ``threads="per-stage"``: each stage's own session with the thread count recorded for it in the
+    manifest (:func:`record_stage_threads`; at a call, that of the recorded batch size nearest the rows the stage
+    gets). ``spin``: whether the idle threads of a multi-thread session spin (ONNX Runtime's default) or sleep;
+    None: they spin with one thread count, and sleep per stage, where a stage's spinning pool would take the cores
+    that the next stage's session runs on.
 
     Returns a :class:`DynamicBundle` (multi-exit) or :class:`StaticBundle`. Refuses, with the reason, a folder
     without a manifest, a manifest of another format version, and graph files that are missing, differ from the
@@ -85,13 +92,18 @@ def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int
     """
     if precision not in PRECISIONS:
         raise BundleError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if threads < 1:
-        raise BundleError(f"threads must be >= 1, got {threads}")
+    if threads != THREADS_PER_STAGE and (isinstance(threads, bool) or not isinstance(threads, numbers.Integral)
+                                         or threads < 1):
+        raise BundleError(f"threads must be a positive integer or {THREADS_PER_STAGE!r}, got {threads!r}")
     folder = Path(folder)
     manifest = read_manifest(folder)
     runtime = manifest.get("runtime", "onnxruntime")
     if runtime not in RUNTIMES:
         raise BundleError(f"bundle {folder}: unknown runtime {runtime!r} (this dyncnn runs {RUNTIMES})")
+    if threads == THREADS_PER_STAGE and (runtime != "onnxruntime" or manifest["kind"] == "glance"):
+        raise BundleError(f"bundle {folder}: threads={THREADS_PER_STAGE!r} needs an ONNX Runtime bundle of kind "
+                          f"static or multi_exit (ExecuTorch has one thread pool per process), got a "
+                          f"{runtime} bundle of kind {manifest['kind']!r}; give a thread count")
     if runtime == "executorch":
         from .executorch import available
         if not available():
@@ -102,26 +114,77 @@ def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int
             from .glance import GlanceBundle
             return GlanceBundle(folder, manifest, threads, verify)
         cls = DynamicBundle if manifest["kind"] == "multi_exit" else StaticBundle
-        return cls(folder, manifest, precision, threads, verify)
+        return cls(folder, manifest, precision, threads, verify,
+                   threads != THREADS_PER_STAGE if spin is None else bool(spin))
     except (KeyError, TypeError, AttributeError, IndexError) as e:   # an entry of the wrong shape in the JSON
         raise BundleError(f"{folder / MANIFEST} is malformed ({type(e).__name__}: {e}); expected the manifest "
                           f"that `dyncnn export` writes") from None
 
 
+def thread_plan(manifest: dict, stages: int, threads: int | str) -> list[list[tuple[float, int]]]:
+    """Per stage, the thread count of its session(s): ``[(from_rows, threads), ...]`` in increasing ``from_rows``
+    (the first from 0). With an integer ``threads``, that count everywhere; with ``"per-stage"``, the manifest's
+    table (:func:`stage_threads_table`): a call of ``n`` rows uses the count recorded for the batch size nearest
+    ``n`` on a log scale (with batches 1 and 64 recorded, the boundary lies at 8 rows)."""
+    if threads != THREADS_PER_STAGE:
+        return [[(0.0, int(threads))] for _ in range(stages)]
+    table = stage_threads_table(manifest)
+    if table is None:
+        raise BundleError(f"the bundle records no thread count per stage (no stage_threads in its {MANIFEST}); "
+                          f"measure them with dyncnn.export.runtime.measure_stage_threads and record_stage_threads, "
+                          f"or give a thread count")
+    batches = sorted(table)
+    bounds = [0.0] + [math.sqrt(a * b) for a, b in zip(batches, batches[1:])]
+    plan = []
+    for k in range(stages):
+        steps: list[tuple[float, int]] = []
+        for lo, b in zip(bounds, batches):
+            if not steps or steps[-1][1] != table[b][k]:
+                steps.append((lo, table[b][k]))
+        plan.append(steps)
+    return plan
+
+
+def _pick(sess, more: tuple, n: int):
+    """The session of a call of ``n`` rows: ``sess``, or the last of ``more`` ((from_rows, session), ...) that
+    ``n`` reaches."""
+    for lo, s in more:
+        if n >= lo:
+            sess = s
+    return sess
+
+
 class _Bundle:
-    def __init__(self, folder: Path, manifest: dict, precision: str, threads: int):
+    def __init__(self, folder: Path, manifest: dict, precision: str, threads: int | str, spin: bool = True):
         self.folder, self.manifest, self.precision, self.threads = folder, manifest, precision, threads
+        self.spin = spin                # whether the idle threads of a multi-thread session spin (load_bundle)
         self.runtime = manifest.get("runtime", "onnxruntime")
         self.input_shape = tuple(int(d) for d in manifest["input"]["shape"][1:])
         self.num_classes = int(manifest["num_classes"])
         self.session_seconds = 0.0      # time spent inside ONNX Runtime sessions (for the overhead share)
+
+    def _sessions(self, plan: list[tuple[float, int]], entry: dict, expect_in, expect_out, what: str,
+                  verify: bool, shapes: dict, num_classes: int | None) -> tuple[Any, tuple]:
+        """The sessions of one graph for its ``plan`` (:func:`thread_plan`): the first, and ``((from_rows,
+        session), ...)`` of the others (empty with one thread count); the file is hashed once."""
+        out = []
+        for i, (lo, t) in enumerate(plan):
+            sess = _session(self.folder, entry, self.precision, t, expect_in, expect_out, what, verify and i == 0,
+                            self.runtime, self.spin)
+            check_graph_shapes(self.folder, sess, what, shapes, num_classes)
+            out.append((lo, sess))
+        return out[0][1], tuple(out[1:])
 
     def check_input(self, x: Any) -> np.ndarray:
         return _as_batch(x, self.input_shape)
 
     def _call(self, sess, names, feed):
         t0 = time.perf_counter()
-        out = sess.run(names, feed)
+        inner = getattr(sess, "_sess", None)
+        if inner is not None:   # an ONNX Runtime session: its C++ run, without the Python wrapper's checks of
+            out = inner.run(names, feed, None)   # the feed's names (compared with the graph at load) and of
+        else:                                    # OrtValues (none passed): ~2 us a call, against 0.03-0.3 ms stages
+            out = sess.run(names, feed)
         self.session_seconds += time.perf_counter() - t0
         return out
 
@@ -129,16 +192,28 @@ class _Bundle:
 class StaticBundle(_Bundle):
     """One graph: ``run(x)`` returns the logits as a torch tensor, ``run_numpy(x)`` as numpy."""
 
-    def __init__(self, folder: Path, manifest: dict, precision: str, threads: int, verify: bool):
-        super().__init__(folder, manifest, precision, threads)
+    def __init__(self, folder: Path, manifest: dict, precision: str, threads: int | str, verify: bool,
+                 spin: bool = True):
+        super().__init__(folder, manifest, precision, threads, spin)
         g = manifest["graph"]
-        self.sess = _session(folder, g, precision, threads, g.get("inputs"), g.get("outputs"), "the model graph",
-                             verify, self.runtime)
-        check_graph_shapes(folder, self.sess, "the model graph", {"input": self.input_shape}, self.num_classes)
+        self.thread_plan = thread_plan(manifest, 1, threads)
+        self.sess, self._more = self._sessions(self.thread_plan[0], g, g.get("inputs"), g.get("outputs"),
+                                               "the model graph", verify, {"input": self.input_shape},
+                                               self.num_classes)
+        self._out_names = list(g.get("outputs"))     # checked against the graph's by _session
 
     def run_numpy(self, x: Any) -> np.ndarray:
         x = self.check_input(x)
-        return self._call(self.sess, None, {"input": x})[0]
+        sess = _pick(self.sess, self._more, x.shape[0]) if self._more else self.sess
+        return self._call(sess, self._out_names, {"input": x})[0]
+
+    def stage_pass_ms(self, chunks: Sequence[np.ndarray]) -> list[float]:
+        """Mean milliseconds of the graph's session call on each of ``chunks`` (checked batches): the one
+        stage's entry of :func:`measure_stage_threads`."""
+        t0 = time.perf_counter()
+        for c in chunks:
+            self._call(self.sess, self._out_names, {"input": c})
+        return [(time.perf_counter() - t0) * 1e3 / len(chunks)]
 
     def run(self, x: Any):
         return torch.from_numpy(self.run_numpy(x))
@@ -153,14 +228,17 @@ class _Step:
     build: list[tuple[int, Any]]               # per output leaf: (0 graph | 1 input | 2 const, output pos/leaf/value)
     logits_leaf: int | None                    # the logits are this output leaf; None: the graph's last output
     last: bool
+    more: tuple = ()                           # ((from_rows, session), ...): per-stage threads by batch size
 
 
 class DynamicBundle(_Bundle):
     """A multi-exit bundle; ``run(x, policy=None)`` returns the same ``ExitResult`` as eager ``infer``."""
 
-    def __init__(self, folder: Path, manifest: dict, precision: str, threads: int, verify: bool):
-        super().__init__(folder, manifest, precision, threads)
+    def __init__(self, folder: Path, manifest: dict, precision: str, threads: int | str, verify: bool,
+                 spin: bool = True):
+        super().__init__(folder, manifest, precision, threads, spin)
         self.num_exits = int(manifest["num_exits"])      # stages and exit costs: one each (validate_manifest)
+        self.thread_plan = thread_plan(manifest, self.num_exits, threads)
         self.exit_macs = [int(m) for m in manifest["exit_macs"]]
         self._cum = np.asarray(self.exit_macs, dtype=np.int64)
         p = manifest["policy"]
@@ -169,13 +247,11 @@ class DynamicBundle(_Bundle):
         for k, st in enumerate(manifest["stages"]):
             graph_logits = st["logits"]["source"] == "graph"
             out_names = [f"out{j}" for j in st["outputs"]] + (["logits"] if graph_logits else [])
-            sess = None
+            sess, more = None, ()
             if st["files"]:
-                sess = _session(folder, st, precision, threads, [f"in{i}" for i in st["inputs"]], out_names,
-                                f"stage {k}", verify, self.runtime)
                 shapes = {**stage_io_shapes(st), **({"in0": self.input_shape} if k == 0 else {})}
-                check_graph_shapes(folder, sess, f"stage {k}", shapes,
-                                   self.num_classes if graph_logits else None)
+                sess, more = self._sessions(self.thread_plan[k], st, [f"in{i}" for i in st["inputs"]], out_names,
+                                            f"stage {k}", verify, shapes, self.num_classes if graph_logits else None)
             elif graph_logits:
                 raise BundleError(f"bundle {folder}: stage {k} takes its logits from a graph but has no file")
             pos = {j: n for n, j in enumerate(st["outputs"])}
@@ -189,12 +265,17 @@ class DynamicBundle(_Bundle):
                     build.append((2, leaf.get("value")))
             self._steps.append(_Step(sess, [(f"in{i}", i) for i in st["inputs"]], out_names, build,
                                      None if graph_logits else int(st["logits"]["index"]),
-                                     k == self.num_exits - 1))
+                                     k == self.num_exits - 1, more))
 
     def _step(self, k: int, leaves: list) -> tuple[list, np.ndarray]:
         """Stage ``k`` and head ``k`` on ``leaves``: (the next state's leaves, the logits)."""
         g = self._steps[k]
-        outs = self._call(g.sess, g.out_names, {n: leaves[i] for n, i in g.feed}) if g.sess is not None else ()
+        if g.sess is None:
+            outs = ()
+        else:
+            feed = {n: leaves[i] for n, i in g.feed}
+            sess = _pick(g.sess, g.more, leaves[g.feed[0][1]].shape[0]) if g.more else g.sess
+            outs = self._call(sess, g.out_names, feed)
         if g.last:
             return leaves, outs[-1]
         new = [outs[a] if src == 0 else leaves[a] if src == 1 else a for src, a in g.build]
@@ -298,6 +379,18 @@ class DynamicBundle(_Bundle):
                         times[k].append((time.perf_counter() - t0) * 1e3)
         return [float(np.median(t)) for t in times]
 
+    def stage_pass_ms(self, chunks: Sequence[np.ndarray]) -> list[float]:
+        """Mean milliseconds of each stage's step (its graph and head, no exit test) over ``chunks`` (checked
+        batches) run to full depth: the per-stage entry of :func:`measure_stage_threads`."""
+        times = [0.0] * self.num_exits
+        for c in chunks:
+            leaves: list = [c]
+            for k in range(self.num_exits):
+                t0 = time.perf_counter()
+                leaves, _ = self._step(k, leaves)
+                times[k] += time.perf_counter() - t0
+        return [t * 1e3 / len(chunks) for t in times]
+
     def run(self, x: Any, policy=None):
         """Early-exit inference as eager ``infer``: an ``ExitResult`` of torch tensors."""
         from ..dynamic.executor import ExitResult
@@ -312,10 +405,11 @@ class DynamicBundle(_Bundle):
         if not entry:
             raise BundleError(f"bundle {self.folder} has no single graph (export with single_graph=True / "
                               f"--single-graph)")
-        sess = _session(self.folder, entry, "fp32", self.threads, entry["inputs"], entry["outputs"],
+        threads = max(t for plan in self.thread_plan for _, t in plan)     # one graph: the most any stage uses
+        sess = _session(self.folder, entry, "fp32", threads, entry["inputs"], entry["outputs"],
                         "the single graph", True)
         return CondGraph(self.folder / entry["files"]["fp32"]["file"], self.exit_macs, self.input_shape,
-                         self.threads, sess)
+                         threads, sess)
 
     def exit_logits(self, x: Any, feeds: dict | None = None) -> list[np.ndarray]:
         """Every exit's logits for every sample (full depth, no compaction), as eager ``model(x)``.
@@ -365,3 +459,82 @@ def stage_latency_table(manifest: dict, threads: int) -> list[float] | None:
     """Cumulative ms of leaving at each exit recorded for ``threads`` threads, or None when not measured."""
     entry = (manifest.get("stage_latency_ms") or {}).get(str(int(threads)))
     return [float(t) for t in entry["cumulative_ms"]] if entry else None
+
+
+def measure_stage_threads(folder: str | os.PathLike, images: Any, candidates: Sequence[int] = (1, 2),
+                          batch_sizes: Sequence[int] = (1,), rounds: int = 3, precision: str = "fp32"
+                          ) -> dict[int, dict[int, list[float]]]:
+    """Milliseconds per call of each stage of the bundle in ``folder`` (one stage: a static bundle's graph) with
+    each of ``candidates`` intra-op thread counts, at each of ``batch_sizes``: ``{batch: {threads: [ms per
+    stage]}}``, the median over ``rounds`` passes over ``images`` (N, C, H, W) at full depth, the thread counts
+    interleaved within each round (rotated between rounds) after a warm-up pass, so that a change of load hits
+    them alike; their sessions' idle threads sleep, as the per-stage driver's do (``load_bundle``'s ``spin``). A
+    batch larger than ``images`` repeats them. Feed it to :func:`record_stage_threads`."""
+    if not candidates or not batch_sizes or rounds < 1:
+        raise DyncnnError(f"give thread counts, batch sizes and rounds >= 1, got {candidates}, {batch_sizes}, "
+                          f"{rounds}")
+    bundles = {int(t): load_bundle(folder, precision, threads=int(t), spin=False) for t in candidates}
+    first = next(iter(bundles.values()))
+    if first.runtime != "onnxruntime" or not hasattr(first, "stage_pass_ms"):
+        raise BundleError(f"bundle {folder}: thread counts per stage are measured for ONNX Runtime bundles of kind "
+                          f"static or multi_exit")
+    x = first.check_input(images)
+    if x.shape[0] == 0:
+        raise DyncnnError("stage thread counts need at least one image")
+    out: dict[int, dict[int, list[float]]] = {}
+    for b in batch_sizes:
+        b = int(b)
+        chunks = [x[i:i + b] for i in range(0, x.shape[0] - b + 1, b)] or \
+            [np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])))]
+        per: dict[int, list[list[float]]] = {t: [] for t in bundles}
+        keys = list(bundles)
+        for bundle in bundles.values():
+            bundle.stage_pass_ms(chunks[:4])            # warm-up: sessions, allocators, caches
+        for r in range(rounds):
+            shift = r % len(keys)
+            for t in keys[shift:] + keys[:shift]:
+                per[t].append(bundles[t].stage_pass_ms(chunks))
+        out[b] = {t: np.median(np.asarray(v), axis=0).tolist() for t, v in per.items()}
+    return out
+
+
+def record_stage_threads(folder: str | os.PathLike, measured: dict[int, dict[int, Sequence[float]]],
+                         machine: str | None = None, margin: float = 0.05) -> dict:
+    """Store in the bundle manifest, under ``stage_threads``, per batch size of ``measured``
+    (:func:`measure_stage_threads`: ``{batch: {threads: [ms per stage]}}``) the thread count that ran each stage
+    fastest beside every candidate's milliseconds; returns the manifest. What ``load_bundle(folder,
+    threads="per-stage")`` runs. More threads must be faster by more than ``margin`` (5%): the fewest threads
+    within that of the fastest win, so that noise does not hand a stage a thread pool (and the cores it takes from
+    the rest of the machine) for nothing. Like latencies, a property of the machine that measured them, which is
+    recorded beside them."""
+    import platform
+    folder = Path(folder)
+    with bundle_lock(folder):
+        manifest = read_manifest(folder)
+        stages = 1 if manifest["kind"] == "static" else int(manifest.get("num_exits", 0))
+        batches = {}
+        for b, by_threads in sorted(measured.items()):
+            cands = sorted(int(t) for t in by_threads)
+            if not cands or any(len(by_threads[t]) != stages for t in by_threads):
+                raise BundleError(f"bundle {folder}: expected {stages} stage times per thread count (a "
+                                  f"{manifest['kind']} bundle), got {dict(by_threads)}")
+            fastest = [min(float(by_threads[t][k]) for t in cands) for k in range(stages)]
+            best = [next(t for t in cands if float(by_threads[t][k]) <= fastest[k] * (1 + margin))
+                    for k in range(stages)]
+            batches[str(int(b))] = {"threads": best,
+                                    "stage_ms": {str(t): [float(v) for v in by_threads[t]] for t in cands}}
+        manifest["stage_threads"] = {
+            "candidates": sorted({int(t) for m in measured.values() for t in m}), "batches": batches,
+            "runtime": "onnxruntime",
+            "machine": machine or f"{platform.machine()} {platform.processor() or ''}".strip()}
+        write_manifest(folder, manifest)
+    return manifest
+
+
+def stage_threads_table(manifest: dict) -> dict[int, list[int]] | None:
+    """``{batch size: [thread count per stage]}`` recorded in ``manifest`` (:func:`record_stage_threads`), or
+    None when not measured."""
+    entry = manifest.get("stage_threads")
+    if not entry:
+        return None
+    return {int(b): [int(t) for t in e["threads"]] for b, e in entry["batches"].items()}

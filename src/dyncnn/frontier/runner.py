@@ -11,8 +11,11 @@
    whose validation accuracy reaches the validation accuracy of the best static model. The test split is read
    once, after every choice is made.
 3. Every model and operating point exported (``export_bundle``) and timed in the runtime, at batch 1 and a larger
-   batch, with 1 and 2 threads, all of them interleaved in rounds within one process (a change of machine load hits
-   all alike), median and IQR over rounds; eager PyTorch beside it for the static models and the chosen points.
+   batch, with 1 and 2 threads and with threads per stage (each stage of each bundle, the static ones included,
+   runs with the thread count measured fastest for it on validation images at each timed batch size:
+   ``load_bundle(..., threads="per-stage")``), all of them interleaved in rounds within one process (a change of
+   machine load hits all alike), median and IQR over rounds; eager PyTorch beside it for the static models and the
+   chosen points.
 4. ``frontier.json``, ``frontier.md``, ``frontier.png``, and the figure of merit: the speedup at equal accuracy
    (:mod:`dyncnn.frontier.front`), per seed and averaged.
 """
@@ -38,7 +41,8 @@ from ..dynamic.budget import (assign_exits, collect_exit_logits, evaluate_thresh
                               fit_temperatures, msdnet_thresholds)
 from ..dynamic.losses import MultiExitLoss
 from ..dynamic.policy import ExitPolicy
-from ..export.runtime import load_bundle, record_stage_latency
+from ..export.bundle_format import THREADS_PER_STAGE
+from ..export.runtime import load_bundle, measure_stage_threads, record_stage_latency, record_stage_threads
 from ..export.staged import RUNTIMES, export_bundle
 from ..files import output_lock, read_json
 from ..models import create_model
@@ -154,7 +158,7 @@ class FrontierSettings:
     train_repeats: int = 3          # renderings per training digit
     val_repeats: int = 2            # renderings per validation digit (calibration)
     test_repeats: int = 3           # renderings per test digit (3,000 test images)
-    threads: Sequence[int] = (1, 2)
+    threads: Sequence[int | str] | None = None   # counts and "per-stage"; None: 1, 2 and "per-stage" (ET: 1, 2)
     batch_sizes: Sequence[int] = (1, 64)
     rounds: int = 7
     single_images: int = 200        # images timed one by one per round (batch 1)
@@ -175,8 +179,17 @@ class FrontierSettings:
             raise ValueError(f"preset must be demo, full or phone, got {self.preset!r}")
         if not self.seeds:
             raise ValueError("give at least one training seed")
-        if min(self.threads, default=0) < 1 or min(self.batch_sizes, default=0) < 1:
-            raise ValueError(f"threads and batch sizes must be >= 1, got {self.threads}, {self.batch_sizes}")
+        if self.threads is None:
+            self.threads = (1, 2) + ((THREADS_PER_STAGE,) if self.runtime == "onnxruntime" else ())
+        self.threads = tuple(self.threads)
+        if not self.thread_counts or min(self.batch_sizes, default=0) < 1 or any(
+                t != THREADS_PER_STAGE and (isinstance(t, bool) or not isinstance(t, int) or t < 1)
+                for t in self.threads):
+            raise ValueError(f"threads must be counts >= 1 (at least one) or {THREADS_PER_STAGE!r}, and batch sizes "
+                             f">= 1, got {self.threads}, {self.batch_sizes}")
+        if THREADS_PER_STAGE in self.threads and self.runtime != "onnxruntime":
+            raise ValueError(f"threads {THREADS_PER_STAGE!r} needs runtime onnxruntime (ExecuTorch has one thread "
+                             f"pool per process), got {self.runtime!r}")
         if self.runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
         if self.rounds < 3:
@@ -185,6 +198,11 @@ class FrontierSettings:
 
     def model_set(self) -> dict:
         return self.models or presets(self.canvas)[self.preset]
+
+    @property
+    def thread_counts(self) -> list[int]:
+        """The integer thread counts of ``threads`` (without "per-stage"): the latency tables' conditions."""
+        return [t for t in self.threads if t != THREADS_PER_STAGE]
 
 
 FRONTIER_DATASETS = ("scaled_mnist", "cifar10", "cifar100", "folder")
@@ -421,14 +439,15 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
         return sessions[folder, t]
     timed: list[Timed] = []
     eager_timed: list[Timed] = []
-    t_cost = s.threads[0]
+    counts = s.thread_counts
+    t_cost = counts[0]
     # static models: accuracy on val (for the target; the logits also feed the cascade search) and test, MACs,
     # one bundle each
     val_y = y_val
     static_val_logits: dict[str, Tensor] = {}
     log(f"  seed {seed}: exporting, evaluating and calibrating every model")
     prepared = _Progress(len(statics) + len(models["dynamic"]), log)
-    with torch_threads(max(s.threads)):
+    with torch_threads(max(counts)):
         for label, net in statics.items():
             folder = bundles / _slug(label)
             export_bundle(net, folder, tuple(x_test.shape[1:]), **_export_options(s))
@@ -438,6 +457,7 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
             macs = count_macs(net, x_test[:1]).per_sample
             result["static"][label] = {"val_accuracy": acc_val, "test_accuracy": acc_test, "macs": macs,
                                        "params": sum(p.numel() for p in net.parameters())}
+            _record_stage_threads(folder, x_val, s)
             timed.append(Timed(f"static|{label}", lambda t, f=folder: bundle_of(f, t).run_numpy))
             eager_timed.append(Timed(f"static|{label}", lambda t, m=net: _eager_static(m)))
             prepared.step(f"{label}: exported and evaluated")
@@ -459,7 +479,7 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
         net = build_dynamic(spec, statics, static_specs, **shape) if spec["kind"] == "cascade" else \
             trained_dyn[label]
         net.eval()
-        with torch_threads(max(s.threads)):
+        with torch_threads(max(counts)):
             val_logits, val_y = collect_exit_logits(net, val)
             test_logits, test_y = collect_exit_logits(net, test)
             temps = fit_temperatures(val_logits, val_y)
@@ -468,11 +488,12 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
             export_bundle(net, folder, tuple(x_test.shape[1:]), **_export_options(s))
         # per-exit latency at batch 1 (in the runtime, each thread count), measured on validation images
         stage_tables = {}
-        for t in s.threads:
+        for t in counts:
             with torch_threads(t):
                 ms = load_bundle(folder, threads=t).stage_latency_ms(x_val[:64].numpy(), repeats=3)
             record_stage_latency(folder, ms, t)
             stage_tables[t] = np.cumsum(ms).tolist()
+        _record_stage_threads(folder, x_val, s)
         val_scores = exit_scores(val_logits, temperatures=temps)
         test_scores = exit_scores(test_logits, temperatures=temps)
         val_correct = val_logits.argmax(-1) == val_y
@@ -492,13 +513,13 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
                                                             dtype=test_scores.dtype))
             acc = float((res.logits.argmax(1) == y_test).double().mean())
             frac = (torch.bincount(res.exit_index, minlength=net.num_exits).double() / len(y_test)).tolist()
-            cum_t = {t: stage_tables[t] for t in s.threads}
+            cum_t = {t: stage_tables[t] for t in counts}
             entries.append({**p, "test_accuracy": acc, "test_mean_macs": float(res.macs.double().mean()),
                             "test_exit_fractions": frac,
                             "offline_agrees": int((offline == res.exit_index).sum()), "n_test": len(y_test),
                             "offline_accuracy": float(test_correct[offline, torch.arange(len(y_test))]
                                                       .double().mean()),
-                            "predicted_ms_b1": {str(t): float(np.dot(frac, cum_t[t])) for t in s.threads}})
+                            "predicted_ms_b1": {str(t): float(np.dot(frac, cum_t[t])) for t in counts}})
             key = f"dynamic|{label}|{i}"
             entries[-1]["key"] = key
             timed.append(Timed(key, lambda t, f=folder, pol=policy: _dyn_runner(bundle_of(f, t), pol)))
@@ -519,7 +540,7 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
     rt = time_interleaved(timed, x_test_np, s, RUNTIME_NAMES[s.runtime][0], release=sessions.clear, log=log)
     eager = {}
     if s.eager:
-        es = FrontierSettings(**{**asdict(s), "threads": (max(s.threads),), "rounds": max(3, s.rounds // 2),
+        es = FrontierSettings(**{**asdict(s), "threads": (max(counts),), "rounds": max(3, s.rounds // 2),
                                  "single_images": max(10, s.single_images // 4),
                                  "batch_images": max(max(s.batch_sizes), s.batch_images // 2),
                                  "models": s.models})
@@ -532,6 +553,17 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
             p["rt"], p["eager"] = rt[p["key"]], eager.get(p["key"], {})
     result["merit"] = figures_of_merit(result, s)
     return result
+
+
+def _record_stage_threads(folder: Path, x_val: Tensor, s: FrontierSettings) -> None:
+    """With "per-stage" among ``s.threads``: measure on validation images, at each timed batch size, which of the
+    timed thread counts runs each stage of the bundle in ``folder`` fastest, and record it in its manifest."""
+    if THREADS_PER_STAGE not in s.threads:
+        return
+    with torch_threads(max(s.thread_counts)):
+        measured = measure_stage_threads(folder, x_val[:2 * max(64, *s.batch_sizes)].numpy(), s.thread_counts,
+                                         s.batch_sizes, rounds=3)
+    record_stage_threads(folder, measured)
 
 
 def _image_ms(bundle, images: np.ndarray, repeats: int = 3) -> float:

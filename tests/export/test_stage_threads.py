@@ -1,0 +1,146 @@
+"""Threads per stage: the manifest's table of the fastest intra-op thread count of each stage (per batch size), its
+validation, and the driver that runs each stage with its own session and count (``threads="per-stage"``)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import dyncnn
+from dyncnn.export import BundleError, export_bundle, load_bundle
+from dyncnn.export.bundle_format import write_manifest
+from dyncnn.export.runtime import (measure_stage_threads, record_stage_threads, stage_threads_table,
+                                   thread_plan)
+
+
+def _intra(sess) -> int:
+    return sess.get_session_options().intra_op_num_threads
+
+
+def _spinning(sess):
+    try:
+        return sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    except RuntimeError:            # not set: ONNX Runtime's default (spin)
+        return None
+
+
+class _Recorder:
+    def __init__(self, sess, log, key):
+        self.sess, self.log, self.key = sess, log, key
+
+    def run(self, names, feed):
+        self.log.append((self.key, _intra(self.sess), next(iter(feed.values())).shape[0]))
+        return self.sess.run(names, feed)
+
+
+@pytest.fixture
+def multi(tmp_path, tiny_multi_exit, spread_policy):
+    model = tiny_multi_exit()
+    policy = spread_policy(model, torch.rand(200, 1, 32, 32))
+    export_bundle(model, tmp_path / "b", (1, 32, 32), policy=policy)
+    return model, policy, tmp_path / "b"
+
+
+def test_measured_thread_counts_are_recorded_and_run_by_the_driver(multi):
+    model, policy, folder = multi
+    images = np.random.rand(8, 1, 32, 32).astype(np.float32)
+    measured = measure_stage_threads(folder, images, candidates=(1, 2), batch_sizes=(1, 16), rounds=1)
+    assert sorted(measured) == [1, 16] and all(sorted(m) == [1, 2] for m in measured.values())
+    assert all(len(v) == 3 and min(v) > 0 for m in measured.values() for v in m.values())
+    manifest = record_stage_threads(folder, measured, machine="test")
+    entry = manifest["stage_threads"]
+    assert entry["candidates"] == [1, 2] and entry["machine"] == "test" and sorted(entry["batches"]) == ["1", "16"]
+    for b, m in measured.items():       # the fastest count per stage, every candidate's times beside it
+        want = [1 if m[1][k] <= 1.05 * min(m[1][k], m[2][k]) else 2 for k in range(3)]
+        assert entry["batches"][str(b)]["threads"] == want
+        assert entry["batches"][str(b)]["stage_ms"] == {str(t): pytest.approx(v) for t, v in m.items()}
+    on_disk = json.loads((folder / "manifest.json").read_text())
+    assert stage_threads_table(on_disk) == {b: entry["batches"][str(b)]["threads"] for b in (1, 16)}
+    bundle = load_bundle(folder, threads="per-stage")
+    for k, step in enumerate(bundle._steps):     # each stage's sessions have the recorded counts
+        sessions = [(0.0, step.sess), *step.more]
+        assert [(lo, _intra(s)) for lo, s in sessions] == bundle.thread_plan[k]
+        assert _intra(sessions[0][1]) == entry["batches"]["1"]["threads"][k]
+        assert _intra(sessions[-1][1]) == entry["batches"]["16"]["threads"][k]
+    x = torch.rand(40, 1, 32, 32)
+    want = model.infer(x, policy)
+    assert torch.equal(bundle.run(x).exit_index, want.exit_index)          # decisions as eager
+    assert torch.equal(torch.cat([bundle.run(x[i:i + 1]).exit_index for i in range(40)]), want.exit_index)
+
+
+def test_a_stage_runs_with_the_count_of_the_nearest_recorded_batch(multi):
+    model, policy, folder = multi
+    ms = {1: [0.1, 0.2, 0.3], 2: [0.2, 0.1, 0.1]}                  # batch 1: 1, 2, 2 threads
+    big = {1: [1.0, 1.0, 1.0], 2: [2.0, 0.5, 2.0]}                 # batch 64: 1, 2, 1 threads
+    record_stage_threads(folder, {1: ms, 64: big}, machine="test")
+    bundle = load_bundle(folder, threads="per-stage")
+    assert bundle.thread_plan == [[(0.0, 1)], [(0.0, 2)], [(0.0, 2), (8.0, 1)]]
+    log = []
+    for k, step in enumerate(bundle._steps):
+        step.sess = _Recorder(step.sess, log, k)
+        step.more = tuple((lo, _Recorder(s, log, k)) for lo, s in step.more)
+    full = bundle.full_depth()
+    bundle.run_numpy(np.random.rand(7, 1, 32, 32).astype(np.float32), full)
+    bundle.run_numpy(np.random.rand(9, 1, 32, 32).astype(np.float32), full)
+    assert log == [(0, 1, 7), (1, 2, 7), (2, 2, 7), (0, 1, 9), (1, 2, 9), (2, 1, 9)]
+    # per stage, a 2-thread pool sleeps when idle (a spinning one would take the next stage's core)
+    assert _spinning(bundle._steps[1].sess.sess) == "0"
+    assert _spinning(load_bundle(folder, threads=2)._steps[1].sess) is None        # ONNX Runtime's default
+    # an integer keeps one count everywhere, whatever the manifest records
+    assert thread_plan(bundle.manifest, 3, 2) == [[(0.0, 2)]] * 3
+    assert all(_intra(s.sess) == 2 and not s.more for s in load_bundle(folder, threads=2)._steps)
+
+
+def test_static_bundle_per_stage_threads(tmp_path):
+    net = dyncnn.create_model("tiny_mobilenet", num_classes=10, in_chans=1, widths=[8, 16, 32]).eval()
+    export_bundle(net, tmp_path / "s", (1, 32, 32))
+    with pytest.raises(BundleError, match="records no thread count per stage"):
+        load_bundle(tmp_path / "s", threads="per-stage")
+    measured = measure_stage_threads(tmp_path / "s", np.random.rand(2, 1, 32, 32).astype(np.float32),
+                                     batch_sizes=(1, 4), rounds=1)
+    assert all(len(v) == 1 for m in measured.values() for v in m.values())      # a batch beyond the images
+    record_stage_threads(tmp_path / "s", {1: {1: [0.2], 2: [0.3]}, 4: {1: [0.9], 2: [0.5]}}, machine="test")
+    within = record_stage_threads(tmp_path / "s", {1: {1: [1.0], 2: [0.97]}}, machine="test")
+    assert within["stage_threads"]["batches"] == {"1": {"threads": [1], "stage_ms": {"1": [1.0], "2": [0.97]}}}
+    record_stage_threads(tmp_path / "s", {1: {1: [0.2], 2: [0.3]}, 4: {1: [0.9], 2: [0.5]}}, machine="test")
+    bundle = load_bundle(tmp_path / "s", threads="per-stage")
+    assert _intra(bundle.sess) == 1 and [(lo, _intra(s)) for lo, s in bundle._more] == [(2.0, 2)]
+    x = torch.rand(5, 1, 32, 32)
+    with torch.no_grad():
+        want = net(x).numpy()
+    np.testing.assert_allclose(bundle.run_numpy(x), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bundle.run_numpy(x[:1]), want[:1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"candidates": [0, 2], "batches": {"1": {"threads": [2, 2, 2]}}}, "candidates must list thread counts"),
+    ({"candidates": [1, 2], "batches": {}}, "batches must be a non-empty object"),
+    ({"candidates": [1, 2], "batches": {"0": {"threads": [1, 1, 1]}}}, "batch size '0' must be a positive"),
+    ({"candidates": [1, 2], "batches": {"b1": {"threads": [1, 1, 1]}}}, "batch size 'b1' must be a positive"),
+    ({"candidates": [1, 2], "batches": {"1": {"threads": [1, 1]}}}, "threads must list 3 thread counts"),
+    ({"candidates": [1, 2], "batches": {"1": {"threads": [1, 4, 1]}}}, "each one of the candidates"),
+    ({"candidates": [1, 2], "batches": {"1": {"threads": [1, 1.0, 1]}}}, "each one of the candidates"),
+    ({"candidates": [1, 2], "batches": {"1": {"threads": [1, True, 1]}}}, "each one of the candidates"),
+    ({"candidates": [1, 2], "batches": {"1": {"threads": [1, 1, 1], "stage_ms": {"1": [0.1, float("nan"), 1]}}}},
+     "stage_ms must map"),
+    ({"candidates": [1, 2], "batches": {"1": {"threads": [1, 1, 1], "stage_ms": {"3": [0.1, 0.1, 0.1]}}}},
+     "stage_ms must map"),
+    ([1, 2], "stage_threads must be an object"),
+])
+def test_bad_thread_tables_are_refused_on_write_and_on_load(multi, bad, match):
+    _, _, folder = multi
+    manifest = json.loads((folder / "manifest.json").read_text())
+    with pytest.raises(BundleError, match=match):
+        write_manifest(folder, {**manifest, "stage_threads": bad})
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "stage_threads": bad}))
+    with pytest.raises(BundleError, match=match):
+        load_bundle(folder)
+
+
+def test_bad_threads_arguments_are_refused(multi):
+    _, _, folder = multi
+    for bad in (0, -1, "two", 1.5, True):
+        with pytest.raises(BundleError, match="threads must be a positive integer or 'per-stage'"):
+            load_bundle(folder, threads=bad)
+    with pytest.raises(BundleError, match="expected 3 stage times per thread count"):
+        record_stage_threads(folder, {1: {1: [0.1, 0.2]}})
