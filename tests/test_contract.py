@@ -55,6 +55,12 @@ def _dynamic_names() -> list[str]:
 
 
 DYNAMIC = _dynamic_names()
+# The IMTA recipe (forward knowledge transfer changes what each stage passes on) on every multi-exit family:
+# "NAME+imta" builds NAME with imta=True (and its SMALL size, or the variant's own). Their bundles must export:
+# an ExportError is a failure for them.
+IMTA_VARIANTS = ["msdnet_cifar+imta", "ranet_cifar+imta", "multi_exit+imta"]
+SMALL["multi_exit+imta"] = {"backbone": "tiny_mobilenet", "backbone_cfg": {"widths": [8, 16, 32, 64]},
+                            "example_size": 32}
 
 
 def test_every_builder_declares_the_class_it_builds():
@@ -67,11 +73,13 @@ def test_every_builder_declares_the_class_it_builds():
 
 def _build(name: str) -> nn.Module:
     torch.manual_seed(0)
-    return create_model(name, num_classes=10, **SMALL.get(name, {})).eval()
+    base, _, recipe = name.partition("+")
+    extra = {"imta": True} if recipe == "imta" else {}
+    return create_model(base, num_classes=10, **SMALL.get(name, SMALL.get(base, {})), **extra).eval()
 
 
 def _input(name: str, model: nn.Module, n: int = N) -> torch.Tensor:
-    shape = SHAPES.get(name) or getattr(model, "default_input_shape", None)
+    shape = SHAPES.get(name.partition("+")[0]) or getattr(model, "default_input_shape", None)
     if shape is None:
         side = max(32, getattr(model, "min_input_size", 1) or 1)
         shape = (getattr(model, "in_chans", 3), side, side)
@@ -218,7 +226,7 @@ def _prepare(name: str):
     return model, x, model.infer, None
 
 
-@pytest.mark.parametrize("name", DYNAMIC)
+@pytest.mark.parametrize("name", DYNAMIC + IMTA_VARIANTS)
 def test_dynamic_contract(name, tmp_path):
     model, x, infer, policy = _prepare(name)
     with FlopCounterMode(display=False) as counter:
@@ -292,13 +300,14 @@ def _one_per_family() -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("name", _one_per_family())
+@pytest.mark.parametrize("name", _one_per_family() + IMTA_VARIANTS)
 def test_export_matches_eager_or_says_why(name, tmp_path):
     from dyncnn.export import ExportError, export_bundle, load_bundle
     model, x, infer, policy = _prepare(name)
     try:
         export_bundle(model, tmp_path / "b", tuple(x.shape[1:]), policy=policy)
     except ExportError as e:
+        assert name not in IMTA_VARIANTS, f"forward knowledge transfer must export: {e}"
         assert len(str(e)) > 20, str(e)                # a reason, not a bare failure
         return
     bundle = load_bundle(tmp_path / "b")

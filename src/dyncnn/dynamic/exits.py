@@ -17,7 +17,8 @@ from torch.utils._pytree import tree_map
 from ..errors import DyncnnError, check_image_batch, param_dtype
 from ..layers import ConvNormAct
 from .backbone import input_channels, stage_ends
-from .executor import ExitResult, Executor, State, early_exit_inference, eval_copy, measure_macs
+from .executor import (ExitResult, Executor, State, early_exit_inference, eval_copy, measure_macs,
+                       module_device)
 from .policy import ExitPolicy
 from .split import split_model
 
@@ -111,6 +112,56 @@ def _exit_head(head: str | Callable, shape: torch.Size, num_classes: int, where:
     return (HEADS[head] if isinstance(head, str) else head)(shape[1], num_classes)
 
 
+class ForwardTransfer(nn.Module):
+    """IMTA's forward knowledge transfer into exit k (Li, Huang et al., ICCV 2019, "inline subnetwork
+    collaboration"): the previous exit's logits through linear -> BatchNorm -> ReLU -> linear, added to exit k's
+    logits. The official code concatenates that feature to the head's pooled feature before the head's classifier;
+    a linear layer on a concatenation is the sum of two linear layers, so adding to the logits is the same function
+    and works on any head without opening it."""
+
+    def __init__(self, num_classes: int, hidden: int = 128):
+        super().__init__()
+        self.embed = nn.Linear(num_classes, hidden)
+        self.norm = nn.BatchNorm1d(hidden)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(hidden, num_classes, bias=False)   # the head's classifier has the bias
+
+    def forward(self, prev_logits: Tensor) -> Tensor:
+        return self.fc(self.act(self.norm(self.embed(prev_logits))))
+
+
+class TransferStage(nn.Module):
+    """Stage k with its exit head inside, for forward knowledge transfer: ``(state, previous logits) -> (stage(state),
+    logits)``, the logits being ``head(stage(state)) + transfer(previous logits)`` (stage 0, without a transfer,
+    takes the plain initial state). The exit's logits are part of the state that the next stage reads, so the
+    early-exit loop, the ledger and the staged bundles need nothing new: the network's heads are
+    :class:`ExitLogits`, which read the logits out of the state (0 MACs), and a sample leaving at exit k has run
+    stage k and head k, nothing of exit k + 1."""
+
+    def __init__(self, stage: nn.Module, head: nn.Module, transfer: ForwardTransfer | None = None):
+        super().__init__()
+        self.stage, self.head, self.transfer = stage, head, transfer
+
+    def forward(self, state, grad_scales: tuple[float, float] | None = None) -> tuple:
+        """``grad_scales`` (training with gradient equilibrium): the scales of the gradient that flows back into
+        the stage's output from this exit's head and from the later exits (see ``MultiExitNetwork.forward``)."""
+        inner, prev = state if self.transfer is not None else (state, None)
+        out = self.stage(inner)
+        to_head, to_next = (scale_grad(out, grad_scales[0]), scale_grad(out, grad_scales[1])) \
+            if grad_scales is not None else (out, out)
+        logits = self.head(to_head)
+        if prev is not None:
+            logits = logits + self.transfer(prev)
+        return to_next, logits
+
+
+class ExitLogits(nn.Module):
+    """The head of a :class:`TransferStage`: the logits it put in the state."""
+
+    def forward(self, state: tuple) -> Tensor:
+        return state[1]
+
+
 class _Pick(nn.Module):
     """Apply ``head`` to one named value of a dict state."""
 
@@ -160,16 +211,44 @@ class MultiExitNetwork(nn.Module):
                               f"{tuple(x.shape[-2:])}")
         return x
 
+    @property
+    def forward_transfer(self) -> bool:
+        """Whether each exit also reads the previous exit's logits (:meth:`use_forward_transfer`)."""
+        return bool(self.stages) and isinstance(self.stages[0], TransferStage)
+
+    def use_forward_transfer(self, hidden: int = 128) -> "MultiExitNetwork":
+        """Forward knowledge transfer (IMTA): every exit after the first also reads the previous exit's logits
+        (:class:`ForwardTransfer`, ``hidden`` units). Each stage becomes a :class:`TransferStage` holding the stage
+        and its exit head, and each head an :class:`ExitLogits`, so that inference, the ledger, ``exit_macs`` and
+        bundle export run unchanged. An architecture change (the checkpoint's keys change): call it on a new
+        network, before training. Returns the network."""
+        if self.forward_transfer:
+            raise ValueError(f"{type(self).__name__} already uses forward knowledge transfer")
+        if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1:
+            raise ValueError(f"forward transfer hidden units must be an integer >= 1, got {hidden!r}")
+        stages = [TransferStage(stage, head, ForwardTransfer(self.num_classes, hidden) if k else None)
+                  for k, (stage, head) in enumerate(zip(self.stages, self.heads))]
+        device, dtype = module_device(self), param_dtype(self)
+        self.stages = nn.ModuleList(stages).to(device=device, dtype=dtype)
+        self.heads = nn.ModuleList(ExitLogits() for _ in stages)
+        self.executor = Executor()
+        return self
+
     def forward(self, x: Tensor) -> list[Tensor]:
         state, outs = self.initial_state(x), []
         ge = self.gradient_equilibrium and self.training and torch.is_grad_enabled()
         k_exits = self.num_exits
         for k, (stage, head) in enumerate(zip(self.stages, self.heads)):
-            state = stage(state)
-            if ge and k < k_exits - 1:
-                outs.append(head(scale_grad(state, 1.0 / (k_exits - k))))
-                state = scale_grad(state, (k_exits - k - 1) / (k_exits - k))
+            scales = (1.0 / (k_exits - k), (k_exits - k - 1) / (k_exits - k)) if ge and k < k_exits - 1 else None
+            if isinstance(stage, TransferStage):     # the head runs inside the stage: so does the rescaling
+                state = stage(state, scales)
+                outs.append(head(state))
+            elif scales is not None:
+                state = stage(state)
+                outs.append(head(scale_grad(state, scales[0])))
+                state = scale_grad(state, scales[1])
             else:
+                state = stage(state)
                 outs.append(head(state))
         return outs
 

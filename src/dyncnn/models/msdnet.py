@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..dynamic.exits import ConvHead, MultiExitNetwork
+from ..dynamic.imta import apply_imta
 from ..layers import ConvNormAct
 from .base import is_exporting
 from .registry import register_model
@@ -294,9 +295,10 @@ class MSDNet(MultiExitNetwork):
         return super().forward(x)
 
 
-def _build(num_classes: int, in_chans: int, norm_layer: LayerFactory, act_layer: LayerFactory, **cfg) -> MSDNet:
-    return MSDNet(msdnet_cfg(**cfg), num_classes=num_classes, in_chans=in_chans, norm_layer=norm_layer,
-                  act_layer=act_layer)
+def _build(num_classes: int, in_chans: int, norm_layer: LayerFactory, act_layer: LayerFactory,
+           imta: bool | dict | None = None, **cfg) -> MSDNet:
+    return apply_imta(MSDNet(msdnet_cfg(**cfg), num_classes=num_classes, in_chans=in_chans, norm_layer=norm_layer,
+                             act_layer=act_layer), imta)
 
 
 @register_model(name="msdnet_cifar", published={"input_size": 32, "note": "Huang et al. 2018, CIFAR anytime "
@@ -305,9 +307,11 @@ def msdnet_cifar(num_classes: int = 10, in_chans: int = 3, nBlocks: int = 7, ste
                  base: int = 4, nChannels: int = 16, growthRate: int = 6, grFactor: str | Sequence[int] = (1, 2, 4),
                  bnFactor: str | Sequence[int] = (1, 2, 4), prune: str = "max", reduction: float = 0.5,
                  bottleneck: bool = True, data: str = "cifar", nScales: int | None = None,
-                 norm_layer: LayerFactory = nn.BatchNorm2d, act_layer: LayerFactory = nn.ReLU) -> MSDNet:
-    """MSDNet for 32x32 images, defaults of the official CIFAR anytime command line (7 exits)."""
-    return _build(num_classes, in_chans, norm_layer, act_layer, nBlocks=nBlocks, step=step, stepmode=stepmode,
+                 norm_layer: LayerFactory = nn.BatchNorm2d, act_layer: LayerFactory = nn.ReLU,
+                 imta: bool | dict | None = None) -> MSDNet:
+    """MSDNet for 32x32 images, defaults of the official CIFAR anytime command line (7 exits). ``imta``: the IMTA
+    training recipe (:mod:`dyncnn.dynamic.imta`), ``True`` or a dict of its settings."""
+    return _build(num_classes, in_chans, norm_layer, act_layer, imta, nBlocks=nBlocks, step=step, stepmode=stepmode,
                   base=base, nChannels=nChannels, growthRate=growthRate, grFactor=grFactor, bnFactor=bnFactor,
                   prune=prune, reduction=reduction, bottleneck=bottleneck, data=data, nScales=nScales)
 
@@ -320,9 +324,10 @@ def msdnet_imagenet(num_classes: int = 1000, in_chans: int = 3, nBlocks: int = 5
                     grFactor: str | Sequence[int] = (1, 2, 4, 4), bnFactor: str | Sequence[int] = (1, 2, 4, 4),
                     prune: str = "max", reduction: float = 0.5, bottleneck: bool = True, data: str = "imagenet",
                     nScales: int | None = None, norm_layer: LayerFactory = nn.BatchNorm2d,
-                    act_layer: LayerFactory = nn.ReLU) -> MSDNet:
-    """MSDNet for 224x224 images, defaults of the official ImageNet command line (5 exits, 4 scales)."""
-    return _build(num_classes, in_chans, norm_layer, act_layer, nBlocks=nBlocks, step=step, stepmode=stepmode,
+                    act_layer: LayerFactory = nn.ReLU, imta: bool | dict | None = None) -> MSDNet:
+    """MSDNet for 224x224 images, defaults of the official ImageNet command line (5 exits, 4 scales); ``imta`` as
+    in :func:`msdnet_cifar`."""
+    return _build(num_classes, in_chans, norm_layer, act_layer, imta, nBlocks=nBlocks, step=step, stepmode=stepmode,
                   base=base, nChannels=nChannels, growthRate=growthRate, grFactor=grFactor, bnFactor=bnFactor,
                   prune=prune, reduction=reduction, bottleneck=bottleneck, data=data, nScales=nScales)
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..dynamic.exits import MultiExitNetwork
+from ..dynamic.imta import apply_imta
 from ..errors import check_image_batch
 from ..layers import ConvNormAct
 from .registry import register_model
@@ -353,12 +354,14 @@ IMAGENET_CFG = dict(CIFAR_CFG, stem="imagenet", growthRate=16, step=8, scale_lis
 
 
 @register_model(name="ranet_cifar", published={"input_size": 32})   # no MAC/param figure in REFERENCES.md
-def ranet_cifar(num_classes: int = 10, in_chans: int = 3, **cfg) -> RANet:
-    """RANet as trained by the official ``train_cifar.sh`` (8 exits, 94M MACs at the last one on 32x32)."""
-    return RANet(num_classes, in_chans, **{**CIFAR_CFG, **cfg})
+def ranet_cifar(num_classes: int = 10, in_chans: int = 3, imta: bool | dict | None = None, **cfg) -> RANet:
+    """RANet as trained by the official ``train_cifar.sh`` (8 exits, 94M MACs at the last one on 32x32). ``imta``:
+    the IMTA training recipe (:mod:`dyncnn.dynamic.imta`), ``True`` or a dict of its settings."""
+    return apply_imta(RANet(num_classes, in_chans, **{**CIFAR_CFG, **cfg}), imta)
 
 
 @register_model(name="ranet_imagenet", published={"input_size": 224})
-def ranet_imagenet(num_classes: int = 1000, in_chans: int = 3, **cfg) -> RANet:
-    """RANet as trained by the official ``train_imagenet.sh`` (8 exits, 1.68G MACs at the last one on 224x224)."""
-    return RANet(num_classes, in_chans, **{**IMAGENET_CFG, **cfg})
+def ranet_imagenet(num_classes: int = 1000, in_chans: int = 3, imta: bool | dict | None = None, **cfg) -> RANet:
+    """RANet as trained by the official ``train_imagenet.sh`` (8 exits, 1.68G MACs at the last one on 224x224);
+    ``imta`` as in :func:`ranet_cifar`."""
+    return apply_imta(RANet(num_classes, in_chans, **{**IMAGENET_CFG, **cfg}), imta)
