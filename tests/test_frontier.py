@@ -209,11 +209,15 @@ def test_gradient_equilibrium_rescales_the_trunk_gradient():
 # -- the whole run ----------------------------------------------------------------------------------------------
 
 def _tiny_settings(out, **kw):
-    from dyncnn.frontier.runner import FrontierSettings, _static
+    from dyncnn.frontier.runner import FrontierSettings, _static, _trained
     models = {"static": [_static("small /2", "tiny_mobilenet", 2, widths=[8, 16]),
                          _static("big", "tiny_mobilenet", 1, widths=[8, 16, 32])],
               "dynamic": [{"label": "cascade", "kind": "cascade", "members": ["small /2", "big"]},
-                          {"label": "searched", "kind": "searched", "max_members": 3}]}
+                          {"label": "searched", "kind": "searched", "max_members": 3},
+                          # a feature-reusing network trained in the run, with the IMTA recipe (2 exits)
+                          _trained("ranet", "ranet_cifar", stem="imagenet", nChannels=4, growthRate=4, nBlocks=1,
+                                   block_step=1, step=1, scale_list=[1, 2], grFactor=[2, 1], bnFactor=[2, 1],
+                                   head_channels=8)]}
     return FrontierSettings(**{"out": out, "canvas": 32, "seeds": (0,), "epochs": 1, "train_repeats": 1,
                                "val_repeats": 1, "test_repeats": 1, "rounds": 3, "single_images": 8,
                                "batch_images": 32, "batch_sizes": (1, 16), "threads": (1,), "models": models, **kw})
@@ -235,7 +239,8 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
         assert (tmp_path / "fr" / name).stat().st_size > 500
     saved = json.loads((tmp_path / "fr" / "frontier.json").read_text())
     seed = saved["seeds"][0]
-    assert set(seed["static"]) == {"small /2", "big"} and saved["summary"]["selected"] in ("cascade", "searched")
+    assert set(seed["static"]) == {"small /2", "big"}
+    assert saved["summary"]["selected"] in ("cascade", "searched", "ranet")
     points = seed["dynamic"]["cascade"]["points"]
     assert sum(p["chosen"] for p in points) == 1 and any(p.get("full_depth") for p in points)
     # the bundle driver's decisions on the test split equal the offline assignment from eager logits
@@ -248,6 +253,13 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
     assert seed["dynamic"]["searched"]["kind"] == "searched"
     assert all(p["offline_agrees"] == p["n_test"] for p in seed["dynamic"]["searched"]["points"])
     assert "Cascade search (validation split only)" in (tmp_path / "fr" / "frontier.md").read_text()
+    # the trained RANet: IMTA's forward transfer exported (exit 0's logits are a state leaf the next stage reads),
+    # the driver's decisions equal the offline assignment, and the threshold grid searched its operating points
+    ranet = seed["dynamic"]["ranet"]
+    assert ranet["kind"] == "trained" and len(ranet["exit_macs"]) == 2 and seed["training_seconds"]["ranet"] > 0
+    assert all(p["offline_agrees"] == p["n_test"] for p in ranet["points"])
+    manifest = json.loads((tmp_path / "fr" / "bundles" / "seed0" / "ranet" / "manifest.json").read_text())
+    assert manifest["stages"][0]["logits"]["source"] == "leaf"
     merit = seed["merit"]["t1_b1"]["models"]["cascade"]
     assert merit["speedup"] > 0 and merit["dynamic_latency"] > 0
     assert re.search(r"x (faster|slower) than the static front", (tmp_path / "fr" / "frontier.md").read_text())
@@ -271,6 +283,7 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
     # a second run reuses the finished checkpoints instead of training again
     again = run_frontier(s, log=lambda *a: None)
     assert all(v == 0.0 for v in again["seeds"][0]["training_seconds"].values())
+    assert again["seeds"][0]["dynamic"]["ranet"]["anytime_test"] == r["seeds"][0]["dynamic"]["ranet"]["anytime_test"]
     assert r["seeds"][0]["static"]["big"]["test_accuracy"] == again["seeds"][0]["static"]["big"]["test_accuracy"]
 
 
@@ -425,3 +438,29 @@ def test_tiny_frontier_on_an_image_folder(tmp_path, write_image_tree):
         FrontierSettings(dataset="cifar10", data_root="x", canvas=64)
     with pytest.raises(ValueError, match="dataset must be one of"):
         FrontierSettings(dataset="imagenet")
+
+
+def test_preset_multi_exit_networks_train_with_the_public_imta_recipe():
+    """Every trained dynamic entry of ``full`` and ``phone`` builds through ``create_model`` with the IMTA recipe
+    (the model owns its loss: the trainer needs nothing from the frontier), and the new candidates are there with
+    three exits each: RANet, and exits placed for latency on MobileNetV3-Small and tiny-XL."""
+    from dyncnn.dynamic import IMTA
+    from dyncnn.dynamic.protocols import OwnTrainingLoss
+    from dyncnn.frontier.runner import IMTA_RECIPE, build_dynamic, presets
+    for preset, canvas in (("full", 64), ("phone", 128)):
+        trained = {spec["label"]: spec for spec in presets(canvas)[preset]["dynamic"] if spec["kind"] == "trained"}
+        assert any(s["name"] == "ranet_cifar" for s in trained.values())
+        assert any(s["cfg"].get("backbone") == "mobilenet_v3_small" for s in trained.values())
+        for label, spec in trained.items():
+            net = build_dynamic(spec, {}, {})
+            assert isinstance(net, OwnTrainingLoss) and net.imta == IMTA.of(spec["cfg"]["imta"]), label
+            assert net.training_loss.label_smoothing == 0.05, label
+            new = spec["name"] == "ranet_cifar" or spec["cfg"].get("backbone") == "mobilenet_v3_small" or \
+                spec["cfg"].get("backbone_cfg", {}).get("widths") == [64, 192, 384, 768]
+            if new or spec["cfg"]["imta"] == IMTA_RECIPE:    # (the multi-stage network: the plain loss, measured)
+                assert net.forward_transfer and net.gradient_equilibrium and net.training_loss.teacher == "next"
+            # the new candidates: three exits (more than one early exit), so that the threshold grid searches them
+            assert net.num_exits == 3 if new else net.num_exits >= 2, (label, net.num_exits)
+    with pytest.raises(ValueError, match="not a 'recipe' key"):
+        build_dynamic({"label": "old", "kind": "trained", "name": "msdnet_cifar", "recipe": {"distill": 1.0},
+                       "cfg": {}}, {}, {})

@@ -3,9 +3,9 @@
 
 1. One training budget for every model (same epochs, schedule, augmentation, seed): a static front of zoo networks
    at several widths *and* input resolutions (a network on a 2x / 4x downsampled input is a legitimate static
-   point), and the dynamic candidates that need training (exits on the static backbone trained with
-   self-distillation and gradient equilibrium, MSDNet with the same recipe). Cascades are built from the trained
-   static networks themselves: they need no training of their own.
+   point), and the dynamic candidates that need training (exits on static backbones, MSDNet and RANet, all with
+   the public IMTA recipe of :mod:`dyncnn.dynamic.imta`). Cascades are built from the trained static networks
+   themselves: they need no training of their own.
 2. Validation split: per-exit temperatures, the MSDNet threshold sweep, and per-exit latencies in the runtime
    measured on the exported bundle; the operating point of each dynamic model is the cheapest (predicted latency)
    whose validation accuracy reaches the validation accuracy of the best static model. The test split is read
@@ -39,7 +39,6 @@ from tqdm.auto import tqdm
 from ..data import ScaledMNIST, get_dataset
 from ..dynamic.budget import (assign_exits, collect_exit_logits, evaluate_thresholds, exit_proportions, exit_scores,
                               fit_temperatures, msdnet_thresholds)
-from ..dynamic.losses import MultiExitLoss
 from ..dynamic.policy import ExitPolicy
 from ..export.bundle_format import THREADS_PER_STAGE
 from ..export.runtime import load_bundle, measure_stage_threads, record_stage_latency, record_stage_threads
@@ -75,6 +74,22 @@ def _searched(label: str = "cascade searched on validation", max_members: int = 
     return {"label": label, "kind": "searched", "max_members": max_members}
 
 
+# The frontier's multi-exit networks train with the public IMTA recipe (:mod:`dyncnn.dynamic.imta`: gradient
+# equilibrium, forward knowledge transfer, each exit distilled from the next), at the label smoothing every model of
+# the frontier trains with.
+IMTA_RECIPE = {"label_smoothing": 0.05}
+
+
+# The IMTA recipe with its three techniques off: the sum of the exits' cross-entropy (the plain multi-exit loss).
+PLAIN_RECIPE = {"gradient_equilibrium": False, "forward_transfer": False, "distill": 0.0, "label_smoothing": 0.05}
+
+
+def _trained(label: str, name: str, imta: dict | None = None, **cfg) -> dict:
+    """A dynamic model trained like the static ones (same budget), with the IMTA recipe (or the settings
+    ``imta`` gives)."""
+    return {"label": label, "kind": "trained", "name": name, "cfg": {**cfg, "imta": dict(imta or IMTA_RECIPE)}}
+
+
 def presets(canvas: int) -> dict[str, dict]:
     """The model sets: ``demo`` (small, for ``make demo``), ``full`` (the benchmark on the demo's 64x64 data) and
     ``phone`` (128x128 canvas, networks of 1.2-73M MACs, where per-call overhead is a small share)."""
@@ -98,24 +113,33 @@ def presets(canvas: int) -> dict[str, dict]:
                     _static("mnv3-small /2", "mobilenet_v3_small", 2),
                     _static("mnv3-small", "mobilenet_v3_small", 1),
                     _static("shufflenetv2 x1.0", "shufflenet_v2_x1_0", 1)]
-    recipe = {"distill": 1.0, "temperature": 3.0, "gradient_equilibrium": True}
-    msdnet = {"label": "MSDNet (distill+GE)", "kind": "trained", "name": "msdnet_cifar", "recipe": recipe,
-              "cfg": {"data": "imagenet", "nBlocks": 5, "step": 1, "base": 1, "nChannels": 8, "growthRate": 6,
-                      "grFactor": [1, 2, 4], "bnFactor": [1, 2, 4]}}
+    msdnet = _trained("MSDNet (IMTA)", "msdnet_cifar", data="imagenet", nBlocks=5, step=1, base=1, nChannels=8,
+                      growthRate=6, grFactor=[1, 2, 4], bnFactor=[1, 2, 4])
 
     # the lecture's width-wise multi-stage network: stage 1 is tiny-M on the 2x downsampled image (tiny-M /2's MACs),
     # stages 2 and 3 add tiny-S's widths at full resolution reading the kept features (about tiny-M's MACs, then
     # between tiny-M and tiny-L); trained with the plain multi-exit loss, since distillation and gradient
     # equilibrium each lowered all three exits' validation accuracy in a 3-epoch check
-    multi_stage = {"label": "multi-stage tiny-M /2 +S +S", "kind": "trained", "name": "multi_stage", "recipe": {},
-                   "cfg": {"widths": [TINY_M, TINY_S, TINY_S], "resolutions": [2, 1, 1]}}
+    # (that plain loss is the recipe with its three techniques off: the sum of the exits' cross-entropy)
+    multi_stage = _trained("multi-stage tiny-M /2 +S +S", "multi_stage", imta=PLAIN_RECIPE,
+                           widths=[TINY_M, TINY_S, TINY_S], resolutions=[2, 1, 1])
 
-    def exits_on(widths, label):
-        # one exit, after stage 3 of 4: the first stages are cheap in MACs but not in latency (a head and an
-        # ONNX Runtime call cost about as much as an early stage), so exits go where the remaining work is large
-        return {"label": label, "kind": "trained", "name": "multi_exit", "recipe": recipe,
-                "cfg": {"backbone": "tiny_mobilenet", "backbone_cfg": {"widths": widths},
-                        "stages": ["stages.2"], "example_size": canvas}}
+
+    def exits_on(label, stages, backbone="tiny_mobilenet", **backbone_cfg):
+        # Exits placed for latency, not MACs: the first stages are cheap in MACs but not in latency (a head and
+        # an ONNX Runtime call cost about as much as an early stage), so the early exits sit where about a
+        # quarter to a half and a half to four fifths of the network's batch-1 latency have run (measured in ONNX
+        # Runtime, 1 thread: tiny-XL at 128x128 after stages.1 / stages.2 ~55% / 80%, MobileNetV3-Small after
+        # stages.1 / stages.3 ~25% / 55%); three exits, so that the threshold grid searches them.
+        return _trained(label, "multi_exit", backbone=backbone, backbone_cfg=backbone_cfg, stages=stages,
+                        example_size=canvas)
+
+    def ranet(label, nChannels, growthRate):
+        # RANet with two flows (a low-resolution one, then one at full resolution that fuses its features) and
+        # three exits; the ImageNet stem (stride 4) as MSDNet's entry, so that the canvas fits.
+        return _trained(label, "ranet_cifar", stem="imagenet", nChannels=nChannels, growthRate=growthRate,
+                        nBlocks=2, block_step=1, step=2, scale_list=[1, 2], grFactor=[2, 1], bnFactor=[2, 1],
+                        head_channels=32)
 
     return {
         "demo": {"static": demo_static,
@@ -129,9 +153,12 @@ def presets(canvas: int) -> dict[str, dict]:
                              _cascade("cascade /2 -> tiny-M -> tiny-L", "tiny-M /2", "tiny-M", "tiny-L"),
                              _cascade("width cascade tiny-S -> tiny-M", "tiny-S", "tiny-M"),
                              _searched(),
-                             exits_on(TINY_M, "exits on tiny-M (distill+GE)"),
+                             exits_on("exits on tiny-M (IMTA)", ["stages.2"], widths=TINY_M),
                              multi_stage,
-                             msdnet]},
+                             msdnet,
+                             ranet("RANet (IMTA)", 12, 8),           # 4.1M MACs at 64x64, MSDNet's 3.5M
+                             exits_on("exits on mnv3-small x0.5 (IMTA)", ["stages.1", "stages.3"],
+                                      "mobilenet_v3_small", width_mult=0.5)]},
         "phone": {"static": phone_static,
                   "dynamic": [_cascade("resolution cascade mnv3-small /2 -> full", "mnv3-small /2", "mnv3-small"),
                               _cascade("resolution cascade tiny-M /4 -> mnv3-small /2 -> full", "tiny-M /4",
@@ -140,7 +167,9 @@ def presets(canvas: int) -> dict[str, dict]:
                               _cascade("resolution cascade tiny-XL /2 -> full", "tiny-XL /2", "tiny-XL"),
                               _searched(),
                               multi_stage,
-                              exits_on(TINY_XL, "exits on tiny-XL (distill+GE)")]},
+                              exits_on("exits on tiny-XL (IMTA)", ["stages.1", "stages.2"], widths=TINY_XL),
+                              exits_on("exits on mnv3-small (IMTA)", ["stages.1", "stages.3"], "mobilenet_v3_small"),
+                              ranet("RANet (IMTA)", 16, 12)]},         # 30M MACs at 128x128
     }
 
 
@@ -272,12 +301,6 @@ def train_one(model: nn.Module, label: str, seed: int, s: FrontierSettings, trai
     return model, {"seconds": seconds, "final_val_acc": run.final_val_acc, "history": run.history}
 
 
-def _loss(recipe: dict | None):
-    recipe = recipe or {}
-    return MultiExitLoss(weights=recipe.get("weights"), distill=recipe.get("distill", 0.0),
-                         temperature=recipe.get("temperature", 3.0), label_smoothing=0.05)
-
-
 def build_dynamic(spec: dict, statics: dict[str, nn.Module], static_specs: dict[str, dict], num_classes: int = 10,
                   in_chans: int = 1) -> nn.Module:
     if spec["kind"] == "cascade":
@@ -286,9 +309,10 @@ def build_dynamic(spec: dict, statics: dict[str, nn.Module], static_specs: dict[
         for head, m in zip(net.heads, spec["members"]):
             head.load_state_dict(statics[m].state_dict())
         return net.eval()
-    net = create_model(spec["name"], num_classes=num_classes, in_chans=in_chans, **spec["cfg"])
-    net.gradient_equilibrium = bool((spec.get("recipe") or {}).get("gradient_equilibrium"))
-    return net
+    if "recipe" in spec:
+        raise ValueError(f"frontier entry {spec['label']!r}: the training recipe is a model setting now, "
+                         f"cfg {{'imta': ...}} (dyncnn.dynamic.imta), not a 'recipe' key")
+    return create_model(spec["name"], num_classes=num_classes, in_chans=in_chans, **spec["cfg"])
 
 
 # -- timing ----------------------------------------------------------------------------------------------------
@@ -422,8 +446,9 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
     for spec in models["dynamic"]:
         if spec["kind"] == "trained":
             log(f"  seed {seed}: training dynamic {spec['label']}")
+            # the model owns its training loss (``training_loss``, its cfg's IMTA recipe), which the trainer uses
             net, info = train_one(build_dynamic(spec, statics, static_specs, **shape), spec["label"], seed, s, train,
-                                  val, data["meta"], loss=_loss(spec.get("recipe")))
+                                  val, data["meta"])
             trained_dyn[spec["label"]] = net
             result["training_seconds"][spec["label"]] = info["seconds"]
             training.step(f"{spec['label']}: {'reused' if info.get('reused') else 'trained'}")
