@@ -28,7 +28,7 @@ def test_docs_build_strict_offline(tmp_path):
                         "-d", str(site)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     api = (site / "api" / "index.html").read_text()
-    for name in ("create_model", "count_macs", "ExitPolicy", "export_bundle", "load_bundle"):
+    for name in ("create_model", "count_macs", "ExitPolicy", "export_bundle", "load_bundle", "apply_imta", "MultiExitLoss"):
         assert name in api, f"{name} missing from the API page"
     assert (site / "choosing" / "index.html").exists()
     assert not [p for p in site.rglob("*.html") if "fonts.googleapis.com" in p.read_text()]

@@ -96,6 +96,26 @@ def test_stage_costs_are_cached_per_stage_and_shape_and_never_confused_after_a_s
     assert len(ex._cache[h]) == 1 and ex.stage_macs(h.head, torch.zeros(1, 4)) == 8 and len(ex._cache[h]) == 1
 
 
+def test_nested_states_are_keyed_by_structure_and_shapes():
+    """A state of nested dicts, lists and tuples (RANet's flows, a stage's state with the previous exit's logits):
+    its cost is cached per structure and per-sample shape, and measured again when either changes."""
+    ex = Executor()
+
+    def stage(state):
+        feats, logits = state
+        return feats["x"] @ torch.ones(feats["x"].shape[-1], 3) + logits.sum() * 0
+
+    def state(d, extra=None):
+        feats = {"x": torch.zeros(2, d), "inputs": [torch.zeros(2, 1)], "low": extra}
+        return (feats, torch.zeros(2, 10))
+    assert ex.stage_macs(stage, state(4)) == 12
+    assert ex.stage_macs(stage, state(4)) == 12 and len(ex._cache[stage]) == 1       # cached
+    assert ex.stage_macs(stage, state(5)) == 15                                       # another shape
+    assert ex.stage_macs(stage, state(5, extra=1)) == 15 and len(ex._cache[stage]) == 3   # another structure
+    from dyncnn.dynamic.executor import _shape_key
+    assert _shape_key(state(4)) != _shape_key(state(4, extra=1)) != _shape_key(state(4, extra=torch.zeros(2, 1)))
+
+
 def test_ledger_folds_deferred_charges_exactly_whenever_it_is_read():
     ledger = CostLedger(5)
     everyone, some, others = torch.arange(5), torch.tensor([1, 3]), torch.tensor([0, 3, 4])

@@ -116,18 +116,35 @@ def select_rows(state: State, rows: Tensor | slice) -> State:
     return tree_map(lambda t: t[rows] if isinstance(t, Tensor) and t.dim() > 0 else t, state)
 
 
-def _shape_key(state: State) -> tuple:
-    if isinstance(state, Tensor):             # the common case, without flattening (cheap at batch 1)
+_CONSTANTS = (type(None), bool, int, float, str)
+
+
+def _nested_key(state: State) -> tuple:
+    """The key of a state made of tensors, constants, and plain dicts, lists and tuples of them (a cut backbone's
+    named values, multi-scale features, RANet's flows, a stage's state with the previous exit's logits), built
+    without flattening and printing a TreeSpec (tens of microseconds a stage, as much as a small convolution);
+    raises TypeError for anything else."""
+    if isinstance(state, Tensor):
         return (tuple(state.shape[1:]), state.dtype)
-    # a cut backbone's named values, multi-scale features: without flattening and printing a TreeSpec (tens of
-    # microseconds a stage, as much as a small convolution)
-    if type(state) is dict and all(isinstance(v, Tensor) for v in state.values()):
-        return ("dict",) + tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in state.items())
-    if type(state) in (list, tuple) and all(isinstance(v, Tensor) for v in state):
-        return (type(state).__name__,) + tuple((tuple(v.shape[1:]), v.dtype) for v in state)
-    leaves, spec = tree_flatten(state)
-    return (str(spec),) + tuple((tuple(t.shape[1:]), t.dtype) if isinstance(t, Tensor) else repr(t)
-                                for t in leaves)
+    kind = type(state)
+    if kind is dict:
+        return ("dict",) + tuple((k, _nested_key(v)) for k, v in state.items())
+    if kind is list or kind is tuple:
+        return (kind.__name__,) + tuple(_nested_key(v) for v in state)
+    if kind in _CONSTANTS:
+        return ("const", repr(state))
+    raise TypeError(kind.__name__)
+
+
+def _shape_key(state: State) -> tuple:
+    if isinstance(state, Tensor):             # the common case, without recursion (cheap at batch 1)
+        return (tuple(state.shape[1:]), state.dtype)
+    try:
+        return _nested_key(state)
+    except TypeError:                         # other containers (named tuples, dataclasses): the generic pytree
+        leaves, spec = tree_flatten(state)
+        return (str(spec),) + tuple((tuple(t.shape[1:]), t.dtype) if isinstance(t, Tensor) else repr(t)
+                                    for t in leaves)
 
 
 def measure_macs(fn: Callable[[State], Any], state: State) -> int:
