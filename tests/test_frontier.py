@@ -230,10 +230,10 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
     lines = []
     r = run_frontier(s, log=lines.append)
     # a line per model trained, prepared and timing condition: name, seconds, time left (issue 27)
-    assert [ln.split(" in ")[0] for ln in lines if " s (" in ln and " of " in ln][:2] == \
-        ["    small /2: trained", "    big: trained"]
+    assert [ln.split(" in ")[0] for ln in lines if " s (" in ln and " of " in ln][:3] == \
+        ["    small /2: trained", "    big: trained", "    ranet: trained"]
     assert sum(": exported and evaluated in" in ln or ": calibrated, exported and run on test in" in ln
-               for ln in lines) == 4
+               for ln in lines) == 5                                 # 2 static, 3 dynamic models
     assert sum("models timed in" in ln for ln in lines) == (2 + 1) * 2   # runtime (1 thread, per stage) and eager
     for name in ("frontier.json", "frontier.md", "frontier.png"):
         assert (tmp_path / "fr" / name).stat().st_size > 500
