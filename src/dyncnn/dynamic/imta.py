@@ -4,7 +4,8 @@ backbone, MSDNet, RANet):
 
 - **gradient equilibrium**: the gradient flowing back into the shared trunk at exit k of K is rescaled (1/(K-k)
   from exit k's head, (K-k-1)/(K-k) from the later exits), so that the trunk's gradient does not grow with the
-  number of exits behind it (``MultiExitNetwork.gradient_equilibrium``);
+  number of exits behind it (``MultiExitNetwork.gradient_equilibrium``); with forward transfer, what the later
+  exits send back through exit k's logits enters the trunk through exit k's head, at that head's 1/(K-k);
 - **forward knowledge transfer**: every exit after the first also reads the previous exit's logits
   (``MultiExitNetwork.use_forward_transfer``); inference stays executed (the previous exit's logits are already
   computed when exit k runs) and bundles export it unchanged;
@@ -18,7 +19,7 @@ hook), so ``create_model(name, imta=True)`` is all it takes.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 from torch import nn
 
@@ -66,11 +67,6 @@ class IMTA:
     def loss(self) -> MultiExitLoss:
         return MultiExitLoss(weights=self.weights, distill=self.distill, temperature=self.temperature,
                              label_smoothing=self.label_smoothing, teacher=self.teacher)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["weights"] = list(self.weights) if self.weights is not None else None
-        return d
 
 
 def apply_imta(model: nn.Module, imta) -> nn.Module:
