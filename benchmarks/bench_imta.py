@@ -7,6 +7,7 @@ next). Prints each exit's test accuracy (anytime prediction, executed ``infer`` 
 exit) and its MACs, on ScaledMNIST at the ``full`` preset's 64x64 canvas (clutter 2).
 
     python benchmarks/bench_imta.py [--epochs 3] [--models ranet msdnet] [--threads 2]
+                                    [--recipes previous imta imta-last imta-no-transfer]
 """
 from __future__ import annotations
 
@@ -21,8 +22,12 @@ from dyncnn.frontier.runner import presets
 from dyncnn.models import create_model
 from dyncnn.train import TrainConfig, Trainer
 
-RECIPES = {"previous (GE + distill from last)": {"forward_transfer": False, "teacher": "last", "label_smoothing": 0.05},
-           "IMTA (GE + transfer + distill from next)": {"label_smoothing": 0.05}}
+RECIPES = {"previous": ("GE + distill from last", {"forward_transfer": False, "teacher": "last",
+                                                     "label_smoothing": 0.05}),
+           "imta": ("IMTA (GE + transfer + distill from next)", {"label_smoothing": 0.05}),
+           # the two IMTA techniques one at a time, to tell which one moves the accuracy
+           "imta-last": ("GE + transfer + distill from last", {"teacher": "last", "label_smoothing": 0.05}),
+           "imta-no-transfer": ("GE + distill from next", {"forward_transfer": False, "label_smoothing": 0.05})}
 LABELS = {"ranet": "RANet (IMTA)", "msdnet": "MSDNet (IMTA)", "exits-mnv3": "exits on mnv3-small x0.5 (IMTA)",
           "exits-tiny-m": "exits on tiny-M (IMTA)"}
 
@@ -33,6 +38,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["ranet"], choices=sorted(LABELS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--recipes", nargs="+", default=["previous", "imta"], choices=list(RECIPES))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = {split: ScaledMNIST(split, canvas=64, clutter=2) for split in ("train", "val", "test")}
@@ -40,7 +46,7 @@ def main() -> None:
     x1 = data["test"][0][0][None]
     for key in args.models:
         spec = specs[LABELS[key]]
-        for recipe, imta in RECIPES.items():
+        for recipe, imta in (RECIPES[r] for r in args.recipes):
             torch.manual_seed(args.seed)
             net = create_model(spec["name"], num_classes=10, in_chans=1, **{**spec["cfg"], "imta": imta})
             cfg = TrainConfig(epochs=args.epochs, batch_size=64, lr=0.1, label_smoothing=0.05, warmup_epochs=0.2,
