@@ -58,7 +58,7 @@ DYNAMIC = _dynamic_names()
 # The IMTA recipe (forward knowledge transfer changes what each stage passes on) on every multi-exit family:
 # "NAME+imta" builds NAME with imta=True (and its SMALL size, or the variant's own). Their bundles must export:
 # an ExportError is a failure for them.
-IMTA_VARIANTS = ["msdnet_cifar+imta", "ranet_cifar+imta", "multi_exit+imta"]
+IMTA_VARIANTS = ["msdnet_cifar+imta", "ranet_cifar+imta", "multi_exit+imta", "multi_stage+imta"]
 SMALL["multi_exit+imta"] = {"backbone": "tiny_mobilenet", "backbone_cfg": {"widths": [8, 16, 32, 64]},
                             "example_size": 32}
 
