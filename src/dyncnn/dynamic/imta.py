@@ -1,6 +1,6 @@
 """IMTA, the improved training of multi-exit networks (Li, Huang et al., "Improved Techniques for Training Adaptive
 Deep Networks", ICCV 2019), as one recipe for every :class:`~dyncnn.dynamic.exits.MultiExitNetwork` (exits on any
-backbone, MSDNet, RANet):
+backbone, MSDNet, RANet, the multi-stage network):
 
 - **gradient equilibrium**: the gradient flowing back into the shared trunk at exit k of K is rescaled (1/(K-k)
   from exit k's head, (K-k-1)/(K-k) from the later exits), so that the trunk's gradient does not grow with the
