@@ -18,6 +18,12 @@ Then the rendering: building the ScaledMNIST training split (3 renderings of 3,5
 does) against one epoch of training on it, estimated from the measured step time.
 
     python benchmarks/bench_training.py [--model "tiny-M /2"] [--steps 20] [--rounds 5] [--threads 1] [--compile]
+    python benchmarks/bench_training.py --estimate demo|full|phone [--threads 1] [--channels-last]
+
+``--estimate PRESET``: how long ``dyncnn frontier --preset PRESET`` trains on this CPU, estimated: every model of
+the preset (static and trained dynamic ones, at the preset's canvas) times 3 training steps on batches of 64 after
+one warm-up step, and the median step is multiplied by the frontier's steps (164 per epoch: 3 renderings of 3,500
+digits; 5 epochs) for one training seed. Evaluation after each epoch, rendering and the timing phase come on top.
 
 Prints the machine's load average: on a shared machine every figure is slower than on an idle one, but the ratios
 are measured in the same rounds.
@@ -73,6 +79,39 @@ def bare_epoch(model, images, targets, cfg: TrainConfig, channels_last: bool = F
     return time.perf_counter() - t0
 
 
+def estimate(preset: str, channels_last: bool) -> None:
+    from dyncnn.frontier.runner import _loss, build_dynamic
+    canvas = 128 if preset == "phone" else 64
+    models = presets(canvas)[preset]
+    specs = {m["label"]: m for m in models["static"]}
+    todo = [(m["label"], build_static(m), None) for m in models["static"]]
+    todo += [(d["label"], build_dynamic(d, {}, specs), _loss(d.get("recipe"))) for d in models["dynamic"]
+             if d["kind"] == "trained"]
+    total = 0.0
+    print(f"\n| {preset} model ({canvas}x{canvas}) | s per step of 64 (median of 3) | 5 epochs of 164 steps |")
+    print("|---|---|---|")
+    for label, net, loss_fn in todo:
+        net.train()
+        x, y = torch.rand(64, 1, canvas, canvas), torch.randint(0, 10, (64,))
+        if channels_last:
+            net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        times = []
+        for i in range(4):
+            t0 = time.perf_counter()
+            out = net(x)
+            loss = loss_fn(out, y) if loss_fn else F.cross_entropy(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i:
+                times.append(time.perf_counter() - t0)
+        step = statistics.median(times)
+        total += step * 164 * 5
+        print(f"| {label} | {step:.3f} | {step * 164 * 5 / 60:.1f} min |", flush=True)
+    print(f"| **all ({len(todo)} models), one training seed** | | **{total / 60:.0f} min** |")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     labels = [s["label"] for s in presets(64)["demo"]["static"]]
@@ -81,10 +120,17 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="also time TrainConfig(compile=True)")
+    p.add_argument("--estimate", choices=["demo", "full", "phone"], help="estimate a preset's training time instead")
+    p.add_argument("--channels-last", action="store_true", help="with --estimate: train in channels-last")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"load average {os.getloadavg()}, {os.cpu_count()} CPUs, {args.threads} thread(s), torch "
-          f"{torch.__version__}, model {args.model}, {args.steps} steps of 64 per round, {args.rounds} rounds")
+          f"{torch.__version__}" + ("" if args.estimate else f", model {args.model}, {args.steps} steps of 64 per "
+                                                              f"round, {args.rounds} rounds"))
+    if args.estimate:
+        estimate(args.estimate, args.channels_last)
+        print(f"load average at the end {os.getloadavg()}")
+        return 0
 
     t0 = time.perf_counter()
     full = ScaledMNIST("train", canvas=64, clutter=2, repeats=3)

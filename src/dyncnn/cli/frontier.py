@@ -32,6 +32,10 @@ def add_parser(sub) -> None:
     p.add_argument("--single-images", type=int, default=200, help="test images timed one at a time per round")
     p.add_argument("--batch-images", type=int, default=640, help="test images timed in batches per round")
     p.add_argument("--no-eager", action="store_true", help="skip the eager PyTorch timings")
+    p.add_argument("--selection-z", type=float, default=None,
+                   help="operating points reach the best static model's validation accuracy when their paired "
+                        "lower bound (accuracy difference less this many standard errors) is >= 0; 0: the point "
+                        "rule (default: 1)")
     p.add_argument("--only-train", action="store_true", help="train (or resume) every model and stop")
     p.add_argument("--merge", nargs="+", default=None, metavar="RUN_DIR",
                    help="instead of running: one report from finished runs of other seeds (same settings)")
@@ -52,6 +56,7 @@ def run(args) -> int:
                                 rounds=args.rounds, single_images=args.single_images,
                                 batch_images=args.batch_images, eager=not args.no_eager,
                                 device=args.device, only_train=args.only_train, lr=args.lr,
-                                test_repeats=args.test_repeats, runtime=args.runtime)
+                                test_repeats=args.test_repeats, runtime=args.runtime,
+                                **({} if args.selection_z is None else {"selection_z": args.selection_z}))
     run_frontier(settings)
     return 0
