@@ -21,8 +21,8 @@ does) against one epoch of training on it, estimated from the measured step time
     python benchmarks/bench_training.py --estimate demo|full|phone [--threads 1] [--channels-last]
 
 ``--estimate PRESET``: how long ``dyncnn frontier --preset PRESET`` trains on this CPU, estimated: every model of
-the preset (static and trained dynamic ones, at the preset's canvas) times 3 training steps on batches of 64 after
-one warm-up step, and the median step is multiplied by the frontier's steps (164 per epoch: 3 renderings of 3,500
+the preset (static and trained dynamic ones, at the preset's canvas) times 5 training steps on batches of 64 after
+two warm-up steps, and the median step is multiplied by the frontier's steps (164 per epoch: 3 renderings of 3,500
 digits; 5 epochs) for one training seed. Evaluation after each epoch, rendering and the timing phase come on top.
 
 Prints the machine's load average: on a shared machine every figure is slower than on an idle one, but the ratios
@@ -88,7 +88,7 @@ def estimate(preset: str, channels_last: bool) -> None:
     todo += [(d["label"], build_dynamic(d, {}, specs), _loss(d.get("recipe"))) for d in models["dynamic"]
              if d["kind"] == "trained"]
     total = 0.0
-    print(f"\n| {preset} model ({canvas}x{canvas}) | s per step of 64 (median of 3) | 5 epochs of 164 steps |")
+    print(f"\n| {preset} model ({canvas}x{canvas}) | s per step of 64 (median of 5) | 5 epochs of 164 steps |")
     print("|---|---|---|")
     for label, net, loss_fn in todo:
         net.train()
@@ -97,14 +97,14 @@ def estimate(preset: str, channels_last: bool) -> None:
             net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
         times = []
-        for i in range(4):
+        for i in range(7):
             t0 = time.perf_counter()
             out = net(x)
             loss = loss_fn(out, y) if loss_fn else F.cross_entropy(out, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if i:
+            if i >= 2:
                 times.append(time.perf_counter() - t0)
         step = statistics.median(times)
         total += step * 164 * 5
