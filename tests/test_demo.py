@@ -28,7 +28,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         assert (tmp_path / name).stat().st_size > 1000
     saved = json.loads((tmp_path / "frontier.json").read_text())
     seed = saved["seeds"][0]
-    assert set(seed["static"]) == {"tiny-S /4", "tiny-M /2", "tiny-M"}
+    assert set(seed["static"]) == {"tiny-S /4", "tiny-M /2", "tiny-M", "tiny-L"}
     assert out["selected"] in seed["dynamic"] and len(out["exit_index"]) == 3000
     chosen = next(p for p in seed["dynamic"][out["selected"]]["points"] if p["chosen"])
     # the eager cascade rebuilt from the checkpoints takes the decisions the bundle took on the test split

@@ -12,8 +12,8 @@ def add_parser(sub) -> None:
                                    "rounds, median and IQR) and write frontier.json / .md / .png with the speedup "
                                    "at equal accuracy.")
     p.add_argument("--preset", default="demo", choices=["demo", "full", "phone"],
-                   help="model set: demo (3 static, 2 cascades), full (8 static, 7 dynamic), phone (128x128 "
-                        "canvas, 1-73M MAC networks); full and phone include a cascade whose members are searched "
+                   help="model set: demo (4 static, 2 cascades), full (8 static, 7 dynamic), phone (128x128 "
+                        "canvas, 1-73M MAC networks); each includes a cascade whose members are searched "
                         "on validation")
     p.add_argument("--dataset", default="scaled_mnist", choices=["scaled_mnist"], help="data (the embedded digits)")
     p.add_argument("--canvas", type=int, default=None, help="image side (default: 64, 128 for --preset phone)")

@@ -82,7 +82,8 @@ def render_markdown(results: dict) -> str:
              headline(results), "",
              f"Data: ScaledMNIST {st['canvas']}x{st['canvas']}, clutter {st['clutter']}; {st['epochs']} epochs for "
              f"every model (same schedule, augmentation and seed); test split rendered {st['test_repeats']} times "
-             f"per digit. Operating points are chosen on the validation split ({selection_words(st)}), then measured once on test. Latency: {rt_name}, ms "
+             f"per digit. Operating points are chosen on the validation split ({selection_words(st)}), then "
+             f"measured once on test. Latency: {rt_name}, ms "
              f"per image, median ± half the IQR over {st['rounds']} rounds in which every model is timed in turn; "
              f"(!) marks a spread above {SPREAD_WARNING:.0%} of the median. Machine: {m['processor']}, "
              f"{m['cpus']} CPUs, load average at the end {_load_average(m.get('load_average'))}, torch {m['torch']}, "
