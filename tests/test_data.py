@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import dyncnn
 from dyncnn.data import MNISTDigits, ScaledMNIST, get_dataset, load_mnist_digits, split_indices
 from dyncnn.data.folders import cifar, image_folder
 
@@ -101,10 +102,15 @@ def test_image_folder(tmp_path):
         d.mkdir(parents=True)
         for i in range(2):
             Image.fromarray(np.full((40, 40, 3), 60 * i, dtype=np.uint8)).save(d / f"{i}.png")
+    (tmp_path / "val" / "cat").mkdir(parents=True)
+    (tmp_path / "val" / "dog").mkdir(parents=True)
+    for i, cls in enumerate(("cat", "dog")):
+        Image.fromarray(np.full((40, 40, 3), 60 * i, dtype=np.uint8)).save(tmp_path / "val" / cls / "0.png")
     ds = image_folder(tmp_path, "train", input_size=32)
-    assert len(ds) == 4 and ds.num_classes == 2 and ds[0][0].shape == (3, 32, 32)
+    assert len(ds) == 3 and ds.num_classes == 2 and ds[0][0].shape == (3, 32, 32)   # one carved out as test
+    assert len(image_folder(tmp_path, "val")) == 2 and len(image_folder(tmp_path, "test", input_size=32)) == 1
     with pytest.raises(FileNotFoundError, match="ROOT/\\{train,val,test\\}/CLASS_NAME"):
-        image_folder(tmp_path, "val")
+        image_folder(tmp_path / "nowhere", "val")
 
 
 def test_scaled_mnist_repeats_render_new_placements():
@@ -116,3 +122,26 @@ def test_scaled_mnist_repeats_render_new_placements():
     assert not torch.equal(three.images[500:1000], one.images)           # ... placed anew
     with pytest.raises(ValueError, match="repeats"):
         ScaledMNIST("val", repeats=0)
+
+
+def test_folder_dataset_with_transforms_v2(image_tree, write_image_tree, tmp_path):
+    splits = {s: get_dataset("folder", s, root=str(image_tree), input_size=16) for s in ("train", "val", "test")}
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [20, 2, 2]          # 80/10/10 of 24, by seed
+    assert sorted(sum((splits[s].indices for s in splits), [])) == list(range(24))   # disjoint, all of them
+    assert get_dataset("folder", "val", root=str(image_tree), input_size=16).indices == splits["val"].indices
+    assert get_dataset("folder", "val", root=str(image_tree), seed=1, input_size=16).indices != splits["val"].indices
+    val = splits["val"]
+    assert (val.num_classes, val.in_chans, val.input_size, val.classes) == (3, 3, 16, ["blue", "green", "red"])
+    x, y = val[0]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    # eval: resize + centre crop, no randomness; then [0, 1] and ImageNet normalisation
+    torch.testing.assert_close(val[0][0], x)
+    raw = np.asarray(val.base.loader(val.base.samples[val.indices[0]][0]), dtype=np.float32) / 255
+    mean, std = torch.tensor((0.485, 0.456, 0.406)), torch.tensor((0.229, 0.224, 0.225))
+    assert torch.allclose(x.mean((1, 2)) * std + mean, torch.from_numpy(raw).mean((0, 1)), atol=0.02)
+    assert int(x.mean((1, 2)).argmax()) == {"red": 0, "green": 1, "blue": 2}[val.classes[y]]
+    assert splits["train"][0][0].shape == (3, 16, 16)
+    with pytest.raises(dyncnn.DyncnnError, match="too small to carve"):
+        get_dataset("folder", "train", root=str(write_image_tree(tmp_path, per_class=1, classes=("a",))))
+    with pytest.raises(ValueError, match="reads a local folder"):
+        get_dataset("folder")

@@ -269,9 +269,9 @@ def _tiny_settings(out, **kw):
                          _static("big", "tiny_mobilenet", 1, widths=[8, 16, 32])],
               "dynamic": [{"label": "cascade", "kind": "cascade", "members": ["small /2", "big"]},
                           {"label": "searched", "kind": "searched", "max_members": 3}]}
-    return FrontierSettings(out=out, canvas=32, seeds=(0,), epochs=1, train_repeats=1, val_repeats=1,
-                            test_repeats=1, rounds=3, single_images=8, batch_images=32, batch_sizes=(1, 16),
-                            threads=(1,), models=models, **kw)
+    return FrontierSettings(**{"out": out, "canvas": 32, "seeds": (0,), "epochs": 1, "train_repeats": 1,
+                               "val_repeats": 1, "test_repeats": 1, "rounds": 3, "single_images": 8,
+                               "batch_images": 32, "batch_sizes": (1, 16), "threads": (1,), "models": models, **kw})
 
 
 @pytest.mark.slow
@@ -432,3 +432,27 @@ def test_temperatures_fit_on_logits_made_in_inference_mode():
         frozen = logits.clone()
         got = fit_temperatures(frozen, y)
     assert got == pytest.approx(want, rel=1e-6) and want[0] > 1.0
+
+
+def test_tiny_frontier_on_an_image_folder(tmp_path, write_image_tree):
+    """The frontier on the user's data: a generated ImageFolder tree, 3 channels at the chosen side."""
+    from dyncnn.frontier.runner import FrontierSettings, load_data, run_frontier
+    root = write_image_tree(tmp_path / "images", per_class=16, size=20)
+    s = _tiny_settings(tmp_path / "fr", dataset="folder", data_root=str(root), canvas=16, batch_size=8,
+                       batch_sizes=(1, 4))
+    data = load_data(s)
+    assert (data["num_classes"], data["in_chans"], data["train"].input_size) == (3, 3, 16)
+    assert [len(data[k]) for k in ("train", "val", "test")] == [38, 5, 5]
+    r = run_frontier(s, log=lambda *a: None)
+    seed = r["seeds"][0]
+    assert set(seed["static"]) == {"small /2", "big"}
+    assert all(p["offline_agrees"] == p["n_test"] == 5 for p in seed["dynamic"]["cascade"]["points"])
+    manifest = json.loads((tmp_path / "fr" / "bundles" / "seed0" / "big" / "manifest.json").read_text())
+    assert "3, 16, 16" in json.dumps(manifest).replace("[", "").replace("]", "")
+    assert "folder" in (tmp_path / "fr" / "frontier.md").read_text()
+    with pytest.raises(ValueError, match="give data_root"):
+        FrontierSettings(dataset="folder")
+    with pytest.raises(ValueError, match="must be 32"):
+        FrontierSettings(dataset="cifar10", data_root="x", canvas=64)
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        FrontierSettings(dataset="imagenet")

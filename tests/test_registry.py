@@ -27,7 +27,8 @@ def test_list_models_pattern():
     assert "torchvision:mobilenet_v2" in list_models("torchvision:mobilenet*", include_external=True)
 
 
-def test_torchvision_prefix_builds_the_same_model():
+def test_torchvision_prefix_builds_the_same_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))      # an empty hub cache: weights by name are not there
     ours = create_model("torchvision:mobilenet_v2", num_classes=10)
     ref = torchvision.models.mobilenet_v2(num_classes=10)
     assert dyncnn.count_params(ours) == dyncnn.count_params(ref)

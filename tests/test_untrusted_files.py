@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import dyncnn
+from dyncnn.cli import main
 from dyncnn.dynamic.calibration import FORMAT as THRESHOLDS_FORMAT, load_thresholds
 from dyncnn.errors import CheckpointError, DyncnnError, LockedError
 from dyncnn.export import BundleError, export_bundle, load_bundle
@@ -134,6 +135,13 @@ def test_malformed_manifests_are_refused_at_load_with_the_reason(multi, tmp_path
         load_bundle(_copy(multi, tmp_path / "b", edit))
 
 
+def test_profile_and_bench_refuse_a_20000_exit_bundle_at_once(multi, tmp_path, capsys):
+    b = _copy(multi, tmp_path / "b", _many_exits)         # `dyncnn profile` ran past 300 s on it
+    for command in ("profile", "bench"):
+        assert main([command, str(b)]) == 2
+        assert "num_exits is 20000; at most 256" in capsys.readouterr().err
+
+
 def test_writers_cannot_write_a_manifest_the_loader_would_refuse(multi, tmp_path):
     manifest = json.loads((multi / "manifest.json").read_text())
     manifest["exit_macs"] = manifest["exit_macs"][::-1]
@@ -152,8 +160,9 @@ def test_checkpoint_headers_have_depth_and_digit_limits(tmp_path):
     deep = _forged(tmp_path / "deep.safetensors", "[" * 100_000 + "]" * 100_000)
     with pytest.raises(CheckpointError, match="deep.safetensors: its dyncnn header: the JSON nests deeper"):
         load_checkpoint(deep)
-    with pytest.raises(CheckpointError, match="h.json: the JSON nests 11 levels deep; expected at most 8"):
+    with pytest.raises(CheckpointError, match="h.json: the JSON nests more than 8 levels deep"):
         parse_json('{"a": [[[[[[[[[[]]]]]]]]]]}', "h.json", CheckpointError, max_depth=8)
+    assert parse_json('{"a": [[[[[[[]]]]]]]}', "h.json", CheckpointError, max_depth=8) == {"a": [[[[[[[]]]]]]]}
     digits = _forged(tmp_path / "digits.safetensors", '{"format": ' + "9" * 5001 + "}")
     with pytest.raises(CheckpointError, match=r"digits.safetensors: its dyncnn header: unreadable JSON: .*4300 "
                                               r"digits"):
@@ -174,7 +183,7 @@ HOLDER = textwrap.dedent("""
 """)
 
 
-def test_a_second_writer_is_refused_with_the_holders_pid_and_a_killed_holders_lock_is_taken_over(tmp_path):
+def test_a_second_writer_is_refused_with_the_holders_pid_and_a_killed_holders_lock_is_taken_over(tmp_path, capsys):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(SRC), str(out)], stdout=subprocess.PIPE, text=True)
     try:
@@ -184,6 +193,11 @@ def test_a_second_writer_is_refused_with_the_holders_pid_and_a_killed_holders_lo
             ds = torch.utils.data.TensorDataset(torch.rand(4, 1, 16, 16), torch.arange(4))
             Trainer(_tiny_static().train(), ds, None, TrainConfig(epochs=1, batch_size=4, progress=False), out).fit()
         assert not (out / "metrics.jsonl").exists()       # the refused run wrote nothing
+        (out / "metrics.jsonl").write_text("the running run's epochs\n")
+        assert main(["train", "--model", "tiny_mobilenet", "--dataset", "mnist", "--out", str(out),
+                     "--overwrite"]) == 2                   # --overwrite does not remove a running run's files
+        assert f"is in use by another dyncnn process (pid {proc.pid}" in capsys.readouterr().err
+        assert (out / "metrics.jsonl").read_text() == "the running run's epochs\n"
     finally:
         proc.kill()
         proc.wait()

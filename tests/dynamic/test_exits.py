@@ -66,6 +66,25 @@ def test_ledger_equals_flop_counter_and_exits_cost_what_they_account():
     assert result.macs.sum() < 0.9 * len(x) * cum[-1]
 
 
+def test_never_is_inf_and_one_is_an_ordinary_threshold():
+    """The rule of ExitPolicy's docstring: leave when confidence >= threshold; math.inf never leaves, and 1.0 lets
+    a sample whose float32 confidence saturates to exactly 1.0 leave (it is not a spelling of "never")."""
+    logits = torch.zeros(3, 10)
+    logits[0, 3] = 40.0                          # softmax saturates: confidence exactly 1.0 in float32
+    logits[1, 3] = 5.0                           # confident, below 1.0
+    conf = torch.softmax(logits, 1).amax(1)
+    assert conf[0].item() == 1.0 and conf[1].item() < 1.0
+    for criterion in ("max_prob", "margin"):
+        assert ExitPolicy([1.0], criterion)(0, logits).tolist() == [True, False, False]
+    assert ExitPolicy([math.inf])(0, logits).tolist() == [False] * 3
+    assert ExitPolicy.never(2).thresholds == [math.inf]
+    assert ExitPolicy([-math.inf])(0, logits).tolist() == [True] * 3
+    net = _net(in_chans=1)                       # a network: with math.inf every sample reaches the last exit
+    x = torch.randn(4, 1, 32, 32) * 50
+    full = net.infer(x, ExitPolicy([math.inf] * (net.num_exits - 1)))
+    assert full.exit_index.tolist() == [net.num_exits - 1] * 4
+
+
 def test_extreme_policies():
     net = _net(in_chans=1)
     x = torch.randn(6, 1, 32, 32)

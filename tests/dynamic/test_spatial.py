@@ -137,6 +137,32 @@ def test_forced_on_reproduces_static_backbone(tiny_models, images, name):
     assert bool((r.choices == 1).all())
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_full_macs_does_not_depend_on_the_forced_state(tiny_models, images, name):
+    """Regression: after ``force(False)`` full_macs returned the all-off cost. It is the static backbone plus
+    every mask unit on its block's input, counted by FlopCounterMode, in every forced state."""
+    model = tiny_models[name]
+    gated = [b for b, g in zip(model._blocks, model._gated) if g is not None]
+    inputs = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for b in gated]
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model.backbone(images[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.no_grad(), FlopCounterMode(display=False) as units:
+        for unit, h in zip(model.mask_units, inputs):
+            unit(h)
+    want = (counter.get_total_flops() + units.get_total_flops()) // 2
+    for value in (None, True, False, None):
+        model.force(value)
+        try:
+            assert model.full_macs(images) == want, value
+        finally:
+            model.force(None)
+
+
 def test_all_off_skips_every_gated_block(tiny_models, images):
     model = tiny_models["dynconv_tiny_resnet_mnist"]
     model.force(False)

@@ -213,6 +213,9 @@ def test_forced_levels_are_executed_and_charged_exactly():
                              for row in levels.tolist()])
     assert torch.equal(r.macs, expected) and costs.static > gate_macs
     assert torch.equal(r.choices.view(6, -1, model.groups).sum(2).long(), levels)
+    with FlopCounterMode(display=False) as counter:     # the gates run although ``levels`` overrides them
+        r2 = model.infer(x, levels)
+    assert int(r2.macs.sum()) == counter.get_total_flops() // 2 == int(r.macs.sum())
     with pytest.raises(ValueError, match=r"values in 1\.\.4"):
         model.infer(x, levels * 0)
     with pytest.raises(ValueError, match=r"shape \(6, 6\)"):

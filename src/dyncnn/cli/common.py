@@ -12,6 +12,7 @@ from ..errors import DyncnnError
 # The one timing policy's thread count (profile.latency.DEFAULT_THREADS; not imported here: `--help` must not
 # import torch).
 THREADS = 2
+FOLDER_DATASETS = ("folder", "imagefolder")     # the datasets whose image side is a setting (--image-size)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -28,9 +29,12 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="scaled_mnist",
                    help="embedded: mnist | scaled_mnist | scaled_mnist_large (128x128, small digits) | moving_digits "
-                        "(clips) | mnist_rows (row sequences) | clip_features (clip frame sequences); local: cifar10 | cifar100 | imagefolder "
-                        "(default: %(default)s)")
-    p.add_argument("--data-root", default=None, help="folder of cifar10/cifar100/imagefolder data (never downloaded)")
+                        "(clips) | mnist_rows (row sequences) | clip_features (clip frame sequences); local: "
+                        "cifar10 | cifar100 | folder (an ImageFolder tree ROOT/[SPLIT/]CLASS/IMAGE, also called "
+                        "imagefolder) (default: %(default)s)")
+    p.add_argument("--data-root", default=None, help="folder of cifar10/cifar100/folder data (never downloaded)")
+    p.add_argument("--image-size", type=int, default=224, help="folder: image side after resize and crop "
+                   "(default: %(default)s)")
     p.add_argument("--canvas", type=int, default=64, help="scaled_mnist canvas side in pixels (default: %(default)s)")
     p.add_argument("--clutter", type=int, default=2, help="scaled_mnist clutter fragments (default: %(default)s)")
     p.add_argument("--frames", type=int, default=16, help="moving_digits frames per clip (default: %(default)s)")
@@ -42,6 +46,8 @@ def _data_kwargs(args) -> dict:
         return {"canvas": args.canvas, "clutter": args.clutter}
     if args.dataset == "moving_digits":
         return {"canvas": args.canvas, "frames": args.frames}
+    if args.dataset in FOLDER_DATASETS:
+        return {"input_size": args.image_size}
     return {}
 
 
@@ -53,7 +59,8 @@ def _cli_data_cfg(args) -> dict:
 def _data_cfg_for(args, meta: dict) -> dict:
     """The dataset a checkpoint was trained on (from its metadata), or the command line's with
     ``--dataset-override`` or when the checkpoint records none."""
-    recorded = {k: v for k, v in (meta.get("data") or {}).items() if k != "input_size"}
+    recorded = {k: v for k, v in (meta.get("data") or {}).items()
+                if k != "input_size" or (meta.get("data") or {}).get("name") in FOLDER_DATASETS}
     return _cli_data_cfg(args) if getattr(args, "dataset_override", False) or not recorded else recorded
 
 
@@ -183,7 +190,8 @@ def _load_model(spec: str, num_classes: int | None = None, cfg: dict | None = No
 
 def _input_shape(model, input_size: int | None, in_chans: int | None, meta: dict) -> tuple[int, int, int]:
     data = meta.get("data", {})
-    c = in_chans or getattr(model, "in_chans", None) or 3
+    from ..dynamic.backbone import input_channels
+    c = in_chans or input_channels(model, default=3)
     s = input_size or data.get("input_size") or 224
     return c, s, s
 

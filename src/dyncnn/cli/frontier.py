@@ -15,8 +15,12 @@ def add_parser(sub) -> None:
                    help="model set: demo (4 static, 2 cascades), full (8 static, 7 dynamic), phone (128x128 "
                         "canvas, 1-73M MAC networks); each includes a cascade whose members are searched "
                         "on validation")
-    p.add_argument("--dataset", default="scaled_mnist", choices=["scaled_mnist"], help="data (the embedded digits)")
-    p.add_argument("--canvas", type=int, default=None, help="image side (default: 64, 128 for --preset phone)")
+    p.add_argument("--dataset", default="scaled_mnist", choices=["scaled_mnist", "cifar10", "cifar100", "folder"],
+                   help="data: the embedded digits, or yours (3 channels): cifar10 | cifar100 | folder (an "
+                        "ImageFolder tree) under --data-root")
+    p.add_argument("--data-root", default=None, help="folder of cifar10/cifar100/folder data (never downloaded)")
+    p.add_argument("--canvas", type=int, default=None, help="image side (default: 64, 128 for --preset phone, 32 "
+                   "for CIFAR; a folder's images are resized and cropped to it)")
     p.add_argument("--clutter", type=int, default=2, help="clutter fragments per image")
     p.add_argument("--seed", type=int, default=0, help="data split and rendering seed")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (every model trained with each)")
@@ -49,14 +53,15 @@ def run(args) -> int:
         merge_runs(args.merge, args.out)
         print((Path(args.out) / "frontier.md").read_text().split("\n## ")[0])
         return 0
-    canvas = args.canvas or (128 if args.preset == "phone" else 64)
+    canvas = args.canvas or (32 if args.dataset.startswith("cifar") else 128 if args.preset == "phone" else 64)
     settings = FrontierSettings(out=Path(args.out), preset=args.preset, canvas=canvas, clutter=args.clutter,
                                 data_seed=args.seed, seeds=tuple(args.seeds), epochs=args.epochs,
                                 threads=tuple(args.threads), batch_sizes=tuple(args.batch_sizes),
                                 rounds=args.rounds, single_images=args.single_images,
                                 batch_images=args.batch_images, eager=not args.no_eager,
                                 device=args.device, only_train=args.only_train, lr=args.lr,
-                                test_repeats=args.test_repeats, runtime=args.runtime,
+                                test_repeats=args.test_repeats, runtime=args.runtime, dataset=args.dataset,
+                                data_root=args.data_root,
                                 **({} if args.selection_z is None else {"selection_z": args.selection_z}))
     run_frontier(settings)
     return 0

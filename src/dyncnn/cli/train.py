@@ -33,7 +33,13 @@ def add_parser(sub) -> None:
     p.add_argument("--amp", action="store_true", help="bf16 autocast for forward and loss (mixed precision)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes that assemble batches")
     p.add_argument("--init", default=None, metavar="CHECKPOINT", help="start from the weights of a trained "
-                   "checkpoint: the same model, or the static backbone of a dynamic one (e.g. SkipNet from ResNet)")
+                   "checkpoint: the same model, or the static backbone of a dynamic one (e.g. SkipNet from ResNet); "
+                   "or from a torchvision / timm state dict file (.pth, .safetensors; the stem is adapted to the "
+                   "data's channels, a classifier of other classes is dropped, for exits the backbone's file)")
+    p.add_argument("--freeze", choices=["backbone"], default=None, help="train only the exit heads and the "
+                   "classifier, the backbone frozen (its norms in eval mode), for --freeze-epochs epochs")
+    p.add_argument("--freeze-epochs", type=int, default=None, help="with --freeze: unfreeze after this many "
+                   "epochs and train everything (default: frozen for the whole run)")
     p.set_defaults(func=run)
 
 
@@ -43,11 +49,10 @@ def run(args) -> int:
     from ..train import TrainConfig
     _check_train_out(args)
     train_set, val_set = _dataset(args, "train"), _dataset(args, "val")
-    defaults = {}                        # --cfg may override these; num_classes is the dataset's
-    if not args.model.startswith(("torchvision:", "timm:")):
-        defaults["in_chans"] = train_set.in_chans        # dyncnn models take in_chans; external ones may not
-        if hasattr(train_set, "frames"):                  # clips: the temporal models are built for T frames
-            defaults["frames"] = train_set.frames
+    defaults = {"in_chans": train_set.in_chans}   # --cfg may override these; num_classes is the dataset's
+    # (torchvision / timm models take in_chans too: their stem is adapted)
+    if hasattr(train_set, "frames") and not args.model.startswith(("torchvision:", "timm:")):
+        defaults["frames"] = train_set.frames       # clips: the temporal models are built for T frames
     torch.manual_seed(args.seed)         # the initial weights are part of what --seed fixes
     model = _create_model(args.model, _parse_cfg(args.cfg), defaults=defaults,
                           fixed={"num_classes": (train_set.num_classes, f"--dataset {args.dataset}")})
@@ -58,7 +63,8 @@ def run(args) -> int:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                          weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, seed=args.seed,
                          warmup_epochs=args.warmup_epochs, find_unused_parameters=args.find_unused_parameters,
-                         device=args.device, amp=args.amp, num_workers=args.workers)
+                         device=args.device, amp=args.amp, num_workers=args.workers, freeze=args.freeze,
+                         freeze_epochs=args.freeze_epochs)
     data_cfg = _cli_data_cfg(args)
     extra = {"data": {**data_cfg, "input_size": train_set.input_size}}
     # One Trainer run, or the family's recipe (e.g. glance-and-focus: encoders, then the policy, then fine-tuning,
@@ -89,12 +95,16 @@ def _check_train_out(args) -> None:
     """Refuse to train into a folder that holds another run unless told what to do with it; with
     ``--overwrite``, remove that run's files first (nothing else in the folder is touched)."""
     out = _writable_folder(Path(args.out))
-    found = _existing_run(out)
-    if not found or args.resume:
+    if not out.is_dir():            # nothing to check (a run starting meanwhile is refused by the Trainer's lock)
         return
-    if not args.overwrite:
-        raise DyncnnError(f"--out {out} already holds a training run ({', '.join(found[:4])}); pass --resume to "
-                          f"continue it, --init {out / 'last.safetensors'} with a new --out to start a new run from "
-                          f"its weights, or --overwrite to replace it")
-    for f in found:
-        (out / f).unlink(missing_ok=True)
+    from ..files import output_lock
+    with output_lock(out, "training folder"):     # a run still writing here is refused, its files never removed
+        found = _existing_run(out)
+        if not found or args.resume:
+            return
+        if not args.overwrite:
+            raise DyncnnError(f"--out {out} already holds a training run ({', '.join(found[:4])}); pass --resume "
+                              f"to continue it, --init {out / 'last.safetensors'} with a new --out to start a new "
+                              f"run from its weights, or --overwrite to replace it")
+        for f in found:
+            (out / f).unlink(missing_ok=True)

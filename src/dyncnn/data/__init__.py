@@ -10,14 +10,14 @@ from .video import MovingDigits
 from .mnist import MNISTDigits, ScaledMNIST, load_mnist_digits, split_indices
 
 DATASETS = ("mnist", "scaled_mnist", "scaled_mnist_large", "moving_digits", "mnist_rows", "clip_features", "cifar10",
-            "cifar100", "imagefolder")
+            "cifar100", "folder", "imagefolder")
 
 
 def get_dataset(name: str, split: str = "train", root: str | None = None, seed: int = 0, **kwargs) -> Dataset:
     """Build a dataset by name. Every dataset has ``num_classes``, ``in_chans`` and ``input_size`` attributes.
 
-    ``mnist`` and ``scaled_mnist`` are embedded (no ``root``); ``cifar10``/``cifar100``/``imagefolder`` read
-    ``root`` and never download.
+    ``mnist`` and ``scaled_mnist`` are embedded (no ``root``); ``cifar10``/``cifar100``/``folder`` (an ImageFolder
+    tree, also called ``imagefolder``; ``input_size=`` its side, default 224) read ``root`` and never download.
     """
     if name == "mnist":
         return MNISTDigits(split, seed=seed)
@@ -32,11 +32,11 @@ def get_dataset(name: str, split: str = "train", root: str | None = None, seed: 
         return RowSequenceDigits(split, seed=seed)
     if name == "clip_features":            # moving-digit clips as sequences of pooled frames (T, 256)
         return ClipFeatureSequences(split, seed=seed, **kwargs)
-    if name in ("cifar10", "cifar100", "imagefolder"):
+    if name in ("cifar10", "cifar100", "folder", "imagefolder"):
         if root is None:
             raise ValueError(f"dataset {name!r} reads a local folder: pass root=PATH (--data-root on the CLI)")
-        if name == "imagefolder":
-            return image_folder(root, split, **kwargs)
+        if name in ("folder", "imagefolder"):
+            return image_folder(root, split, seed=seed, **kwargs)
         return cifar(name, root, split, seed=seed, **kwargs)
     raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
 

@@ -133,24 +133,90 @@ def cifar(name: str, root: str | os.PathLike, split: str = "train", seed: int = 
     return _WithMeta(base, train_idx if split == "train" else val_idx, num_classes, 3, 32)
 
 
-def image_folder(root: str | os.PathLike, split: str = "train", input_size: int = 224,
-                 augment: bool | None = None) -> Dataset:
-    """An ImageFolder tree ``ROOT/SPLIT/CLASS/*.jpg``; images resized to ``input_size``, ImageNet-normalised."""
-    path = Path(root) / split
-    if not path.is_dir():
-        raise FileNotFoundError(f"image folder {path} does not exist; expected the layout ROOT/{{train,val,test}}/"
-                                f"CLASS_NAME/IMAGE.jpg")
-    augment = (split == "train") if augment is None else augment
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+FOLDER_LAYOUT = ("ROOT/{train,val,test}/CLASS_NAME/IMAGE (val and test optional: carved from train with the seed), "
+                 "or ROOT/CLASS_NAME/IMAGE (split 80/10/10 with the seed)")
+FOLDER_SPLITS = {"train": 0.8, "val": 0.1, "test": 0.1}
+
+
+def folder_transforms(input_size: int, augment: bool, mean=IMAGENET_STATS[0], std=IMAGENET_STATS[1]):
+    """torchvision transforms v2 of an image folder: in training a random resized crop and flip, else a resize to
+    ``input_size * 256 / 224`` and a centre crop (the ImageNet recipe), then float in [0, 1] and normalisation."""
+    from torchvision.transforms import v2
     if augment:
-        tf = [transforms.RandomResizedCrop(input_size), transforms.RandomHorizontalFlip()]
+        geometry = [v2.RandomResizedCrop(input_size, antialias=True), v2.RandomHorizontalFlip()]
     else:
-        tf = [transforms.Resize(int(input_size * 256 / 224)), transforms.CenterCrop(input_size)]
-    tf = transforms.Compose(tf + [transforms.ToTensor(),
-                                  transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+        geometry = [v2.Resize(int(input_size * 256 / 224), antialias=True), v2.CenterCrop(input_size)]
+    return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+class FolderSplit(Dataset):
+    """One split of an ImageFolder tree: ``indices`` of ``base`` (an untransformed ``ImageFolder``) read through
+    ``transform``; ``num_classes``, ``in_chans``, ``input_size``, ``classes`` and ``targets`` as every dataset."""
+
+    def __init__(self, base: datasets.ImageFolder, indices: list[int], transform, input_size: int):
+        self.base, self.indices, self.transform = base, list(indices), transform
+        self.classes, self.num_classes, self.in_chans, self.input_size = base.classes, len(base.classes), 3, input_size
+        self.targets = [base.targets[i] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        image, label = self.base[self.indices[i]]
+        return self.transform(image), label
+
+
+def _read_tree(path: Path) -> datasets.ImageFolder:
     try:
-        ds = datasets.ImageFolder(str(path), transform=tf)
+        return datasets.ImageFolder(str(path))
     except (FileNotFoundError, RuntimeError) as e:
-        raise FileNotFoundError(f"cannot read image folder {path}: {e}. Expected ROOT/SPLIT/CLASS_NAME/IMAGE "
-                                f"files with an image extension") from None
-    ds.num_classes, ds.in_chans, ds.input_size = len(ds.classes), 3, input_size
-    return ds
+        raise FileNotFoundError(f"cannot read image folder {path}: {e}. Expected {FOLDER_LAYOUT}, images with an "
+                                f"image extension") from None
+
+
+def _carve(n: int, fractions: dict[str, float], seed: int) -> dict[str, list[int]]:
+    """Disjoint index lists of ``n`` samples: each split but ``train`` gets its fraction (at least one sample),
+    ``train`` the rest; the order is a permutation drawn from ``seed``."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    out, start = {}, 0
+    for name in (s for s in fractions if s != "train"):
+        size = max(1, round(n * fractions[name]))
+        out[name] = perm[start:start + size]
+        start += size
+    if start >= n:
+        raise DyncnnError(f"an image folder of {n} images is too small to carve {', '.join(out)} from it; add "
+                          f"images or give the split folders")
+    out["train"] = perm[start:]
+    return out
+
+
+def image_folder(root: str | os.PathLike, split: str = "train", input_size: int = 224,
+                 augment: bool | None = None, seed: int = 0) -> Dataset:
+    """An ImageFolder tree (layouts in :data:`FOLDER_LAYOUT`), read with torchvision transforms v2
+    (:func:`folder_transforms`), RGB, ImageNet-normalised: ``get_dataset("folder", split, root=DIR)``. A split
+    folder that is absent is carved from ``train`` (val: 10%, test: 10%) or, with no ``train`` folder, from the
+    class folders at the top (80/10/10), by ``seed``. Nothing is downloaded."""
+    if split not in FOLDER_SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected 'train', 'val' or 'test'")
+    if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size < 1:
+        raise ValueError(f"input_size must be a positive integer, got {input_size!r}")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist; expected {FOLDER_LAYOUT}")
+    tf = folder_transforms(input_size, split == "train" if augment is None else augment)
+    if (root / split).is_dir():
+        base = _read_tree(root / split)
+        indices = list(range(len(base)))
+        if split == "train":           # absent val / test folders are carved from train: keep them out of it
+            missing = {s: f for s, f in FOLDER_SPLITS.items() if s != "train" and not (root / s).is_dir()}
+            if missing:
+                indices = _carve(len(base), {"train": 1 - sum(missing.values()), **missing}, seed)["train"]
+    elif (root / "train").is_dir():
+        base = _read_tree(root / "train")
+        missing = {s: f for s, f in FOLDER_SPLITS.items() if s != "train" and not (root / s).is_dir()}
+        indices = _carve(len(base), {"train": 1 - sum(missing.values()), **missing}, seed)[split]
+    else:
+        base = _read_tree(root)
+        indices = _carve(len(base), FOLDER_SPLITS, seed)[split]
+    return FolderSplit(base, indices, tf, input_size)

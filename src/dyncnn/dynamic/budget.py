@@ -172,25 +172,40 @@ def solve_for_budget(val_scores: Tensor, val_correct: Tensor, exit_macs, target_
     return best
 
 
+# The range a fitted temperature is kept in. An exit near chance level keeps lowering its NLL as T grows (the
+# softmax tends to uniform), and an unbounded fit walks T to 1e4 and beyond; every confidence then lies within 1e-5
+# of 1/C, a band a few float32 rounding steps wide, and the exit decisions are decided by rounding: eager PyTorch
+# and an exported bundle (other exp/sum order, logits 1e-6 apart) then disagree on samples near a threshold (issue
+# 27: 7 of 500 validation images, T = 37000). An exit that separates its validation set perfectly drives T to 0
+# instead (its LBFGS line search then overflowed).
+TEMPERATURE_RANGE = (0.05, 20.0)
+
+
 def fit_temperatures(logits: Tensor, targets: Tensor, iters: int = 100) -> list[float]:
-    """Per-exit temperature scaling (Guo et al. 2017): T_k minimising the NLL of exit k on validation logits.
-    Logits made under ``torch.inference_mode`` are accepted (they are copied out of it for the fit)."""
-    temps = []
-    with torch.inference_mode(False), torch.enable_grad():
-        targets = torch.as_tensor(targets).clone()
-        for k in range(logits.shape[0]):
-            temps.append(_fit_temperature(logits[k].detach().float().clone(), targets, iters))
-    return temps
+    """Per-exit temperature scaling (Guo et al. 2017): T_k minimising the NLL of exit k on validation logits,
+    within :data:`TEMPERATURE_RANGE`. The NLL is convex in 1/T, hence unimodal in log T, so a golden-section
+    search of ``iters`` steps over log T in the range finds the constrained minimum (no gradients: logits made
+    under ``torch.inference_mode`` are accepted as they are)."""
+    targets = torch.as_tensor(targets)
+    return [_fit_temperature(logits[k].detach().double(), targets, iters) for k in range(logits.shape[0])]
 
 
 def _fit_temperature(z: Tensor, targets: Tensor, iters: int) -> float:
-    log_t = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(z / log_t.exp(), targets)
-        loss.backward()
-        return loss
-    opt.step(closure)
-    return float(log_t.detach().exp())
+    def nll(log_t: float) -> float:
+        return float(nn.functional.cross_entropy(z / math.exp(log_t), targets))
+    a, b = (math.log(t) for t in TEMPERATURE_RANGE)
+    ratio = (math.sqrt(5) - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = nll(c), nll(d)
+    for _ in range(iters):
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = nll(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = nll(d)
+    u = (a + b) / 2
+    # the search's point, or an end of the range when the minimum lies there (the unconstrained one beyond it)
+    return min((nll(u), math.exp(u)), *((nll(math.log(t)), t) for t in TEMPERATURE_RANGE))[1]

@@ -45,6 +45,8 @@ def calibrate(model: nn.Module, val_set: Dataset, target_macs: float | None = No
         if not 0 < target_fraction <= 1:
             raise DyncnnError(f"target fraction must be in (0, 1], got {target_fraction}")
         target_macs = target_fraction * cum[-1]
+    if target_macs is not None:
+        check_feasible_macs(target_macs, cum, target_fraction)
     scores = exit_scores(logits, criterion, temps)
     correct = logits.argmax(-1) == targets
     cost = cum
@@ -69,6 +71,21 @@ def calibrate(model: nn.Module, val_set: Dataset, target_macs: float | None = No
     if target_ms is not None:
         record.update(target_ms=target_ms, latency_ms=list(cost), val_predicted_ms=point.mean_macs)
     return record
+
+
+def check_feasible_macs(target_macs: float, exit_macs: Sequence[float], fraction: float | None = None) -> None:
+    """A DyncnnError unless ``target_macs`` lies between the cheapest exit's cost and full depth, giving that
+    range in MACs and as fractions of full depth (the cheapest exit's share)."""
+    lo, hi = float(exit_macs[0]), float(exit_macs[-1])
+    if lo <= target_macs <= hi:
+        return
+    share = lo / hi
+    what = (f"a budget of {fraction:g} of full depth ({target_macs / 1e6:.4g}M MACs)" if fraction is not None
+            else f"a budget of {target_macs / 1e6:.4g}M MACs")
+    raise DyncnnError(f"{what} is outside the feasible range [{lo / 1e6:.4g}M, {hi / 1e6:.4g}M] MACs per image: the "
+                      f"cheapest exit (exit 0) alone costs {share:.1%} of full depth, so a fraction must lie in "
+                      f"[{math.ceil(share * 1000) / 1000:.3f}, 1] (`dyncnn calibrate --budget`); for a smaller budget, "
+                      f"attach an exit earlier in the network")
 
 
 def check_latency_table(latency_ms: Sequence[float] | None, num_exits: int) -> list[float]:

@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_map
 
 from ..errors import DyncnnError, check_image_batch, param_dtype
 from ..layers import ConvNormAct
+from .backbone import input_channels, stage_ends
 from .executor import ExitResult, Executor, State, early_exit_inference, eval_copy, measure_macs
 from .policy import ExitPolicy
 from .split import split_model
@@ -232,9 +233,11 @@ def attach_exits(backbone: nn.Module, stages: Sequence[str] | None = None, head:
                  num_classes: int | None = None, example_size: int = 64) -> SplitMultiExit:
     """Attach exits to ``backbone`` after each module path in ``stages``.
 
-    For dyncnn backbones, ``stages`` defaults to every stage in ``backbone.stage_info``; for torchvision/timm
-    models give the module paths (e.g. ``["features.6", "features.13", "features.18"]`` for torchvision's
-    MobileNetV2, ``["layer1", "layer2", "layer3"]`` for a ResNet, ``["blocks.3", "blocks.7"]`` for a timm ViT).
+    ``stages`` defaults to :func:`~dyncnn.dynamic.backbone.stage_ends`: every stage in ``backbone.stage_info``
+    for dyncnn backbones; for torchvision/timm models the ends of the stages at output strides 8, 16 and 32
+    (timm's ``feature_info`` where it has one; e.g. ``["features.6", "features.13", "features.18"]`` for
+    torchvision's MobileNetV2, ``["layer2", "layer3", "layer4"]`` for a ResNet). Or give module paths
+    (``["layer1", "layer2", "layer3"]``, ``["blocks.3", "blocks.7"]`` for a timm ViT).
     The model's own output is always the last exit: every named cut gets an exit head, and the rest of the
     network after the last cut, classifier included, is one more exit; when only the head (pooling,
     normalization, classifier) follows the last cut, the model's output is that cut's exit (so ``["layer1",
@@ -243,19 +246,15 @@ def attach_exits(backbone: nn.Module, stages: Sequence[str] | None = None, head:
     ``"conv"``/``"msdnet"`` (MSDNet's head) or a callable ``(channels, num_classes) -> nn.Module``.
     ``example_size`` is the input side of the one pass that finds each cut's channels.
     """
-    own = hasattr(backbone, "forward_features") and hasattr(backbone, "forward_head") and \
-        hasattr(backbone, "stage_info")
+    in_chans = input_channels(backbone, default=3)
     if stages is None:
-        if not own:
-            raise ValueError("give the module paths to attach exits to (e.g. stages=['features.6', 'features.13'])")
-        stages = [s.module for s in backbone.stage_info]
+        stages = stage_ends(backbone, example_size)
     stages = list(stages)
     if isinstance(head, str) and head not in HEADS:
         raise ValueError(f"unknown head {head!r}; expected one of {sorted(HEADS)} or a callable")
     # Split the whole forward: the last segment ends with the model's own classifier, the last exit.
     segments = split_model(backbone, stages, "forward")
     num_classes = num_classes or getattr(backbone, "num_classes", None)
-    in_chans = getattr(backbone, "in_chans", 3)
     # channels at each cut, from a dummy pass
     was_training = backbone.training
     backbone.eval()
@@ -269,7 +268,7 @@ def attach_exits(backbone: nn.Module, stages: Sequence[str] | None = None, head:
     except Exception as e:  # noqa: BLE001 - whatever the backbone raises on an input size it does not take
         raise ValueError(f"attach_exits runs {type(backbone).__name__} once on a {in_chans}x{example_size}x"
                          f"{example_size} input to find the features at each cut, and it failed ({e}); pass "
-                         f"example_size (and give the model in_chans) that the model accepts") from e
+                         f"example_size that the model accepts") from e
     finally:
         backbone.train(was_training)
     if num_classes is None:
@@ -281,6 +280,10 @@ def attach_exits(backbone: nn.Module, stages: Sequence[str] | None = None, head:
     net = SplitMultiExit(segments, heads, num_classes, in_chans, segments[0].input_name)
     net.exit_stages = stages
     net.min_input_size = getattr(backbone, "min_input_size", 1)
+    # The backbone the segments were cut from (its modules are the segments' own, not copies), kept outside the
+    # module tree so that the state dict is unchanged: its state dict files load into it (``weights=``, ``--init``)
+    # and fine-tuning finds its classifier through it.
+    object.__setattr__(net, "source_backbone", backbone)
     return net
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -61,7 +61,15 @@ def confidence_unchecked(logits: Tensor, criterion: str, temperature: float | Te
 
 @dataclass
 class ExitPolicy:
-    """Thresholds (one per exit but the last) on a confidence criterion, with per-exit temperatures."""
+    """Thresholds (one per exit but the last) on a confidence criterion, with per-exit temperatures.
+
+    The rule: a sample leaves at exit ``k`` when its confidence (float32) is ``>= thresholds[k]``.
+    ``math.inf`` is the one spelling of "never leave here" (:meth:`never`: full depth), ``-math.inf`` of "always
+    leave here" (:meth:`always_first`). Every finite threshold is an ordinary one, 1.0 included: a float32 softmax
+    saturates to exactly 1.0 (``max_prob`` with the top logit some 17-20 above the others, a trained network's
+    confident samples), so a threshold of 1.0 lets those samples leave and does not mean "never". The exported
+    bundle drivers apply the same rule (:func:`dyncnn.export.runtime.exit_test_one`).
+    """
     thresholds: Sequence[float]
     criterion: str = "max_prob"
     temperatures: Sequence[float] = field(default_factory=list)
@@ -88,9 +96,19 @@ class ExitPolicy:
 
     @classmethod
     def of(cls, policy) -> "ExitPolicy":
-        """``policy`` itself, or an ExitPolicy of max-probability thresholds from a list / tuple / 1-D tensor;
-        anything else (a number, a string) is an InputTypeError saying what was expected."""
-        return policy if isinstance(policy, ExitPolicy) else cls(policy)
+        """``policy`` itself; an ExitPolicy of max-probability thresholds from a list / tuple / 1-D tensor; or the
+        policy of a mapping with ``thresholds`` (and optionally ``criterion``, ``temperatures``): the record
+        ``calibrate()`` returns, a thresholds file's JSON, ``to_dict()``. Anything else (a number, a string) is an
+        InputTypeError saying what was expected."""
+        if isinstance(policy, ExitPolicy):
+            return policy
+        if isinstance(policy, Mapping):
+            if "thresholds" not in policy:
+                raise InputTypeError(f"expected an ExitPolicy, a list of thresholds or a policy record with "
+                                     f"'thresholds' (what calibrate() returns), got a mapping with keys "
+                                     f"{sorted(map(str, policy))[:8]}")
+            return cls(policy["thresholds"], policy.get("criterion", "max_prob"), policy.get("temperatures", []))
+        return cls(policy)
 
     @classmethod
     def never(cls, num_exits: int) -> "ExitPolicy":

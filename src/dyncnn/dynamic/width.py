@@ -490,8 +490,9 @@ class ChannelGatedNet(nn.Module):
             if k is None:
                 h = block(h)
                 continue
+            gate_logits = gate(h)       # runs (and is charged) even when ``levels`` overrides its decision
             if forced is None:
-                lv = gate.levels(gate(h)).cpu()
+                lv = gate.levels(gate_logits).cpu()
             else:
                 lv = forced[:, len(chosen)] if perm is None else forced[perm, len(chosen)]
             chosen.append(lv if perm is None else torch.empty_like(lv).index_copy_(0, perm, lv))

@@ -7,6 +7,13 @@ SPREAD_WARNING = 0.25     # IQR / median above which a latency is flagged as noi
 RUNTIME_NAMES = {"onnxruntime": ("ONNX Runtime", "ORT"), "executorch": ("ExecuTorch (XNNPACK)", "ET")}
 
 
+
+def data_name(st: dict) -> str:
+    """The data a run's settings name, in words (runs written before the dataset became a setting: ScaledMNIST)."""
+    if st.get("dataset", "scaled_mnist") == "scaled_mnist":
+        return f"ScaledMNIST {st['canvas']}x{st['canvas']}, clutter {st['clutter']}"
+    return f"{st['dataset']} ({st.get('data_root')}) at {st['canvas']}x{st['canvas']}"
+
 def _runtime(results: dict) -> tuple[str, str, str]:
     """(runtime id, its name, its short name in column titles) of a results dict."""
     rt = results["settings"].get("runtime", "onnxruntime")
@@ -80,7 +87,7 @@ def render_markdown(results: dict) -> str:
     rt, rt_name, rt_short = _runtime(results)
     lines = ["# Accuracy against measured latency: dynamic networks vs the static front", "",
              headline(results), "",
-             f"Data: ScaledMNIST {st['canvas']}x{st['canvas']}, clutter {st['clutter']}; {st['epochs']} epochs for "
+             f"Data: {data_name(st)}; {st['epochs']} epochs for "
              f"every model (same schedule, augmentation and seed); test split rendered {st['test_repeats']} times "
              f"per digit. Operating points are chosen on the validation split ({selection_words(st)}), then "
              f"measured once on test. Latency: {rt_name}, ms "
@@ -206,7 +213,7 @@ def plot_frontier(results: dict, path: Path) -> Path:
     axes[0].set_title("accuracy against measured latency (star: point chosen on validation)")
     axes[1].set_title("accuracy against MACs")
     axes[0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"ScaledMNIST {results['settings']['canvas']}x{results['settings']['canvas']}: "
+    fig.suptitle(f"{data_name(results['settings'])}: "
                  f"{len(seeds)} seed(s), {results['settings']['epochs']} epochs each")
     fig.tight_layout()
     path = Path(path)

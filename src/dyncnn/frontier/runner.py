@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..data import ScaledMNIST
+from ..data import ScaledMNIST, get_dataset
 from ..dynamic.budget import (assign_exits, collect_exit_logits, evaluate_thresholds, exit_proportions, exit_scores,
                               fit_temperatures, msdnet_thresholds)
 from ..dynamic.losses import MultiExitLoss
@@ -100,6 +100,13 @@ def presets(canvas: int) -> dict[str, dict]:
               "cfg": {"data": "imagenet", "nBlocks": 5, "step": 1, "base": 1, "nChannels": 8, "growthRate": 6,
                       "grFactor": [1, 2, 4], "bnFactor": [1, 2, 4]}}
 
+    # the lecture's width-wise multi-stage network: stage 1 is tiny-M on the 2x downsampled image (tiny-M /2's MACs),
+    # stages 2 and 3 add tiny-S's widths at full resolution reading the kept features (about tiny-M's MACs, then
+    # between tiny-M and tiny-L); trained with the plain multi-exit loss, since distillation and gradient
+    # equilibrium each lowered all three exits' validation accuracy in a 3-epoch check
+    multi_stage = {"label": "multi-stage tiny-M /2 +S +S", "kind": "trained", "name": "multi_stage", "recipe": {},
+                   "cfg": {"widths": [TINY_M, TINY_S, TINY_S], "resolutions": [2, 1, 1]}}
+
     def exits_on(widths, label):
         # one exit, after stage 3 of 4: the first stages are cheap in MACs but not in latency (a head and an
         # ONNX Runtime call cost about as much as an early stage), so exits go where the remaining work is large
@@ -120,6 +127,7 @@ def presets(canvas: int) -> dict[str, dict]:
                              _cascade("width cascade tiny-S -> tiny-M", "tiny-S", "tiny-M"),
                              _searched(),
                              exits_on(TINY_M, "exits on tiny-M (distill+GE)"),
+                             multi_stage,
                              msdnet]},
         "phone": {"static": phone_static,
                   "dynamic": [_cascade("resolution cascade mnv3-small /2 -> full", "mnv3-small /2", "mnv3-small"),
@@ -128,6 +136,7 @@ def presets(canvas: int) -> dict[str, dict]:
                               _cascade("cascade tiny-XL /2 -> mnv3-small", "tiny-XL /2", "mnv3-small"),
                               _cascade("resolution cascade tiny-XL /2 -> full", "tiny-XL /2", "tiny-XL"),
                               _searched(),
+                              multi_stage,
                               exits_on(TINY_XL, "exits on tiny-XL (distill+GE)")]},
     }
 
@@ -159,6 +168,8 @@ class FrontierSettings:
     train_threads: int | None = None
     only_train: bool = False
     models: dict | None = None      # {"static": [...], "dynamic": [...]} instead of the preset (tests)
+    dataset: str = "scaled_mnist"   # or the user's data: cifar10 | cifar100 | folder (an ImageFolder tree)
+    data_root: str | None = None    # where cifar10 / cifar100 / folder data lie (never downloaded)
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -174,18 +185,33 @@ class FrontierSettings:
             raise ValueError(f"rounds must be >= 3 (median and IQR over rounds), got {self.rounds}")
         if not (self.selection_z >= 0 and math.isfinite(self.selection_z)):
             raise ValueError(f"selection_z must be a finite number >= 0 (0: the point rule), got {self.selection_z}")
+        check_frontier_data(self.dataset, self.data_root, self.canvas)
 
     def model_set(self) -> dict:
         return self.models or presets(self.canvas)[self.preset]
 
 
+FRONTIER_DATASETS = ("scaled_mnist", "cifar10", "cifar100", "folder")
+
+
+def check_frontier_data(dataset: str, data_root: str | None, canvas: int) -> None:
+    """The data choice of :class:`FrontierSettings`: the embedded digits, or CIFAR / an image folder with its
+    root; CIFAR images are 32x32, so its ``canvas`` (the input side) must be 32."""
+    if dataset not in FRONTIER_DATASETS:
+        raise ValueError(f"dataset must be one of {', '.join(FRONTIER_DATASETS)}, got {dataset!r}")
+    if dataset != "scaled_mnist" and not data_root:
+        raise ValueError(f"dataset {dataset!r} reads a local folder: give data_root (--data-root)")
+    if dataset.startswith("cifar") and canvas != 32:
+        raise ValueError(f"{dataset} images are 32x32: the input side (canvas) must be 32, got {canvas}")
+
+
 # -- training --------------------------------------------------------------------------------------------------
 
-def build_static(spec: dict) -> nn.Module:
+def build_static(spec: dict, num_classes: int = 10, in_chans: int = 1) -> nn.Module:
     if spec["factor"] > 1:
-        return create_model("resized", backbone=spec["name"], factor=spec["factor"], num_classes=10, in_chans=1,
-                            backbone_cfg=spec["cfg"])
-    return create_model(spec["name"], num_classes=10, in_chans=1, **spec["cfg"])
+        return create_model("resized", backbone=spec["name"], factor=spec["factor"], num_classes=num_classes,
+                            in_chans=in_chans, backbone_cfg=spec["cfg"])
+    return create_model(spec["name"], num_classes=num_classes, in_chans=in_chans, **spec["cfg"])
 
 
 def member_spec(spec: dict) -> dict:
@@ -239,14 +265,15 @@ def _loss(recipe: dict | None):
                          temperature=recipe.get("temperature", 3.0), label_smoothing=0.05)
 
 
-def build_dynamic(spec: dict, statics: dict[str, nn.Module], static_specs: dict[str, dict]) -> nn.Module:
+def build_dynamic(spec: dict, statics: dict[str, nn.Module], static_specs: dict[str, dict], num_classes: int = 10,
+                  in_chans: int = 1) -> nn.Module:
     if spec["kind"] == "cascade":
         net = create_model("cascade", members=[member_spec(static_specs[m]) for m in spec["members"]],
-                           num_classes=10, in_chans=1)
+                           num_classes=num_classes, in_chans=in_chans)
         for head, m in zip(net.heads, spec["members"]):
             head.load_state_dict(statics[m].state_dict())
         return net.eval()
-    net = create_model(spec["name"], num_classes=10, in_chans=1, **spec["cfg"])
+    net = create_model(spec["name"], num_classes=num_classes, in_chans=in_chans, **spec["cfg"])
     net.gradient_equilibrium = bool((spec.get("recipe") or {}).get("gradient_equilibrium"))
     return net
 
@@ -364,17 +391,17 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
     """Train, calibrate and time everything for one training seed; returns the seed's results."""
     models = s.model_set()
     train, val, test = data["train"], data["val"], data["test"]
-    x_val = val.images.float() / 255
-    x_test = test.images.float() / 255
+    shape = {"num_classes": data["num_classes"], "in_chans": data["in_chans"]}
+    x_val, y_val = data_tensors(val)
+    x_test, y_test = data_tensors(test)
     x_test_np = x_test.numpy()
-    y_test = test.targets
     static_specs = {m["label"]: m for m in models["static"]}
     result: dict = {"seed": seed, "static": {}, "dynamic": {}, "training_seconds": {}}
     statics: dict[str, nn.Module] = {}
     training = _Progress(len(models["static"]) + sum(d["kind"] == "trained" for d in models["dynamic"]), log)
     for spec in models["static"]:
         log(f"  seed {seed}: training static {spec['label']}")
-        net, info = train_one(build_static(spec), spec["label"], seed, s, train, val, data["meta"])
+        net, info = train_one(build_static(spec, **shape), spec["label"], seed, s, train, val, data["meta"])
         statics[spec["label"]] = net
         result["training_seconds"][spec["label"]] = info["seconds"]
         training.step(f"{spec['label']}: {'reused' if info.get('reused') else 'trained'}")
@@ -382,8 +409,8 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
     for spec in models["dynamic"]:
         if spec["kind"] == "trained":
             log(f"  seed {seed}: training dynamic {spec['label']}")
-            net, info = train_one(build_dynamic(spec, statics, static_specs), spec["label"], seed, s, train, val,
-                                  data["meta"], loss=_loss(spec.get("recipe")))
+            net, info = train_one(build_dynamic(spec, statics, static_specs, **shape), spec["label"], seed, s, train,
+                                  val, data["meta"], loss=_loss(spec.get("recipe")))
             trained_dyn[spec["label"]] = net
             result["training_seconds"][spec["label"]] = info["seconds"]
             training.step(f"{spec['label']}: {'reused' if info.get('reused') else 'trained'}")
@@ -402,7 +429,7 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
     t_cost = s.threads[0]
     # static models: accuracy on val (for the target; the logits also feed the cascade search) and test, MACs,
     # one bundle each
-    val_y = torch.as_tensor(val.targets)
+    val_y = y_val
     static_val_logits: dict[str, Tensor] = {}
     log(f"  seed {seed}: exporting, evaluating and calibrating every model")
     prepared = _Progress(len(statics) + len(models["dynamic"]), log)
@@ -436,7 +463,8 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
                 result["cascade_search"] = searched
             spec = _cascade(spec["label"], *searched["ranking"][0]["members"])
         label = spec["label"]
-        net = build_dynamic(spec, statics, static_specs) if spec["kind"] == "cascade" else trained_dyn[label]
+        net = build_dynamic(spec, statics, static_specs, **shape) if spec["kind"] == "cascade" else \
+            trained_dyn[label]
         net.eval()
         with torch_threads(max(s.threads)):
             val_logits, val_y = collect_exit_logits(net, val)
@@ -600,11 +628,29 @@ def figures_of_merit(result: dict, s: FrontierSettings) -> dict:
 # -- the whole run ---------------------------------------------------------------------------------------------
 
 def load_data(s: FrontierSettings) -> dict:
-    cfg = {"canvas": s.canvas, "clutter": s.clutter, "seed": s.data_seed}
-    return {"train": ScaledMNIST("train", repeats=s.train_repeats, **cfg),
-            "val": ScaledMNIST("val", repeats=s.val_repeats, **cfg),
-            "test": ScaledMNIST("test", repeats=s.test_repeats, **cfg),
-            "meta": {"data": {"name": "scaled_mnist", **cfg, "input_size": s.canvas}}}
+    """The splits, the data record checkpoints keep (``meta``), and the classes and channels the models are built
+    for: ScaledMNIST (1 channel, 10 classes) or the user's CIFAR / image folder (3 channels, at ``canvas``)."""
+    if s.dataset == "scaled_mnist":
+        cfg = {"canvas": s.canvas, "clutter": s.clutter, "seed": s.data_seed}
+        return {"train": ScaledMNIST("train", repeats=s.train_repeats, **cfg),
+                "val": ScaledMNIST("val", repeats=s.val_repeats, **cfg),
+                "test": ScaledMNIST("test", repeats=s.test_repeats, **cfg),
+                "meta": {"data": {"name": "scaled_mnist", **cfg, "input_size": s.canvas}},
+                "num_classes": 10, "in_chans": 1}
+    cfg = {"root": str(s.data_root), "seed": s.data_seed, **({"input_size": s.canvas} if s.dataset == "folder"
+                                                            else {})}
+    splits = {split: get_dataset(s.dataset, split, **cfg) for split in ("train", "val", "test")}
+    return {**splits, "meta": {"data": {"name": s.dataset, **cfg, "input_size": s.canvas}},
+            "num_classes": splits["train"].num_classes, "in_chans": splits["train"].in_chans}
+
+
+def data_tensors(ds) -> tuple[Tensor, Tensor]:
+    """All images of a split as one float tensor (N, C, H, W) and its labels: ScaledMNIST's stored uint8 images
+    scaled to [0, 1], else every sample read through the split's (evaluation) transforms."""
+    if isinstance(ds, ScaledMNIST):
+        return ds.images.float() / 255, torch.as_tensor(ds.targets)
+    xs, ys = zip(*(ds[i] for i in range(len(ds))))
+    return torch.stack(xs), torch.as_tensor(ys)
 
 
 def run_frontier(s: FrontierSettings, log=print) -> dict:
@@ -621,11 +667,12 @@ def run_frontier(s: FrontierSettings, log=print) -> dict:
 def _run_frontier(s: FrontierSettings, log) -> dict:
     t0 = time.perf_counter()
     s.out.mkdir(parents=True, exist_ok=True)
-    log(f"frontier: ScaledMNIST {s.canvas}x{s.canvas} clutter {s.clutter}, preset {s.preset}, seeds "
+    from .report import data_name
+    log(f"frontier: {data_name(asdict(s))}, preset {s.preset}, seeds "
         f"{list(s.seeds)}, {s.epochs} epochs for every model")
     data = load_data(s)
     log(f"  data: {len(data['train'])} training renderings, {len(data['val'])} validation, {len(data['test'])} "
-        f"test ({s.test_repeats} renderings per test digit)")
+        + (f"test ({s.test_repeats} renderings per test digit)" if s.dataset == "scaled_mnist" else "test"))
     threads = s.train_threads or torch.get_num_threads()
     seeds = []
     for seed in s.seeds:
@@ -672,7 +719,7 @@ def merge_runs(folders: Sequence[str | Path], out: str | Path) -> dict:
     keys = ("preset", "canvas", "clutter", "data_seed", "epochs", "threads", "batch_sizes", "test_repeats",
             "runtime")
     for f, r in zip(folders, runs):
-        diff = [k for k in keys if r["settings"][k] != first["settings"][k]]
+        diff = [k for k in keys + ("dataset", "data_root") if r["settings"].get(k) != first["settings"].get(k)]
         if diff or set(r["seeds"][0]["dynamic"]) != set(first["seeds"][0]["dynamic"]):
             raise ValueError(f"{f} was run with other settings or models than {folders[0]} ({diff or 'models'})")
     seeds = [sd for r in runs for sd in r["seeds"]]

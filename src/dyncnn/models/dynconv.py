@@ -143,9 +143,9 @@ class DynConvNet(nn.Module):
             if g is None:
                 h = ex.run(block, h, rows, ledger)
                 continue
-            if self._force is not None:       # forced: no mask unit runs
+            if self._force is not None and not all_on:      # forced: no mask unit runs
                 mask = torch.full((n, *h.shape[-2:]), bool(self._force), dtype=torch.bool, device=h.device)
-            else:
+            else:       # all_on (full_macs) runs and charges the mask units whatever the forced state
                 logits = ex.run(self.mask_units[k], h, rows, ledger)
                 mask = torch.ones_like(logits[:, 0], dtype=torch.bool) if all_on else logits[:, 0] >= 0
             k += 1
@@ -175,7 +175,7 @@ class DynConvNet(nn.Module):
         self._force = check_gate_flag(value)
 
     def full_macs(self, x: Tensor) -> int:
-        """Per-sample MACs with every mask on (backbone + mask units)."""
+        """Per-sample MACs with every mask on (backbone + mask units), whatever :meth:`force` has set."""
         return int(self._execute(x[:1], all_on=True)[0].macs[0])
 
     @torch.no_grad()

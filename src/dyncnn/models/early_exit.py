@@ -13,10 +13,11 @@ def multi_exit(backbone: str = "mobilenet_v2", stages: Sequence[str] | None = No
                num_classes: int = 10, in_chans: int = 3, backbone_cfg: dict | None = None,
                example_size: int = 64) -> SplitMultiExit:
     """Registered builder: exits attached to a registered / torchvision / timm backbone, rebuildable by name
-    (``create_model("multi_exit", backbone="tiny_mobilenet", stages=[...])``), hence checkpointable."""
+    (``create_model("multi_exit", backbone="tiny_mobilenet", stages=[...])``), hence checkpointable. Without
+    ``stages``, exits go after the backbone's stage ends (:func:`dyncnn.dynamic.backbone.stage_ends`);
+    ``create_model("multi_exit", backbone=..., weights=PATH)`` loads the backbone's state dict file."""
     cfg = dict(backbone_cfg or {})
-    if not backbone.startswith(("torchvision:", "timm:")):
-        cfg.setdefault("in_chans", in_chans)
+    cfg.setdefault("in_chans", in_chans)        # torchvision / timm backbones take in_chans too (stem adapted)
     net = attach_exits(create_model(backbone, num_classes=num_classes, **cfg), stages, head, num_classes,
                        example_size)
     return net

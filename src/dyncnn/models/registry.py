@@ -2,8 +2,10 @@
 
 A registered entry is a function ``fn(num_classes=..., **cfg) -> nn.Module``. Names with the prefix
 ``torchvision:`` or ``timm:`` build that library's model, so every dyncnn command works on models people already
-use (``create_model("torchvision:mobilenet_v2")``, ``create_model("timm:mobilenetv3_small_100")``).
-Nothing is downloaded: pretrained weights are refused.
+use (``create_model("torchvision:mobilenet_v2")``, ``create_model("timm:mobilenetv3_small_100")``); both take
+``in_chans`` (torchvision's stem is swapped for one of that many channels, see ``dynamic.backbone``).
+Nothing is downloaded: ``weights=PATH`` loads a state dict file the user has (or, for torchvision, a weight name
+found in the torch hub cache), see ``models.pretrained``; ``pretrained=True`` is refused.
 """
 from __future__ import annotations
 
@@ -197,15 +199,21 @@ def _build_torchvision(arch: str, num_classes: int | None, **cfg) -> nn.Module:
     available = tvm.list_models(module=tvm)
     if arch not in available:
         raise _unknown(f"torchvision:{arch}", [f"torchvision:{n}" for n in available])
-    if cfg.get("weights") not in (None,):
-        raise DyncnnError("dyncnn never downloads weights at run time; load a local state dict instead")
-    cfg.pop("weights", None)
     if FILE_LOADING_KEYS & set(cfg):
         raise DyncnnError(f"torchvision:{arch}: refusing {sorted(FILE_LOADING_KEYS & set(cfg))}: dyncnn never loads "
-                          f"weights through the model builder; load a local state dict instead")
+                          f"weights through the model builder; pass weights=PATH to create_model instead")
+    in_chans = cfg.pop("in_chans", None)
     if num_classes is not None:
         cfg["num_classes"] = num_classes
-    return tvm.get_model(arch, weights=None, **cfg)
+    try:
+        model = tvm.get_model(arch, weights=None, **cfg)
+    except TypeError as e:
+        raise DyncnnError(f"torchvision:{arch} cannot be built with config "
+                          f"{', '.join(f'{k}={v!r}' for k, v in cfg.items())}: {e}") from None
+    if in_chans is not None:
+        from ..dynamic.backbone import set_input_channels
+        set_input_channels(model, in_chans)
+    return model
 
 
 def _build_timm(arch: str, num_classes: int | None, **cfg) -> nn.Module:
@@ -214,10 +222,10 @@ def _build_timm(arch: str, num_classes: int | None, **cfg) -> nn.Module:
     except ImportError:
         raise DyncnnError(f"model 'timm:{arch}' needs timm, which is not installed (pip install timm)") from None
     if cfg.pop("pretrained", False):
-        raise DyncnnError("dyncnn never downloads weights at run time; load a local state dict instead")
+        raise DyncnnError("dyncnn never downloads weights at run time; pass weights=PATH (a state dict file)")
     if FILE_LOADING_KEYS & set(cfg):
         raise DyncnnError(f"timm:{arch}: refusing {sorted(FILE_LOADING_KEYS & set(cfg))}: dyncnn never loads "
-                          f"weights through the model builder; load a local state dict instead")
+                          f"weights through the model builder; pass weights=PATH to create_model instead")
     if not timm.list_models(arch):
         raise _unknown(f"timm:{arch}", [f"timm:{n}" for n in timm.list_models()])
     if num_classes is not None:
@@ -225,21 +233,39 @@ def _build_timm(arch: str, num_classes: int | None, **cfg) -> nn.Module:
     return timm.create_model(arch, pretrained=False, **cfg)
 
 
-def create_model(name: str, num_classes: int | None = None, **cfg) -> nn.Module:
+def create_model(name: str, num_classes: int | None = None, weights=None, **cfg) -> nn.Module:
     """Build a model by registered name, or ``torchvision:NAME`` / ``timm:NAME`` for those libraries' models.
 
     ``num_classes`` and ``cfg`` go to the builder. An unknown name raises an error listing the closest names.
+    ``weights`` (a state dict file the user has; for torchvision models also a weight name such as ``"DEFAULT"``
+    found in the torch hub cache) is loaded after building, by :func:`dyncnn.models.pretrained.load_weights`:
+    the stem is adapted to ``in_chans`` and a classifier of another ``num_classes`` is dropped (kept freshly
+    initialised); what it did is in ``model.dyncnn_weights``. Nothing is downloaded.
     """
+    model = _create(name, num_classes, **cfg)
+    if weights is not None:
+        from .pretrained import load_weights
+        model.dyncnn_weights = load_weights(model, weights, name)
+    return model
+
+
+def _create(name: str, num_classes: int | None = None, **cfg) -> nn.Module:
     if not isinstance(name, str) or not name:
         raise DyncnnError(f"model name must be a non-empty string, got {name!r}")
     prefix, _, arch = name.partition(":")
     if arch:
         if prefix == "torchvision":
-            return _build_torchvision(arch, num_classes, **cfg)
-        if prefix == "timm":
-            return _build_timm(arch, num_classes, **cfg)
-        raise DyncnnError(f"unknown model source {prefix!r} in {name!r}; expected 'torchvision:' or 'timm:' "
-                          f"or a registered dyncnn name")
+            model = _build_torchvision(arch, num_classes, **cfg)
+        elif prefix == "timm":
+            model = _build_timm(arch, num_classes, **cfg)
+        else:
+            raise DyncnnError(f"unknown model source {prefix!r} in {name!r}; expected 'torchvision:' or 'timm:' "
+                              f"or a registered dyncnn name")
+        # how to rebuild it (checkpoints): only the keys a checkpoint header may give an external model
+        spec_cfg = {k: v for k, v in cfg.items() if k in EXTERNAL_CFG_KEYS}
+        model.dyncnn_spec = {"name": name, "cfg": {**spec_cfg, **({"num_classes": num_classes}
+                                                                  if num_classes is not None else {})}}
+        return model
     _ensure_models_loaded()
     if name not in _REGISTRY:
         raise _unknown(name, list(_REGISTRY))

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..dynamic.backbone import input_channels
 from ..dynamic.exits import Cascade
 from .registry import create_model, register_model
 
@@ -28,7 +29,7 @@ class Resized(nn.Module):
             raise ValueError(f"factor must be a positive integer, got {factor!r}")
         self.backbone, self.factor = backbone, int(factor)
         self.num_classes = getattr(backbone, "num_classes", None)
-        self.in_chans = getattr(backbone, "in_chans", 3)
+        self.in_chans = input_channels(backbone, default=3)
         min_size = getattr(backbone, "min_input_size", 1)
         self.min_input_size = min_size * self.factor
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, DyncnnError
 from ..files import MAX_JSON_BYTES, apply_umask, atomic_write_text, model_spec, parse_json, read_bounded
+from ..models.pretrained import check_state_dict
 
 FORMAT = "dyncnn-checkpoint-1"
 META_KEY = "dyncnn"
@@ -148,6 +149,22 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     return path
 
 
+def _is_dyncnn_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is (meant as) a dyncnn checkpoint: a folder (its last.safetensors), or a .safetensors file
+    whose header carries dyncnn's metadata; anything else is a plain state dict file."""
+    path = Path(path)
+    if path.is_dir() or path.suffix != ".safetensors":
+        return path.is_dir() or path.suffix not in (".pth", ".pt", ".bin")
+    if not path.is_file():
+        return True                  # read_checkpoint says it does not exist
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return META_KEY in (f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return True                  # read_checkpoint says what is wrong with it
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
     """Return (tensors, metadata) of a checkpoint, or raise CheckpointError saying what is wrong with the file."""
     path = Path(path)
@@ -190,23 +207,6 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
             raise CheckpointError(f"checkpoint {path} names {name!r} an alias of {source!r}, which it does not hold")
         tensors[name] = tensors[source]
     return tensors, meta
-
-
-def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: str = "checkpoint") -> None:
-    """Raise CheckpointError naming missing, unexpected and mis-shaped keys if ``state`` does not fit ``model``."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k}: model {tuple(own[k].shape)} vs {source} {tuple(state[k].shape)}"
-                    for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or shapes:
-        def few(items):
-            return ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
-        parts = [f"missing keys: {few(missing)}" if missing else "",
-                 f"unexpected keys: {few(unexpected)}" if unexpected else "",
-                 f"shape mismatches: {few(shapes)}" if shapes else ""]
-        raise CheckpointError(f"{source} does not match the model ({type(model).__name__}): "
-                              + "; ".join(p for p in parts if p))
 
 
 def model_from_header(path: str | os.PathLike, spec: object, state: dict[str, Tensor]) -> nn.Module:
@@ -274,7 +274,16 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:
     """Start ``model`` from the weights of a trained checkpoint (``dyncnn train --init``): the whole model when
     the checkpoint is of the same architecture, else its static part (``model.backbone``), as the dynamic-network
     papers start gated / glance models from a trained static network. Returns which part was initialised.
+    A file that is not a dyncnn checkpoint -- a torchvision / timm state dict (``.pth``, ``.pt``, ``.bin``, or a
+    ``.safetensors`` without dyncnn's header) -- is loaded by :func:`dyncnn.models.pretrained.load_weights` (stem
+    adapted, a classifier of other classes dropped; exits take their backbone's file).
     """
+    if not _is_dyncnn_checkpoint(path):
+        from ..models.pretrained import load_weights
+        done = load_weights(model, path, model_spec(model).get("name", "model"))
+        notes = [f"stem adapted: {', '.join(done['adapted_stem'])}" if done["adapted_stem"] else "",
+                 f"classifier left new: {', '.join(done['dropped_classifier'])}" if done["dropped_classifier"] else ""]
+        return done["into"] + "".join(f"; {n}" for n in notes if n)
     tensors, meta = read_checkpoint(path)
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     candidates = [("model", model)]

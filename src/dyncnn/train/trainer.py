@@ -39,6 +39,7 @@ from .checkpoint import (atomic_write_text, load_checkpoint, remove_stale_tempor
                          sync_json_copies)
 from .device import DEVICES, autocast, module_device, resolve_device
 from .distributed import DistInfo, barrier, init_from_env
+from .finetune import check_freeze, set_backbone_frozen
 
 LossFn = Callable[[object, Tensor], Tensor]
 
@@ -63,6 +64,8 @@ class TrainConfig:
     amp: bool = False                      # bf16 autocast for forward and loss
     channels_last: bool = False            # model and batches in torch.channels_last while training
     compile: bool = False                  # torch.compile the training forward (benchmarks/bench_training.py)
+    freeze: str | None = None              # "backbone": train only exit heads and classifier (train/finetune.py)
+    freeze_epochs: int | None = None       # with freeze: unfreeze after this many epochs (None: frozen throughout)
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1:
@@ -75,6 +78,7 @@ class TrainConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {self.device!r}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        check_freeze(self.freeze, self.freeze_epochs)
 
 
 def default_loss(label_smoothing: float = 0.0) -> LossFn:
@@ -162,6 +166,9 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.dist = init_from_env(self.device.type)
+        if self.dist.enabled and config.freeze:
+            raise DyncnnError("freeze='backbone' is not supported under torchrun (DistributedDataParallel fixes the "
+                              "trainable parameters when it wraps the model); fine-tune in one process")
         if self.dist.enabled and config.batch_size % self.dist.world_size:
             raise DyncnnError(f"batch_size {config.batch_size} must be divisible by the number of processes "
                               f"({self.dist.world_size})")
@@ -270,6 +277,8 @@ class Trainer:
             batches = epoch_batches(len(self.train_set), c.batch_size, c.seed, epoch)
             skip = self.step - epoch * self.steps_per_epoch
             model.train()
+            if c.freeze:         # a function of the epoch alone, so a resumed run freezes exactly the same
+                set_backbone_frozen(self.model, c.freeze_epochs is None or epoch < c.freeze_epochs)
             loss_sum, correct, seen = 0.0, 0, 0
             # A live bar on a terminal (tqdm turns itself off when stderr is not one), one line per epoch always.
             bar = tqdm(self._loader([shard(b, self.dist) for b in batches[skip:]], epoch), total=len(batches) - skip,
@@ -330,6 +339,8 @@ class Trainer:
             barrier(self.dist)
         if c.channels_last:
             self.model.to(memory_format=torch.contiguous_format)
+        if c.freeze:             # the model leaves with every parameter trainable again
+            set_backbone_frozen(self.model, False)
         last = history[-1] if history else {}
         return TrainResult(history=history, best_val_acc=best, final_val_acc=last.get("val_acc", float("nan")),
                            steps=self.step, seconds=time.perf_counter() - start)
