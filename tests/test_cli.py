@@ -277,3 +277,15 @@ def test_anytime_eval_of_a_gated_model_says_it_has_no_exits(tmp_path, capsys):
                            extra={"data": {"name": "mnist"}})
     assert main(["eval", str(ckpt), "--anytime"]) == 2
     assert "need a multi-exit network; RoutingSuperNet has no exits" in capsys.readouterr().err
+
+
+def test_frontier_selection_z_reaches_the_settings_and_a_negative_one_is_refused(monkeypatch, tmp_path, capsys):
+    import dyncnn.frontier.runner as runner
+    from dyncnn.frontier.front import SELECTION_Z
+    seen = []
+    monkeypatch.setattr(runner, "run_frontier", seen.append)
+    assert main(["frontier", "--selection-z", "0", "--out", str(tmp_path)]) == 0
+    assert main(["frontier", "--out", str(tmp_path)]) == 0
+    assert [s.selection_z for s in seen] == [0.0, SELECTION_Z]
+    assert main(["frontier", "--selection-z", "-1", "--out", str(tmp_path)]) == 2
+    assert "selection_z must be a finite number >= 0" in capsys.readouterr().err

@@ -26,6 +26,14 @@ def test_a_ratio_below_one_is_worded_as_slower():
     assert "Elsewhere: 1.25x slower at batch 64" in headline(_results(1.25, 0.8))
 
 
+def test_the_report_names_the_selection_rule_of_the_run():
+    results = _results(1.2, 1.2)
+    assert "(the cheapest whose validation accuracy reaches the best static model's)" in render_markdown(results)
+    results["settings"]["selection_z"] = 1.0
+    assert ("less 1 standard error of its paired difference from the best static model's, still reaches it"
+            in render_markdown(results))
+
+
 def test_the_load_average_has_two_decimals():
     text = render_markdown(_results(1.2, 1.2))
     assert "load average at the end 1.23, 0.50, 0.25," in text and "1.2345" not in text

@@ -16,7 +16,7 @@ from dyncnn.dynamic.policy import ExitPolicy
 from dyncnn.errors import DyncnnError
 from dyncnn.export import export_bundle, load_bundle
 from dyncnn.export.runtime import BundleError, record_stage_latency, stage_latency_table
-from dyncnn.frontier import (Point, front_latency_at, pareto_front, select_on_validation,
+from dyncnn.frontier import (Point, front_latency_at, paired_lower_bound, pareto_front, select_on_validation,
                              speedup_at_equal_accuracy)
 from dyncnn.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -62,6 +62,61 @@ def test_selection_reads_validation_figures_only():
     assert select_on_validation(cands, 0.99)["val_accuracy"] == 0.95     # none reaches: the most accurate
     with pytest.raises(ValueError):
         select_on_validation([], 0.9)
+
+
+def test_paired_lower_bound_is_the_gap_less_z_standard_errors_of_the_discordant_pairs():
+    # 50 wins, 30 losses on 1,000 images: gap 0.02, se^2 = (0.08 - 0.02^2) / 1000
+    se = math.sqrt((0.08 - 0.0004) / 1000)
+    assert math.isclose(paired_lower_bound(0.02, 50, 30, 1000, 1.5), 0.02 - 1.5 * se)
+    assert paired_lower_bound(0.02, 50, 30, 1000, 0.0) == 0.02
+    assert paired_lower_bound(0.0, 0, 0, 1000, 3.0) == 0.0          # agrees with the reference everywhere
+    with pytest.raises(ValueError, match="wins"):
+        paired_lower_bound(0.0, 600, 500, 1000, 1.0)
+    with pytest.raises(ValueError, match="z must be >= 0"):
+        paired_lower_bound(0.0, 1, 1, 1000, -1.0)
+    with pytest.raises(ValueError, match="needs"):      # the paired rule needs the counts
+        select_on_validation([{"val_accuracy": 0.9, "val_cost": 1.0}], 0.9, z=1.0)
+
+
+def test_paired_rule_rejects_the_lucky_candidate_and_keeps_a_truly_better_one():
+    """Two cascades ending with the reference (the best static model, 0.900 on 1,000 validation images): the
+    cheap one's first member is right and wrong on other images than the reference, 50 won and 49 lost (0.901: a
+    coin toss that came up above the target); the dearer one's first member fixes 30 of the reference's errors
+    and adds 5 (0.925). The point rule takes the cheap lucky one; the paired bound takes the truly better one."""
+    from dyncnn.dynamic.budget import exit_scores
+    from dyncnn.frontier.search import with_paired_counts
+    n = 1000
+    y = torch.arange(n) % 10
+    ref_right = torch.arange(n) < 900
+
+    def logits_right_on(right):
+        logits = torch.zeros(n, 10)
+        logits[torch.arange(n), torch.where(right, y, (y + 1) % 10)] = 5.0
+        return logits
+
+    def first_member(wins, losses):
+        right = ref_right.clone()
+        right[:losses] = False                   # wrong where the reference is right
+        right[900:900 + wins] = True             # right where the reference is wrong
+        return logits_right_on(right)
+
+    def cascade(first, cost_first):
+        logits = torch.stack([first, logits_right_on(ref_right)])
+        scores, correct = exit_scores(logits), logits.argmax(-1) == y
+        cands = [{"thresholds": [0.0], "val_cost": cost_first},                    # every image leaves at once
+                 {"thresholds": [math.inf], "val_cost": cost_first + 10.0}]        # none does: the reference
+        for c in cands:
+            c["val_accuracy"] = float(correct[0 if c["thresholds"][0] == 0.0 else 1].double().mean())
+        return with_paired_counts(cands, scores, correct, ref_right)
+    lucky, better = cascade(first_member(50, 49), 1.0), cascade(first_member(30, 5), 3.0)
+    assert (lucky[0]["val_wins"], lucky[0]["val_losses"], lucky[0]["val_n"]) == (50, 49, 1000)
+    assert (lucky[1]["val_wins"], lucky[1]["val_losses"]) == (0, 0)
+    assert (better[0]["val_wins"], better[0]["val_losses"]) == (30, 5)
+    target = 0.9
+    assert select_on_validation(lucky + better, target, z=0.0) is lucky[0]     # the point rule: the lucky one
+    assert select_on_validation(lucky + better, target, z=1.0) is better[0]    # the paired bound: the better one
+    assert select_on_validation(lucky, target, z=1.0) is lucky[1]              # alone: full depth, never the coin
+    assert select_on_validation(better, target, z=5.0) is better[1]     # 5 se (0.029) exceed its gap: full depth
 
 
 # -- latency budgets --------------------------------------------------------------------------------------------
@@ -389,6 +444,10 @@ def test_cascade_search_picks_the_cheapest_cascade_that_reaches_the_target():
     assert len(ranking) == 4                                  # 3 pairs and 1 triple, members by increasing cost
     with pytest.raises(ValueError, match="need a cost"):
         search_cascades(logits, y, {"tiny": 1.0}, target)
+    paired = search_cascades(logits, y, cost, target, z=1.0, reference="big")
+    assert paired[0]["reaches"] and paired[0]["val_cost"] >= ranking[0]["val_cost"]   # the bound costs something
+    with pytest.raises(ValueError, match="reference"):
+        search_cascades(logits, y, cost, target, z=1.0)
 
 
 def test_temperatures_fit_on_logits_made_in_inference_mode():

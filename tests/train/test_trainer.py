@@ -192,3 +192,33 @@ def test_progress_off_a_terminal_and_finished_run_says_nothing_to_resume(tmp_pat
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "finished its 1 epoch (5 steps): nothing to resume" in out
     assert result.steps == 5
+
+
+def test_channels_last_trains_the_same_model_in_nhwc_and_hands_it_back_in_the_default_format():
+    g = torch.Generator().manual_seed(0)
+    train = torch.utils.data.TensorDataset(torch.rand(96, 3, 16, 16, generator=g), torch.arange(96) % 10)
+    seen = []
+    ref, nhwc = _model(in_chans=3), _model(in_chans=3)
+    nhwc.register_forward_pre_hook(lambda m, args: seen.append(
+        args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()))
+    Trainer(ref, train, None, _cfg(epochs=1)).fit()
+    Trainer(nhwc, train, None, _cfg(epochs=1, channels_last=True)).fit()
+    assert len(seen) == 3 and all(seen)                 # every training batch reached the model in NHWC
+    for (k, a), b in zip(ref.state_dict().items(), nhwc.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-4), k
+        assert b.is_contiguous(), k                     # the default memory format again
+
+
+def test_compile_routes_the_training_forward_through_torch_compile(data, monkeypatch):
+    train, _ = data
+    compiled = []
+
+    def fake_compile(module):                           # what torch.compile returns: a callable module wrapper
+        compiled.append(module)
+        return module
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = _model()
+    Trainer(model, train, None, _cfg(epochs=1)).fit()
+    assert compiled == []
+    Trainer(model, train, None, _cfg(epochs=1, compile=True)).fit()
+    assert compiled == [model]

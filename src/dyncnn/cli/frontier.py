@@ -13,8 +13,8 @@ def add_parser(sub) -> None:
                                    "rounds, median and IQR) and write frontier.json / .md / .png with the speedup "
                                    "at equal accuracy.")
     p.add_argument("--preset", default="demo", choices=["demo", "full", "phone"],
-                   help="model set: demo (3 static, 2 cascades), full (8 static, 7 dynamic), phone (128x128 "
-                        "canvas, 1-73M MAC networks); full and phone include a cascade whose members are searched "
+                   help="model set: demo (4 static, 2 cascades), full (8 static, 7 dynamic), phone (128x128 "
+                        "canvas, 1-73M MAC networks); each includes a cascade whose members are searched "
                         "on validation")
     p.add_argument("--dataset", default="scaled_mnist", choices=["scaled_mnist", "cifar10", "cifar100", "folder"],
                    help="data: the embedded digits, or yours (3 channels): cifar10 | cifar100 | folder (an "
@@ -39,6 +39,10 @@ def add_parser(sub) -> None:
     p.add_argument("--single-images", type=int, default=200, help="test images timed one at a time per round")
     p.add_argument("--batch-images", type=int, default=640, help="test images timed in batches per round")
     p.add_argument("--no-eager", action="store_true", help="skip the eager PyTorch timings")
+    p.add_argument("--selection-z", type=float, default=None,
+                   help="operating points reach the best static model's validation accuracy when their paired "
+                        "lower bound (accuracy difference less this many standard errors) is >= 0; 0: the point "
+                        "rule (default: 1)")
     p.add_argument("--only-train", action="store_true", help="train (or resume) every model and stop")
     p.add_argument("--merge", nargs="+", default=None, metavar="RUN_DIR",
                    help="instead of running: one report from finished runs of other seeds (same settings)")
@@ -69,6 +73,7 @@ def run(args) -> int:
                                 batch_images=args.batch_images, eager=not args.no_eager,
                                 device=args.device, only_train=args.only_train, lr=args.lr,
                                 test_repeats=args.test_repeats, runtime=args.runtime, dataset=args.dataset,
-                                data_root=args.data_root)
+                                data_root=args.data_root,
+                                **({} if args.selection_z is None else {"selection_z": args.selection_z}))
     run_frontier(settings)
     return 0

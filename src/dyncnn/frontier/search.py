@@ -10,17 +10,20 @@
   the one whose cheapest operating point reaching the target validation accuracy costs least. This is what a
   practitioner does with a zoo of trained models ("Wisdom of Committees", Wang et al., ICLR 2022), and it reads
   no test figure.
+- :func:`with_paired_counts`: each candidate's wins and losses against a reference model on the same validation
+  images, for the paired lower bound that ``select_on_validation`` applies with ``z > 0``.
 """
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from ..dynamic.budget import exit_scores, fit_temperatures
-from .front import select_on_validation
+from ..dynamic.budget import assign_exits, exit_scores, fit_temperatures
+from .front import reaches_target, select_on_validation
 
 
 def grid_candidates(val_scores: Tensor, val_correct: Tensor, cum_cost: Sequence[float], temperatures,
@@ -67,19 +70,45 @@ def grid_candidates(val_scores: Tensor, val_correct: Tensor, cum_cost: Sequence[
     return out
 
 
+def with_paired_counts(candidates: Sequence[dict], val_scores: Tensor, val_correct: Tensor,
+                       reference_correct: Tensor) -> list[dict]:
+    """``candidates`` (dicts with ``thresholds``) of a model whose exits have validation confidences
+    ``val_scores`` and correctness ``val_correct`` ((K, N) each), each with ``val_wins`` (images it gets right and
+    the reference wrong), ``val_losses`` (the reverse) and ``val_n`` added; ``reference_correct`` (N,) says which
+    validation images the reference model (the best static one) gets right."""
+    ref = torch.as_tensor(reference_correct, dtype=torch.bool)
+    if val_scores.shape != val_correct.shape or ref.shape != val_scores.shape[1:]:
+        raise ValueError(f"need scores and correctness of shape (K, N) and a reference of shape (N,), got "
+                         f"{tuple(val_scores.shape)}, {tuple(val_correct.shape)}, {tuple(ref.shape)}")
+    cols = torch.arange(val_scores.shape[1])
+    out = []
+    for c in candidates:
+        th = torch.tensor([*c["thresholds"], -math.inf], dtype=val_scores.dtype)
+        right = val_correct[assign_exits(val_scores, th), cols].bool()
+        out.append({**c, "val_wins": int((right & ~ref).sum()), "val_losses": int((~right & ref).sum()),
+                    "val_n": len(ref)})
+    return out
+
+
 def search_cascades(val_logits: Mapping[str, Tensor], val_targets: Tensor, cost: Mapping[str, float],
-                    target_accuracy: float, max_members: int = 3, points: int = 21) -> list[dict]:
+                    target_accuracy: float, max_members: int = 3, points: int = 21, z: float = 0.0,
+                    reference: str | None = None) -> list[dict]:
     """Score every cascade of 2..``max_members`` of the given models (``val_logits``: label -> (N, C) validation
     logits; ``cost``: label -> latency of running that model on one image), members in increasing ``cost``.
 
     Each cascade's operating point is chosen by :func:`~dyncnn.frontier.front.select_on_validation` among its
-    :func:`grid_candidates` (exit cost = the running sum of its members' costs). Returns one dict per cascade,
+    :func:`grid_candidates` (exit cost = the running sum of its members' costs); with ``z > 0``, by the paired
+    lower bound against the model labelled ``reference`` (whose validation accuracy is ``target_accuracy``).
+    Returns one dict per cascade,
     ``{"members", "val_accuracy", "val_cost", "thresholds", "reaches"}``, best first: those that reach
     ``target_accuracy`` by increasing cost, then the others by decreasing accuracy."""
     if max_members < 2:
         raise ValueError(f"a cascade has at least 2 members, got max_members={max_members}")
     if set(val_logits) != set(cost):
         raise ValueError(f"need a cost for every model: logits for {sorted(val_logits)}, costs for {sorted(cost)}")
+    if z > 0 and reference not in val_logits:
+        raise ValueError(f"the paired rule (z={z}) needs the reference among the models {sorted(val_logits)}, "
+                         f"got {reference!r}")
     labels = sorted(val_logits, key=lambda k: cost[k])
     y = torch.as_tensor(val_targets)
     temps = {k: fit_temperatures(val_logits[k][None], y)[0] for k in labels}
@@ -89,11 +118,11 @@ def search_cascades(val_logits: Mapping[str, Tensor], val_targets: Tensor, cost:
     for n in range(2, min(max_members, len(labels)) + 1):
         for combo in itertools.combinations(labels, n):
             cum = list(itertools.accumulate(cost[k] for k in combo))
-            cands = grid_candidates(torch.stack([scores[k] for k in combo]),
-                                    torch.stack([correct[k] for k in combo]), cum, [temps[k] for k in combo],
-                                    points)
-            best = select_on_validation(cands, target_accuracy)
+            s_k, c_k = torch.stack([scores[k] for k in combo]), torch.stack([correct[k] for k in combo])
+            cands = grid_candidates(s_k, c_k, cum, [temps[k] for k in combo], points)
+            if z > 0:
+                cands = with_paired_counts(cands, s_k, c_k, correct[reference])
+            best = select_on_validation(cands, target_accuracy, z)
             rows.append({"members": list(combo), "val_accuracy": best["val_accuracy"], "val_cost": best["val_cost"],
-                         "thresholds": best["thresholds"],
-                         "reaches": best["val_accuracy"] >= target_accuracy - 1e-12})
+                         "thresholds": best["thresholds"], "reaches": reaches_target(best, target_accuracy, z)})
     return sorted(rows, key=lambda r: (not r["reaches"], r["val_cost"] if r["reaches"] else -r["val_accuracy"]))

@@ -62,6 +62,8 @@ class TrainConfig:
     save_every_steps: int | None = None    # also checkpoint mid-epoch every N steps
     device: str = "auto"                   # "auto" (cuda when available), "cpu", "cuda", "cuda:N", "mps"
     amp: bool = False                      # bf16 autocast for forward and loss
+    channels_last: bool = False            # model and batches in torch.channels_last while training
+    compile: bool = False                  # torch.compile the training forward (benchmarks/bench_training.py)
     freeze: str | None = None              # "backbone": train only exit heads and classifier (train/finetune.py)
     freeze_epochs: int | None = None       # with freeze: unfreeze after this many epochs (None: frozen throughout)
 
@@ -255,6 +257,10 @@ class Trainer:
             model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=c.find_unused_parameters)
+        if c.channels_last:   # NHWC convolutions (oneDNN on a CPU); the model is handed back in the default format
+            self.model.to(memory_format=torch.channels_last)
+        if c.compile:      # the training forward only; evaluation and checkpoints use the plain module
+            model = torch.compile(model)
         metrics_path = self.out_dir / "metrics.jsonl" if self.out_dir else None
         if metrics_path is not None and self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -280,6 +286,8 @@ class Trainer:
                        disable=None if (c.progress and self.dist.is_main) else True)
             for x, y in bar:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                if c.channels_last and x.ndim == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 if isinstance(self.model, ProgressAware):
                     self.model.set_progress(self.step / self.total_steps)
                 lr = self.lr_at(self.step)
@@ -329,6 +337,8 @@ class Trainer:
                 for cb in self.callbacks:
                     cb(record)
             barrier(self.dist)
+        if c.channels_last:
+            self.model.to(memory_format=torch.contiguous_format)
         if c.freeze:             # the model leaves with every parameter trainable again
             set_backbone_frozen(self.model, False)
         last = history[-1] if history else {}
