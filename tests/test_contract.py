@@ -251,8 +251,9 @@ def test_dynamic_contract(name, tmp_path):
         assert _distinct(r) > 1, "every sample took the same path: the contract checks would be trivial"
     # batched == one sample at a time
     # (decisions and MACs exactly; logits to float32 rounding of deep untrained networks, whose batch-1 and
-    # batch-N kernels differ: 0.3% of the logits' scale)
-    atol = 3e-3 * float(r.logits.abs().max())
+    # batch-N kernels differ: up to 0.3% of the logits' scale on an AVX2 AMD EPYC, 0.38% for the untrained
+    # gfnet_mobilenet_v3_large on an Intel Xeon, whose float64 copy agrees batched and one at a time to 5e-13)
+    atol = 5e-3 * float(r.logits.abs().max())
     for i in range(N):
         one = infer(x[i:i + 1])
         assert int(one.exit_index) == int(r.exit_index[i]) and int(one.macs) == int(r.macs[i]), i

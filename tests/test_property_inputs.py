@@ -61,6 +61,13 @@ POLICIES = st.one_of(st.none(), st.lists(st.floats(0, 1), min_size=0, max_size=3
                      st.just("0.5"))
 
 
+def _assert_close_at_scale(got, want):
+    """float32 closeness judged against each row's largest logit: at inputs near 1e30 a logit is a difference of
+    huge terms, so an elementwise relative tolerance fails on rounding that is 1e-7 of the row's scale."""
+    scale = want.abs().amax(dim=-1, keepdim=True).clamp_min(1.0) if want.numel() else 1.0
+    torch.testing.assert_close(got / scale, want / scale, rtol=1e-4, atol=1e-5)
+
+
 def _check_eager(model, x, policy, result):
     """The result is what the model's full forward pass gives at the exit each sample took."""
     n = x.shape[0]
@@ -70,7 +77,7 @@ def _check_eager(model, x, policy, result):
         with torch.no_grad():
             every = torch.stack(model(x))                               # (exits, N, classes)
         want = every[result.exit_index, torch.arange(n)]
-        torch.testing.assert_close(result.logits, want, rtol=1e-4, atol=1e-5)
+        _assert_close_at_scale(result.logits, want)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -122,7 +129,7 @@ def test_bundle_run_gives_a_result_or_a_dyncnn_error(bundles, kind):
             assert got.shape == (0, model.num_classes)
         elif kind == "static":
             with torch.no_grad():
-                torch.testing.assert_close(got, model(x32), rtol=1e-4, atol=1e-5)
+                _assert_close_at_scale(got, model(x32))
         else:
             _check_eager(model, x32, policy, got)
     prop()
