@@ -6,8 +6,8 @@ from pathlib import Path
 
 from ..errors import DyncnnError
 from .common import (
-    THREADS, _add_data_args, _data_cfg_for, _deploy_images, _deploy_policy, _deploy_shape, _device, _is_bundle,
-    _load_model, _parse_cfg, _takes_exit_policy)
+    THREADS, _add_deployed_model_args, _data_cfg_for, _deploy_images, _deploy_policy, _deploy_shape, _device,
+    _is_bundle, _load_model, _parse_cfg, _takes_exit_policy)
 
 
 def add_parser(sub) -> None:
@@ -35,13 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("--runtimes", nargs="+", choices=["onnxruntime", "executorch"], default=["onnxruntime"],
                    help="bundle runtimes timed beside eager, e.g. `--runtimes onnxruntime executorch` for "
                         "ExecuTorch (XNNPACK) rows beside ONNX Runtime's (default: onnxruntime)")
-    p.add_argument("--input-size", type=int, default=None, help="square input side (default: checkpoint's data "
-                   "size, the model's published size, or 224)")
-    p.add_argument("--in-chans", type=int, default=None, help="input channels (default: the model's)")
-    p.add_argument("--cfg", nargs="*", metavar="KEY=VALUE", help="model keyword arguments")
-    _add_data_args(p)
-    p.add_argument("--dataset-override", action="store_true",
-                   help="use --dataset/--data-root instead of the dataset recorded in the checkpoint")
+    _add_deployed_model_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=run)
 

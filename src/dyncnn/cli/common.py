@@ -26,6 +26,18 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _add_deployed_model_args(p: argparse.ArgumentParser) -> None:
+    """The input, model-config and data arguments of the commands that export or time a checkpoint (bench,
+    export)."""
+    p.add_argument("--input-size", type=int, default=None, help="square input side (default: checkpoint's data "
+                   "size, the model's published size, or 224)")
+    p.add_argument("--in-chans", type=int, default=None, help="input channels (default: the model's)")
+    p.add_argument("--cfg", nargs="*", metavar="KEY=VALUE", help="model keyword arguments")
+    _add_data_args(p)
+    p.add_argument("--dataset-override", action="store_true",
+                   help="use --dataset/--data-root instead of the dataset recorded in the checkpoint")
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="scaled_mnist",
                    help="embedded: mnist | scaled_mnist | scaled_mnist_large (128x128, small digits) | moving_digits "

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from ..errors import DyncnnError
 from .common import (
-    _add_data_args, _deploy_images, _deploy_policy, _deploy_shape, _load_model, _parse_cfg, _takes_exit_policy,
-    _writable_folder)
+    _add_deployed_model_args, _deploy_images, _deploy_policy, _deploy_shape, _load_model, _parse_cfg,
+    _takes_exit_policy, _writable_folder)
 
 
 def add_parser(sub) -> None:
@@ -36,13 +36,7 @@ def add_parser(sub) -> None:
     p.add_argument("--stage-threads", type=int, nargs="+", default=None, metavar="N",
                    help="onnxruntime: time each stage with each of these thread counts on the validation images at "
                         "batch 1 and 64 and record the fastest per stage (load_bundle(dir, threads=\"per-stage\"))")
-    p.add_argument("--input-size", type=int, default=None, help="square input side (default: checkpoint's data "
-                   "size, the model's published size, or 224)")
-    p.add_argument("--in-chans", type=int, default=None, help="input channels (default: the model's)")
-    p.add_argument("--cfg", nargs="*", metavar="KEY=VALUE", help="model keyword arguments")
-    _add_data_args(p)
-    p.add_argument("--dataset-override", action="store_true",
-                   help="use --dataset/--data-root instead of the dataset recorded in the checkpoint")
+    _add_deployed_model_args(p)
     p.add_argument("--json", action="store_true", help="print the manifest")
     p.set_defaults(func=run)
 
