@@ -80,13 +80,13 @@ def bare_epoch(model, images, targets, cfg: TrainConfig, channels_last: bool = F
 
 
 def estimate(preset: str, channels_last: bool) -> None:
-    from dyncnn.frontier.runner import _loss, build_dynamic
+    from dyncnn.frontier.runner import build_dynamic
+    from dyncnn.train.trainer import OwnTrainingLoss
     canvas = 128 if preset == "phone" else 64
     models = presets(canvas)[preset]
     specs = {m["label"]: m for m in models["static"]}
     todo = [(m["label"], build_static(m), None) for m in models["static"]]
-    todo += [(d["label"], build_dynamic(d, {}, specs), _loss(d.get("recipe"))) for d in models["dynamic"]
-             if d["kind"] == "trained"]
+    todo += [(d["label"], build_dynamic(d, {}, specs), None) for d in models["dynamic"] if d["kind"] == "trained"]
     total = 0.0
     print(f"\n| {preset} model ({canvas}x{canvas}) | s per step of 64 (median of 5) | 5 epochs of 164 steps |")
     print("|---|---|---|")
@@ -100,7 +100,8 @@ def estimate(preset: str, channels_last: bool) -> None:
         for i in range(7):
             t0 = time.perf_counter()
             out = net(x)
-            loss = loss_fn(out, y) if loss_fn else F.cross_entropy(out, y)
+            # a model that owns its training loss (the frontier's IMTA recipe) is trained with it, as Trainer does
+            loss = net.training_loss(out, y) if isinstance(net, OwnTrainingLoss) else F.cross_entropy(out, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -264,7 +264,7 @@ def test_gradient_equilibrium_rescales_the_trunk_gradient():
 # -- the whole run ----------------------------------------------------------------------------------------------
 
 def _tiny_settings(out, **kw):
-    from dyncnn.frontier.runner import FrontierSettings, _static, _trained
+    from dyncnn.frontier.runner import FrontierSettings, _stagewise, _static, _trained
     models = {"static": [_static("small /2", "tiny_mobilenet", 2, widths=[8, 16]),
                          _static("big", "tiny_mobilenet", 1, widths=[8, 16, 32])],
               "dynamic": [{"label": "cascade", "kind": "cascade", "members": ["small /2", "big"]},
@@ -272,7 +272,9 @@ def _tiny_settings(out, **kw):
                           # a feature-reusing network trained in the run, with the IMTA recipe (2 exits)
                           _trained("ranet", "ranet_cifar", stem="imagenet", nChannels=4, growthRate=4, nBlocks=1,
                                    block_step=1, step=1, scale_list=[1, 2], grFactor=[2, 1], bnFactor=[2, 1],
-                                   head_channels=8)]}
+                                   head_channels=8),
+                          # the width-wise multi-stage network, trained one stage at a time
+                          _stagewise("multi-stage", "multi_stage", widths=[[8, 16], [4, 8]], resolutions=[2, 1])]}
     return FrontierSettings(**{"out": out, "canvas": 32, "seeds": (0,), "epochs": 1, "train_repeats": 1,
                                "val_repeats": 1, "test_repeats": 1, "rounds": 3, "single_images": 8,
                                "batch_images": 32, "batch_sizes": (1, 16), "threads": (1,), "models": models, **kw})
@@ -288,7 +290,7 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
     assert [ln.split(" in ")[0] for ln in lines if " s (" in ln and " of " in ln][:3] == \
         ["    small /2: trained", "    big: trained", "    ranet: trained"]
     assert sum(": exported and evaluated in" in ln or ": calibrated, exported and run on test in" in ln
-               for ln in lines) == 5                                 # 2 static, 3 dynamic models
+               for ln in lines) == 6                                 # 2 static, 4 dynamic models
     assert sum("models timed in" in ln for ln in lines) == (2 + 1) * 2   # runtime (1 thread, per stage) and eager
     for name in ("frontier.json", "frontier.md", "frontier.png"):
         assert (tmp_path / "fr" / name).stat().st_size > 500
@@ -315,6 +317,12 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
     assert all(p["offline_agrees"] == p["n_test"] for p in ranet["points"])
     manifest = json.loads((tmp_path / "fr" / "bundles" / "seed0" / "ranet" / "manifest.json").read_text())
     assert manifest["stages"][0]["logits"]["source"] == "leaf"
+    # the multi-stage network trained stage by stage: a checkpoint per stage, exported, decisions equal to eager
+    ms = seed["dynamic"]["multi-stage"]
+    assert ms["kind"] == "trained" and len(ms["exit_macs"]) == 2 and seed["training_seconds"]["multi-stage"] > 0
+    assert all(p["offline_agrees"] == p["n_test"] for p in ms["points"])
+    for k in range(2):
+        assert (tmp_path / "fr" / "models" / "seed0" / "multi_stage" / f"stage{k}" / "last.safetensors").exists()
     merit = seed["merit"]["t1_b1"]["models"]["cascade"]
     assert merit["speedup"] > 0 and merit["dynamic_latency"] > 0
     assert re.search(r"x (faster|slower) than the static front", (tmp_path / "fr" / "frontier.md").read_text())
@@ -512,6 +520,9 @@ def test_preset_multi_exit_networks_train_with_the_public_imta_recipe():
         assert any(s["cfg"].get("backbone") == "mobilenet_v3_small" for s in trained.values())
         for label, spec in trained.items():
             net = build_dynamic(spec, {}, {})
+            if net.stagewise:       # trained one stage at a time: no joint loss
+                assert spec["name"] == "multi_stage" and "imta" not in spec["cfg"], label
+                continue
             assert isinstance(net, OwnTrainingLoss) and net.imta == IMTA.of(spec["cfg"]["imta"]), label
             assert net.training_loss.label_smoothing == 0.05, label
             new = spec["name"] == "ranet_cifar" or spec["cfg"].get("backbone") == "mobilenet_v3_small" or \

@@ -192,6 +192,9 @@ class MultiExitNetwork(nn.Module):
         # later exits, so that the trunk's gradient does not grow with the number of exits behind it. A training
         # recipe, not part of the architecture: inference and checkpoints do not depend on it.
         self.gradient_equilibrium = False
+        # Stage-wise training (train/recipes/stagewise.py): each stage for its own exit, the earlier ones frozen. A
+        # training recipe too; dyncnn train and the frontier read it.
+        self.stagewise = False
 
     @property
     def num_exits(self) -> int:

@@ -49,6 +49,7 @@ from ..profile import count_macs
 from ..profile.latency import torch_threads
 from ..train import TrainConfig, Trainer, evaluate
 from ..train.checkpoint import atomic_write_text, load_checkpoint, read_checkpoint, save_checkpoint
+from ..train.recipes.stagewise import fit_stagewise
 from .report import RUNTIME_NAMES
 from .front import SELECTION_Z, Point, pareto_front, reaches_target, select_on_validation, speedup_at_equal_accuracy
 from .search import grid_candidates, search_cascades, with_paired_counts
@@ -88,6 +89,13 @@ def _trained(label: str, name: str, imta: dict | None = None, **cfg) -> dict:
     """A dynamic model trained like the static ones (same budget), with the IMTA recipe (or the settings
     ``imta`` gives)."""
     return {"label": label, "kind": "trained", "name": name, "cfg": {**cfg, "imta": dict(imta or IMTA_RECIPE)}}
+
+
+def _stagewise(label: str, name: str, **cfg) -> dict:
+    """A multi-exit network trained stage by stage (:mod:`dyncnn.train.recipes.stagewise`): each stage for its own
+    exit, the earlier stages frozen, each for the epochs every static model gets -- the training budget of a
+    cascade, whose members are trained one by one."""
+    return {"label": label, "kind": "trained", "name": name, "cfg": {**cfg, "stagewise": True}}
 
 
 def presets(canvas: int) -> dict[str, dict]:
@@ -275,7 +283,8 @@ def _slug(label: str) -> str:
 def train_one(model: nn.Module, label: str, seed: int, s: FrontierSettings, train, val, data_meta: dict,
               loss=None) -> tuple[nn.Module, dict]:
     """Train (or resume / reuse a finished run in ``out/models/seed{seed}/{label}``); the model comes back on
-    the CPU in eval mode."""
+    the CPU in eval mode. A network built with ``stagewise=True`` trains one stage after another
+    (:func:`~dyncnn.train.recipes.stagewise.fit_stagewise`, checkpoints per stage under the same folder)."""
     # channels-last on a CPU: 1.2-1.6x the training throughput of the demo's networks (benchmarks/bench_training.py)
     cfg = TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, label_smoothing=0.05, warmup_epochs=0.2,
                       seed=seed, device=s.device, progress=False, channels_last=s.device == "cpu")
@@ -295,7 +304,10 @@ def train_one(model: nn.Module, label: str, seed: int, s: FrontierSettings, trai
             return model.cpu().eval(), {"seconds": 0.0, "reused": str(last), "history": state.get("history", [])}
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    run = Trainer(model, train, val, cfg, out_dir=out, loss_fn=loss, extra=data_meta).fit(resume=True)
+    if getattr(model, "stagewise", False):
+        run = fit_stagewise(model, train, val, cfg, out_dir=out, resume=True, extra=data_meta, log=None)
+    else:
+        run = Trainer(model, train, val, cfg, out_dir=out, loss_fn=loss, extra=data_meta).fit(resume=True)
     seconds = time.perf_counter() - t0
     model = model.cpu().eval()
     if s.only_train:     # trained here, timed elsewhere: ship weights and training record, not the optimizer

@@ -190,10 +190,17 @@ def multi_stage(num_classes: int = 10, in_chans: int = 1,
                 widths: Sequence[Sequence[int]] = ((8, 16, 32, 64), (4, 8, 16, 32), (4, 8, 16, 32)),
                 resolutions: Sequence[int] | None = None, drop_rate: float = 0.0,
                 norm_layer: LayerFactory = nn.BatchNorm2d, act_layer: LayerFactory = nn.ReLU,
-                imta: bool | dict | None = None) -> MultiStageNetwork:
+                imta: bool | dict | None = None, stagewise: bool = False) -> MultiStageNetwork:
     """Width-wise multi-stage network; the default is three stages that together are as wide as the default
     tiny_mobilenet (16, 32, 64, 128): a half-width first stage and two quarter-width ones.
     ``create_model("multi_stage", widths=[[16, 48, 96, 192], [16, 48, 96, 192]], resolutions=[2, 1])``.
-    ``imta``: the IMTA training recipe (:mod:`dyncnn.dynamic.imta`), ``True`` or a dict of its settings."""
-    return apply_imta(MultiStageNetwork(widths, num_classes=num_classes, in_chans=in_chans, resolutions=resolutions,
-                                        drop_rate=drop_rate, norm_layer=norm_layer, act_layer=act_layer), imta)
+    ``imta``: the IMTA training recipe (:mod:`dyncnn.dynamic.imta`), ``True`` or a dict of its settings.
+    ``stagewise``: train one stage at a time for its own exit, the earlier stages frozen
+    (:mod:`dyncnn.train.recipes.stagewise`); the two recipes exclude each other."""
+    if stagewise and imta:
+        raise ValueError("stagewise and imta are two training recipes: choose one (stage-wise training trains each "
+                         "exit alone, IMTA all exits together)")
+    net = apply_imta(MultiStageNetwork(widths, num_classes=num_classes, in_chans=in_chans, resolutions=resolutions,
+                                       drop_rate=drop_rate, norm_layer=norm_layer, act_layer=act_layer), imta)
+    net.stagewise = stagewise
+    return net

@@ -8,7 +8,9 @@ calls :func:`fit_model`, so a family with stages is trained the same way from th
 - :mod:`.blockdrop`: BlockDrop's two phases (the policy on the frozen backbone, then jointly);
 - :mod:`.skipnet`: SkipNet's hybrid reinforcement-learning fine-tuning (REINFORCE on the gate decisions);
 - :mod:`.glance`: GFNet's three stages (random patches, PPO on the patch policy, fine-tuning);
-- :mod:`.temporal`: AdaFocus's three stages (random patches, PPO or end-to-end, fine-tuning).
+- :mod:`.temporal`: AdaFocus's three stages (random patches, PPO or end-to-end, fine-tuning);
+- :mod:`.stagewise`: a multi-exit network built with ``stagewise=True`` (the width-wise multi-stage network), one
+  stage at a time for its own exit, the earlier stages frozen.
 
 Models keep their training-mode ``forward``, ``training_loss`` and ``regularization_loss`` (the Trainer calls them);
 what lives here is the loop around them, so that the model packages never import the trainer.
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 _RECIPES: dict[type, Callable] = {}
-_MODULES = ("blockdrop", "glance", "temporal")      # the modules that register a recipe
+_MODULES = ("blockdrop", "glance", "temporal", "stagewise")      # the modules that register a recipe
 
 
 def register_recipe(cls: type) -> Callable[[Callable], Callable]:
