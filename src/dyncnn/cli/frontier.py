@@ -12,10 +12,11 @@ def add_parser(sub) -> None:
                                    "point on the validation split, time everything in ONNX Runtime (interleaved "
                                    "rounds, median and IQR) and write frontier.json / .md / .png with the speedup "
                                    "at equal accuracy.")
-    p.add_argument("--preset", default="demo", choices=["demo", "full", "phone"],
+    p.add_argument("--preset", default="demo", choices=["demo", "full", "phone", "headline"],
                    help="model set: demo (4 static, 2 cascades), full (8 static, 7 dynamic), phone (128x128 "
-                        "canvas, 1-73M MAC networks); each includes a cascade whose members are searched "
-                        "on validation")
+                        "canvas, 1-73M MAC networks), headline (128x128: phone's 6 static networks of up to 20M "
+                        "MACs, the cascade search, the multi-stage networks); each includes a cascade whose "
+                        "members are searched on validation")
     p.add_argument("--dataset", default="scaled_mnist", choices=["scaled_mnist", "cifar10", "cifar100", "folder"],
                    help="data: the embedded digits, or yours (3 channels): cifar10 | cifar100 | folder (an "
                         "ImageFolder tree) under --data-root")
@@ -65,7 +66,8 @@ def run(args) -> int:
         merge_runs(args.merge, args.out)
         print((Path(args.out) / "frontier.md").read_text().split("\n## ")[0])
         return 0
-    canvas = args.canvas or (32 if args.dataset.startswith("cifar") else 128 if args.preset == "phone" else 64)
+    canvas = args.canvas or (32 if args.dataset.startswith("cifar") else
+                             128 if args.preset in ("phone", "headline") else 64)
     settings = FrontierSettings(out=Path(args.out), preset=args.preset, canvas=canvas, clutter=args.clutter,
                                 data_seed=args.seed, seeds=tuple(args.seeds), epochs=args.epochs,
                                 threads=args.threads and tuple(args.threads), batch_sizes=tuple(args.batch_sizes),
