@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..data.stored import StoredBatch
 from ..dynamic.protocols import AuxLoss, OwnTrainingLoss, ProgressAware
 from ..errors import DyncnnError
 from ..files import output_lock
@@ -96,7 +97,10 @@ def final_logits(outputs) -> Tensor:
 
 
 def stack_samples(items) -> tuple[Tensor, Tensor]:
-    """Collate ``(image, label)`` samples into a batch of images and an int64 label vector."""
+    """Collate ``(image, label)`` samples into a batch of images and an int64 label vector. A batch that an
+    in-memory dataset gathered at once (``data.stored.StoredBatch``, from its ``__getitems__``) is taken whole."""
+    if isinstance(items, StoredBatch):
+        return items.stacked()
     return torch.stack([it[0] for it in items]), torch.as_tensor([int(it[1]) for it in items])
 
 
