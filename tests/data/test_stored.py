@@ -63,8 +63,9 @@ def test_subset_forwards_the_batched_fetch_with_its_indices(scaled):
 
 
 def test_an_index_out_of_range_is_refused(scaled):
-    with pytest.raises(IndexError, match="out of bounds"):
-        scaled.__getitems__([0, len(scaled)])
+    for bad in (len(scaled), -len(scaled) - 1):
+        with pytest.raises(IndexError, match=f"index {bad} is out of bounds for ScaledMNIST of 500 samples"):
+            scaled.__getitems__([0, bad, 1])
     with pytest.raises(IndexError):
         Subset(scaled, range(10)).__getitems__([3, 10])
 
