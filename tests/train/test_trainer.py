@@ -5,10 +5,13 @@ import torch
 from torch.utils.data import Subset
 
 import dyncnn
-from dyncnn.data import MNISTDigits
+from dyncnn.data import MNISTDigits, ScaledMNIST
+from dyncnn.data.stored import StoredBatch
 from dyncnn.errors import CheckpointError, DyncnnError
 from dyncnn.train import TrainConfig, Trainer, load_checkpoint, save_checkpoint
+from dyncnn.train import trainer as trainer_module
 from dyncnn.train.checkpoint import read_checkpoint
+from dyncnn.train.trainer import epoch_batches
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +225,52 @@ def test_compile_routes_the_training_forward_through_torch_compile(data, monkeyp
     assert compiled == []
     Trainer(model, train, None, _cfg(epochs=1, compile=True)).fit()
     assert compiled == [model]
+
+
+class _OneByOne(torch.utils.data.Dataset):
+    """A dataset's samples without its batched fetch: the DataLoader asks for them one at a time."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i]
+
+
+@pytest.fixture(scope="module")
+def scaled():
+    return Subset(ScaledMNIST("val", canvas=32, clutter=1), range(10, 58))      # 48 samples, 3 batches of 16
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_batches_gathered_at_once_equal_the_samples_one_by_one(scaled, workers, monkeypatch):
+    collated = []
+    stack = trainer_module.stack_samples
+    monkeypatch.setattr(trainer_module, "stack_samples", lambda items: collated.append(type(items)) or stack(items))
+    cfg = _cfg(epochs=1, batch_size=16, num_workers=workers)
+    batches = epoch_batches(len(scaled), 16, seed=0, epoch=0)
+    gathered = list(Trainer(_model(), scaled, None, cfg)._loader(batches, 0))
+    one_by_one = list(Trainer(_model(), _OneByOne(scaled), None, cfg)._loader(batches, 0))
+    if workers == 0:                                     # (a worker process collates out of sight)
+        assert collated == [StoredBatch] * 3 + [list] * 3
+    assert len(gathered) == len(one_by_one) == 3
+    for (x, y), (x1, y1), idx in zip(gathered, one_by_one, batches):
+        for a, b in ((x, x1), (y, y1)):
+            assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+            assert torch.equal(a, b)
+        assert torch.equal(x, scaled.dataset.images[[10 + i for i in idx]].float() / 255)   # in the sampler's order
+
+
+def test_training_on_gathered_batches_equals_training_on_samples_one_by_one(scaled):
+    runs = []
+    for ds in (scaled, _OneByOne(scaled)):
+        model = _model()
+        history = Trainer(model, ds, None, _cfg(epochs=2, batch_size=16)).fit().history
+        runs.append((model, [(h["train_loss"], h["train_acc"]) for h in history]))
+    (gathered, curve), (one_by_one, ref_curve) = runs
+    assert curve == ref_curve and len(curve) == 2
+    for (k, a), b in zip(gathered.state_dict().items(), one_by_one.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset
+
+from .stored import StoredImages
 
 SPLITS = ("train", "val", "test")
 SPLIT_SIZES = {"train": 3500, "val": 500, "test": 1000}
@@ -43,7 +44,7 @@ def split_indices(split: str, seed: int = 0) -> Tensor:
     raise AssertionError  # unreachable
 
 
-class MNISTDigits(Dataset):
+class MNISTDigits(StoredImages):
     """The plain 28x28 digits of one split, as float images in [0, 1] of shape (1, 28, 28)."""
 
     num_classes = 10
@@ -56,12 +57,6 @@ class MNISTDigits(Dataset):
         self.images = images[idx].unsqueeze(1)
         self.targets = labels[idx]
         self.input_size = 28
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        return self.images[i].float().div_(255), int(self.targets[i])
 
 
 @dataclass(frozen=True)
@@ -80,7 +75,7 @@ def _render(digit: Tensor, size: int, canvas: int, y0: int, x0: int, out: Tensor
     torch.maximum(region, patch, out=region)
 
 
-class ScaledMNIST(Dataset):
+class ScaledMNIST(StoredImages):
     """MNIST digits at random scale and position on a ``canvas`` x ``canvas`` image, with optional clutter.
 
     ``scales[i]`` (digit side / canvas side) and ``positions[i]`` (top, left) are kept as metadata; small
@@ -131,9 +126,3 @@ class ScaledMNIST(Dataset):
             self.scales[i] = size / canvas
             self.positions[i] = torch.tensor([y0, x0])
         self.images = canvases.clamp_(0, 255).round_().to(torch.uint8).unsqueeze(1)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        return self.images[i].float().div_(255), int(self.targets[i])

@@ -10,9 +10,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .mnist import MNISTDigits
+from .stored import StoredImages
 
 
-class RowSequenceDigits(Dataset):
+class RowSequenceDigits(StoredImages):
     """The embedded MNIST digits of one split as float sequences of shape (28, 28): (steps, features) in [0, 1].
 
     ``in_chans`` (1) and ``input_size`` (28) follow the other datasets so that the CLI can build a model for it;
@@ -28,12 +29,6 @@ class RowSequenceDigits(Dataset):
         self.images = digits.images[:, 0]          # (N, 28, 28) uint8: row t is step t
         self.targets = digits.targets
         self.input_size = self.seq_len = self.feature_size = 28
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        return self.images[i].float().div_(255), int(self.targets[i])
 
 
 class ClipFeatureSequences(Dataset):

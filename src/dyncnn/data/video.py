@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from .mnist import SPLITS, load_mnist_digits, split_indices
+from .stored import StoredImages
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def _resize(images: Tensor, size: int) -> Tensor:
                          antialias=True)[:, 0].clamp_(0, 1)
 
 
-class MovingDigits(Dataset):
+class MovingDigits(StoredImages):
     """Clips (T, 1, canvas, canvas) float in [0, 1] with the label of the digit they show; see the module doc.
 
     ``split`` picks the digits (train 3,500 / val 500 / test 1,000, one clip per digit and per repeat); the
@@ -77,6 +77,7 @@ class MovingDigits(Dataset):
 
     num_classes = 10
     in_chans = 1
+    pixels_attr = "clips"      # uint8 (N, T, 1, canvas, canvas)
 
     def __init__(self, split: str = "train", frames: int = 16, canvas: int = 64, seed: int = 0,
                  min_scale: float = 0.35, max_scale: float = 0.5, min_informative: float = 0.25,
@@ -155,9 +156,3 @@ class MovingDigits(Dataset):
         if c.noise > 0:
             frames.add_(torch.from_numpy(rng.standard_normal((t, canvas, canvas)).astype(np.float32)) * c.noise)
         return frames.clamp_(0, 1), torch.from_numpy(info), torch.from_numpy(pos), size
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        return self.clips[i].float().div_(255), int(self.targets[i])
