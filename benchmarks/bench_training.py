@@ -82,7 +82,7 @@ def bare_epoch(model, images, targets, cfg: TrainConfig, channels_last: bool = F
 def estimate(preset: str, channels_last: bool) -> None:
     from dyncnn.frontier.runner import build_dynamic
     from dyncnn.train.trainer import OwnTrainingLoss
-    canvas = 128 if preset == "phone" else 64
+    canvas = 128 if preset in ("phone", "headline") else 64
     models = presets(canvas)[preset]
     specs = {m["label"]: m for m in models["static"]}
     todo = [(m["label"], build_static(m), None) for m in models["static"]]
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="also time TrainConfig(compile=True)")
-    p.add_argument("--estimate", choices=["demo", "full", "phone"], help="estimate a preset's training time instead")
+    p.add_argument("--estimate", choices=["demo", "full", "phone", "headline"], help="estimate a preset's training time instead")
     p.add_argument("--channels-last", action="store_true", help="with --estimate: train in channels-last")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

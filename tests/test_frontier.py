@@ -483,6 +483,27 @@ def test_cli_frontier_threads_take_counts_and_per_stage(capsys):
     assert "expected a thread count or per-stage, got 'two'" in capsys.readouterr().err
 
 
+def test_headline_preset_and_exclude(tmp_path, capsys):
+    """The headline preset: the phone preset's static networks of up to ~20M MACs, the
+    cascade search and the multi-stage network; ``exclude`` leaves out dynamic models by label, and a label that
+    names none is refused with the preset's labels."""
+    from dyncnn.cli import build_parser
+    from dyncnn.frontier.runner import FrontierSettings, presets
+    models = presets(128)["headline"]
+    assert [m["label"] for m in models["static"]] == ["tiny-M /4", "tiny-M /2", "tiny-XL /2", "tiny-M",
+                                                       "mnv3-small /2", "mnv3-small"]
+    labels = [m["label"] for m in models["dynamic"]]
+    assert "cascade searched on validation" in labels and any(m.get("name") == "multi_stage"
+                                                               for m in models["dynamic"])
+    s = FrontierSettings(preset="headline", canvas=128, exclude=[labels[-1]])
+    assert [m["label"] for m in s.model_set()["dynamic"]] == labels[:-1]
+    assert s.model_set()["static"] == models["static"]
+    with pytest.raises(ValueError, match="exclude names no dynamic model of the preset: \\['tiny-M'\\]"):
+        FrontierSettings(preset="headline", canvas=128, exclude=["tiny-M"])
+    args = build_parser().parse_args(["frontier", "--preset", "headline", "--exclude", labels[-1]])
+    assert args.exclude == [labels[-1]]
+
+
 def test_tiny_frontier_on_an_image_folder(tmp_path, write_image_tree):
     """The frontier on the user's data: a generated ImageFolder tree, 3 channels at the chosen side."""
     from dyncnn.frontier.runner import FrontierSettings, load_data, run_frontier

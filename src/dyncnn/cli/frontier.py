@@ -44,6 +44,8 @@ def add_parser(sub) -> None:
                    help="operating points reach the best static model's validation accuracy when their paired "
                         "lower bound (accuracy difference less this many standard errors) is >= 0; 0: the point "
                         "rule (default: 1)")
+    p.add_argument("--exclude", nargs="+", default=(), metavar="LABEL",
+                   help="leave out these dynamic models of the preset (their labels, as the report prints them)")
     p.add_argument("--only-train", action="store_true", help="train (or resume) every model and stop")
     p.add_argument("--merge", nargs="+", default=None, metavar="RUN_DIR",
                    help="instead of running: one report from finished runs of other seeds (same settings)")
@@ -74,7 +76,7 @@ def run(args) -> int:
                                 rounds=args.rounds, single_images=args.single_images,
                                 batch_images=args.batch_images, eager=not args.no_eager,
                                 device=args.device, only_train=args.only_train, lr=args.lr,
-                                test_repeats=args.test_repeats, runtime=args.runtime, dataset=args.dataset,
+                                exclude=tuple(args.exclude), test_repeats=args.test_repeats, runtime=args.runtime, dataset=args.dataset,
                                 data_root=args.data_root,
                                 **({} if args.selection_z is None else {"selection_z": args.selection_z}))
     run_frontier(settings)

@@ -221,6 +221,7 @@ class FrontierSettings:
     models: dict | None = None      # {"static": [...], "dynamic": [...]} instead of the preset (tests)
     dataset: str = "scaled_mnist"   # or the user's data: cifar10 | cifar100 | folder (an ImageFolder tree)
     data_root: str | None = None    # where cifar10 / cifar100 / folder data lie (never downloaded)
+    exclude: Sequence[str] = ()     # labels of the preset's dynamic models to leave out (e.g. the slow ones)
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -246,9 +247,19 @@ class FrontierSettings:
         if not (self.selection_z >= 0 and math.isfinite(self.selection_z)):
             raise ValueError(f"selection_z must be a finite number >= 0 (0: the point rule), got {self.selection_z}")
         check_frontier_data(self.dataset, self.data_root, self.canvas)
+        self.exclude = tuple(self.exclude)
+        if self.exclude:
+            known = [m["label"] for m in (self.models or presets(self.canvas)[self.preset])["dynamic"]]
+            unknown = [e for e in self.exclude if e not in known]
+            if unknown:
+                raise ValueError(f"exclude names no dynamic model of the preset: {unknown}; its dynamic models are "
+                                 f"{known}")
 
     def model_set(self) -> dict:
-        return self.models or presets(self.canvas)[self.preset]
+        models = self.models or presets(self.canvas)[self.preset]
+        if not self.exclude:
+            return models
+        return {kind: [m for m in specs if m["label"] not in self.exclude] for kind, specs in models.items()}
 
     @property
     def thread_counts(self) -> list[int]:
