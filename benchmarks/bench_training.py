@@ -121,7 +121,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="also time TrainConfig(compile=True)")
-    p.add_argument("--estimate", choices=["demo", "full", "phone", "headline"], help="estimate a preset's training time instead")
+    p.add_argument("--estimate", choices=["demo", "full", "phone", "headline"],
+                   help="estimate a preset's training time instead")
     p.add_argument("--channels-last", action="store_true", help="with --estimate: train in channels-last")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
