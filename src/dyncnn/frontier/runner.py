@@ -100,8 +100,10 @@ def _stagewise(label: str, name: str, **cfg) -> dict:
 
 def presets(canvas: int) -> dict[str, dict]:
     """The model sets: ``demo`` (small, for ``make demo``: 4 static networks and the cascade search), ``full``
-    (the benchmark on the demo's 64x64 data) and
-    ``phone`` (128x128 canvas, networks of 1.2-73M MACs, where per-call overhead is a small share)."""
+    (the benchmark on the demo's 64x64 data),
+    ``phone`` (128x128 canvas, networks of 1.2-73M MACs, where per-call overhead is a small share) and ``headline``
+    (128x128, phone's six static networks of up to 20M MACs, the cascade search and the multi-stage network: the
+    comparison the README quotes, repeated over seeds and data configurations)."""
     demo_static = [_static("tiny-S /4", "tiny_mobilenet", 4, widths=TINY_S),
                    _static("tiny-M /2", "tiny_mobilenet", 2, widths=TINY_M),
                    _static("tiny-M", "tiny_mobilenet", 1, widths=TINY_M)]
