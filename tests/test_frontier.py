@@ -555,3 +555,25 @@ def test_preset_multi_exit_networks_train_with_the_public_imta_recipe():
     with pytest.raises(ValueError, match="not a 'recipe' key"):
         build_dynamic({"label": "old", "kind": "trained", "name": "msdnet_cifar", "recipe": {"distill": 1.0},
                        "cfg": {}}, {}, {})
+
+
+def test_bundle_runs_in_chunks_as_in_one_call(tmp_path):
+    """The frontier runs a bundle on the test split in chunks (a multi-stage network's kept features for 3,000
+    128x128 images took 24 GB): the same logits, exits and MACs as one call."""
+    import dyncnn
+    from dyncnn.dynamic import ExitPolicy
+    from dyncnn.export import export_bundle, load_bundle
+    from dyncnn.frontier.runner import _run_in_chunks
+    torch.manual_seed(0)
+    net = dyncnn.create_model("multi_stage", num_classes=10, in_chans=1, widths=[[4, 8], [4, 8]],
+                              resolutions=[2, 1]).eval()
+    x = torch.rand(23, 1, 16, 16)
+    with torch.no_grad():
+        conf = torch.softmax(net(x)[0], 1).max(1).values
+    policy = ExitPolicy([float(conf.median())])
+    export_bundle(net, tmp_path / "b", (1, 16, 16))
+    bundle = load_bundle(tmp_path / "b", threads=1)
+    whole, chunked = bundle.run(x, policy), _run_in_chunks(bundle, x, policy, chunk=5)
+    assert 0 < int(whole.exit_index.sum()) < len(x)          # both exits taken: the check is not trivial
+    for f in ("logits", "exit_index", "macs"):
+        assert torch.equal(getattr(whole, f), getattr(chunked, f)), f
