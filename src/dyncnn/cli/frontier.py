@@ -76,7 +76,8 @@ def run(args) -> int:
                                 rounds=args.rounds, single_images=args.single_images,
                                 batch_images=args.batch_images, eager=not args.no_eager,
                                 device=args.device, only_train=args.only_train, lr=args.lr,
-                                exclude=tuple(args.exclude), test_repeats=args.test_repeats, runtime=args.runtime, dataset=args.dataset,
+                                exclude=tuple(args.exclude), test_repeats=args.test_repeats, runtime=args.runtime,
+                                dataset=args.dataset,
                                 data_root=args.data_root,
                                 **({} if args.selection_z is None else {"selection_z": args.selection_z}))
     run_frontier(settings)

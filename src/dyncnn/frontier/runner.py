@@ -136,7 +136,6 @@ def presets(canvas: int) -> dict[str, dict]:
     multi_stage = _trained("multi-stage tiny-M /2 +S +S", "multi_stage", imta=PLAIN_RECIPE,
                            widths=[TINY_M, TINY_S, TINY_S], resolutions=[2, 1, 1])
 
-
     def exits_on(label, stages, backbone="tiny_mobilenet", **backbone_cfg):
         # Exits placed for latency, not MACs: the first stages are cheap in MACs but not in latency (a head and
         # an ONNX Runtime call cost about as much as an early stage), so the early exits sit where about a
@@ -252,14 +251,18 @@ class FrontierSettings:
         check_frontier_data(self.dataset, self.data_root, self.canvas)
         self.exclude = tuple(self.exclude)
         if self.exclude:
-            known = [m["label"] for m in (self.models or presets(self.canvas)[self.preset])["dynamic"]]
+            known = [m["label"] for m in self._all_models()["dynamic"]]
             unknown = [e for e in self.exclude if e not in known]
             if unknown:
                 raise ValueError(f"exclude names no dynamic model of the preset: {unknown}; its dynamic models are "
                                  f"{known}")
 
+    def _all_models(self) -> dict:
+        """``models`` or the preset's, before ``exclude``."""
+        return self.models or presets(self.canvas)[self.preset]
+
     def model_set(self) -> dict:
-        models = self.models or presets(self.canvas)[self.preset]
+        models = self._all_models()
         if not self.exclude:
             return models
         return {kind: [m for m in specs if m["label"] not in self.exclude] for kind, specs in models.items()}

@@ -38,17 +38,21 @@ from ..trainer import TrainConfig, Trainer, TrainResult
 from . import register_recipe
 
 
+def _check_multi_exit(net: nn.Module) -> None:
+    if not isinstance(net, MultiExitNetwork):
+        raise DyncnnError(f"stage-wise training needs a multi-exit network (stages and exit heads), got "
+                          f"{type(net).__name__}")
+
+
 class StageObjective(nn.Module):
     """Stage ``k`` of a multi-exit network ``net`` as a network to train: the stages before it run frozen (no
     gradient; eval mode, so that they give the features inference will give), then stage ``k`` and its exit head.
     Returns exit ``k``'s logits. Only stage ``k``'s and head ``k``'s parameters require a gradient while it exists;
-    :func:`release` makes every parameter of ``net`` trainable again."""
+    :meth:`release` makes every parameter of ``net`` trainable again."""
 
     def __init__(self, net: MultiExitNetwork, k: int):
         super().__init__()
-        if not isinstance(net, MultiExitNetwork):
-            raise DyncnnError(f"stage-wise training needs a multi-exit network (stages and exit heads), got "
-                              f"{type(net).__name__}")
+        _check_multi_exit(net)
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < net.num_exits:
             raise ValueError(f"stage must be an int in [0, {net.num_exits - 1}], got {k!r}")
         self.net, self.k = net, k
@@ -83,9 +87,7 @@ def fit_stagewise(model: MultiExitNetwork, train_set, val_set, config: TrainConf
     last exit's; the model comes back with every parameter trainable."""
     if config.freeze:
         raise ValueError(f"stage-wise training freezes the earlier stages itself: drop freeze={config.freeze!r}")
-    if not isinstance(model, MultiExitNetwork):
-        raise DyncnnError(f"stage-wise training needs a multi-exit network (stages and exit heads), got "
-                          f"{type(model).__name__}")
+    _check_multi_exit(model)
     out = Path(out_dir) if out_dir is not None else None
     results: list[TrainResult] = []
     start = time.perf_counter()
