@@ -2,12 +2,14 @@
 (tiny_mobilenet widths 16-48-96-192 at 128x128, four exits, random weights with batch-norm statistics of the
 images) and the static tiny_mobilenet, exported as bundles; each stage's fastest thread count measured with
 ``measure_stage_threads`` (1 and 2 threads, batch 1 and 64) and recorded; then the bundle loaded with
-``threads=1``, ``threads=2`` and ``threads="per-stage"``, run at full depth and with thresholds that spread the
-images over the exits, at batch 1 (one image per call) and 64. In each round the three modes take turns (order
-rotated between rounds), each with only its own sessions loaded, as ``dyncnn frontier`` times thread counts one
-after the other: the idle threads of a 2-thread session spin (ONNX Runtime's default) and would take the cores of
-the sessions timed beside it. Printed: median ms per image (IQR over rounds) and, paired per round, the ratio of
-per-stage to the better of 1 and 2 threads (below 1: per stage is faster).
+``threads=1``, ``threads=2`` (as ``load_bundle`` sets it: the multi-exit bundle's pools stop spinning when a run
+ends, the static one's keep spinning), ``threads=2, spin=True`` (every pool keeps spinning after its run, ONNX
+Runtime's default) and ``threads="per-stage"``, run at full depth and with thresholds that spread the images
+over the exits, at batch 1 (one image per call) and 64. In each round the modes take turns (order rotated
+between rounds), each with only its own sessions loaded, as ``dyncnn frontier`` times thread counts one after
+the other, and as there each case waits 0.2 s first, so that no pool spins on from the case before. Printed:
+median ms per image (IQR over rounds) and, paired per round, the ratio of per-stage to the better of 1 and 2
+threads (below 1: per stage is faster).
 
     python benchmarks/bench_stage_threads.py [--rounds 10] [--images 64] [--json out.json]
 """
@@ -28,9 +30,10 @@ import dyncnn
 from bench_deploy import _spread_policy        # thresholds that send a share of the images to each exit
 from dyncnn.export import export_bundle, load_bundle
 from dyncnn.export.runtime import measure_stage_threads, record_stage_threads
+from dyncnn.frontier.runner import SETTLE_S
 
 WIDTHS = [16, 48, 96, 192]
-MODES = (1, 2, "per-stage")
+MODES = {1: (1, None), 2: (2, None), "2 spin": (2, True), "per-stage": ("per-stage", None)}   # threads, spin
 
 
 def _q(v):
@@ -76,14 +79,16 @@ def main(argv=None) -> int:
         per = {c: {m: [] for m in MODES} for c in cases}
         for r in range(-1, args.rounds):                 # round -1: warm-up
             shift = r % len(MODES)
-            for m in MODES[shift:] + MODES[:shift]:      # one mode's sessions at a time, as the frontier times them:
-                bundles = {name: load_bundle(f, threads=m) for name, f in folders.items()}   # a spinning pool
+            for m in list(MODES)[shift:] + list(MODES)[:shift]:      # one mode's sessions at a time, as the
+                bundles = {name: load_bundle(f, threads=MODES[m][0], spin=MODES[m][1])   # frontier times them
+                           for name, f in folders.items()}
                 for c in cases:                                          # would take the other modes' cores
                     name, b, pol = c
                     bd = bundles[name]
                     policy_ = None if name == "static" else bd.full_depth() if pol == "full depth" else bd.policy
                     fn = bd.run_numpy if name == "static" else (lambda x, bd=bd, p_=policy_: bd.run_numpy(x, p_))
                     inputs = singles if b == "1" else batch
+                    time.sleep(SETTLE_S)        # as dyncnn frontier: no pool spins on from the case before
                     for x in inputs[:4]:
                         fn(x)
                     t0 = time.perf_counter()
@@ -92,9 +97,9 @@ def main(argv=None) -> int:
                     if r >= 0:
                         per[c][m].append((time.perf_counter() - t0) * 1e3 / sum(len(x) for x in inputs))
                 del bundles
-    print("| bundle | batch | exits | 1 thread ms (IQR) | 2 threads ms (IQR) | per stage ms (IQR) | "
-          "per stage / better of 1 and 2 (IQR) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| bundle | batch | exits | 1 thread ms (IQR) | 2 threads ms (IQR) | 2 threads, pools spin after a run "
+          "ms (IQR) | per stage ms (IQR) | per stage / better of 1 and 2 (IQR) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, b, pol in cases:
         rounds = per[name, b, pol]                                        # per round: ms per image
         q = {m: _q(rounds[m]) for m in MODES}
@@ -102,7 +107,8 @@ def main(argv=None) -> int:
         print(f"| {name} | {b} | {pol or '-'} | " + " | ".join(f"{q[m][0]:.3f} ({q[m][2] - q[m][1]:.3f})"
                                                             for m in MODES) +
               f" | {ratio[0]:.2f} ({ratio[2] - ratio[1]:.2f}) |")
-        rows.append({"bundle": name, "batch": int(b), "exits": pol, **{f"ms_{m}": q[m][0] for m in MODES},
+        rows.append({"bundle": name, "batch": int(b), "exits": pol, **{f"ms_{m}".replace(" ", "_"): q[m][0]
+                                                                      for m in MODES},
                      "per_stage_vs_best": ratio[0]})
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -17,11 +17,12 @@ def _intra(sess) -> int:
     return sess.get_session_options().intra_op_num_threads
 
 
-def _spinning(sess):
+def _stops_spinning(sess) -> bool:
+    """Whether the session's pool stops spinning when a run ends (not set: ONNX Runtime's default, it spins on)."""
     try:
-        return sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
-    except RuntimeError:            # not set: ONNX Runtime's default (spin)
-        return None
+        return sess.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
+    except RuntimeError:
+        return False
 
 
 class _Recorder:
@@ -83,9 +84,12 @@ def test_a_stage_runs_with_the_count_of_the_nearest_recorded_batch(multi):
     bundle.run_numpy(np.random.rand(7, 1, 32, 32).astype(np.float32), full)
     bundle.run_numpy(np.random.rand(9, 1, 32, 32).astype(np.float32), full)
     assert log == [(0, 1, 7), (1, 2, 7), (2, 2, 7), (0, 1, 9), (1, 2, 9), (2, 1, 9)]
-    # per stage, a 2-thread pool sleeps when idle (a spinning one would take the next stage's core)
-    assert _spinning(bundle._steps[1].sess.sess) == "0"
-    assert _spinning(load_bundle(folder, threads=2)._steps[1].sess) is None        # ONNX Runtime's default
+    # a 2-thread pool of a multi-exit bundle stops spinning when its run ends (a spinning one would take the next
+    # stage's core), per stage and with one count; spin=True keeps ONNX Runtime's default
+    assert _stops_spinning(bundle._steps[1].sess.sess)
+    assert _stops_spinning(load_bundle(folder, threads=2)._steps[1].sess)
+    assert not _stops_spinning(load_bundle(folder, threads=2, spin=True)._steps[1].sess)
+    assert not _stops_spinning(load_bundle(folder, threads=1)._steps[1].sess)     # one thread: no pool to stop
     # an integer keeps one count everywhere, whatever the manifest records
     assert thread_plan(bundle.manifest, 3, 2) == [[(0.0, 2)]] * 3
     assert all(_intra(s.sess) == 2 and not s.more for s in load_bundle(folder, threads=2)._steps)
@@ -105,6 +109,8 @@ def test_static_bundle_per_stage_threads(tmp_path):
     record_stage_threads(tmp_path / "s", {1: {1: [0.2], 2: [0.3]}, 4: {1: [0.9], 2: [0.5]}}, machine="test")
     bundle = load_bundle(tmp_path / "s", threads="per-stage")
     assert _intra(bundle.sess) == 1 and [(lo, _intra(s)) for lo, s in bundle._more] == [(2.0, 2)]
+    assert _stops_spinning(bundle._more[0][1])             # per stage: the next call may be another count's
+    assert not _stops_spinning(load_bundle(tmp_path / "s", threads=2).sess)     # one graph, one pool: it spins
     x = torch.rand(5, 1, 32, 32)
     with torch.no_grad():
         want = net(x).numpy()

@@ -82,9 +82,10 @@ def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int
     """Load the bundle in ``folder`` for ``precision`` ("fp32" or "int8") with ``threads`` ONNX Runtime threads,
     or with ``threads="per-stage"``: each stage's own session with the thread count recorded for it in the
     manifest (:func:`record_stage_threads`; at a call, that of the recorded batch size nearest the rows the stage
-    gets). ``spin``: whether the idle threads of a multi-thread session spin (ONNX Runtime's default) or sleep;
-    None: they spin with one thread count, and sleep per stage, where a stage's spinning pool would take the cores
-    that the next stage's session runs on.
+    gets). ``spin``: whether the threads of a multi-thread session keep spinning after a run (ONNX Runtime's
+    default) or stop when it ends (:func:`dyncnn.export.onnx.onnx_session`); None: they keep spinning in a
+    static bundle with one thread count, and stop in a multi-exit bundle and per stage, where the pool of the stage
+    that ran last would take the cores that the next stage's session runs on.
 
     Returns a :class:`DynamicBundle` (multi-exit) or :class:`StaticBundle`. Refuses, with the reason, a folder
     without a manifest, a manifest of another format version, and graph files that are missing, differ from the
@@ -115,7 +116,7 @@ def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int
             return GlanceBundle(folder, manifest, threads, verify)
         cls = DynamicBundle if manifest["kind"] == "multi_exit" else StaticBundle
         return cls(folder, manifest, precision, threads, verify,
-                   threads != THREADS_PER_STAGE if spin is None else bool(spin))
+                   cls is StaticBundle and threads != THREADS_PER_STAGE if spin is None else bool(spin))
     except (KeyError, TypeError, AttributeError, IndexError) as e:   # an entry of the wrong shape in the JSON
         raise BundleError(f"{folder / MANIFEST} is malformed ({type(e).__name__}: {e}); expected the manifest "
                           f"that `dyncnn export` writes") from None
@@ -157,7 +158,7 @@ def _pick(sess, more: tuple, n: int):
 class _Bundle:
     def __init__(self, folder: Path, manifest: dict, precision: str, threads: int | str, spin: bool = True):
         self.folder, self.manifest, self.precision, self.threads = folder, manifest, precision, threads
-        self.spin = spin                # whether the idle threads of a multi-thread session spin (load_bundle)
+        self.spin = spin                # whether a multi-thread session's threads spin after a run (load_bundle)
         self.runtime = manifest.get("runtime", "onnxruntime")
         self.input_shape = tuple(int(d) for d in manifest["input"]["shape"][1:])
         self.num_classes = int(manifest["num_classes"])
@@ -468,8 +469,8 @@ def measure_stage_threads(folder: str | os.PathLike, images: Any, candidates: Se
     each of ``candidates`` intra-op thread counts, at each of ``batch_sizes``: ``{batch: {threads: [ms per
     stage]}}``, the median over ``rounds`` passes over ``images`` (N, C, H, W) at full depth, the thread counts
     interleaved within each round (rotated between rounds) after a warm-up pass, so that a change of load hits
-    them alike; their sessions' idle threads sleep, as the per-stage driver's do (``load_bundle``'s ``spin``). A
-    batch larger than ``images`` repeats them. Feed it to :func:`record_stage_threads`."""
+    them alike; their sessions' threads stop spinning after each run, as the per-stage driver's do
+    (``load_bundle``'s ``spin``). A batch larger than ``images`` repeats them. Feed it to :func:`record_stage_threads`."""
     if not candidates or not batch_sizes or rounds < 1:
         raise DyncnnError(f"give thread counts, batch sizes and rounds >= 1, got {candidates}, {batch_sizes}, "
                           f"{rounds}")
