@@ -397,12 +397,20 @@ class _Progress:
         self.last = now
 
 
+SETTLE_S = 0.2      # seconds each timed item waits before its turn (see time_interleaved)
+
+
 def time_interleaved(items: Sequence[Timed], images: np.ndarray, s: FrontierSettings, label: str = "runtime",
                      release: Callable[[], None] = lambda: None, log: Callable[[str], object] | None = None) -> dict:
     """ms per image of every item, for every (threads, batch): all items timed in each round, their order
     rotated between rounds; median and quartiles over rounds. Returns ``{key: {"t{threads}_b{batch}": {...}}}``.
     ``release`` is called after each thread count, to free that count's sessions (and their memory arenas).
-    A tqdm bar per (threads, batch) on a terminal; with ``log``, one line each (:class:`_Progress`)."""
+    A tqdm bar per (threads, batch) on a terminal; with ``log``, one line each (:class:`_Progress`).
+
+    Each item waits :data:`SETTLE_S` before its turn, then runs one untimed call: the pool of the item timed before
+    it keeps spinning for a while after its last run (ONNX Runtime's default, which a single graph gains from),
+    and on a 2-core CPU those spinning threads took the cores of the next item (the statics at 2 threads ran up to
+    2.1x slower back to back than 0.2 s apart). Each item is then timed as if alone in its process."""
     singles = [images[i:i + 1] for i in range(min(s.single_images, len(images)))]
     out: dict[str, dict] = {it.key: {} for it in items}
     progress = _Progress(len(s.threads) * len(s.batch_sizes), log) if log else None
@@ -421,6 +429,8 @@ def time_interleaved(items: Sequence[Timed], images: np.ndarray, s: FrontierSett
                 shift = r % len(keys)
                 for k in keys[shift:] + keys[:shift]:
                     fn = runners[k]
+                    time.sleep(SETTLE_S)      # every condition alike, so that they compare
+                    fn(chunks[0])             # untimed: caches warm again after the pause
                     t0 = time.perf_counter()
                     for c in chunks:
                         fn(c)
