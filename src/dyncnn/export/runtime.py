@@ -83,9 +83,9 @@ def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int
     or with ``threads="per-stage"``: each stage's own session with the thread count recorded for it in the
     manifest (:func:`record_stage_threads`; at a call, that of the recorded batch size nearest the rows the stage
     gets). ``spin``: whether the threads of a multi-thread session keep spinning after a run (ONNX Runtime's
-    default) or stop when it ends (:func:`dyncnn.export.onnx.onnx_session`); None: they keep spinning in a
-    static bundle with one thread count, and stop in a multi-exit bundle and per stage, where the pool of the stage
-    that ran last would take the cores that the next stage's session runs on.
+    default) or stop when it ends (:func:`dyncnn.export.onnx.onnx_session`); None: they keep spinning in a static
+    bundle (one graph: at most one of its sessions has a pool), and stop in a multi-exit bundle, where the pool of
+    the stage that ran last would take the cores that the next stage's session runs on.
 
     Returns a :class:`DynamicBundle` (multi-exit) or :class:`StaticBundle`. Refuses, with the reason, a folder
     without a manifest, a manifest of another format version, and graph files that are missing, differ from the
@@ -116,7 +116,7 @@ def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int
             return GlanceBundle(folder, manifest, threads, verify)
         cls = DynamicBundle if manifest["kind"] == "multi_exit" else StaticBundle
         return cls(folder, manifest, precision, threads, verify,
-                   cls is StaticBundle and threads != THREADS_PER_STAGE if spin is None else bool(spin))
+                   cls is StaticBundle if spin is None else bool(spin))
     except (KeyError, TypeError, AttributeError, IndexError) as e:   # an entry of the wrong shape in the JSON
         raise BundleError(f"{folder / MANIFEST} is malformed ({type(e).__name__}: {e}); expected the manifest "
                           f"that `dyncnn export` writes") from None
@@ -469,12 +469,12 @@ def measure_stage_threads(folder: str | os.PathLike, images: Any, candidates: Se
     each of ``candidates`` intra-op thread counts, at each of ``batch_sizes``: ``{batch: {threads: [ms per
     stage]}}``, the median over ``rounds`` passes over ``images`` (N, C, H, W) at full depth, the thread counts
     interleaved within each round (rotated between rounds) after a warm-up pass, so that a change of load hits
-    them alike; their sessions' threads stop spinning after each run, as the per-stage driver's do
-    (``load_bundle``'s ``spin``). A batch larger than ``images`` repeats them. Feed it to :func:`record_stage_threads`."""
+    them alike; their sessions' threads spin or stop after a run as the per-stage driver's do (``load_bundle``'s
+    ``spin``). A batch larger than ``images`` repeats them. Feed it to :func:`record_stage_threads`."""
     if not candidates or not batch_sizes or rounds < 1:
         raise DyncnnError(f"give thread counts, batch sizes and rounds >= 1, got {candidates}, {batch_sizes}, "
                           f"{rounds}")
-    bundles = {int(t): load_bundle(folder, precision, threads=int(t), spin=False) for t in candidates}
+    bundles = {int(t): load_bundle(folder, precision, threads=int(t)) for t in candidates}
     first = next(iter(bundles.values()))
     if first.runtime != "onnxruntime" or not hasattr(first, "stage_pass_ms"):
         raise BundleError(f"bundle {folder}: thread counts per stage are measured for ONNX Runtime bundles of kind "
