@@ -187,10 +187,10 @@ def onnx_session(path: str | os.PathLike, threads: int = 1, spin: bool = True):
     ``spin=False``: its pool's threads stop spinning when a run ends (they still spin between the parallel sections
     of a run, ONNX Runtime's default), so that they do not take the cores of the session that runs next, as the
     stage sessions of a multi-exit bundle do, one after the other (:func:`dyncnn.export.load_bundle`). Measured on
-    a 2-core CPU (``benchmarks/bench_stage_threads.py``): a four-exit network at 2 threads, full depth, took 0.73
-    ms per image at batch 1 and 0.86 at batch 64 with pools that spin on after their run, 0.43 and 0.17 with pools
-    that stop. Threads that never spin (``session.intra_op.allow_spinning=0``) would wake up for every parallel
-    section of a run."""
+    a 2-core CPU (``benchmarks/bench_stage_threads.py``, two runs): a four-exit network at 2 threads, full depth,
+    took 0.52-0.73 ms per image at batch 1 and 0.86-0.96 at batch 64 with pools that spin on after their run,
+    0.41-0.43 and 0.17-0.20 with pools that stop. Threads that never spin (``session.intra_op.allow_spinning=0``)
+    would wake up for every parallel section of a run."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
