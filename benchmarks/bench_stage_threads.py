@@ -79,10 +79,10 @@ def main(argv=None) -> int:
         per = {c: {m: [] for m in MODES} for c in cases}
         for r in range(-1, args.rounds):                 # round -1: warm-up
             shift = r % len(MODES)
-            for m in list(MODES)[shift:] + list(MODES)[:shift]:      # one mode's sessions at a time, as the
-                bundles = {name: load_bundle(f, threads=MODES[m][0], spin=MODES[m][1])   # frontier times them
-                           for name, f in folders.items()}
-                for c in cases:                                          # would take the other modes' cores
+            # one mode's sessions at a time, as the frontier times them: a pool left spinning would take the cores
+            for m in list(MODES)[shift:] + list(MODES)[:shift]:
+                bundles = {name: load_bundle(f, threads=MODES[m][0], spin=MODES[m][1]) for name, f in folders.items()}
+                for c in cases:
                     name, b, pol = c
                     bd = bundles[name]
                     policy_ = None if name == "static" else bd.full_depth() if pol == "full depth" else bd.policy
