@@ -277,7 +277,8 @@ def _tiny_settings(out, **kw):
                           _stagewise("multi-stage", "multi_stage", widths=[[8, 16], [4, 8]], resolutions=[2, 1])]}
     return FrontierSettings(**{"out": out, "canvas": 32, "seeds": (0,), "epochs": 1, "train_repeats": 1,
                                "val_repeats": 1, "test_repeats": 1, "rounds": 3, "single_images": 8,
-                               "batch_images": 32, "batch_sizes": (1, 16), "threads": (1,), "models": models, **kw})
+                               "batch_images": 32, "batch_sizes": (1, 16), "threads": (1,), "models": models,
+                               "settle_s": 0.0, **kw})
 
 
 @pytest.mark.slow
@@ -577,3 +578,26 @@ def test_bundle_runs_in_chunks_as_in_one_call(tmp_path):
     assert 0 < int(whole.exit_index.sum()) < len(x)          # both exits taken: the check is not trivial
     for f in ("logits", "exit_index", "macs"):
         assert torch.equal(getattr(whole, f), getattr(chunked, f)), f
+
+
+def test_timing_pauses_before_each_turn_with_more_than_one_thread(tmp_path, monkeypatch):
+    # a pool that spun on after the item before would take the cores: with 2 threads (or per stage) each item waits
+    # settle_s, then runs one untimed call, before its timed pass; with one thread there is no pool and no pause
+    import dyncnn.frontier.runner as runner
+    slept, calls = [], {"a": 0, "b": 0}
+    monkeypatch.setattr(runner.time, "sleep", slept.append)
+
+    def make(key):
+        def run(_x):
+            calls[key] += 1
+        return lambda threads: run
+    items = [runner.Timed("a", make("a")), runner.Timed("b", make("b"))]
+    s = runner.FrontierSettings(out=tmp_path, threads=(1, 2), batch_sizes=(1,), rounds=3, single_images=5,
+                                settle_s=0.05)
+    out = runner.time_interleaved(items, np.zeros((5, 1, 4, 4), np.float32), s)
+    assert slept == [0.05] * (2 * 3)                      # 2 threads only: 2 items x 3 rounds
+    # per thread count: 4 warm-up calls, then per round the timed pass of 5 images, and with 2 threads one more call
+    assert calls == {"a": (4 + 3 * 5) + (4 + 3 * 6), "b": (4 + 3 * 5) + (4 + 3 * 6)}
+    assert set(out["a"]) == {"t1_b1", "t2_b1"}
+    with pytest.raises(ValueError, match="settle_s must be >= 0"):
+        runner.FrontierSettings(out=tmp_path, settle_s=-1)

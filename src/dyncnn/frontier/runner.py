@@ -192,6 +192,7 @@ def presets(canvas: int) -> dict[str, dict]:
 
 
 PRESETS = ("demo", "full", "phone", "headline")
+SETTLE_S = 0.2      # seconds each timed item waits before its turn with more than one thread (time_interleaved)
 
 
 @dataclass
@@ -224,11 +225,14 @@ class FrontierSettings:
     dataset: str = "scaled_mnist"   # or the user's data: cifar10 | cifar100 | folder (an ImageFolder tree)
     data_root: str | None = None    # where cifar10 / cifar100 / folder data lie (never downloaded)
     exclude: Sequence[str] = ()     # labels of the preset's dynamic models to leave out (e.g. the slow ones)
+    settle_s: float = SETTLE_S      # pause before each item's turn with more than one thread (time_interleaved)
 
     def __post_init__(self):
         self.out = Path(self.out)
         if self.models is None and self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if not self.settle_s >= 0:
+            raise ValueError(f"settle_s must be >= 0 seconds, got {self.settle_s!r}")
         if not self.seeds:
             raise ValueError("give at least one training seed")
         if self.threads is None:
@@ -397,9 +401,6 @@ class _Progress:
         self.last = now
 
 
-SETTLE_S = 0.2      # seconds each timed item waits before its turn (see time_interleaved)
-
-
 def time_interleaved(items: Sequence[Timed], images: np.ndarray, s: FrontierSettings, label: str = "runtime",
                      release: Callable[[], None] = lambda: None, log: Callable[[str], object] | None = None) -> dict:
     """ms per image of every item, for every (threads, batch): all items timed in each round, their order
@@ -407,16 +408,17 @@ def time_interleaved(items: Sequence[Timed], images: np.ndarray, s: FrontierSett
     ``release`` is called after each thread count, to free that count's sessions (and their memory arenas).
     A tqdm bar per (threads, batch) on a terminal; with ``log``, one line each (:class:`_Progress`).
 
-    Each item waits :data:`SETTLE_S` before its turn, then runs one untimed call: the pool of the item timed before
-    it keeps spinning for a while after its last run (ONNX Runtime's default, which a single graph gains from),
-    and on a 2-core CPU those spinning threads took the cores of the next item (tiny-XL /2 at 2 threads, batch 1,
-    in the headline runs: 0.65 ms per image back to back, 0.18 ms with the pause). Each item is then timed as if
-    alone in its process."""
+    With more than one thread (or per stage), each item waits ``s.settle_s`` (:data:`SETTLE_S`) before its turn,
+    then runs one untimed call: the pool of the item timed before it keeps spinning for a while after its last run
+    (ONNX Runtime's default, which a single graph gains from), and on a 2-core CPU those spinning threads took the
+    cores of the next item (tiny-XL /2 at 2 threads, batch 1, in the headline runs: 0.65 ms per image back to
+    back, 0.18 ms with the pause). Each item is then timed as if alone in its process."""
     singles = [images[i:i + 1] for i in range(min(s.single_images, len(images)))]
     out: dict[str, dict] = {it.key: {} for it in items}
     progress = _Progress(len(s.threads) * len(s.batch_sizes), log) if log else None
     for threads in s.threads:
         runners = {it.key: it.make(threads) for it in items}
+        settle = s.settle_s if threads != 1 else 0.0         # one thread: no pool that could spin on
         for b in s.batch_sizes:
             n = min(s.batch_images, len(images)) // b * b if b > 1 else len(singles)
             chunks = singles if b == 1 else [images[i:i + b] for i in range(0, n, b)]
@@ -430,8 +432,9 @@ def time_interleaved(items: Sequence[Timed], images: np.ndarray, s: FrontierSett
                 shift = r % len(keys)
                 for k in keys[shift:] + keys[:shift]:
                     fn = runners[k]
-                    time.sleep(SETTLE_S)      # every condition alike, so that they compare
-                    fn(chunks[0])             # untimed: caches warm again after the pause
+                    if settle:
+                        time.sleep(settle)
+                        fn(chunks[0])         # untimed: caches warm again after the pause
                     t0 = time.perf_counter()
                     for c in chunks:
                         fn(c)
