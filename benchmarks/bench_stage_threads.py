@@ -7,7 +7,8 @@ ends, the static one's keep spinning), ``threads=2, spin=True`` (every pool keep
 Runtime's default) and ``threads="per-stage"``, run at full depth and with thresholds that spread the images
 over the exits, at batch 1 (one image per call) and 64. In each round the modes take turns (order rotated
 between rounds), each with only its own sessions loaded, as ``dyncnn frontier`` times thread counts one after
-the other, and as there each case waits 0.2 s first, so that no pool spins on from the case before. Printed:
+the other. Each case waits 0.2 s first, so that no pool spins on from the case before (the frontier pauses so
+with more than one thread; here every mode pauses, 1 thread too, so that the modes compare). Printed:
 median ms per image (IQR over rounds) and, paired per round, the ratio of per-stage to the better of 1 and 2
 threads (below 1: per stage is faster).
 
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
                     policy_ = None if name == "static" else bd.full_depth() if pol == "full depth" else bd.policy
                     fn = bd.run_numpy if name == "static" else (lambda x, bd=bd, p_=policy_: bd.run_numpy(x, p_))
                     inputs = singles if b == "1" else batch
-                    time.sleep(SETTLE_S)        # as dyncnn frontier: no pool spins on from the case before
+                    time.sleep(SETTLE_S)        # no pool spins on from the case before (every mode alike)
                     for x in inputs[:4]:
                         fn(x)
                     t0 = time.perf_counter()
