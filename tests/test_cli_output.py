@@ -67,9 +67,9 @@ def test_timing_logs_a_line_per_condition_and_draws_no_bar_off_a_terminal(capsys
     assert set(out["a"]) == set(out["b"]) == {"t1_b1", "t1_b4"}
     assert capsys.readouterr().err == ""
     assert len(lines) == 2
-    assert re.fullmatch(r"    ORT 1 thread\(s\), batch 1: 2 models timed in \d+\.\d s \(1 of 2, about \d+ s left\)",
+    assert re.fullmatch(r"    ORT batch 1, 1 thread: 2 models timed in \d+\.\d s \(1 of 2, about \d+ s left\)",
                         lines[0]), lines
-    assert lines[1].startswith("    ORT 1 thread(s), batch 4: 2 models timed in ") and lines[1].endswith("(2 of 2)")
+    assert lines[1].startswith("    ORT batch 4, 1 thread: 2 models timed in ") and lines[1].endswith("(2 of 2)")
 
 
 def test_readme_names_the_networks_the_demo_trains():

@@ -292,7 +292,9 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
         ["    small /2: trained", "    big: trained", "    ranet: trained"]
     assert sum(": exported and evaluated in" in ln or ": calibrated, exported and run on test in" in ln
                for ln in lines) == 6                                 # 2 static, 4 dynamic models
-    assert sum("models timed in" in ln for ln in lines) == (2 + 1) * 2   # runtime (1 thread, per stage) and eager
+    # a line per batch size: runtime (1 thread and per stage, paired in the same rounds), eager
+    assert sum("models timed in" in ln for ln in lines) == 2 + 2
+    assert sum("ONNX Runtime batch 1, threads 1, per-stage: " in ln for ln in lines) == 1
     for name in ("frontier.json", "frontier.md", "frontier.png"):
         assert (tmp_path / "fr" / name).stat().st_size > 500
     saved = json.loads((tmp_path / "fr" / "frontier.json").read_text())
@@ -333,6 +335,14 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
     for name in ("cascade", "big"):
         recorded = json.loads((tmp_path / "fr" / "bundles" / "seed0" / name / "manifest.json").read_text())
         assert sorted(recorded["stage_threads"]["batches"]) == ["1", "16"]
+        # batch 1 of a multi-exit bundle: the plan that ran the whole bundle fastest under its chosen point
+        plans = recorded["stage_threads"]["batches"]["1"].get("plan_ms")
+        if name == "cascade":
+            assert sorted(plans) == ["1-1"]         # the timed counts are the candidates: 1 thread alone here
+            pick = "-".join(map(str, recorded["stage_threads"]["batches"]["1"]["threads"]))
+            assert plans[pick] <= 1.05 * min(plans.values())
+        else:
+            assert plans is None
     # runs of other seeds (say, made in parallel) merge into one report, summarized over both
     other = tmp_path / "fr_seed1"
     other.mkdir()
@@ -581,23 +591,61 @@ def test_bundle_runs_in_chunks_as_in_one_call(tmp_path):
 
 
 def test_timing_pauses_before_each_turn_with_more_than_one_thread(tmp_path, monkeypatch):
-    # a pool that spun on after the item before would take the cores: with 2 threads (or per stage) each item waits
-    # settle_s, then runs one untimed call, before its timed pass; with one thread there is no pool and no pause
+    # a pool that spun on after the turn before would take the cores: with 2 threads (or per stage) among the
+    # conditions every turn waits settle_s, then runs one untimed call, before its timed pass; with one thread
+    # alone there is no pool and no pause
     import dyncnn.frontier.runner as runner
-    slept, calls = [], {"a": 0, "b": 0}
+    slept, calls, turns = [], {}, []
     monkeypatch.setattr(runner.time, "sleep", slept.append)
 
     def make(key):
-        def run(_x):
-            calls[key] += 1
-        return lambda threads: run
+        def maker(threads):
+            def run(x):
+                calls[key, threads] = calls.get((key, threads), 0) + 1
+                if len(x) == 1 and x[0, 0, 0, 0] == 4:      # the last image: one turn's timed pass ends
+                    turns.append((key, threads))
+            return run
+        return maker
+    x = np.zeros((5, 1, 4, 4), np.float32)
+    x[:, 0, 0, 0] = np.arange(5)
     items = [runner.Timed("a", make("a")), runner.Timed("b", make("b"))]
     s = runner.FrontierSettings(out=tmp_path, threads=(1, 2), batch_sizes=(1,), rounds=3, single_images=5,
                                 settle_s=0.05)
-    out = runner.time_interleaved(items, np.zeros((5, 1, 4, 4), np.float32), s)
-    assert slept == [0.05] * (2 * 3)                      # 2 threads only: 2 items x 3 rounds
-    # per thread count: 4 warm-up calls, then per round the timed pass of 5 images, and with 2 threads one more call
-    assert calls == {"a": (4 + 3 * 5) + (4 + 3 * 6), "b": (4 + 3 * 5) + (4 + 3 * 6)}
+    out = runner.time_interleaved(items, x, s)
+    assert slept == [0.05] * (2 * 2 * 3)                  # 2 items x 2 thread counts x 3 rounds
+    # per (item, threads): 4 warm-up calls, then per round one untimed call and the timed pass of 5 images
+    assert calls == {(k, t): 4 + 3 * 6 for k in "ab" for t in (1, 2)}
+    # paired: each item runs under both thread counts back to back; items and counts rotate between rounds
+    assert turns == [("a", 1), ("a", 2), ("b", 1), ("b", 2), ("b", 2), ("b", 1), ("a", 2), ("a", 1),
+                     ("a", 1), ("a", 2), ("b", 1), ("b", 2)]
     assert set(out["a"]) == {"t1_b1", "t2_b1"}
+    slept.clear()
+    runner.time_interleaved(items, x, runner.FrontierSettings(out=tmp_path, threads=(1,), batch_sizes=(1,),
+                                                              rounds=3, single_images=5, settle_s=0.05))
+    assert slept == []
     with pytest.raises(ValueError, match="settle_s must be >= 0"):
         runner.FrontierSettings(out=tmp_path, settle_s=-1)
+
+
+def test_search_member_latencies_are_interleaved_rounds_and_their_median(monkeypatch):
+    # the cascade search ranks by these: every member times one pass per round, the order rotated between rounds,
+    # and a round slowed for everyone (or one slow pass of a member) does not decide the figure
+    import dyncnn.frontier.runner as runner
+    order, clock = [], [0.0]
+    slow = {("a", 3), ("b", 3)}                       # the second round (after the warm-up pass) is slow for both
+
+    class Fake:
+        def __init__(self, key, ms):
+            self.key, self.ms, self.passes = key, ms, 0
+
+        def run_numpy(self, x):
+            if x[0, 0, 0, 0] == 0:                       # first image of a pass
+                self.passes += 1
+                order.append(self.key)
+            clock[0] += self.ms * (10 if (self.key, self.passes) in slow else 1) / 1e3
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: clock[0])
+    x = np.zeros((4, 1, 2, 2), np.float32)
+    x[:, 0, 0, 0] = np.arange(4)
+    ms = runner._members_ms({"a": Fake("a", 0.5), "b": Fake("b", 2.0)}, x, rounds=3)
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]          # warm-up, then rounds rotated
+    assert ms == pytest.approx({"a": 0.5, "b": 2.0})

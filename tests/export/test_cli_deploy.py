@@ -143,6 +143,7 @@ def test_export_records_threads_per_stage(tmp_path, checkpoint, capsys):
     bundle = load_bundle(tmp_path / "b", threads="per-stage")
     intra = [s.sess.get_session_options().intra_op_num_threads for s in bundle._steps]
     assert intra == entry["batches"]["1"]["threads"]
+    assert len(entry["batches"]["1"]["plan_ms"]) == 2 ** bundle.num_exits     # whole runs under the exit policy
     x = torch.stack([get_dataset("mnist", "test")[i][0] for i in range(100)])
     assert torch.equal(bundle.run(x).exit_index, model.infer(x, bundle.policy).exit_index)
     assert main(["export", str(path), "--out", str(tmp_path / "c"), "--stage-threads", "0"]) == 2

@@ -147,7 +147,54 @@ def test_bad_thread_tables_are_refused_on_write_and_on_load(multi, bad, match):
 def test_bad_threads_arguments_are_refused(multi):
     _, _, folder = multi
     for bad in (0, -1, "two", 1.5, True):
-        with pytest.raises(BundleError, match="threads must be a positive integer or 'per-stage'"):
+        with pytest.raises(BundleError, match="threads must be a positive integer, 'per-stage' or one count per stage"):
             load_bundle(folder, threads=bad)
     with pytest.raises(BundleError, match="expected 3 stage times per thread count"):
         record_stage_threads(folder, {1: {1: [0.1, 0.2]}})
+
+
+def test_batch_one_takes_the_plan_that_ran_the_whole_bundle_fastest(multi, tmp_path):
+    # stage by stage at full depth a 2-thread stage can look faster, yet lose once images leave early and the
+    # second core idles between the calls that reach it: batch 1 takes the plan (a count per stage) whose whole
+    # runs under the exit policy were fastest
+    import itertools
+    from dyncnn.export.runtime import measure_stage_plans
+    model, policy, folder = multi
+    images = np.random.rand(6, 1, 32, 32).astype(np.float32)
+    plans = measure_stage_plans(folder, images, (2, 1), policy, rounds=1)
+    assert sorted(plans) == sorted(itertools.product((1, 2), repeat=3)) and min(plans.values()) > 0
+    stagewise = {1: {1: [0.1, 0.3, 0.3], 2: [0.2, 0.1, 0.1]}, 64: {1: [1.0] * 3, 2: [0.5] * 3}}   # [1, 2, 2]
+    whole = {p: 2.0 + 0.1 * sum(p) for p in plans}
+    whole[(1, 2, 1)], whole[(2, 2, 2)] = 1.0, 1.04                     # within 5%: the fewer threads win
+    entry = record_stage_threads(folder, stagewise, machine="test", plans=whole)["stage_threads"]["batches"]
+    assert entry["1"]["threads"] == [1, 2, 1] and entry["64"]["threads"] == [2, 2, 2]
+    assert entry["1"]["plan_ms"]["1-2-1"] == pytest.approx(1.0) and len(entry["1"]["plan_ms"]) == 8
+    assert entry["1"]["stage_ms"]["2"] == pytest.approx([0.2, 0.1, 0.1])     # the stage figures stay beside
+    bundle = load_bundle(folder, threads="per-stage")
+    assert [_intra(s.sess) for s in bundle._steps] == [1, 2, 1]
+    # a count per stage, given directly
+    given = load_bundle(folder, threads=[2, 1, 2])
+    assert [_intra(s.sess) for s in given._steps] == [2, 1, 2] and given.thread_plan == [[(0.0, 2)], [(0.0, 1)],
+                                                                                          [(0.0, 2)]]
+    x = torch.rand(30, 1, 32, 32)
+    assert torch.equal(given.run(x).exit_index, model.infer(x, policy).exit_index)
+    with pytest.raises(BundleError, match="one count per stage"):
+        load_bundle(folder, threads=[1, 2])
+    with pytest.raises(BundleError, match="one positive thread count per stage"):
+        load_bundle(folder, threads=[1, 0, 1])
+    with pytest.raises(BundleError, match="plans must give one measured thread count per stage"):
+        record_stage_threads(folder, stagewise, plans={(1, 2): 1.0})
+    with pytest.raises(BundleError, match="plans must give one measured thread count per stage"):
+        record_stage_threads(folder, stagewise, plans={(1, 1, 3): 1.0})
+    # the manifest's plan table is validated on writing and on loading
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["stage_threads"]["batches"]["1"]["plan_ms"] = {"1-2": 0.5}
+    with pytest.raises(BundleError, match="plan_ms must map plans"):
+        write_manifest(folder, manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="plan_ms must map plans"):
+        load_bundle(folder)
+    net = dyncnn.create_model("tiny_mobilenet", num_classes=10, in_chans=1, widths=[8, 16, 32]).eval()
+    export_bundle(net, tmp_path / "s", (1, 32, 32))
+    with pytest.raises(BundleError, match="multi-exit bundles"):
+        measure_stage_plans(tmp_path / "s", images)

@@ -73,9 +73,12 @@ def run(args) -> int:
                              single_graph=args.single_graph, runtime=args.runtime, max_batch=args.max_batch,
                              data=meta.get("data"))
     if args.stage_threads:
-        from ..export.runtime import measure_stage_threads, record_stage_threads
-        measured = measure_stage_threads(args.out, real.numpy(), sorted(set(args.stage_threads)), (1, 64))
-        manifest = record_stage_threads(args.out, measured)
+        from ..export.runtime import measure_stage_plans, measure_stage_threads, record_stage_threads
+        counts = sorted(set(args.stage_threads))
+        measured = measure_stage_threads(args.out, real.numpy(), counts, (1, 64))
+        # a multi-exit bundle at batch 1: the plan that runs the whole bundle fastest under its exit policy
+        plans = measure_stage_plans(args.out, real.numpy()[:64], counts) if manifest["kind"] == "multi_exit" else None
+        manifest = record_stage_threads(args.out, measured, plans=plans)
     if args.json:
         print(json.dumps(manifest, indent=2, allow_nan=True))
         return 0

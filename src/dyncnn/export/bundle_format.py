@@ -248,7 +248,8 @@ def _validate_stage_threads(table: object, stages: int, where: str) -> None:
     """The optional per-stage thread table (:func:`dyncnn.export.runtime.record_stage_threads`): the thread counts
     tried (``candidates``), and per batch size measured (``batches``, keyed by the size as a string) the count that
     ran each of the ``stages`` stages fastest (``threads``) and each candidate's milliseconds per call
-    (``stage_ms``)."""
+    (``stage_ms``); at batch 1 optionally every measured plan's milliseconds per image (``plan_ms``, keyed
+    "1-2-2": :func:`dyncnn.export.runtime.measure_stage_plans`)."""
     if table is None:
         return
     here = f"{where}: stage_threads"
@@ -277,6 +278,14 @@ def _validate_stage_threads(table: object, stages: int, where: str) -> None:
                 for t, v in ms.items()):
             raise BundleError(f"{here}: batch {b}: stage_ms must map candidate thread counts to {stages} non-negative "
                               f"finite milliseconds, got {ms!r:.120}")
+        plan_ms = entry.get("plan_ms", {})
+        if not isinstance(plan_ms, dict) or any(
+                not isinstance(k, str) or len(k.split("-")) != stages or
+                any(t not in {str(c) for c in cands} for t in k.split("-")) or
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf")
+                for k, v in plan_ms.items()):
+            raise BundleError(f"{here}: batch {b}: plan_ms must map plans ({stages} candidate counts joined by '-', "
+                              f"e.g. '1-2') to non-negative finite milliseconds, got {plan_ms!r:.120}")
 
 
 def _validate_policy(p: object, k: int, where: str) -> None:

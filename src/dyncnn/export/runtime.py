@@ -77,15 +77,16 @@ def _session(folder: Path, entry: dict, precision: str, threads: int, expect_in:
     return onnx_session(path, threads, spin)
 
 
-def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int | str = 1, verify: bool = True,
-                spin: bool | None = None):
+def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int | str | Sequence[int] = 1,
+                verify: bool = True, spin: bool | None = None):
     """Load the bundle in ``folder`` for ``precision`` ("fp32" or "int8") with ``threads`` ONNX Runtime threads,
     or with ``threads="per-stage"``: each stage's own session with the thread count recorded for it in the
     manifest (:func:`record_stage_threads`; at a call, that of the recorded batch size nearest the rows the stage
-    gets). ``spin``: whether the threads of a multi-thread session keep spinning after a run (ONNX Runtime's
-    default) or stop when it ends (:func:`dyncnn.export.onnx.onnx_session`); None: they keep spinning in a static
-    bundle (one graph: at most one of its sessions has a pool), and stop in a multi-exit bundle, where the pool of
-    the stage that ran last would take the cores that the next stage's session runs on.
+    gets), or with a list of counts, one per stage. ``spin``: whether the threads of a multi-thread session keep
+    spinning after a run (ONNX Runtime's default) or stop when it ends (:func:`dyncnn.export.onnx.onnx_session`);
+    None: they keep spinning in a static bundle (one graph: at most one of its sessions has a pool), and stop in a
+    multi-exit bundle, where the pool of the stage that ran last would take the cores that the next stage's
+    session runs on.
 
     Returns a :class:`DynamicBundle` (multi-exit) or :class:`StaticBundle`. Refuses, with the reason, a folder
     without a manifest, a manifest of another format version, and graph files that are missing, differ from the
@@ -93,16 +94,21 @@ def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int
     """
     if precision not in PRECISIONS:
         raise BundleError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if threads != THREADS_PER_STAGE and (isinstance(threads, bool) or not isinstance(threads, numbers.Integral)
-                                         or threads < 1):
-        raise BundleError(f"threads must be a positive integer or {THREADS_PER_STAGE!r}, got {threads!r}")
+    if isinstance(threads, (list, tuple)):
+        if not threads or not all(_is_count(t) for t in threads):
+            raise BundleError(f"threads: a list gives one positive thread count per stage, got {threads!r}")
+        threads = tuple(int(t) for t in threads)
+    elif threads != THREADS_PER_STAGE and not _is_count(threads):
+        raise BundleError(f"threads must be a positive integer, {THREADS_PER_STAGE!r} or one count per stage, got "
+                          f"{threads!r}")
     folder = Path(folder)
     manifest = read_manifest(folder)
     runtime = manifest.get("runtime", "onnxruntime")
     if runtime not in RUNTIMES:
         raise BundleError(f"bundle {folder}: unknown runtime {runtime!r} (this dyncnn runs {RUNTIMES})")
-    if threads == THREADS_PER_STAGE and (runtime != "onnxruntime" or manifest["kind"] == "glance"):
-        raise BundleError(f"bundle {folder}: threads={THREADS_PER_STAGE!r} needs an ONNX Runtime bundle of kind "
+    if (threads == THREADS_PER_STAGE or isinstance(threads, tuple)) and \
+            (runtime != "onnxruntime" or manifest["kind"] == "glance"):
+        raise BundleError(f"bundle {folder}: threads={threads!r} needs an ONNX Runtime bundle of kind "
                           f"static or multi_exit (ExecuTorch has one thread pool per process), got a "
                           f"{runtime} bundle of kind {manifest['kind']!r}; give a thread count")
     if runtime == "executorch":
@@ -122,11 +128,20 @@ def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int
                           f"that `dyncnn export` writes") from None
 
 
-def thread_plan(manifest: dict, stages: int, threads: int | str) -> list[list[tuple[float, int]]]:
+def _is_count(t: object) -> bool:
+    return not isinstance(t, bool) and isinstance(t, numbers.Integral) and t >= 1
+
+
+def thread_plan(manifest: dict, stages: int, threads: int | str | Sequence[int]) -> list[list[tuple[float, int]]]:
     """Per stage, the thread count of its session(s): ``[(from_rows, threads), ...]`` in increasing ``from_rows``
-    (the first from 0). With an integer ``threads``, that count everywhere; with ``"per-stage"``, the manifest's
-    table (:func:`stage_threads_table`): a call of ``n`` rows uses the count recorded for the batch size nearest
-    ``n`` on a log scale (with batches 1 and 64 recorded, the boundary lies at 8 rows)."""
+    (the first from 0). With an integer ``threads``, that count everywhere; with a list, its count for each stage
+    at every batch size; with ``"per-stage"``, the manifest's table (:func:`stage_threads_table`): a call of ``n``
+    rows uses the count recorded for the batch size nearest ``n`` on a log scale (with batches 1 and 64 recorded,
+    the boundary lies at 8 rows)."""
+    if isinstance(threads, (list, tuple)):
+        if len(threads) != stages:
+            raise BundleError(f"threads: expected one count per stage ({stages}), got {list(threads)}")
+        return [[(0.0, int(t))] for t in threads]
     if threads != THREADS_PER_STAGE:
         return [[(0.0, int(threads))] for _ in range(stages)]
     table = stage_threads_table(manifest)
@@ -499,15 +514,85 @@ def measure_stage_threads(folder: str | os.PathLike, images: Any, candidates: Se
     return out
 
 
+MAX_PLANS = 32      # measure_stage_plans tries every assignment up to this many, else the uniform ones
+
+
+def measure_stage_plans(folder: str | os.PathLike, images: Any, candidates: Sequence[int] = (1, 2),
+                        policy=None, rounds: int = 3, precision: str = "fp32",
+                        extra: Sequence[Sequence[int]] = (), settle_s: float = 0.0) -> dict[tuple[int, ...], float]:
+    """Milliseconds per image of the multi-exit bundle in ``folder`` run one image at a time under ``policy``
+    (default: the manifest's), for each assignment of ``candidates`` thread counts to its stages (a *plan*): every
+    assignment while there are at most :data:`MAX_PLANS`, else one count everywhere plus ``extra``. Median over
+    ``rounds`` passes over ``images``, the plans interleaved (rotated between rounds) after a warm-up pass; with
+    ``settle_s``, each pass waits that long first and runs one untimed image, as ``dyncnn frontier`` times (the
+    cores idle before a pass, as between the frames a phone classifies).
+
+    Why whole runs under the exit pattern: stage by stage at full depth (:func:`measure_stage_threads`), a
+    2-thread stage after a 1-thread one looks faster; deployed at batch 1, where most images leave early and the
+    second core idles between the calls that reach that stage, waking its pool costs more than the thread saves
+    (the headline's searched cascade: 0.70 ms per image with stages 2-3 at 2 threads against 0.47 ms with one
+    thread, in paired rounds on a 2-core virtual machine). Feed the result to :func:`record_stage_threads`
+    (``plans``)."""
+    import itertools
+    if not candidates or rounds < 1:
+        raise DyncnnError(f"give thread counts and rounds >= 1, got {candidates}, {rounds}")
+    cands = sorted({int(t) for t in candidates})
+    manifest = read_manifest(Path(folder))
+    if manifest["kind"] != "multi_exit" or manifest.get("runtime", "onnxruntime") != "onnxruntime":
+        raise BundleError(f"bundle {folder}: plans of thread counts are measured for ONNX Runtime multi-exit "
+                          f"bundles, got a {manifest.get('runtime', 'onnxruntime')} bundle of kind "
+                          f"{manifest['kind']!r}")
+    stages = int(manifest["num_exits"])
+    if len(cands) ** stages <= MAX_PLANS:
+        plans = list(itertools.product(cands, repeat=stages))
+    else:
+        plans = [(t,) * stages for t in cands]
+    for e in extra:
+        if len(e) != stages or not all(_is_count(t) for t in e):
+            raise DyncnnError(f"extra plans give one thread count per stage ({stages}), got {list(e)}")
+        if tuple(int(t) for t in e) not in plans:
+            plans.append(tuple(int(t) for t in e))
+    bundles = {plan: load_bundle(folder, precision, threads=plan) for plan in plans}
+    first = next(iter(bundles.values()))
+    policy = first.policy if policy is None else first._policy(policy)
+    x = first.check_input(images)
+    if x.shape[0] == 0:
+        raise DyncnnError("plans of thread counts need at least one image")
+    singles = [x[i:i + 1] for i in range(x.shape[0])]
+    for b in bundles.values():                          # warm-up: sessions, allocators, caches
+        for one in singles:
+            b.run_numpy(one, policy)
+    per: dict[tuple[int, ...], list[float]] = {p: [] for p in plans}
+    for r in range(rounds):
+        shift = r % len(plans)
+        for plan in plans[shift:] + plans[:shift]:
+            run = bundles[plan].run_numpy
+            if settle_s:
+                time.sleep(settle_s)
+                run(singles[0], policy)
+            t0 = time.perf_counter()
+            for one in singles:
+                run(one, policy)
+            per[plan].append((time.perf_counter() - t0) * 1e3 / len(singles))
+    return {p: float(np.median(v)) for p, v in per.items()}
+
+
+def _plan_key(plan: Sequence[int]) -> str:
+    return "-".join(str(int(t)) for t in plan)
+
+
 def record_stage_threads(folder: str | os.PathLike, measured: dict[int, dict[int, Sequence[float]]],
-                         machine: str | None = None, margin: float = 0.05) -> dict:
+                         machine: str | None = None, margin: float = 0.05,
+                         plans: dict[tuple[int, ...], float] | None = None) -> dict:
     """Store in the bundle manifest, under ``stage_threads``, per batch size of ``measured``
     (:func:`measure_stage_threads`: ``{batch: {threads: [ms per stage]}}``) the thread count that ran each stage
     fastest beside every candidate's milliseconds; returns the manifest. What ``load_bundle(folder,
     threads="per-stage")`` runs. More threads must be faster by more than ``margin`` (5%): the fewest threads
     within that of the fastest win, so that noise does not hand a stage a thread pool (and the cores it takes from
-    the rest of the machine) for nothing. Like latencies, a property of the machine that measured them, which is
-    recorded beside them."""
+    the rest of the machine) for nothing. With ``plans`` (:func:`measure_stage_plans`: whole runs at batch 1 under
+    the exit pattern), batch 1 takes the plan that ran fastest instead (the fewest threads in all within
+    ``margin``), stored beside the others' milliseconds as ``plan_ms``. Like latencies, a property of the machine
+    that measured them, which is recorded beside them."""
     import platform
     folder = Path(folder)
     with bundle_lock(folder):
@@ -524,8 +609,20 @@ def record_stage_threads(folder: str | os.PathLike, measured: dict[int, dict[int
                     for k in range(stages)]
             batches[str(int(b))] = {"threads": best,
                                     "stage_ms": {str(t): [float(v) for v in by_threads[t]] for t in cands}}
+        if plans:
+            tried = {int(t) for m in measured.values() for t in m} or {int(t) for p in plans for t in p}
+            if any(len(p) != stages or any(int(t) not in tried for t in p) for p in plans) or \
+                    not all(v >= 0 and math.isfinite(v) for v in plans.values()):
+                raise BundleError(f"bundle {folder}: plans must give one measured thread count per stage ({stages}, "
+                                  f"from {sorted(tried)}) and finite milliseconds, got {dict(plans)}")
+            fastest = min(plans.values())
+            pick = min((p for p, v in plans.items() if v <= fastest * (1 + margin)), key=lambda p: (sum(p), plans[p]))
+            entry = batches.setdefault("1", {"stage_ms": {}})
+            entry["threads"] = [int(t) for t in pick]
+            entry["plan_ms"] = {_plan_key(p): float(v) for p, v in plans.items()}
         manifest["stage_threads"] = {
-            "candidates": sorted({int(t) for m in measured.values() for t in m}), "batches": batches,
+            "candidates": sorted({int(t) for m in measured.values() for t in m}
+                                 | {int(t) for p in (plans or {}) for t in p}), "batches": batches,
             "runtime": "onnxruntime",
             "machine": machine or f"{platform.machine()} {platform.processor() or ''}".strip()}
         write_manifest(folder, manifest)

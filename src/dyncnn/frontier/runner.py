@@ -12,10 +12,11 @@
    once, after every choice is made.
 3. Every model and operating point exported (``export_bundle``) and timed in the runtime, at batch 1 and a larger
    batch, with 1 and 2 threads and with threads per stage (each stage of each bundle, the static ones included,
-   runs with the thread count measured fastest for it on validation images at each timed batch size:
-   ``load_bundle(..., threads="per-stage")``), all of them interleaved in rounds within one process (a change of
-   machine load hits all alike), median and IQR over rounds; eager PyTorch beside it for the static models and the
-   chosen points.
+   runs with the thread count measured fastest for it on validation images at each timed batch size; a multi-exit
+   bundle at batch 1 with the counts that ran it fastest whole under its chosen point:
+   ``load_bundle(..., threads="per-stage")``), all of them and all thread counts interleaved in rounds within one
+   process (a change of machine load hits all alike), median and IQR over rounds; eager PyTorch beside it for the
+   static models and the chosen points.
 4. ``frontier.json``, ``frontier.md``, ``frontier.png``, and the figure of merit: the speedup at equal accuracy
    (:mod:`dyncnn.frontier.front`), per seed and averaged.
 """
@@ -29,7 +30,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +43,8 @@ from ..dynamic.budget import (assign_exits, collect_exit_logits, evaluate_thresh
 from ..dynamic.executor import ExitResult
 from ..dynamic.policy import ExitPolicy
 from ..export.bundle_format import THREADS_PER_STAGE
-from ..export.runtime import load_bundle, measure_stage_threads, record_stage_latency, record_stage_threads
+from ..export.runtime import (load_bundle, measure_stage_plans, measure_stage_threads, record_stage_latency,
+                              record_stage_threads)
 from ..export.staged import RUNTIMES, export_bundle
 from ..files import output_lock, read_json
 from ..models import create_model
@@ -401,52 +403,63 @@ class _Progress:
         self.last = now
 
 
+def _conditions(threads: Sequence[int | str]) -> str:
+    return "1 thread" if list(threads) == [1] else "threads " + ", ".join(map(str, threads))
+
+
 def time_interleaved(items: Sequence[Timed], images: np.ndarray, s: FrontierSettings, label: str = "runtime",
                      release: Callable[[], None] = lambda: None, log: Callable[[str], object] | None = None) -> dict:
-    """ms per image of every item, for every (threads, batch): all items timed in each round, their order
-    rotated between rounds; median and quartiles over rounds. Returns ``{key: {"t{threads}_b{batch}": {...}}}``.
-    ``release`` is called after each thread count, to free that count's sessions (and their memory arenas).
-    A tqdm bar per (threads, batch) on a terminal; with ``log``, one line each (:class:`_Progress`).
+    """ms per image of every item at every thread count of ``s.threads`` (counts and "per-stage") and batch size:
+    median and quartiles over ``s.rounds`` rounds. Returns ``{key: {"t{threads}_b{batch}": {...}}}``.
 
-    With more than one thread (or per stage), each item waits ``s.settle_s`` (:data:`SETTLE_S`) before its turn,
-    then runs one untimed call: the pool of the item timed before it keeps spinning for a while after its last run
-    (ONNX Runtime's default, which a single graph gains from), and on a 2-core CPU those spinning threads took the
-    cores of the next item (tiny-XL /2 at 2 threads, batch 1, in the headline runs: 0.65 ms per image back to
-    back, 0.18 ms with the pause). Each item is then timed as if alone in its process."""
+    Paired, as a ratio must be: in each round every item takes its turn (their order rotated between rounds), and
+    within its turn it runs under each thread count one after the other (that order rotated too). So a speedup
+    (item against item, same thread count) and a thread comparison (count against count, same item) are each
+    measured minutes apart at most, never one whole phase after the other (the machine drifts between phases: in
+    the first headline timings the same static network, with the same thread count, ran 11% slower in the
+    per-stage phase than in the 2-thread phase timed before it). ``release`` is called at the end, to free the sessions.
+    A tqdm bar per batch size on a terminal; with ``log``, one line each (:class:`_Progress`).
+
+    With more than one thread among ``s.threads``, every turn waits ``s.settle_s`` (:data:`SETTLE_S`) first, then
+    runs one untimed call: a pool keeps spinning for a while after its last run (ONNX Runtime's default, which a
+    single graph gains from), and on a 2-core CPU those spinning threads took the cores of the next turn (tiny-XL
+    /2 at 2 threads, batch 1, in the headline runs: 0.65 ms per image back to back, 0.18 ms with the pause). Each
+    turn is then timed as if alone in its process. With one thread there is no pool that could spin: no pause."""
     singles = [images[i:i + 1] for i in range(min(s.single_images, len(images)))]
     out: dict[str, dict] = {it.key: {} for it in items}
-    progress = _Progress(len(s.threads) * len(s.batch_sizes), log) if log else None
-    for threads in s.threads:
-        runners = {it.key: it.make(threads) for it in items}
-        settle = s.settle_s if threads != 1 else 0.0         # one thread: no pool that could spin on
-        for b in s.batch_sizes:
-            n = min(s.batch_images, len(images)) // b * b if b > 1 else len(singles)
-            chunks = singles if b == 1 else [images[i:i + b] for i in range(0, n, b)]
-            for fn in runners.values():                        # warm-up: sessions, allocators, caches
-                for c in chunks[:4]:
-                    fn(c)
-            per: dict[str, list[float]] = {k: [] for k in runners}
-            keys = list(runners)
-            for r in tqdm(range(s.rounds), desc=f"{label} {threads} thread(s), batch {b}", leave=False,
-                          disable=None):        # None: no bar off a terminal
-                shift = r % len(keys)
-                for k in keys[shift:] + keys[:shift]:
-                    fn = runners[k]
+    conds = list(s.threads)
+    progress = _Progress(len(s.batch_sizes), log) if log else None
+    runners = {(it.key, t): it.make(t) for t in conds for it in items}
+    settle = s.settle_s if any(t != 1 for t in conds) else 0.0     # one thread: no pool that could spin on
+    keys = [it.key for it in items]
+    for b in s.batch_sizes:
+        n = min(s.batch_images, len(images)) // b * b if b > 1 else len(singles)
+        chunks = singles if b == 1 else [images[i:i + b] for i in range(0, n, b)]
+        for fn in runners.values():                        # warm-up: sessions, allocators, caches
+            for c in chunks[:4]:
+                fn(c)
+        per: dict[tuple, list[float]] = {kt: [] for kt in runners}
+        for r in tqdm(range(s.rounds), desc=f"{label} batch {b}, {_conditions(conds)}", leave=False,
+                      disable=None):        # None: no bar off a terminal
+            shift, cshift = r % len(keys), r % len(conds)
+            for k in keys[shift:] + keys[:shift]:
+                for t in conds[cshift:] + conds[:cshift]:
+                    fn = runners[k, t]
                     if settle:
                         time.sleep(settle)
                         fn(chunks[0])         # untimed: caches warm again after the pause
                     t0 = time.perf_counter()
                     for c in chunks:
                         fn(c)
-                    per[k].append((time.perf_counter() - t0) * 1e3 / n)
-            for k, v in per.items():
-                med, p25, p75 = _quartiles(v)
-                out[k][f"t{threads}_b{b}"] = {"median_ms": med, "p25_ms": p25, "p75_ms": p75, "rounds": len(v)}
-            if progress:
-                progress.step(f"{label} {threads} thread(s), batch {b}: {len(items)} models timed")
-        del runners
-        release()
-        gc.collect()
+                    per[k, t].append((time.perf_counter() - t0) * 1e3 / n)
+        for (k, t), v in per.items():
+            med, p25, p75 = _quartiles(v)
+            out[k][f"t{t}_b{b}"] = {"median_ms": med, "p25_ms": p25, "p75_ms": p75, "rounds": len(v)}
+        if progress:
+            progress.step(f"{label} batch {b}, {_conditions(conds)}: {len(items)} models timed")
+    del runners
+    release()
+    gc.collect()
     return out
 
 
@@ -578,7 +591,6 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
                 ms = load_bundle(folder, threads=t).stage_latency_ms(x_val[:64].numpy(), repeats=3)
             record_stage_latency(folder, ms, t)
             stage_tables[t] = np.cumsum(ms).tolist()
-        _record_stage_threads(folder, x_val, s)
         val_scores = exit_scores(val_logits, temperatures=temps)
         test_scores = exit_scores(test_logits, temperatures=temps)
         val_correct = val_logits.argmax(-1) == val_y
@@ -590,6 +602,7 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
             cands = with_paired_counts(cands, val_scores, val_correct, reference_correct)
             sweep = cands[-len(sweep):]
         chosen = select_on_validation(cands, target_val, s.selection_z)
+        _record_stage_threads(folder, x_val, s, ExitPolicy(chosen["thresholds"], "max_prob", chosen["temperatures"]))
         picked = {tuple(p["thresholds"]): p for p in [*_curve(cands, s.curve_points), chosen, sweep[-1]]}
         points = [dict(p, chosen=p["thresholds"] == chosen["thresholds"]) for p in picked.values()]
         bundle = load_bundle(folder, threads=1)
@@ -652,37 +665,57 @@ def _run_in_chunks(bundle, x: Tensor, policy: ExitPolicy, chunk: int = 256):
     return ExitResult(*(torch.cat([getattr(p, f) for p in parts]) for f in ("logits", "exit_index", "macs")))
 
 
-def _record_stage_threads(folder: Path, x_val: Tensor, s: FrontierSettings) -> None:
+def _record_stage_threads(folder: Path, x_val: Tensor, s: FrontierSettings, policy: ExitPolicy | None = None
+                          ) -> None:
     """With "per-stage" among ``s.threads``: measure on validation images, at each timed batch size, which of the
-    timed thread counts runs each stage of the bundle in ``folder`` fastest, and record it in its manifest."""
+    timed thread counts runs each stage of the bundle in ``folder`` fastest, and record it in its manifest. For a
+    multi-exit bundle with ``policy`` (its chosen operating point), batch 1 takes instead the plan (a count per
+    stage) that ran the whole bundle fastest one image at a time under that policy (:func:`measure_stage_plans`)."""
     if THREADS_PER_STAGE not in s.threads:
         return
+    plans = None
     with torch_threads(max(s.thread_counts)):
         measured = measure_stage_threads(folder, x_val[:2 * max(64, *s.batch_sizes)].numpy(), s.thread_counts,
                                          s.batch_sizes, rounds=3)
-    record_stage_threads(folder, measured)
+        if policy is not None and 1 in s.batch_sizes:
+            one = measured[1]                     # {threads: [ms per stage]} at batch 1, full depth
+            stagewise = [min(one, key=lambda t: one[t][k]) for k in range(len(next(iter(one.values()))))]
+            plans = measure_stage_plans(folder, x_val[:64].numpy(), s.thread_counts, policy, rounds=3,
+                                        extra=[stagewise], settle_s=s.settle_s)
+    record_stage_threads(folder, measured, plans=plans)
 
 
-def _image_ms(bundle, images: np.ndarray, repeats: int = 3) -> float:
-    """Median milliseconds of running ``bundle`` on one image of ``images``, after one warm-up pass."""
-    times = []
-    for rep in range(repeats + 1):
-        for i in range(len(images)):
+def _members_ms(bundles: dict[str, Any], images: np.ndarray, rounds: int = 7) -> dict[str, float]:
+    """Milliseconds per image of each bundle of ``bundles`` (label -> loaded bundle) run one image at a time over
+    ``images``: in each of ``rounds`` rounds every bundle makes one pass (their order rotated between rounds), after
+    one warm-up pass each; the median over rounds. Interleaved like :func:`time_interleaved`, so that a change of
+    load hits every candidate member alike: the cascade search ranks cascades by these figures, and a member timed
+    alone in a slow moment changed a search's pick in the headline runs."""
+    singles = [images[i:i + 1] for i in range(len(images))]
+    for b in bundles.values():
+        for x in singles:
+            b.run_numpy(x)
+    per: dict[str, list[float]] = {k: [] for k in bundles}
+    keys = list(bundles)
+    for r in range(rounds):
+        shift = r % len(keys)
+        for k in keys[shift:] + keys[:shift]:
+            run = bundles[k].run_numpy
             t0 = time.perf_counter()
-            bundle.run_numpy(images[i:i + 1])
-            if rep:
-                times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+            for x in singles:
+                run(x)
+            per[k].append((time.perf_counter() - t0) * 1e3 / len(singles))
+    return {k: float(np.median(v)) for k, v in per.items()}
 
 
 def _search_members(val_logits: dict[str, Tensor], val_y: Tensor, bundle: Callable, x_val: Tensor,
                     target_val: float, threads: int, max_members: int, log, seed: int, z: float = 0.0,
                     reference: str | None = None) -> dict:
     """The members of the searched cascade, on the validation split: every static model's validation logits
-    (eager) and its batch-1 latency in the runtime (its exported bundle, ``threads`` threads, validation images),
-    then :func:`~dyncnn.frontier.search.search_cascades`."""
+    (eager) and its batch-1 latency in the runtime (its exported bundle, ``threads`` threads, validation images,
+    interleaved rounds: :func:`_members_ms`), then :func:`~dyncnn.frontier.search.search_cascades`."""
     with torch_threads(threads):
-        cost = {label: _image_ms(bundle(label), x_val[:64].numpy()) for label in val_logits}
+        cost = _members_ms({label: bundle(label) for label in val_logits}, x_val[:64].numpy())
     ranking = search_cascades(val_logits, val_y, cost, target_val, max_members, z=z, reference=reference)
     log(f"  seed {seed}: cascade searched on validation: {' -> '.join(ranking[0]['members'])} (predicted "
         f"{ranking[0]['val_cost']:.3f} ms per image, validation accuracy {ranking[0]['val_accuracy']:.4f})")
