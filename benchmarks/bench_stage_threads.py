@@ -1,16 +1,16 @@
 """Threads per stage against 1 and 2 threads for the whole bundle (issue 29): a multi-exit network whose stages grow
 (tiny_mobilenet widths 16-48-96-192 at 128x128, four exits, random weights with batch-norm statistics of the
 images) and the static tiny_mobilenet, exported as bundles; each stage's fastest thread count measured with
-``measure_stage_threads`` (1 and 2 threads, batch 1 and 64) and recorded; then the bundle loaded with
-``threads=1``, ``threads=2`` (as ``load_bundle`` sets it: the multi-exit bundle's pools stop spinning when a run
-ends, the static one's keep spinning), ``threads=2, spin=True`` (every pool keeps spinning after its run, ONNX
-Runtime's default) and ``threads="per-stage"``, run at full depth and with thresholds that spread the images
-over the exits, at batch 1 (one image per call) and 64. In each round the modes take turns (order rotated
-between rounds), each with only its own sessions loaded, as ``dyncnn frontier`` times thread counts one after
-the other. Each case waits 0.2 s first, so that no pool spins on from the case before (the frontier pauses so
-with more than one thread; here every mode pauses, 1 thread too, so that the modes compare). Printed:
-median ms per image (IQR over rounds) and, paired per round, the ratio of per-stage to the better of 1 and 2
-threads (below 1: per stage is faster).
+``measure_stage_threads`` (1 and 2 threads, batch 1 and 64) and, for the multi-exit bundle at batch 1, the plan
+of counts that runs it fastest one image at a time under its exit policy (``measure_stage_plans``, paused as
+below), and recorded; then the bundle loaded with ``threads=1``, ``threads=2`` (as ``load_bundle`` sets it: the
+multi-exit bundle's pools stop spinning when a run ends, the static one's keep spinning), ``threads=2,
+spin=True`` (every pool keeps spinning after its run, ONNX Runtime's default) and ``threads="per-stage"``, run
+at full depth and with thresholds that spread the images over the exits, at batch 1 (one image per call) and 64.
+In each round the modes take turns (order rotated between rounds), each with only its own sessions loaded. Each
+case waits 0.2 s first, so that no pool spins on from the case before (as the frontier pauses every turn when it
+times more than one thread count). Printed: median ms per image (IQR over rounds) and, paired per round, the
+ratio of per-stage to the better of 1 and 2 threads (below 1: per stage is faster).
 
     python benchmarks/bench_stage_threads.py [--rounds 10] [--images 64] [--json out.json]
 """
@@ -30,7 +30,7 @@ import torch
 import dyncnn
 from bench_deploy import _spread_policy        # thresholds that send a share of the images to each exit
 from dyncnn.export import export_bundle, load_bundle
-from dyncnn.export.runtime import measure_stage_threads, record_stage_threads
+from dyncnn.export.runtime import measure_stage_plans, measure_stage_threads, record_stage_threads
 from dyncnn.frontier.runner import SETTLE_S
 
 WIDTHS = [16, 48, 96, 192]
@@ -70,7 +70,9 @@ def main(argv=None) -> int:
         for name, folder in folders.items():
             t0 = time.perf_counter()
             measured = measure_stage_threads(folder, images, (1, 2), (1, 64), rounds=3)
-            entry = record_stage_threads(folder, measured)["stage_threads"]
+            plans = measure_stage_plans(folder, images[:args.images], (1, 2), rounds=3, settle_s=SETTLE_S) \
+                if name == "multi-exit" else None        # under the bundle's own policy: the spread one
+            entry = record_stage_threads(folder, measured, plans=plans)["stage_threads"]
             print(f"{name}: threads per stage {({b: e['threads'] for b, e in entry['batches'].items()})} "
                   f"(measured in {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
         singles = [images[i:i + 1] for i in range(args.images)]

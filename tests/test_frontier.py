@@ -628,24 +628,29 @@ def test_timing_pauses_before_each_turn_with_more_than_one_thread(tmp_path, monk
 
 
 def test_search_member_latencies_are_interleaved_rounds_and_their_median(monkeypatch):
-    # the cascade search ranks by these: every member times one pass per round, the order rotated between rounds,
-    # and a round slowed for everyone (or one slow pass of a member) does not decide the figure
+    # the cascade search ranks by these: every member times its images once per round (after one untimed call),
+    # the order rotated between rounds; a slow call or a round slowed for everyone does not decide the figure
     import dyncnn.frontier.runner as runner
     order, clock = [], [0.0]
-    slow = {("a", 3), ("b", 3)}                       # the second round (after the warm-up pass) is slow for both
+    slow = {("a", 3), ("b", 3)}     # image-0 calls: warm-up, untimed, then the first round's pass: 10x slower
 
     class Fake:
         def __init__(self, key, ms):
-            self.key, self.ms, self.passes = key, ms, 0
+            self.key, self.ms, self.passes, self.calls = key, ms, 0, 0
 
         def run_numpy(self, x):
-            if x[0, 0, 0, 0] == 0:                       # first image of a pass
+            self.calls += 1
+            if x[0, 0, 0, 0] == 0:
                 self.passes += 1
                 order.append(self.key)
-            clock[0] += self.ms * (10 if (self.key, self.passes) in slow else 1) / 1e3
+            factor = 10 if (self.key, self.passes) in slow else 1
+            if self.calls == 12:        # 4 warm-up, 5 round 1 (untimed + 4), untimed: the second timed call, 100x
+                factor = 100
+            clock[0] += self.ms * factor / 1e3
     monkeypatch.setattr(runner.time, "perf_counter", lambda: clock[0])
     x = np.zeros((4, 1, 2, 2), np.float32)
     x[:, 0, 0, 0] = np.arange(4)
     ms = runner._members_ms({"a": Fake("a", 0.5), "b": Fake("b", 2.0)}, x, rounds=3)
-    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]          # warm-up, then rounds rotated
+    # warm-up passes, then per round each member's untimed call (image 0) and its pass (image 0 first again)
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] + ["b", "b", "a", "a"] + ["a", "a", "b", "b"]
     assert ms == pytest.approx({"a": 0.5, "b": 2.0})
