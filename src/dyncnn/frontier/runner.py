@@ -416,9 +416,9 @@ def time_interleaved(items: Sequence[Timed], images: np.ndarray, s: FrontierSett
     within its turn it runs under each thread count one after the other (that order rotated too). So a speedup
     (item against item, same thread count) and a thread comparison (count against count, same item) are each
     measured minutes apart at most, never one whole phase after the other (the machine drifts between phases: in
-    the first headline timings the same static network, with the same thread count, ran 11% slower in the
-    per-stage phase than in the 2-thread phase timed before it). ``release`` is called at the end, to free the sessions.
-    A tqdm bar per batch size on a terminal; with ``log``, one line each (:class:`_Progress`).
+    a headline run timed phase by phase, the same static network with the same thread count ran 11% slower in the
+    per-stage phase than in the 2-thread phase before it). ``release`` is called at the end, to free the
+    sessions. A tqdm bar per batch size on a terminal; with ``log``, one line each (:class:`_Progress`).
 
     With more than one thread among ``s.threads``, every turn waits ``s.settle_s`` (:data:`SETTLE_S`) first, then
     runs one untimed call: a pool keeps spinning for a while after its last run (ONNX Runtime's default, which a
@@ -692,8 +692,8 @@ def _members_ms(bundles: dict[str, Any], images: np.ndarray, rounds: int = 7) ->
     each. Interleaved like :func:`time_interleaved`, so that a change of load hits every candidate member alike
     (the cascade search ranks cascades by these figures, and members timed one after the other, each in a moment
     of its own, changed a search's pick in the headline runs); medians, so that a call the machine interrupts does
-    not weigh (the mean of a pass put the smallest member, at 0.05 ms a call, 18-27% above its median call and the
-    larger ones 3-7%, which tilts the ranking against cascades that start small)."""
+    not weigh (in a pass's mean such calls weigh most for the smallest members, and tilt the ranking against
+    cascades that start small)."""
     singles = [images[i:i + 1] for i in range(len(images))]
     for b in bundles.values():
         for x in singles:
