@@ -609,8 +609,9 @@ def record_stage_threads(folder: str | os.PathLike, measured: dict[int, dict[int
                     for k in range(stages)]
             batches[str(int(b))] = {"threads": best,
                                     "stage_ms": {str(t): [float(v) for v in by_threads[t]] for t in cands}}
+        tried = {int(t) for m in measured.values() for t in m}            # the candidates of the stage figures
         if plans:
-            tried = {int(t) for m in measured.values() for t in m} or {int(t) for p in plans for t in p}
+            tried = tried or {int(t) for p in plans for t in p}            # plans alone: their own counts
             if any(len(p) != stages or any(int(t) not in tried for t in p) for p in plans) or \
                     not all(v >= 0 and math.isfinite(v) for v in plans.values()):
                 raise BundleError(f"bundle {folder}: plans must give one measured thread count per stage ({stages}, "
@@ -621,8 +622,7 @@ def record_stage_threads(folder: str | os.PathLike, measured: dict[int, dict[int
             entry["threads"] = [int(t) for t in pick]
             entry["plan_ms"] = {_plan_key(p): float(v) for p, v in plans.items()}
         manifest["stage_threads"] = {
-            "candidates": sorted({int(t) for m in measured.values() for t in m}
-                                 | {int(t) for p in (plans or {}) for t in p}), "batches": batches,
+            "candidates": sorted(tried), "batches": batches,
             "runtime": "onnxruntime",
             "machine": machine or f"{platform.machine()} {platform.processor() or ''}".strip()}
         write_manifest(folder, manifest)
