@@ -264,11 +264,13 @@ def test_gradient_equilibrium_rescales_the_trunk_gradient():
 # -- the whole run ----------------------------------------------------------------------------------------------
 
 def _tiny_settings(out, **kw):
-    from dyncnn.frontier.runner import FrontierSettings, _stagewise, _static, _trained
+    from dyncnn.frontier.runner import FrontierSettings, _fused, _stagewise, _static, _trained
     models = {"static": [_static("small /2", "tiny_mobilenet", 2, widths=[8, 16]),
                          _static("big", "tiny_mobilenet", 1, widths=[8, 16, 32])],
               "dynamic": [{"label": "cascade", "kind": "cascade", "members": ["small /2", "big"]},
                           {"label": "searched", "kind": "searched", "max_members": 3},
+                          # the searched members fused into one network, its laterals trained 1 epoch
+                          _fused("fused"),
                           # a feature-reusing network trained in the run, with the IMTA recipe (2 exits)
                           _trained("ranet", "ranet_cifar", stem="imagenet", nChannels=4, growthRate=4, nBlocks=1,
                                    block_step=1, step=1, scale_list=[1, 2], grFactor=[2, 1], bnFactor=[2, 1],
@@ -283,7 +285,7 @@ def _tiny_settings(out, **kw):
 
 @pytest.mark.slow
 def test_tiny_frontier_run_writes_its_three_files(tmp_path):
-    from dyncnn.frontier.runner import merge_runs, run_frontier
+    from dyncnn.frontier.runner import _slug, merge_runs, run_frontier
     s = _tiny_settings(tmp_path / "fr", threads=(1, "per-stage"))
     lines = []
     r = run_frontier(s, log=lines.append)
@@ -291,7 +293,7 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
     assert [ln.split(" in ")[0] for ln in lines if " s (" in ln and " of " in ln][:3] == \
         ["    small /2: trained", "    big: trained", "    ranet: trained"]
     assert sum(": exported and evaluated in" in ln or ": calibrated, exported and run on test in" in ln
-               for ln in lines) == 6                                 # 2 static, 4 dynamic models
+               for ln in lines) == 7                                 # 2 static, 5 dynamic models
     # a line per batch size: runtime (1 thread and per stage, paired in the same rounds), eager
     assert sum("models timed in" in ln for ln in lines) == 2 + 2
     assert sum("ONNX Runtime batch 1, threads 1, per-stage: " in ln for ln in lines) == 1
@@ -300,7 +302,7 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
     saved = json.loads((tmp_path / "fr" / "frontier.json").read_text())
     seed = saved["seeds"][0]
     assert set(seed["static"]) == {"small /2", "big"}
-    assert saved["summary"]["selected"] in ("cascade", "searched", "ranet")
+    assert saved["summary"]["selected"] in ("cascade", "searched", "fused", "ranet", "multi-stage")
     points = seed["dynamic"]["cascade"]["points"]
     assert sum(p["chosen"] for p in points) == 1 and any(p.get("full_depth") for p in points)
     # the bundle driver's decisions on the test split equal the offline assignment from eager logits
@@ -313,6 +315,12 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
     assert seed["dynamic"]["searched"]["kind"] == "searched"
     assert all(p["offline_agrees"] == p["n_test"] for p in seed["dynamic"]["searched"]["points"])
     assert "Cascade search (validation split only)" in (tmp_path / "fr" / "frontier.md").read_text()
+    # the same members fused: one network, its laterals trained (checkpointed under the members' names)
+    fused = seed["dynamic"]["fused"]
+    assert fused["kind"] == "fused" and fused["members"] == by_cost and seed["training_seconds"]["fused"] > 0
+    assert len(fused["exit_macs"]) == len(by_cost)
+    assert all(p["offline_agrees"] == p["n_test"] for p in fused["points"])
+    assert (tmp_path / "fr" / "models" / "seed0" / _slug(f"fused {' '.join(by_cost)}") / "last.safetensors").exists()
     # the trained RANet: IMTA's forward transfer exported (exit 0's logits are a state leaf the next stage reads),
     # the driver's decisions equal the offline assignment, and the threshold grid searched its operating points
     ranet = seed["dynamic"]["ranet"]

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import dyncnn
-from dyncnn.dynamic import ExitPolicy
 from dyncnn.dynamic.losses import MultiExitLoss
 from dyncnn.errors import DyncnnError
 from dyncnn.models.multi_stage import MultiStageNetwork
@@ -20,21 +19,6 @@ WIDTHS = ((8, 16, 24, 32), (4, 8, 8, 16), (4, 8, 8, 16))
 def _net(widths=WIDTHS, **kw) -> MultiStageNetwork:
     torch.manual_seed(0)
     return dyncnn.create_model("multi_stage", num_classes=10, in_chans=1, widths=widths, **kw).eval()
-
-
-def _spread_policy(net, x):
-    """Thresholds halfway between the two middle confidences of each exit among the samples still present: the
-    samples split over the exits, none near a threshold."""
-    with torch.no_grad():
-        outs = net(x)
-    left, thresholds = torch.ones(len(x), dtype=torch.bool), []
-    for o in outs[:-1]:
-        conf = torch.softmax(o, 1).max(1).values
-        c = conf[left].sort().values
-        t = float(c[len(c) // 2 - 1:len(c) // 2 + 1].mean())
-        thresholds.append(t)
-        left &= conf < t
-    return ExitPolicy(thresholds)
 
 
 def _x(n=12, side=32, seed=1):
@@ -88,32 +72,9 @@ def test_one_stage_is_a_tiny_mobilenet_and_more_stages_cost_what_the_hand_count_
     assert net.full_macs(x) < dyncnn.count_macs(dense, x).total
 
 
-def test_an_exited_sample_never_runs_the_later_stages():
+def test_an_exited_sample_never_runs_the_later_stages(check_later_stages_skipped):
     net = _net()
-    x = _x()
-    with torch.no_grad():
-        first = net(x)[0]
-    poisoned = copy.deepcopy(net)
-    with torch.no_grad():
-        for mod in list(poisoned.stages[1:]) + list(poisoned.heads[1:]):
-            for p in mod.parameters():
-                p.fill_(float("nan"))
-    r = poisoned.infer(x, [-math.inf, -math.inf])          # everyone leaves at exit 0
-    assert r.exit_index.tolist() == [0] * len(x)
-    torch.testing.assert_close(r.logits, first)
-    # a batch that splits: stage k runs on exactly the samples that did not leave before it
-    policy = _spread_policy(net, x)
-    net.infer(x, policy)            # the executor measures each stage's cost once per shape: not counted below
-    seen = {1: [], 2: []}
-    hooks = [net.stages[k].register_forward_pre_hook(lambda m, a, k=k: seen[k].append(a[0][0].shape[0]))
-             for k in (1, 2)]
-    try:
-        r = net.infer(x, policy)
-    finally:
-        for h in hooks:
-            h.remove()
-    assert sorted(set(r.exit_index.tolist())) == [0, 1, 2]
-    assert seen[1] == [int((r.exit_index >= 1).sum())] and seen[2] == [int((r.exit_index == 2).sum())]
+    check_later_stages_skipped(net, _x())
 
 
 def test_earlier_stages_run_once_at_full_depth():
@@ -132,10 +93,10 @@ def test_earlier_stages_run_once_at_full_depth():
 
 
 @pytest.mark.parametrize("resolutions", [None, (2, 2, 1)])
-def test_ledger_equals_flop_counter_and_batched_equals_one_at_a_time(resolutions):
+def test_ledger_equals_flop_counter_and_batched_equals_one_at_a_time(resolutions, spread_policy):
     net = _net(resolutions=resolutions)
     x = _x()
-    policy = _spread_policy(net, x)
+    policy = spread_policy(net, x)
     with FlopCounterMode(display=False) as counter:
         r = net.infer(x, policy)
     assert int(r.macs.sum()) == counter.get_total_flops() // 2
@@ -147,7 +108,7 @@ def test_ledger_equals_flop_counter_and_batched_equals_one_at_a_time(resolutions
         torch.testing.assert_close(one.logits[0], r.logits[i], rtol=1e-4, atol=1e-5)
 
 
-def test_low_resolution_first_stage():
+def test_low_resolution_first_stage(spread_policy):
     net = _net(widths=WIDTHS[:2], resolutions=(2, 1))
     x = _x(4)
     # stage 0 is a network on the 2x downsampled image: the same as a one-stage network fed that image
@@ -162,7 +123,7 @@ def test_low_resolution_first_stage():
     head = 32 * 10
     assert net.exit_macs(x[:1])[0] - head == (full_res.exit_macs(x[:1])[0] - head) // 4
     assert net.exit_macs(x[:1])[1] - net.exit_macs(x[:1])[0] == full_res.stage_macs(x[:1])[1]
-    policy = _spread_policy(net, _x())
+    policy = spread_policy(net, _x())
     with FlopCounterMode(display=False) as counter:
         r = net.infer(_x(), policy)
     assert int(r.macs.sum()) == counter.get_total_flops() // 2 and len(set(r.exit_index.tolist())) == 2
@@ -183,11 +144,11 @@ def test_bad_config_says_what_is_expected(cfg, match):
 
 
 @pytest.mark.parametrize("resolutions", [None, (2, 1, 1)])
-def test_bundle_decides_as_eager(tmp_path, resolutions):
+def test_bundle_decides_as_eager(tmp_path, resolutions, spread_policy):
     from dyncnn.export import export_bundle, load_bundle
     net = _net(resolutions=resolutions)
     x = _x()
-    policy = _spread_policy(net, x)
+    policy = spread_policy(net, x)
     manifest = export_bundle(net, tmp_path / "b", (1, 32, 32), policy=policy)
     # the image reaches the later stages without a copy; each later stage takes the kept features as inputs
     assert manifest["stages"][0]["state_out"]["leaves"][0]["source"] == "input"

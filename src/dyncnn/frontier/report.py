@@ -72,7 +72,7 @@ def headline(results: dict) -> str:
          f"{best['accuracy_gap_mean'] * 100:+.2f} points from the best static model's "
          f"({best['best_static_mean']:.4f}: {within} it).")
     picks = {sd["seed"]: sd["dynamic"][label]["members"] for sd in results["seeds"]
-             if sd["dynamic"][label].get("kind") == "searched"}
+             if sd["dynamic"][label].get("kind") in ("searched", "fused")}
     if picks:
         s += " Its members, chosen on validation: " + "; ".join(f"seed {k}: {' -> '.join(v)}"
                                                                 for k, v in picks.items()) + "."

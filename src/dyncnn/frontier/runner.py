@@ -78,6 +78,13 @@ def _searched(label: str = "cascade searched on validation", max_members: int = 
     return {"label": label, "kind": "searched", "max_members": max_members}
 
 
+def _fused(label: str = "searched cascade, fused", laterals: str = "pooled", epochs: int = 1) -> dict:
+    """The searched cascade's members fused into one feature-reusing network (:mod:`dyncnn.models.fused_cascade`):
+    each exit adds the earlier stages' log-probabilities and, with ``laterals``, reads the previous stage's
+    features; the members keep their trained weights, and only the laterals train, ``epochs`` epochs."""
+    return {"label": label, "kind": "fused", "laterals": laterals, "epochs": epochs}
+
+
 # The frontier's multi-exit networks train with the public IMTA recipe (:mod:`dyncnn.dynamic.imta`: gradient
 # equilibrium, forward knowledge transfer, each exit distilled from the next), at the label smoothing every model of
 # the frontier trains with.
@@ -161,7 +168,7 @@ def presets(canvas: int) -> dict[str, dict]:
     headline_static = [s for s in phone_static if s["label"] in ("tiny-M /4", "tiny-M /2", "tiny-XL /2", "tiny-M",
                                                                   "mnv3-small /2", "mnv3-small")]
     return {
-        "headline": {"static": headline_static, "dynamic": [_searched(), multi_stage]},
+        "headline": {"static": headline_static, "dynamic": [_searched(), _fused(), multi_stage]},
         # tiny-L and the search (issue 29): with three networks the cascade lost (0.83x at batch 1, 0.94x at 64, 1
         # thread); with tiny-L the searched cascade won (1.14x, 1.34x) in one run each on the same machine
         "demo": {"static": demo_static + [_static("tiny-L", "tiny_mobilenet", 1, widths=TINY_L)],
@@ -314,12 +321,13 @@ def _slug(label: str) -> str:
 
 
 def train_one(model: nn.Module, label: str, seed: int, s: FrontierSettings, train, val, data_meta: dict,
-              loss=None) -> tuple[nn.Module, dict]:
+              loss=None, epochs: int | None = None) -> tuple[nn.Module, dict]:
     """Train (or resume / reuse a finished run in ``out/models/seed{seed}/{label}``); the model comes back on
     the CPU in eval mode. A network built with ``stagewise=True`` trains one stage after another
     (:func:`~dyncnn.train.recipes.stagewise.fit_stagewise`, checkpoints per stage under the same folder)."""
     # channels-last on a CPU: 1.2-1.6x the training throughput of the demo's networks (benchmarks/bench_training.py)
-    cfg = TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, label_smoothing=0.05, warmup_epochs=0.2,
+    epochs = s.epochs if epochs is None else epochs
+    cfg = TrainConfig(epochs=epochs, batch_size=s.batch_size, lr=s.lr, label_smoothing=0.05, warmup_epochs=0.2,
                       seed=seed, device=s.device, progress=False, channels_last=s.device == "cpu")
     out = s.out / "models" / f"seed{seed}" / _slug(label)
     last = out / "last.safetensors"
@@ -330,7 +338,7 @@ def train_one(model: nn.Module, label: str, seed: int, s: FrontierSettings, trai
         mine = asdict(cfg)
         same = all(saved.get(k) == mine[k] for k in ("epochs", "batch_size", "lr", "seed", "optimizer",
                                                        "label_smoothing", "warmup_epochs"))
-        if same and state.get("epoch") == s.epochs and meta.get("data") == data_meta.get("data"):
+        if same and state.get("epoch") == epochs and meta.get("data") == data_meta.get("data"):
             # a finished run of the same model, schedule and data: reuse its weights (the optimizer state may
             # have been stripped for transport, see ``slim``)
             load_checkpoint(last, model)
@@ -565,14 +573,20 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
     searched = None
     for spec in models["dynamic"]:
         kind = spec["kind"]
-        if kind == "searched":
+        if kind in ("searched", "fused"):
             if searched is None:
                 searched = _search_members(static_val_logits, val_y,
                                            lambda label: bundle_of(bundles / _slug(label), t_cost), x_val,
-                                           target_val, t_cost, spec["max_members"], log, seed,
+                                           target_val, t_cost, spec.get("max_members", 3), log, seed,
                                            z=s.selection_z, reference=best_static)
                 result["cascade_search"] = searched
-            spec = _cascade(spec["label"], *searched["ranking"][0]["members"])
+            members = searched["ranking"][0]["members"]
+            if kind == "fused":
+                trained_dyn[spec["label"]] = _train_fused(spec, members, statics, static_specs, shape, seed, s,
+                                                          data, result, log)
+                spec = {**spec, "members": list(members)}
+            else:
+                spec = _cascade(spec["label"], *members)
         label = spec["label"]
         net = build_dynamic(spec, statics, static_specs, **shape) if spec["kind"] == "cascade" else \
             trained_dyn[label]
@@ -655,6 +669,26 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
             p["rt"], p["eager"] = rt[p["key"]], eager.get(p["key"], {})
     result["merit"] = figures_of_merit(result, s)
     return result
+
+
+def _train_fused(spec: dict, members: Sequence[str], statics: dict[str, nn.Module], static_specs: dict[str, dict],
+                 shape: dict, seed: int, s: FrontierSettings, data: dict, result: dict, log) -> nn.Module:
+    """The searched ``members`` fused into one network (``spec`` from :func:`_fused`), their trained weights
+    loaded, its laterals trained ``spec["epochs"]`` epochs (checkpointed under the members' names, so that another
+    seed's other members never resume this one)."""
+    label = spec["label"]
+    net = create_model("fused_cascade", members=[member_spec(static_specs[m]) for m in members],
+                       laterals=spec["laterals"], imta=PLAIN_RECIPE, **shape)
+    net.load_members([statics[m] for m in members])
+    seconds = 0.0
+    if spec["laterals"] != "none" and spec["epochs"] > 0:
+        log(f"  seed {seed}: training {label} ({' -> '.join(members)}; the laterals only, {spec['epochs']} "
+            f"epoch(s))")
+        net, info = train_one(net, f"{label} {' '.join(members)}", seed, s, data["train"], data["val"],
+                              data["meta"], epochs=spec["epochs"])
+        seconds = info["seconds"]
+    result["training_seconds"][label] = seconds
+    return net.eval()
 
 
 def _run_in_chunks(bundle, x: Tensor, policy: ExitPolicy, chunk: int = 256):
