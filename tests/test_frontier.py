@@ -315,9 +315,13 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
     assert seed["dynamic"]["searched"]["kind"] == "searched"
     assert all(p["offline_agrees"] == p["n_test"] for p in seed["dynamic"]["searched"]["points"])
     assert "Cascade search (validation split only)" in (tmp_path / "fr" / "frontier.md").read_text()
-    # the same members fused: one network, its laterals trained (checkpointed under the members' names)
+    # the fused cascade: members searched for its own exits on the same member latencies (one chain here), fused
+    # into one network, its laterals trained (checkpointed under the members' names)
     fused = seed["dynamic"]["fused"]
-    assert fused["kind"] == "fused" and fused["members"] == by_cost and seed["training_seconds"]["fused"] > 0
+    assert seed["fused_search"]["member_ms"] == search["member_ms"]
+    assert fused["members"] == seed["fused_search"]["ranking"][0]["members"] == by_cost
+    assert fused["kind"] == "fused" and seed["training_seconds"]["fused"] > 0
+    assert "Fused cascade search (validation split only)" in (tmp_path / "fr" / "frontier.md").read_text()
     assert len(fused["exit_macs"]) == len(by_cost)
     assert all(p["offline_agrees"] == p["n_test"] for p in fused["points"])
     assert (tmp_path / "fr" / "models" / "seed0" / _slug(f"fused {' '.join(by_cost)}") / "last.safetensors").exists()
@@ -477,6 +481,34 @@ def test_cascade_search_picks_the_cheapest_cascade_that_reaches_the_target():
         search_cascades(logits, y, cost, target, z=1.0)
 
 
+def test_committee_search_scores_chains_by_the_fused_exits():
+    """``committee=True`` scores a chain by its fused exits (the members' summed log-probabilities): two models
+    that are each right on a different 70% of the images, and as confident when wrong as when right (so no
+    threshold can route between them), reach together what neither reaches alone: the fused cascade's search
+    finds the chain that the plain search cannot use."""
+    from dyncnn.frontier.search import committee_logits, search_cascades
+    n, y = 400, torch.arange(400) % 10
+    idx = torch.arange(n)
+
+    def model(right, wrong_class):
+        # its pick gets 2, the runner-up 1: the true class when wrong, another class when right
+        logits = torch.zeros(n, 10)
+        logits[idx, torch.where(right, y, (y + wrong_class) % 10)] = 2.0
+        logits[idx, torch.where(right, (y + 5) % 10, y)] = 1.0
+        return logits
+    a_right, b_right = idx % 10 < 7, idx % 10 >= 3                   # both right on 40%, one of them on 60%
+    logits = {"a": model(a_right, 1), "b": model(b_right, 2), "ref": model(idx % 10 < 8, 3)}
+    cost = {"a": 1.0, "b": 2.0, "ref": 10.0}
+    summed = committee_logits([logits["a"], logits["b"]])
+    torch.testing.assert_close(summed[1], (logits["a"].double().log_softmax(1) + logits["b"].double().log_softmax(1)))
+    assert float((summed[1].argmax(1) == y).double().mean()) == 1.0       # right wherever either is
+    target = 0.9                                                        # above every single model (0.7, 0.7, 0.8)
+    plain = {tuple(r["members"]): r for r in search_cascades(logits, y, cost, target)}
+    fused = {tuple(r["members"]): r for r in search_cascades(logits, y, cost, target, committee=True)}
+    assert not plain["a", "b"]["reaches"] and fused["a", "b"]["reaches"]
+    assert search_cascades(logits, y, cost, target, committee=True)[0]["members"] == ["a", "b"]
+
+
 def test_temperatures_fit_on_logits_made_in_inference_mode():
     """Logits collected under torch.inference_mode (as a user's evaluation loop makes them) used to fail in the
     LBFGS fit ("Inference tensors cannot be saved for backward"); they give the same temperatures as plain ones."""
@@ -504,7 +536,7 @@ def test_cli_frontier_threads_take_counts_and_per_stage(capsys):
 
 def test_headline_preset_and_exclude(tmp_path, capsys):
     """The headline preset: the phone preset's static networks of up to ~20M MACs, the
-    cascade search and the multi-stage network; ``exclude`` leaves out dynamic models by label, and a label that
+    cascade search, its members fused (as in full and phone) and the multi-stage network; ``exclude`` leaves out dynamic models by label, and a label that
     names none is refused with the preset's labels."""
     from dyncnn.cli import build_parser
     from dyncnn.frontier.runner import FrontierSettings, presets
@@ -514,6 +546,8 @@ def test_headline_preset_and_exclude(tmp_path, capsys):
     labels = [m["label"] for m in models["dynamic"]]
     assert "cascade searched on validation" in labels and any(m.get("name") == "multi_stage"
                                                                for m in models["dynamic"])
+    for preset in ("headline", "full", "phone"):
+        assert [m["laterals"] for m in presets(128)[preset]["dynamic"] if m["kind"] == "fused"] == ["pooled"]
     s = FrontierSettings(preset="headline", canvas=128, exclude=[labels[-1]])
     assert [m["label"] for m in s.model_set()["dynamic"]] == labels[:-1]
     assert s.model_set()["static"] == models["static"]

@@ -109,6 +109,8 @@ def test_load_members_copies_trained_weights_and_refuses_others():
     ({"laterals": "every"}, "laterals must be one of"),
     ({"members": [MEMBERS[0], {"name": "msdnet_cifar"}]}, "stem, `stages`"),
     ({"members": [MEMBERS[0], "tiny_mobilenet"]}, "dict with a registered 'name'"),
+    # a backbone whose features are not stem -> stages -> conv_head (DenseNet's final normalization)
+    ({"members": [MEMBERS[0], {"name": "densenet121"}]}, "forward_features computes something else"),
 ])
 def test_bad_config_says_what_is_expected(cfg, match):
     with pytest.raises(ValueError, match=match):

@@ -13,10 +13,11 @@ def add_parser(sub) -> None:
                                    "rounds, median and IQR) and write frontier.json / .md / .png with the speedup "
                                    "at equal accuracy.")
     p.add_argument("--preset", default="demo", choices=["demo", "full", "phone", "headline"],
-                   help="model set: demo (4 static, 2 cascades), full (8 static, 7 dynamic), phone (128x128 "
+                   help="model set: demo (4 static, 2 cascades), full (8 static, 12 dynamic), phone (128x128 "
                         "canvas, 1-73M MAC networks), headline (128x128: phone's 6 static networks of up to 20M "
-                        "MACs, the cascade search, the multi-stage networks); each includes a cascade whose "
-                        "members are searched on validation")
+                        "MACs, the cascade search, its members fused into one network, the multi-stage network); "
+                        "each includes a cascade whose members are searched on validation (full, phone and "
+                        "headline also fuse them)")
     p.add_argument("--dataset", default="scaled_mnist", choices=["scaled_mnist", "cifar10", "cifar100", "folder"],
                    help="data: the embedded digits, or yours (3 channels): cifar10 | cifar100 | folder (an "
                         "ImageFolder tree) under --data-root")

@@ -145,6 +145,15 @@ def render_markdown(results: dict) -> str:
             for r in cs["ranking"][:5]:
                 lines.append(f"| {' -> '.join(r['members'])} | {'yes' if r['reaches'] else 'no'} | "
                              f"{r['val_accuracy']:.4f} | {r['val_cost']:.4f} |")
+        if sd.get("fused_search"):
+            lines += ["", "### Fused cascade search (validation split only)", "",
+                      "The same chains scored as fused cascades (exit k: the summed log-probabilities of members "
+                      "<= k), on the same member latencies; the cheapest reaching the target was fused, its "
+                      "laterals trained, then calibrated and timed:", "",
+                      "| members | reaches target | val acc | predicted ms per image |", "|---|---|---|---|"]
+            for r in sd["fused_search"]["ranking"][:5]:
+                lines.append(f"| {' -> '.join(r['members'])} | {'yes' if r['reaches'] else 'no'} | "
+                             f"{r['val_accuracy']:.4f} | {r['val_cost']:.4f} |")
         lines += ["", "### Figure of merit per condition", "",
                   "| dynamic model | condition | chosen: test acc gap | static front ms at that accuracy | dynamic ms "
                   "| speedup | realized vs own full depth | MAC speedup | kept | predicted ms | measured ms |",

@@ -78,11 +78,15 @@ def _searched(label: str = "cascade searched on validation", max_members: int = 
     return {"label": label, "kind": "searched", "max_members": max_members}
 
 
-def _fused(label: str = "searched cascade, fused", laterals: str = "pooled", epochs: int = 1) -> dict:
-    """The searched cascade's members fused into one feature-reusing network (:mod:`dyncnn.models.fused_cascade`):
-    each exit adds the earlier stages' log-probabilities and, with ``laterals``, reads the previous stage's
-    features; the members keep their trained weights, and only the laterals train, ``epochs`` epochs."""
-    return {"label": label, "kind": "fused", "laterals": laterals, "epochs": epochs}
+def _fused(label: str = "searched cascade, fused", laterals: str = "pooled", epochs: int = 1, max_members: int = 3
+           ) -> dict:
+    """Trained static models fused into one feature-reusing network (:mod:`dyncnn.models.fused_cascade`): each
+    exit adds the earlier stages' log-probabilities and, with ``laterals``, reads the previous stage's features.
+    Its members are searched on validation like the cascade's, each chain scored by its fused exits
+    (``search_cascades(..., committee=True)``: the summed log-probabilities, laterals untrained); the members keep
+    their trained weights and only the laterals train, ``epochs`` epochs (with ``--only-train``, in the timing
+    run, since the search needs the members' latencies)."""
+    return {"label": label, "kind": "fused", "laterals": laterals, "epochs": epochs, "max_members": max_members}
 
 
 # The frontier's multi-exit networks train with the public IMTA recipe (:mod:`dyncnn.dynamic.imta`: gradient
@@ -112,7 +116,8 @@ def presets(canvas: int) -> dict[str, dict]:
     """The model sets: ``demo`` (small, for ``make demo``: 4 static networks and the cascade search), ``full``
     (the benchmark on the demo's 64x64 data),
     ``phone`` (128x128 canvas, networks of 1.2-73M MACs, where per-call overhead is a small share) and ``headline``
-    (128x128, phone's six static networks of up to 20M MACs, the cascade search and the multi-stage network: the
+    (128x128, phone's six static networks of up to 20M MACs, the cascade search, its members fused into one
+    network (``_fused``; in full and phone too) and the multi-stage network: the
     comparison the README quotes, repeated over seeds and data configurations)."""
     demo_static = [_static("tiny-S /4", "tiny_mobilenet", 4, widths=TINY_S),
                    _static("tiny-M /2", "tiny_mobilenet", 2, widths=TINY_M),
@@ -180,6 +185,7 @@ def presets(canvas: int) -> dict[str, dict]:
                              _cascade("cascade /2 -> tiny-M -> tiny-L", "tiny-M /2", "tiny-M", "tiny-L"),
                              _cascade("width cascade tiny-S -> tiny-M", "tiny-S", "tiny-M"),
                              _searched(),
+                             _fused(),
                              exits_on("exits on tiny-M (IMTA)", ["stages.2"], widths=TINY_M),
                              multi_stage,
                              msdnet,
@@ -193,6 +199,7 @@ def presets(canvas: int) -> dict[str, dict]:
                               _cascade("cascade tiny-XL /2 -> mnv3-small", "tiny-XL /2", "mnv3-small"),
                               _cascade("resolution cascade tiny-XL /2 -> full", "tiny-XL /2", "tiny-XL"),
                               _searched(),
+                              _fused(),
                               multi_stage,
                               exits_on("exits on tiny-XL (IMTA)", ["stages.1", "stages.2"], widths=TINY_XL),
                               exits_on("exits on mnv3-small (IMTA)", ["stages.1", "stages.3"], "mobilenet_v3_small"),
@@ -570,17 +577,23 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
     result["best_static_by_val"] = best_static
     reference_correct = static_val_logits[best_static].argmax(1) == val_y
 
-    searched = None
+    searches: dict[str, dict] = {}
     for spec in models["dynamic"]:
         kind = spec["kind"]
         if kind in ("searched", "fused"):
-            if searched is None:
-                searched = _search_members(static_val_logits, val_y,
-                                           lambda label: bundle_of(bundles / _slug(label), t_cost), x_val,
-                                           target_val, t_cost, spec.get("max_members", 3), log, seed,
-                                           z=s.selection_z, reference=best_static)
-                result["cascade_search"] = searched
-            members = searched["ranking"][0]["members"]
+            # the fused cascade's members are searched for its own exits (the members' summed log-probabilities),
+            # on the member latencies the cascade search measured
+            key = "fused_search" if kind == "fused" else "cascade_search"
+            if key not in searches:
+                done = next(iter(searches.values()), None)
+                searches[key] = _search_members(static_val_logits, val_y,
+                                                lambda label: bundle_of(bundles / _slug(label), t_cost), x_val,
+                                                target_val, t_cost, spec.get("max_members", 3), log, seed,
+                                                z=s.selection_z, reference=best_static,
+                                                cost=done["member_ms"] if done else None,
+                                                committee=kind == "fused")
+                result[key] = searches[key]
+            members = searches[key]["ranking"][0]["members"]
             if kind == "fused":
                 trained_dyn[spec["label"]] = _train_fused(spec, members, statics, static_specs, shape, seed, s,
                                                           data, result, log)
@@ -750,15 +763,20 @@ def _members_ms(bundles: dict[str, Any], images: np.ndarray, rounds: int = 7) ->
 
 def _search_members(val_logits: dict[str, Tensor], val_y: Tensor, bundle: Callable, x_val: Tensor,
                     target_val: float, threads: int, max_members: int, log, seed: int, z: float = 0.0,
-                    reference: str | None = None) -> dict:
+                    reference: str | None = None, cost: dict[str, float] | None = None,
+                    committee: bool = False) -> dict:
     """The members of the searched cascade, on the validation split: every static model's validation logits
     (eager) and its batch-1 latency in the runtime (its exported bundle, ``threads`` threads, validation images,
-    interleaved rounds: :func:`_members_ms`), then :func:`~dyncnn.frontier.search.search_cascades`."""
-    with torch_threads(threads):
-        cost = _members_ms({label: bundle(label) for label in val_logits}, x_val[:64].numpy())
-    ranking = search_cascades(val_logits, val_y, cost, target_val, max_members, z=z, reference=reference)
-    log(f"  seed {seed}: cascade searched on validation: {' -> '.join(ranking[0]['members'])} (predicted "
-        f"{ranking[0]['val_cost']:.3f} ms per image, validation accuracy {ranking[0]['val_accuracy']:.4f})")
+    interleaved rounds: :func:`_members_ms`; or ``cost``, measured before), then
+    :func:`~dyncnn.frontier.search.search_cascades` (``committee``: chains scored as fused cascades)."""
+    if cost is None:
+        with torch_threads(threads):
+            cost = _members_ms({label: bundle(label) for label in val_logits}, x_val[:64].numpy())
+    ranking = search_cascades(val_logits, val_y, cost, target_val, max_members, z=z, reference=reference,
+                              committee=committee)
+    log(f"  seed {seed}: {'fused ' if committee else ''}cascade searched on validation: "
+        f"{' -> '.join(ranking[0]['members'])} (predicted {ranking[0]['val_cost']:.3f} ms per image, validation "
+        f"accuracy {ranking[0]['val_accuracy']:.4f})")
     return {"member_ms": cost, "threads": threads, "ranking": ranking[:10], "candidates": len(ranking)}
 
 

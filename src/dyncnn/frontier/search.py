@@ -90,9 +90,20 @@ def with_paired_counts(candidates: Sequence[dict], val_scores: Tensor, val_corre
     return out
 
 
+def committee_logits(logits: Sequence[Tensor]) -> list[Tensor]:
+    """The exits of a fused cascade with its laterals untrained (:mod:`dyncnn.models.fused_cascade`): exit ``k``'s
+    logits are the sum of the log-probabilities of members ``<= k``."""
+    out, total = [], None
+    for lg in logits:
+        lp = torch.log_softmax(lg.double(), -1)
+        total = lp if total is None else total + lp
+        out.append(total)
+    return out
+
+
 def search_cascades(val_logits: Mapping[str, Tensor], val_targets: Tensor, cost: Mapping[str, float],
                     target_accuracy: float, max_members: int = 3, points: int = 21, z: float = 0.0,
-                    reference: str | None = None) -> list[dict]:
+                    reference: str | None = None, committee: bool = False) -> list[dict]:
     """Score every cascade of 2..``max_members`` of the given models (``val_logits``: label -> (N, C) validation
     logits; ``cost``: label -> latency of running that model on one image), members in increasing ``cost``.
 
@@ -101,7 +112,9 @@ def search_cascades(val_logits: Mapping[str, Tensor], val_targets: Tensor, cost:
     lower bound against the model labelled ``reference`` (whose validation accuracy is ``target_accuracy``).
     Returns one dict per cascade,
     ``{"members", "val_accuracy", "val_cost", "thresholds", "reaches"}``, best first: those that reach
-    ``target_accuracy`` by increasing cost, then the others by decreasing accuracy."""
+    ``target_accuracy`` by increasing cost, then the others by decreasing accuracy. ``committee``: score each
+    chain as the fused cascade's exits instead (exit ``k`` = the members' summed log-probabilities up to ``k``,
+    :func:`committee_logits`; temperatures fitted per exit of each chain)."""
     if max_members < 2:
         raise ValueError(f"a cascade has at least 2 members, got max_members={max_members}")
     if set(val_logits) != set(cost):
@@ -118,8 +131,14 @@ def search_cascades(val_logits: Mapping[str, Tensor], val_targets: Tensor, cost:
     for n in range(2, min(max_members, len(labels)) + 1):
         for combo in itertools.combinations(labels, n):
             cum = list(itertools.accumulate(cost[k] for k in combo))
-            s_k, c_k = torch.stack([scores[k] for k in combo]), torch.stack([correct[k] for k in combo])
-            cands = grid_candidates(s_k, c_k, cum, [temps[k] for k in combo], points)
+            if committee:
+                exits = torch.stack(committee_logits([val_logits[k] for k in combo]))
+                t_k = fit_temperatures(exits, y)
+                s_k, c_k = exit_scores(exits, temperatures=t_k), exits.argmax(-1) == y
+            else:
+                t_k = [temps[k] for k in combo]
+                s_k, c_k = torch.stack([scores[k] for k in combo]), torch.stack([correct[k] for k in combo])
+            cands = grid_candidates(s_k, c_k, cum, t_k, points)
             if z > 0:
                 cands = with_paired_counts(cands, s_k, c_k, correct[reference])
             best = select_on_validation(cands, target_accuracy, z)

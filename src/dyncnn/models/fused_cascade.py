@@ -16,7 +16,8 @@ starts again from the pixels. Two published ideas make a chain of stages one net
   128x128: 4.7M MACs, a quarter of tiny-M).
 
 Built from the zoo's backbones that have a stem, ``stages`` (an ``nn.Sequential``, one entry per
-``stage_info`` row) and a head (tiny_mobilenet, the MobileNets), each optionally on a ``factor``-times
+``stage_info`` row) and a head, run as stem -> stages -> head (tiny_mobilenet, the MobileNets, ResNet; DenseNet
+and ShuffleNet compute more between them and are refused when the network is built), each optionally on a ``factor``-times
 downsampled image (the ``resized`` model), so a trained cascade's members load into it unchanged
 (:meth:`FusedCascade.load_members`). The laterals start at zero: with them untrained the network computes
 exactly the members' features. ``freeze_members`` (the default) keeps the members' weights and BatchNorm
@@ -24,13 +25,14 @@ statistics as trained, so that training fits only the new connections (the casca
 laterals'), and the first exit is exactly the first member.
 
 Executed, not masked (a :class:`~dyncnn.dynamic.exits.MultiExitNetwork`): a sample that leaves at exit ``k`` never
-runs stage ``k + 1``; the state between stages is ``(image, kept feature map, log-probabilities so far)``, which
-the staged bundles pass as graph inputs.
+runs stage ``k + 1``; the state between stages is ``(image, kept features (feature maps, or the pooled vector),
+log-probabilities so far)``, which the staged bundles pass as graph inputs.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -56,6 +58,31 @@ def _parts(member: nn.Module) -> tuple[nn.Module, int]:
                          f"one stage_info row per stage) and forward_head, such as tiny_mobilenet or "
                          f"mobilenet_v3_small (or one of them under `resized`); got {type(backbone).__name__}")
     return backbone, factor
+
+
+def _tail(backbone: nn.Module) -> nn.Module:
+    return getattr(backbone, "conv_head", None) or nn.Identity()
+
+
+@torch.no_grad()
+def _check_path(member: nn.Module) -> None:
+    """A fused stage runs its member as stem -> stages -> [conv_head] -> forward_head; refuse a backbone whose
+    ``forward_features`` computes anything else (DenseNet's final normalization, say), checked once on a random
+    image."""
+    backbone, _ = _parts(member)
+    side = max(int(getattr(backbone, "min_input_size", 1)), 32)
+    x = torch.randn(2, int(getattr(backbone, "in_chans", 3)), side, side, generator=torch.Generator().manual_seed(0))
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        want = backbone.forward_features(x)
+        got = _tail(backbone)(backbone.stages(backbone.stem(x)))
+    finally:
+        backbone.train(was_training)
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+        raise ValueError(f"a fused cascade runs each member as stem -> stages -> conv_head -> forward_head, but "
+                         f"{type(backbone).__name__}'s forward_features computes something else (a final "
+                         f"normalization, a pooling between its stem and stages): it cannot be a member")
 
 
 def _taps(member: nn.Module) -> list[tuple[int, int]]:
@@ -115,7 +142,7 @@ class FusedStage(nn.Module):
                     f = f + self.laterals[j](kept[j])
             if i in self.keep:
                 out.append(f)
-        f = getattr(b, "conv_head", nn.Identity())(f)
+        f = _tail(b)(f)
         if self.pooled is None and not self.keep_pooled:
             logits = b.forward_head(f)
         else:
@@ -147,6 +174,8 @@ class FusedCascade(MultiExitNetwork):
             raise ValueError(f"a fused cascade needs at least two members, got {len(members)}")
         if laterals not in LATERALS:
             raise ValueError(f"laterals must be one of {', '.join(LATERALS)}, got {laterals!r}")
+        for m in members:
+            _check_path(m)
         taps = [_taps(m) for m in members]
         plans: list[list[tuple[int, int, int]]] = [[] for _ in members]   # per stage: (own index, c_in, c_out)
         keeps: list[list[int]] = [[] for _ in members]                    # per stage: own indices passed on
