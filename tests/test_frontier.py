@@ -269,8 +269,9 @@ def _tiny_settings(out, **kw):
                          _static("big", "tiny_mobilenet", 1, widths=[8, 16, 32])],
               "dynamic": [{"label": "cascade", "kind": "cascade", "members": ["small /2", "big"]},
                           {"label": "searched", "kind": "searched", "max_members": 3},
-                          # the searched members fused into one network, its laterals trained 1 epoch
-                          _fused("fused"),
+                          # the searched members fused into one network, its laterals trained 1 epoch; and with
+                          # members searched for the fused exits
+                          _fused("fused"), _fused("fused, own search", own_search=True),
                           # a feature-reusing network trained in the run, with the IMTA recipe (2 exits)
                           _trained("ranet", "ranet_cifar", stem="imagenet", nChannels=4, growthRate=4, nBlocks=1,
                                    block_step=1, step=1, scale_list=[1, 2], grFactor=[2, 1], bnFactor=[2, 1],
@@ -293,7 +294,7 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
     assert [ln.split(" in ")[0] for ln in lines if " s (" in ln and " of " in ln][:3] == \
         ["    small /2: trained", "    big: trained", "    ranet: trained"]
     assert sum(": exported and evaluated in" in ln or ": calibrated, exported and run on test in" in ln
-               for ln in lines) == 7                                 # 2 static, 5 dynamic models
+               for ln in lines) == 8                                 # 2 static, 6 dynamic models
     # a line per batch size: runtime (1 thread and per stage, paired in the same rounds), eager
     assert sum("models timed in" in ln for ln in lines) == 2 + 2
     assert sum("ONNX Runtime batch 1, threads 1, per-stage: " in ln for ln in lines) == 1
@@ -302,7 +303,8 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
     saved = json.loads((tmp_path / "fr" / "frontier.json").read_text())
     seed = saved["seeds"][0]
     assert set(seed["static"]) == {"small /2", "big"}
-    assert saved["summary"]["selected"] in ("cascade", "searched", "fused", "ranet", "multi-stage")
+    assert saved["summary"]["selected"] in ("cascade", "searched", "fused", "fused, own search", "ranet",
+                                            "multi-stage")
     points = seed["dynamic"]["cascade"]["points"]
     assert sum(p["chosen"] for p in points) == 1 and any(p.get("full_depth") for p in points)
     # the bundle driver's decisions on the test split equal the offline assignment from eager logits
@@ -315,12 +317,12 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
     assert seed["dynamic"]["searched"]["kind"] == "searched"
     assert all(p["offline_agrees"] == p["n_test"] for p in seed["dynamic"]["searched"]["points"])
     assert "Cascade search (validation split only)" in (tmp_path / "fr" / "frontier.md").read_text()
-    # the fused cascade: members searched for its own exits on the same member latencies (one chain here), fused
-    # into one network, its laterals trained (checkpointed under the members' names)
+    # the cascade's members fused into one network, its laterals trained (checkpointed under the members' names);
+    # with own_search, members searched for the fused exits on the same member latencies (one chain here)
     fused = seed["dynamic"]["fused"]
+    assert fused["members"] == by_cost and fused["kind"] == "fused" and seed["training_seconds"]["fused"] > 0
     assert seed["fused_search"]["member_ms"] == search["member_ms"]
-    assert fused["members"] == seed["fused_search"]["ranking"][0]["members"] == by_cost
-    assert fused["kind"] == "fused" and seed["training_seconds"]["fused"] > 0
+    assert seed["dynamic"]["fused, own search"]["members"] == seed["fused_search"]["ranking"][0]["members"]
     assert "Fused cascade search (validation split only)" in (tmp_path / "fr" / "frontier.md").read_text()
     assert len(fused["exit_macs"]) == len(by_cost)
     assert all(p["offline_agrees"] == p["n_test"] for p in fused["points"])
