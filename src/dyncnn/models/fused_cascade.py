@@ -39,8 +39,8 @@ from torch import Tensor, nn
 from ..dynamic.exits import MultiExitNetwork
 from ..dynamic.imta import apply_imta
 from ..errors import DyncnnError, is_exporting
-from .registry import create_model, register_model
-from .resized import Resized
+from .registry import register_model
+from .resized import Resized, member_model
 
 LATERALS = ("none", "pooled", "deepest", "all")
 
@@ -244,14 +244,6 @@ class FusedCascade(MultiExitNetwork):
         return super().forward(x)
 
 
-def _member(spec: dict, num_classes: int, in_chans: int) -> nn.Module:
-    if not isinstance(spec, dict) or "name" not in spec:
-        raise ValueError(f"a fused cascade member is a dict with a registered 'name' and its config, got {spec!r}")
-    cfg = {k: v for k, v in spec.items() if k != "name"}
-    cfg.setdefault("in_chans", in_chans)
-    return create_model(spec["name"], num_classes=num_classes, **cfg)
-
-
 @register_model(name="fused_cascade")
 def fused_cascade(members: Sequence[dict] = ({"name": "resized", "factor": 2, "backbone_cfg": {"widths": [8, 16, 32]}},
                                              {"name": "tiny_mobilenet", "widths": [8, 16, 32]}),
@@ -266,7 +258,7 @@ def fused_cascade(members: Sequence[dict] = ({"name": "resized", "factor": 2, "b
     members = list(members)
     if len(members) < 2:
         raise ValueError(f"a fused cascade needs at least two members, got {len(members)}")
-    net = FusedCascade([_member(m, num_classes, in_chans) for m in members], num_classes, in_chans,
+    net = FusedCascade([member_model(m, num_classes, in_chans) for m in members], num_classes, in_chans,
                        laterals=laterals, freeze_members=freeze_members)
     return apply_imta(net, imta)
 

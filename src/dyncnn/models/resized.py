@@ -50,7 +50,8 @@ def resized(backbone: str = "tiny_mobilenet", factor: int = 2, num_classes: int 
     return Resized(create_model(backbone, num_classes=num_classes, **cfg), factor)
 
 
-def _member(spec: dict, num_classes: int, in_chans: int) -> nn.Module:
+def member_model(spec: dict, num_classes: int, in_chans: int) -> nn.Module:
+    """A cascade member (``cascade``, ``fused_cascade``) from its spec, ``{"name": ..., **cfg}``."""
     if not isinstance(spec, dict) or "name" not in spec:
         raise ValueError(f"a cascade member is a dict with a registered 'name' and its config, got {spec!r}")
     cfg = {k: v for k, v in spec.items() if k != "name"}
@@ -67,6 +68,6 @@ def cascade(members: Sequence[dict] = ({"name": "resized", "factor": 2}, {"name"
     members = list(members)
     if len(members) < 2:
         raise ValueError(f"a cascade needs at least two members, got {len(members)}")
-    net = Cascade([_member(m, num_classes, in_chans) for m in members], num_classes, in_chans)
+    net = Cascade([member_model(m, num_classes, in_chans) for m in members], num_classes, in_chans)
     net.min_input_size = max(getattr(m, "min_input_size", 1) for m in net.heads)
     return net
