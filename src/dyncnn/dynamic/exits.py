@@ -212,6 +212,12 @@ class MultiExitNetwork(nn.Module):
         if min(x.shape[-2:]) < need:
             raise DyncnnError(f"{type(self).__name__}: expected inputs of at least {need}x{need}, got "
                               f"{tuple(x.shape[-2:])}")
+        # networks whose stages line up feature maps of different resolutions (``input_multiple``, and
+        # ``input_multiple_why``: what makes it needed) take only sides that divide down exactly
+        multiple = getattr(self, "input_multiple", 1)
+        if x.shape[-1] % multiple or x.shape[-2] % multiple:
+            raise DyncnnError(f"{type(self).__name__} {getattr(self, 'input_multiple_why', '')}: expected a height "
+                              f"and width that are multiples of {multiple}, got {tuple(x.shape[-2:])}")
         return x
 
     @property

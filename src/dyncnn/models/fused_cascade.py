@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..dynamic.exits import MultiExitNetwork
 from ..dynamic.imta import apply_imta
-from ..errors import DyncnnError, is_exporting
+from ..errors import is_exporting
 from .registry import register_model
 from .resized import Resized, member_model
 
@@ -203,6 +203,7 @@ class FusedCascade(MultiExitNetwork):
         self.min_input_size = max(getattr(m, "min_input_size", 1) for m in members)
         # fused feature maps line up only where both stages' sides divide down to the fused stride
         self.input_multiple = max(strides_used)
+        self.input_multiple_why = f"fusing feature maps at output stride {self.input_multiple}"
         if self.freeze_members:
             for m in members:
                 m.requires_grad_(False)
@@ -229,14 +230,6 @@ class FusedCascade(MultiExitNetwork):
             for stage in self.stages:
                 stage.member.eval()
         return self
-
-    def check_input(self, x: Tensor, check_finite: bool = True) -> Tensor:
-        super().check_input(x, check_finite)
-        if x.shape[-1] % self.input_multiple or x.shape[-2] % self.input_multiple:
-            raise DyncnnError(f"{type(self).__name__} fusing feature maps at output stride {self.input_multiple}: "
-                              f"expected a height and width that are multiples of {self.input_multiple}, got "
-                              f"{tuple(x.shape[-2:])}")
-        return x
 
     def forward(self, x: Tensor) -> list[Tensor]:
         if not is_exporting():

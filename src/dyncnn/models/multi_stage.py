@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..dynamic.exits import MultiExitNetwork
 from ..dynamic.imta import apply_imta
-from ..errors import DyncnnError, is_exporting
+from ..errors import is_exporting
 from ..layers import ConvNormAct
 from .registry import register_model
 
@@ -165,14 +165,7 @@ class MultiStageNetwork(MultiExitNetwork):
         # resolution, their features line up exactly only if every stage's side is divisible down to the last depth
         self.min_input_size = max(res) * 2 ** depth
         self.input_multiple = max(res) * 2 ** depth if len(set(res)) > 1 else max(res)
-
-    def check_input(self, x: Tensor, check_finite: bool = True) -> Tensor:
-        super().check_input(x, check_finite)
-        if x.shape[-1] % self.input_multiple or x.shape[-2] % self.input_multiple:
-            raise DyncnnError(f"{type(self).__name__} with stage resolutions {list(self.resolutions)}: expected a "
-                              f"height and width that are multiples of {self.input_multiple}, got "
-                              f"{tuple(x.shape[-2:])}")
-        return x
+        self.input_multiple_why = f"with stage resolutions {list(res)}"      # (MultiExitNetwork.check_input)
 
     def stage_macs(self, x: Tensor) -> list[int]:
         """Per-sample MACs that stage ``k`` and its exit add (the differences of ``exit_macs``)."""
