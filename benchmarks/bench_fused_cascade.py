@@ -41,7 +41,7 @@ def _accuracies(net, split) -> list[float]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="a finished frontier run folder (frontier.json, models/)")
+    p.add_argument("--run", default=None, help="a finished frontier run folder (frontier.json, models/); without it (as in `make bench`) the script says so and skips")
     p.add_argument("--members", nargs="+", default=None, help="static labels, cheapest first (default: the "
                    "run's searched cascade)")
     p.add_argument("--variants", nargs="+", default=["members", "none", "pooled", "deepest"])
@@ -49,6 +49,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/fused_bench")
     a = p.parse_args(argv)
+    if a.run is None:
+        print(f"{Path(__file__).name}: skipped: it reads a finished `dyncnn frontier` run (hours of training on a "
+              f"2-core CPU); give one with --run RUN_DIR")
+        return 0
     run = Path(a.run)
     saved = json.loads((run / "frontier.json").read_text())
     st, seed_result = saved["settings"], saved["seeds"][0]
