@@ -198,3 +198,37 @@ def test_batch_one_takes_the_plan_that_ran_the_whole_bundle_fastest(multi, tmp_p
     export_bundle(net, tmp_path / "s", (1, 32, 32))
     with pytest.raises(BundleError, match="multi-exit bundles"):
         measure_stage_plans(tmp_path / "s", images)
+
+
+def test_each_batch_size_takes_the_plan_of_its_own_whole_runs(multi):
+    # at batch 64 the later stages get only the rows that did not leave: a plan measured there, with the batch's
+    # exit pattern, replaces the stage-by-stage choice at full depth for that batch size (and batch 1 keeps its own)
+    from dyncnn.export.runtime import measure_stage_plans
+    model, policy, folder = multi
+    images = np.random.rand(10, 1, 32, 32).astype(np.float32)
+    timed = measure_stage_plans(folder, images, (1, 2), policy, rounds=1, batch=4)
+    assert len(timed) == 8 and all(v > 0 for v in timed.values())
+    # fewer images than the batch: they are repeated to fill it
+    assert len(measure_stage_plans(folder, images[:3], (1,), policy, rounds=1, batch=8)) == 1
+    with pytest.raises(dyncnn.errors.DyncnnError, match="batch must be a positive integer"):
+        measure_stage_plans(folder, images, (1,), policy, batch=0)
+    stagewise = {1: {1: [0.1, 0.1, 0.1], 2: [0.3, 0.3, 0.3]}, 64: {1: [1.0] * 3, 2: [0.5] * 3}}   # 1s / 2s
+    at_64 = {p: 1.0 + 0.1 * sum(p) for p in timed}
+    at_64[(2, 1, 1)] = 0.5                                                   # the first stage's full batch gains
+    at_1 = {p: 1.0 + 0.1 * sum(p) for p in timed}
+    entry = record_stage_threads(folder, stagewise, machine="test",
+                                 batch_plans={1: at_1, 64: at_64})["stage_threads"]["batches"]
+    assert entry["64"]["threads"] == [2, 1, 1] and entry["1"]["threads"] == [1, 1, 1]
+    assert entry["64"]["plan_ms"]["2-1-1"] == pytest.approx(0.5) and entry["64"]["stage_ms"]["2"] == [0.5] * 3
+    assert stage_threads_table(json.loads((folder / "manifest.json").read_text())) == {1: [1, 1, 1], 64: [2, 1, 1]}
+    # the driver: 64 rows in the first stage on its 2-thread session, the rest on 1 thread
+    per = load_bundle(folder, threads="per-stage")
+    log = []
+    for k, step in enumerate(per._steps):
+        step.sess = _Recorder(step.sess, log, k)
+        step.more = tuple((lo, _Recorder(s, log, k)) for lo, s in step.more)
+    x = torch.rand(64, 1, 32, 32)
+    assert torch.equal(per.run(x).exit_index, model.infer(x, policy).exit_index)
+    assert log[0] == (0, 2, 64) and all(t == 1 for k, t, _ in log[1:])
+    with pytest.raises(BundleError, match="for a positive batch size"):
+        record_stage_threads(folder, stagewise, batch_plans={0: at_1})

@@ -35,7 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("--calib-images", type=int, default=256, help="validation images for INT8 calibration")
     p.add_argument("--stage-threads", type=int, nargs="+", default=None, metavar="N",
                    help="onnxruntime: time each stage with each of these thread counts on the validation images at "
-                        "batch 1 and 64 and record the fastest per stage (load_bundle(dir, threads=\"per-stage\"))")
+                        "batch 1 and 64 and record the fastest per stage (a multi-exit bundle: the fastest "
+                        "assignment for whole runs under its exit policy) (load_bundle(dir, threads=\"per-stage\"))")
     _add_deployed_model_args(p)
     p.add_argument("--json", action="store_true", help="print the manifest")
     p.set_defaults(func=run)
@@ -76,9 +77,10 @@ def run(args) -> int:
         from ..export.runtime import measure_stage_plans, measure_stage_threads, record_stage_threads
         counts = sorted(set(args.stage_threads))
         measured = measure_stage_threads(args.out, real.numpy(), counts, (1, 64))
-        # a multi-exit bundle at batch 1: the plan that runs the whole bundle fastest under its exit policy
-        plans = measure_stage_plans(args.out, real.numpy()[:64], counts) if manifest["kind"] == "multi_exit" else None
-        manifest = record_stage_threads(args.out, measured, plans=plans)
+        # a multi-exit bundle: at each batch size the plan that runs the whole bundle fastest under its exit policy
+        plans = {b: measure_stage_plans(args.out, real.numpy()[:max(64, 2 * b)], counts, batch=b) for b in (1, 64)} \
+            if manifest["kind"] == "multi_exit" else None
+        manifest = record_stage_threads(args.out, measured, batch_plans=plans)
     if args.json:
         print(json.dumps(manifest, indent=2, allow_nan=True))
         return 0

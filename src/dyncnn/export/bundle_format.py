@@ -248,7 +248,7 @@ def _validate_stage_threads(table: object, stages: int, where: str) -> None:
     """The optional per-stage thread table (:func:`dyncnn.export.runtime.record_stage_threads`): the thread counts
     tried (``candidates``), and per batch size measured (``batches``, keyed by the size as a string) the count that
     ran each of the ``stages`` stages fastest (``threads``) and each candidate's milliseconds per call
-    (``stage_ms``); at batch 1 optionally every measured plan's milliseconds per image (``plan_ms``, keyed
+    (``stage_ms``); optionally every measured plan's milliseconds per image at that batch size (``plan_ms``, keyed
     "1-2-2": :func:`dyncnn.export.runtime.measure_stage_plans`)."""
     if table is None:
         return

@@ -519,20 +519,25 @@ MAX_PLANS = 32      # measure_stage_plans tries every assignment up to this many
 
 def measure_stage_plans(folder: str | os.PathLike, images: Any, candidates: Sequence[int] = (1, 2),
                         policy=None, rounds: int = 3, precision: str = "fp32",
-                        extra: Sequence[Sequence[int]] = (), settle_s: float = 0.0) -> dict[tuple[int, ...], float]:
-    """Milliseconds per image of the multi-exit bundle in ``folder`` run one image at a time under ``policy``
-    (default: the manifest's), for each assignment of ``candidates`` thread counts to its stages (a *plan*): every
-    assignment while there are at most :data:`MAX_PLANS`, else one count everywhere plus ``extra``. Median over
-    ``rounds`` passes over ``images``, the plans interleaved (rotated between rounds) after a warm-up pass; with
-    ``settle_s``, each pass waits that long first and runs one untimed image, as ``dyncnn frontier`` times (the
-    cores idle before a pass, as between the frames a phone classifies).
+                        extra: Sequence[Sequence[int]] = (), settle_s: float = 0.0, batch: int = 1
+                        ) -> dict[tuple[int, ...], float]:
+    """Milliseconds per image of the multi-exit bundle in ``folder`` run ``batch`` images a call (one by default)
+    under ``policy`` (default: the manifest's), for each assignment of ``candidates`` thread counts to its stages
+    (a *plan*): every assignment while there are at most :data:`MAX_PLANS`, else one count everywhere plus
+    ``extra``. Median over ``rounds`` passes over ``images`` (a batch larger than ``images`` repeats them), the
+    plans interleaved (rotated between rounds) after a warm-up pass; with ``settle_s``, each pass waits that long
+    first and makes one untimed call, as ``dyncnn frontier`` times (the cores idle before a pass, as between the
+    frames a phone classifies).
 
     Why whole runs under the exit pattern: stage by stage at full depth (:func:`measure_stage_threads`), a
     2-thread stage after a 1-thread one looks faster; deployed at batch 1, where most images leave early and the
     second core idles between the calls that reach that stage, waking its pool costs more than the thread saves
     (the headline's searched cascade, configuration A seed 0, on validation images with the frontier's pauses:
     0.43 ms per image with 1 thread everywhere, 0.69 ms with its later members on 2 threads, the counts that
-    stage-by-stage measurement picks). Feed the result to :func:`record_stage_threads` (``plans``)."""
+    stage-by-stage measurement picks). At a larger batch the later stages get only the rows that did not leave,
+    where a second thread pays less than at the full batch that stage-by-stage measurement times (the 64x64
+    ``full`` preset at batch 64: its multi-exit models recorded 2 threads for every stage and ran slower than with
+    1). Feed the result to :func:`record_stage_threads` (``plans``, or ``batch_plans`` per batch size)."""
     import itertools
     if not candidates or rounds < 1:
         raise DyncnnError(f"give thread counts and rounds >= 1, got {candidates}, {rounds}")
@@ -558,7 +563,10 @@ def measure_stage_plans(folder: str | os.PathLike, images: Any, candidates: Sequ
     x = first.check_input(images)
     if x.shape[0] == 0:
         raise DyncnnError("plans of thread counts need at least one image")
-    singles = [x[i:i + 1] for i in range(x.shape[0])]
+    if not _is_count(batch):
+        raise DyncnnError(f"batch must be a positive integer, got {batch!r}")
+    singles = [x[i:i + batch] for i in range(0, x.shape[0] - batch + 1, batch)] or \
+        [np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])))]
     for b in bundles.values():                          # warm-up: sessions, allocators, caches
         for one in singles:
             b.run_numpy(one, policy)
@@ -573,7 +581,7 @@ def measure_stage_plans(folder: str | os.PathLike, images: Any, candidates: Sequ
             t0 = time.perf_counter()
             for one in singles:
                 run(one, policy)
-            per[plan].append((time.perf_counter() - t0) * 1e3 / len(singles))
+            per[plan].append((time.perf_counter() - t0) * 1e3 / (len(singles) * batch))
     return {p: float(np.median(v)) for p, v in per.items()}
 
 
@@ -583,7 +591,8 @@ def _plan_key(plan: Sequence[int]) -> str:
 
 def record_stage_threads(folder: str | os.PathLike, measured: dict[int, dict[int, Sequence[float]]],
                          machine: str | None = None, margin: float = 0.05,
-                         plans: dict[tuple[int, ...], float] | None = None) -> dict:
+                         plans: dict[tuple[int, ...], float] | None = None,
+                         batch_plans: dict[int, dict[tuple[int, ...], float]] | None = None) -> dict:
     """Store in the bundle manifest, under ``stage_threads``, per batch size of ``measured``
     (:func:`measure_stage_threads`: ``{batch: {threads: [ms per stage]}}``) the thread count that ran each stage
     fastest beside every candidate's milliseconds; returns the manifest. What ``load_bundle(folder,
@@ -591,8 +600,10 @@ def record_stage_threads(folder: str | os.PathLike, measured: dict[int, dict[int
     within that of the fastest win, so that noise does not hand a stage a thread pool (and the cores it takes from
     the rest of the machine) for nothing. With ``plans`` (:func:`measure_stage_plans`: whole runs at batch 1 under
     the exit pattern), batch 1 takes the plan that ran fastest instead (the fewest threads in all within
-    ``margin``), stored beside the others' milliseconds as ``plan_ms``. Like latencies, a property of the machine
-    that measured them, which is recorded beside them."""
+    ``margin``), stored beside the others' milliseconds as ``plan_ms``; ``batch_plans`` (``{batch: plans}``,
+    :func:`measure_stage_plans` with ``batch``) does the same at each of its batch sizes (``plans`` is
+    ``batch_plans={1: plans}``). Like latencies, a property of the machine that measured them, which is recorded
+    beside them."""
     import platform
     folder = Path(folder)
     with bundle_lock(folder):
@@ -610,17 +621,19 @@ def record_stage_threads(folder: str | os.PathLike, measured: dict[int, dict[int
             batches[str(int(b))] = {"threads": best,
                                     "stage_ms": {str(t): [float(v) for v in by_threads[t]] for t in cands}}
         tried = {int(t) for m in measured.values() for t in m}            # the candidates of the stage figures
-        if plans:
-            tried = tried or {int(t) for p in plans for t in p}            # plans alone: their own counts
-            if any(len(p) != stages or any(int(t) not in tried for t in p) for p in plans) or \
-                    not all(v >= 0 and math.isfinite(v) for v in plans.values()):
+        by_batch = {**({1: plans} if plans else {}), **{b: v for b, v in (batch_plans or {}).items() if v}}
+        for b, found in by_batch.items():
+            tried = tried or {int(t) for p in found for t in p}            # plans alone: their own counts
+            if not _is_count(b) or any(len(p) != stages or any(int(t) not in tried for t in p) for p in found) or \
+                    not all(v >= 0 and math.isfinite(v) for v in found.values()):
                 raise BundleError(f"bundle {folder}: plans must give one measured thread count per stage ({stages}, "
-                                  f"from {sorted(tried)}) and finite milliseconds, got {dict(plans)}")
-            fastest = min(plans.values())
-            pick = min((p for p, v in plans.items() if v <= fastest * (1 + margin)), key=lambda p: (sum(p), plans[p]))
-            entry = batches.setdefault("1", {"stage_ms": {}})
+                                  f"from {sorted(tried)}) and finite milliseconds, for a positive batch size; got "
+                                  f"batch {b!r}: {dict(found)}")
+            fastest = min(found.values())
+            pick = min((p for p, v in found.items() if v <= fastest * (1 + margin)), key=lambda p: (sum(p), found[p]))
+            entry = batches.setdefault(str(int(b)), {"stage_ms": {}})
             entry["threads"] = [int(t) for t in pick]
-            entry["plan_ms"] = {_plan_key(p): float(v) for p, v in plans.items()}
+            entry["plan_ms"] = {_plan_key(p): float(v) for p, v in found.items()}
         manifest["stage_threads"] = {
             "candidates": sorted(tried), "batches": batches,
             "runtime": "onnxruntime",

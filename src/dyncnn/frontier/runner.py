@@ -722,20 +722,22 @@ def _record_stage_threads(folder: Path, x_val: Tensor, s: FrontierSettings, poli
                           ) -> None:
     """With "per-stage" among ``s.threads``: measure on validation images, at each timed batch size, which of the
     timed thread counts runs each stage of the bundle in ``folder`` fastest, and record it in its manifest. For a
-    multi-exit bundle with ``policy`` (its chosen operating point), batch 1 takes instead the plan (a count per
-    stage) that ran the whole bundle fastest one image at a time under that policy (:func:`measure_stage_plans`)."""
+    multi-exit bundle with ``policy`` (its chosen operating point), each batch size takes instead the plan (a count
+    per stage) that ran the whole bundle fastest at that batch size under that policy (:func:`measure_stage_plans`:
+    one image at a time at batch 1; at batch 64 the later stages get only the rows that did not leave)."""
     if THREADS_PER_STAGE not in s.threads:
         return
-    plans = None
+    plans = {}
     with torch_threads(max(s.thread_counts)):
         measured = measure_stage_threads(folder, x_val[:2 * max(64, *s.batch_sizes)].numpy(), s.thread_counts,
                                          s.batch_sizes, rounds=3)
-        if policy is not None and 1 in s.batch_sizes:
-            one = measured[1]                     # {threads: [ms per stage]} at batch 1, full depth
-            stagewise = [min(one, key=lambda t: one[t][k]) for k in range(len(next(iter(one.values()))))]
-            plans = measure_stage_plans(folder, x_val[:64].numpy(), s.thread_counts, policy, rounds=3,
-                                        extra=[stagewise], settle_s=s.settle_s)
-    record_stage_threads(folder, measured, plans=plans)
+        if policy is not None:
+            for b in s.batch_sizes:
+                at = measured[b]                  # {threads: [ms per stage]} at batch b, full depth
+                stagewise = [min(at, key=lambda t: at[t][k]) for k in range(len(next(iter(at.values()))))]
+                plans[b] = measure_stage_plans(folder, x_val[:max(64, 2 * b)].numpy(), s.thread_counts, policy,
+                                               rounds=3, extra=[stagewise], settle_s=s.settle_s, batch=b)
+    record_stage_threads(folder, measured, batch_plans=plans)
 
 
 def _members_ms(bundles: dict[str, Any], images: np.ndarray, rounds: int = 7) -> dict[str, float]:
