@@ -565,11 +565,11 @@ def measure_stage_plans(folder: str | os.PathLike, images: Any, candidates: Sequ
         raise DyncnnError("plans of thread counts need at least one image")
     if not _is_count(batch):
         raise DyncnnError(f"batch must be a positive integer, got {batch!r}")
-    singles = [x[i:i + batch] for i in range(0, x.shape[0] - batch + 1, batch)] or \
+    calls = [x[i:i + batch] for i in range(0, x.shape[0] - batch + 1, batch)] or \
         [np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])))]
     for b in bundles.values():                          # warm-up: sessions, allocators, caches
-        for one in singles:
-            b.run_numpy(one, policy)
+        for batch_x in calls:
+            b.run_numpy(batch_x, policy)
     per: dict[tuple[int, ...], list[float]] = {p: [] for p in plans}
     for r in range(rounds):
         shift = r % len(plans)
@@ -577,11 +577,11 @@ def measure_stage_plans(folder: str | os.PathLike, images: Any, candidates: Sequ
             run = bundles[plan].run_numpy
             if settle_s:
                 time.sleep(settle_s)
-                run(singles[0], policy)
+                run(calls[0], policy)
             t0 = time.perf_counter()
-            for one in singles:
-                run(one, policy)
-            per[plan].append((time.perf_counter() - t0) * 1e3 / (len(singles) * batch))
+            for batch_x in calls:
+                run(batch_x, policy)
+            per[plan].append((time.perf_counter() - t0) * 1e3 / (len(calls) * batch))
     return {p: float(np.median(v)) for p, v in per.items()}
 
 
