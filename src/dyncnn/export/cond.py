@@ -21,7 +21,11 @@ Limits (why the bundle of per-stage graphs plus the host driver remains the main
   of exits and of state leaves, since every branch nests the rest of the network: on a shared 2-core CPU, 6 s for a
   3-exit ``multi_exit`` on ``tiny_mobilenet``, 95 s for ``msdnet_cifar`` (7 exits), 520 s for a 5-exit RANet with
   three scale flows (against 1-35 s for the per-stage graphs of the same networks);
-- dyncnn does not quantize it: the INT8 path works on the per-stage graphs of the bundle.
+- dyncnn does not quantize it: the INT8 path works on the per-stage graphs of the bundle;
+- it is slower than the bundle even at batch 1, where its decisions are the same: ONNX Runtime runs the stages
+  inside the ``If`` branches about three times slower than in their own graphs, and the in-graph exit test and
+  ``If`` cost more than the host driver's call and test (``benchmarks/bench_single_graph.py``: a searched cascade
+  at its chosen point, 0.250 against 0.105 ms per image at 64x64 and 1.13 against 0.42 at 128x128, 1 thread).
 
 Checked with torch 2.14 and ONNX Runtime 1.32 (``tests/export/test_cond_graph.py``): the nested ``If`` graph
 exports, passes ``onnx.checker``, reproduces eager ``infer`` (exit, logits to 1e-4, MACs) sample by sample at
