@@ -39,8 +39,8 @@ import torch
 from dyncnn.dynamic.policy import ExitPolicy
 from dyncnn.export import load_bundle
 from dyncnn.export.cond import CondGraph, export_cond_graph
-from dyncnn.frontier.runner import (PLAIN_RECIPE, FrontierSettings, _slug, build_static, data_tensors, load_data,
-                                    member_spec, presets)
+from dyncnn.frontier.runner import (PLAIN_RECIPE, FrontierSettings, _slug, build_dynamic, build_static, data_tensors,
+                                    load_data, member_spec, presets)
 from dyncnn.models import create_model
 from dyncnn.train.checkpoint import load_checkpoint
 
@@ -57,12 +57,11 @@ def _network(label: str, entry: dict, run: Path, seed: int, specs: dict, shape: 
         load_checkpoint(run / "models" / f"seed{seed}" / _slug(f"{label} {' '.join(members)}") / "last.safetensors",
                         net)
         return net.eval()
-    net = create_model("cascade", members=[member_spec(specs[m]) for m in members], **shape)
-    for head, m in zip(net.heads, members):
-        static = build_static(specs[m], **shape)
-        load_checkpoint(run / "models" / f"seed{seed}" / _slug(m) / "last.safetensors", static)
-        head.load_state_dict(static.state_dict())
-    return net.eval()
+    statics = {}
+    for m in members:
+        statics[m] = build_static(specs[m], **shape)
+        load_checkpoint(run / "models" / f"seed{seed}" / _slug(m) / "last.safetensors", statics[m])
+    return build_dynamic({"kind": "cascade", "members": members}, statics, specs, **shape)
 
 
 def _per_image(run_one, images: np.ndarray):
