@@ -477,6 +477,13 @@ def stage_latency_table(manifest: dict, threads: int) -> list[float] | None:
     return [float(t) for t in entry["cumulative_ms"]] if entry else None
 
 
+def _batches(x: np.ndarray, b: int) -> list[np.ndarray]:
+    """``x`` (N, ...) cut into calls of ``b`` rows (a remainder dropped); with fewer than ``b`` rows, one call of
+    ``x`` repeated to ``b`` rows."""
+    return [x[i:i + b] for i in range(0, x.shape[0] - b + 1, b)] or \
+        [np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])))]
+
+
 def measure_stage_threads(folder: str | os.PathLike, images: Any, candidates: Sequence[int] = (1, 2),
                           batch_sizes: Sequence[int] = (1,), rounds: int = 3, precision: str = "fp32"
                           ) -> dict[int, dict[int, list[float]]]:
@@ -500,8 +507,7 @@ def measure_stage_threads(folder: str | os.PathLike, images: Any, candidates: Se
     out: dict[int, dict[int, list[float]]] = {}
     for b in batch_sizes:
         b = int(b)
-        chunks = [x[i:i + b] for i in range(0, x.shape[0] - b + 1, b)] or \
-            [np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])))]
+        chunks = _batches(x, b)
         per: dict[int, list[list[float]]] = {t: [] for t in bundles}
         keys = list(bundles)
         for bundle in bundles.values():
@@ -541,6 +547,8 @@ def measure_stage_plans(folder: str | os.PathLike, images: Any, candidates: Sequ
     import itertools
     if not candidates or rounds < 1:
         raise DyncnnError(f"give thread counts and rounds >= 1, got {candidates}, {rounds}")
+    if not _is_count(batch):
+        raise DyncnnError(f"batch must be a positive integer, got {batch!r}")
     cands = sorted({int(t) for t in candidates})
     manifest = read_manifest(Path(folder))
     if manifest["kind"] != "multi_exit" or manifest.get("runtime", "onnxruntime") != "onnxruntime":
@@ -563,10 +571,7 @@ def measure_stage_plans(folder: str | os.PathLike, images: Any, candidates: Sequ
     x = first.check_input(images)
     if x.shape[0] == 0:
         raise DyncnnError("plans of thread counts need at least one image")
-    if not _is_count(batch):
-        raise DyncnnError(f"batch must be a positive integer, got {batch!r}")
-    calls = [x[i:i + batch] for i in range(0, x.shape[0] - batch + 1, batch)] or \
-        [np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])))]
+    calls = _batches(x, batch)
     for b in bundles.values():                          # warm-up: sessions, allocators, caches
         for batch_x in calls:
             b.run_numpy(batch_x, policy)
