@@ -70,7 +70,8 @@ def main(argv=None) -> int:
         for name, folder in folders.items():
             t0 = time.perf_counter()
             measured = measure_stage_threads(folder, images, (1, 2), (1, 64), rounds=3)
-            plans = measure_stage_plans(folder, images[:args.images], (1, 2), rounds=3, settle_s=SETTLE_S) \
+            plans = measure_stage_plans(folder, images[:args.images], (1, 2), rounds=5, settle_s=SETTLE_S,
+                                        per_round=True) \
                 if name == "multi-exit" else None        # under the bundle's own policy: the spread one
             entry = record_stage_threads(folder, measured, plans=plans)["stage_threads"]
             print(f"{name}: threads per stage {({b: e['threads'] for b, e in entry['batches'].items()})} "

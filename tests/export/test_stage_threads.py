@@ -232,3 +232,53 @@ def test_each_batch_size_takes_the_plan_of_its_own_whole_runs(multi):
     assert log[0] == (0, 2, 64) and all(t == 1 for k, t, _ in log[1:])
     with pytest.raises(BundleError, match="for a positive batch size"):
         record_stage_threads(folder, stagewise, batch_plans={0: at_1})
+
+
+def test_a_plan_timed_per_round_must_beat_one_thread_in_every_round():
+    # the fastest median of many noisy plans favours a lucky one: timed per round (paired), a plan of more
+    # threads is recorded only where it beat the reference in every round, by the margin at the median
+    from dyncnn.export.runtime import pick_plan
+    one, two = (1, 1, 1), (2, 2, 2)
+    base = [1.0, 1.1, 0.9, 1.0, 1.2]
+    lucky = [0.7, 0.8, 0.6, 1.2, 0.9]                       # the lowest median (0.8), but lost round 4
+    found = {one: base, two: [1.3 * v for v in base], (1, 2, 1): lucky, (2, 1, 1): [v * 0.97 for v in base]}
+    assert pick_plan({p: float(np.median(v)) for p, v in found.items()}) == (1, 2, 1)   # medians: the lucky one
+    assert pick_plan(found) == one            # (2, 1, 1) won every round, but by 3%: not enough for its thread
+    found[(1, 1, 2)] = [v * 0.8 for v in base]                  # 20% faster in every round: earns its thread
+    assert pick_plan(found) == (1, 1, 2)
+    # 2 threads everywhere beat 1 in every round: it becomes the reference the mixed plans must beat
+    found = {one: base, two: [v * 0.6 for v in base], (1, 2, 2): [v * 0.59 for v in base],
+             (2, 1, 1): [v * 0.8 for v in base]}
+    assert pick_plan(found) == two
+    found[(1, 2, 2)] = [v * 0.5 for v in base]                  # 17% under the reference: it wins
+    assert pick_plan(found) == (1, 2, 2)
+    with pytest.raises(dyncnn.errors.DyncnnError, match="the plan of the fewest threads everywhere"):
+        pick_plan({two: base, (1, 2, 2): base})
+    with pytest.raises(dyncnn.errors.DyncnnError, match="the same number of rounds each"):
+        pick_plan({one: base, two: base[:3]})
+    with pytest.raises(dyncnn.errors.DyncnnError, match="not both"):
+        pick_plan({one: base, two: 0.5})
+    with pytest.raises(dyncnn.errors.DyncnnError, match="no measured plans"):
+        pick_plan({})
+
+
+def test_plans_timed_per_round_are_recorded_with_their_medians(multi):
+    from dyncnn.export.runtime import measure_stage_plans
+    _, policy, folder = multi
+    images = np.random.rand(6, 1, 32, 32).astype(np.float32)
+    timed = measure_stage_plans(folder, images, (1, 2), policy, rounds=2, per_round=True)
+    assert len(timed) == 8 and all(len(v) == 2 and min(v) > 0 for v in timed.values())
+    stagewise = {1: {1: [0.1, 0.1, 0.1], 2: [0.3, 0.3, 0.3]}}
+    rounds = {p: [1.0 + 0.1 * sum(p), 1.2 + 0.1 * sum(p), 0.9 + 0.1 * sum(p)] for p in timed}
+    rounds[(2, 1, 1)] = [0.5, 2.0, 0.5]                  # median 0.5, far the fastest, but lost round 2
+    entry = record_stage_threads(folder, stagewise, machine="test", plans=rounds)["stage_threads"]["batches"]["1"]
+    assert entry["threads"] == [1, 1, 1] and entry["plan_ms"]["2-1-1"] == pytest.approx(0.5)
+    assert entry["plan_ms"]["1-1-1"] == pytest.approx(1.3)
+    rounds[(2, 1, 1)] = [0.5, 0.6, 0.5]
+    entry = record_stage_threads(folder, stagewise, machine="test", plans=rounds)["stage_threads"]["batches"]["1"]
+    assert entry["threads"] == [2, 1, 1]
+    assert [_intra(s.sess) for s in load_bundle(folder, threads="per-stage")._steps] == [2, 1, 1]
+    with pytest.raises(BundleError, match="finite milliseconds"):
+        record_stage_threads(folder, stagewise, plans={**rounds, (1, 1, 1): [1.0, float("nan"), 1.0]})
+    with pytest.raises(BundleError, match="batch 1: plans timed per round need the same number of rounds"):
+        record_stage_threads(folder, stagewise, plans={**rounds, (1, 1, 1): [1.0]})

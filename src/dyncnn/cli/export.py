@@ -78,7 +78,8 @@ def run(args) -> int:
         counts = sorted(set(args.stage_threads))
         measured = measure_stage_threads(args.out, real.numpy(), counts, (1, 64))
         # a multi-exit bundle: at each batch size the plan that runs the whole bundle fastest under its exit policy
-        plans = {b: measure_stage_plans(args.out, real.numpy()[:max(64, 2 * b)], counts, batch=b) for b in (1, 64)} \
+        plans = {b: measure_stage_plans(args.out, real.numpy()[:max(64, 4 * b)], counts, rounds=5, batch=b,
+                                        per_round=True) for b in (1, 64)} \
             if manifest["kind"] == "multi_exit" else None
         manifest = record_stage_threads(args.out, measured, batch_plans=plans)
     if args.json:

@@ -215,6 +215,7 @@ def presets(canvas: int) -> dict[str, dict]:
 
 PRESETS = ("demo", "full", "phone", "headline")
 SETTLE_S = 0.2      # seconds each timed item waits before its turn with more than one thread (time_interleaved)
+PLAN_ROUNDS = 5     # paired rounds of the plans of thread counts (fewer let a lucky plan through: pick_plan)
 
 
 @dataclass
@@ -724,7 +725,9 @@ def _record_stage_threads(folder: Path, x_val: Tensor, s: FrontierSettings, poli
     timed thread counts runs each stage of the bundle in ``folder`` fastest, and record it in its manifest. For a
     multi-exit bundle with ``policy`` (its chosen operating point), each batch size takes instead the plan (a count
     per stage) that ran the whole bundle fastest at that batch size under that policy (:func:`measure_stage_plans`:
-    one image at a time at batch 1; at batch 64 the later stages get only the rows that did not leave)."""
+    one image at a time at batch 1; at batch 64 the later stages get only the rows that did not leave), in
+    :data:`PLAN_ROUNDS` paired rounds: a plan of more threads must beat 1 thread everywhere in every round
+    (:func:`~dyncnn.export.runtime.pick_plan`)."""
     if THREADS_PER_STAGE not in s.threads:
         return
     plans = {}
@@ -735,8 +738,9 @@ def _record_stage_threads(folder: Path, x_val: Tensor, s: FrontierSettings, poli
             for b in s.batch_sizes:
                 at = measured[b]                  # {threads: [ms per stage]} at batch b, full depth
                 stagewise = [min(at, key=lambda t: at[t][k]) for k in range(len(next(iter(at.values()))))]
-                plans[b] = measure_stage_plans(folder, x_val[:max(64, 2 * b)].numpy(), s.thread_counts, policy,
-                                               rounds=3, extra=[stagewise], settle_s=s.settle_s, batch=b)
+                plans[b] = measure_stage_plans(folder, x_val[:max(64, 4 * b)].numpy(), s.thread_counts, policy,
+                                               rounds=PLAN_ROUNDS, extra=[stagewise], settle_s=s.settle_s, batch=b,
+                                               per_round=True)
     record_stage_threads(folder, measured, batch_plans=plans)
 
 
