@@ -234,9 +234,9 @@ def test_each_batch_size_takes_the_plan_of_its_own_whole_runs(multi):
         record_stage_threads(folder, stagewise, batch_plans={0: at_1})
 
 
-def test_a_plan_timed_per_round_must_beat_one_thread_in_every_round():
-    # the fastest median of many noisy plans favours a lucky one: timed per round (paired), a plan of more
-    # threads is recorded only where it beat the reference in every round, by the margin at the median
+def test_a_mixed_plan_timed_per_round_must_beat_the_better_uniform_plan_in_every_round():
+    # the fastest median of many noisy plans favours a lucky one: timed per round (paired), a mixed plan is
+    # recorded only where it beat the better plan of one count everywhere in every round, by the margin at the median
     from dyncnn.export.runtime import pick_plan
     one, two = (1, 1, 1), (2, 2, 2)
     base = [1.0, 1.1, 0.9, 1.0, 1.2]
@@ -246,14 +246,20 @@ def test_a_plan_timed_per_round_must_beat_one_thread_in_every_round():
     assert pick_plan(found) == one            # (2, 1, 1) won every round, but by 3%: not enough for its thread
     found[(1, 1, 2)] = [v * 0.8 for v in base]                  # 20% faster in every round: earns its thread
     assert pick_plan(found) == (1, 1, 2)
-    # 2 threads everywhere beat 1 in every round: it becomes the reference the mixed plans must beat
-    found = {one: base, two: [v * 0.6 for v in base], (1, 2, 2): [v * 0.59 for v in base],
+    # between the uniform plans the median decides: 2 threads everywhere, 40% faster but for one slow round, is
+    # the reference the mixed plans must beat, even one that beat 1 thread in every round
+    found = {one: base, two: [0.6, 0.66, 0.54, 1.3, 0.72], (1, 2, 2): [v * 0.75 for v in base],
              (2, 1, 1): [v * 0.8 for v in base]}
     assert pick_plan(found) == two
-    found[(1, 2, 2)] = [v * 0.5 for v in base]                  # 17% under the reference: it wins
+    found[(1, 2, 2)] = [0.5, 0.55, 0.45, 0.5, 0.6]              # under the reference in every round: it wins
     assert pick_plan(found) == (1, 2, 2)
-    with pytest.raises(dyncnn.errors.DyncnnError, match="the plan of the fewest threads everywhere"):
-        pick_plan({two: base, (1, 2, 2): base})
+    found[two] = [v * 0.97 for v in base]                       # within 5% of 1 thread: the fewer threads
+    found[(1, 2, 2)], found[(2, 1, 1)] = [v * 0.93 for v in base], [v * 1.1 for v in base]
+    assert pick_plan(found) == (1, 2, 2)                         # 7% under the reference in every round
+    found[(1, 2, 2)] = [v * 0.99 for v in base]
+    assert pick_plan(found) == one
+    with pytest.raises(dyncnn.errors.DyncnnError, match="the plans of one count everywhere"):
+        pick_plan({(2, 1, 1): base, (1, 2, 2): base})
     with pytest.raises(dyncnn.errors.DyncnnError, match="the same number of rounds each"):
         pick_plan({one: base, two: base[:3]})
     with pytest.raises(dyncnn.errors.DyncnnError, match="not both"):

@@ -599,20 +599,17 @@ def pick_plan(found: dict[tuple[int, ...], Any], margin: float = 0.05) -> tuple[
     """The plan to record among measured ones (:func:`measure_stage_plans`).
 
     With one figure per plan (milliseconds per image): the fastest, or, within ``margin`` of it, the plan with the
-    fewest threads in all. With each plan's figures per round (``per_round=True``, paired), a plan must earn its
-    threads against a reference: the uniform plan of the fewest threads (1 everywhere), replaced by each uniform
-    plan of more threads that *beats* it. A plan beats the reference when it ran faster in every round and its
-    median ratio to the reference, round by round, is at most ``1 - margin``. Of the reference and the plans that
+    fewest threads in all. With each plan's figures per round (``per_round=True``, paired), the plan of one count
+    everywhere with the lowest median (the fewest threads within ``margin``) is the reference, and a mixed plan must
+    earn its place against it: it replaces the reference only when it ran faster in every round and its median
+    ratio to the reference, round by round, is at most ``1 - margin``. Of the reference and the mixed plans that
     beat it, the one of the lowest median ratio wins, or, within ``margin`` of that, the one of the fewest threads.
 
     Why paired, and every round: taking the fastest median of eight or more noisy plans favours the lucky one
-    (the winner's curse of the cascade search again). Measured on the 64x64 ``full`` preset's multi-exit bundles
-    at batch 64 (two runs, 12 models, 15 rounds of 256 validation images; each rule applied to disjoint groups of
-    rounds and scored on the other rounds against the better uniform plan): the fastest median over 3 rounds
-    gave 0.950 on average, but the worst pick ran 1.25x, and 5% of the picks more than 1.05x, the better uniform
-    plan; the paired rule over 5 rounds gave 0.972 on average and 1.000 at worst (a mixed plan, such as the
-    first stage of exits on tiny-M on 2 threads, still wins where it gains 20-25%). Over 3 rounds the paired rule
-    still picked a 1.25x plan once."""
+    (the winner's curse of the cascade search again), and the mixed plans are most of them. Between the uniform
+    plans (two, with counts 1 and 2) the median decides: a single slow round must not keep 2 threads from a
+    stage where they halve the time. Measured with ``benchmarks/bench_plan_rule.py``: see
+    docs/deployment.md ("Threads per stage")."""
     if not found:
         raise DyncnnError("no measured plans to pick from")
     plans = list(found)
@@ -623,25 +620,24 @@ def pick_plan(found: dict[tuple[int, ...], Any], margin: float = 0.05) -> tuple[
         fastest = min(float(v) for v in found.values())
         return min((p for p in plans if float(found[p]) <= fastest * (1 + margin)),
                    key=lambda p: (sum(p), float(found[p])))
-    uniform = sorted((p for p in plans if len(set(p)) == 1), key=sum)
-    if not uniform or uniform[0] != tuple([min(min(p) for p in plans)] * len(uniform[0])):
-        raise DyncnnError(f"plans timed per round need the plan of the fewest threads everywhere as their "
-                          f"reference, got {sorted(plans)}")
+    uniform = [p for p in plans if len(set(p)) == 1]
+    if not uniform:
+        raise DyncnnError(f"plans timed per round need the plans of one count everywhere as their reference, got "
+                          f"{sorted(plans)}")
     rounds = {len(v) for v in found.values()}
     if len(rounds) != 1 or 0 in rounds:
         raise DyncnnError(f"plans timed per round need the same number of rounds each (paired), got "
                           f"{sorted(rounds)}")
+    med = {p: float(np.median(v)) for p, v in found.items()}
+    fastest = min(med[p] for p in uniform)
+    ref = min((p for p in uniform if med[p] <= fastest * (1 + margin)), key=lambda p: (sum(p), med[p]))
 
-    def ratio(p: tuple[int, ...], ref: tuple[int, ...]) -> float | None:
-        """p's median ratio to ref when it beats ref, else None."""
+    def ratio(p: tuple[int, ...]) -> float | None:
+        """p's median ratio to the reference when it beats it, else None."""
         r = [float(a) / float(b) if b > 0 else math.inf for a, b in zip(found[p], found[ref])]
         return float(np.median(r)) if max(r) < 1 and np.median(r) <= 1 - margin else None
 
-    ref = uniform[0]
-    for p in uniform[1:]:
-        if ratio(p, ref) is not None:
-            ref = p
-    beats = {ref: 1.0, **{p: r for p in plans if p != ref and (r := ratio(p, ref)) is not None}}
+    beats = {ref: 1.0, **{p: r for p in plans if p not in uniform and (r := ratio(p)) is not None}}
     best = min(beats.values())
     return min((p for p, r in beats.items() if r <= best * (1 + margin)), key=lambda p: (sum(p), beats[p]))
 
@@ -661,8 +657,8 @@ def record_stage_threads(folder: str | os.PathLike, measured: dict[int, dict[int
     within that of the fastest win, so that noise does not hand a stage a thread pool (and the cores it takes from
     the rest of the machine) for nothing. With ``plans`` (:func:`measure_stage_plans`: whole runs at batch 1 under
     the exit pattern), batch 1 takes instead the plan that :func:`pick_plan` picks (the fastest, the fewest threads
-    within ``margin``; with figures per round, only a plan that beat the fewest threads in every paired round),
-    stored beside the others' median milliseconds as ``plan_ms``; ``batch_plans`` (``{batch: plans}``,
+    within ``margin``; with figures per round, a mixed plan only where it beat the better uniform plan in every
+    paired round), stored beside the others' median milliseconds as ``plan_ms``; ``batch_plans`` (``{batch: plans}``,
     :func:`measure_stage_plans` with ``batch``) does the same at each of its batch sizes (``plans`` is
     ``batch_plans={1: plans}``). Like latencies, a property of the machine that measured them, which is recorded
     beside them."""
