@@ -28,10 +28,12 @@ from pathlib import Path
 import torch
 
 from dyncnn.dynamic.budget import collect_exit_logits
-from dyncnn.frontier.runner import (PLAIN_RECIPE, FrontierSettings, _AsExits, _slug, build_static, data_tensors,
-                                    load_data, member_spec, presets, train_one)
+from dyncnn.frontier.runner import (PLAIN_RECIPE, _AsExits, _slug, build_static, data_tensors, load_data,
+                                    member_spec, presets, train_one)
 from dyncnn.models import create_model
 from dyncnn.train.checkpoint import load_checkpoint
+
+from _finished_run import finished_run
 
 
 def _accuracies(net, split) -> list[float]:
@@ -49,18 +51,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/fused_bench")
     a = p.parse_args(argv)
-    if a.run is None:
-        print(f"{Path(__file__).name}: skipped: it reads a finished `dyncnn frontier` run (hours of training on a "
-              f"2-core CPU); give one with --run RUN_DIR")
+    found = finished_run(a.run, __file__, out=Path(a.out) / Path(a.run or ".").name, epochs=a.epochs)
+    if found is None:
         return 0
-    run = Path(a.run)
-    saved = json.loads((run / "frontier.json").read_text())
-    st, seed_result = saved["settings"], saved["seeds"][0]
+    run, saved, s = found
+    seed_result = saved["seeds"][0]
     seed = seed_result["seed"]
     members = a.members or seed_result["cascade_search"]["ranking"][0]["members"]
     torch.set_num_threads(a.threads)
-    s = FrontierSettings(preset=st["preset"], canvas=st["canvas"], clutter=st["clutter"], data_seed=st["data_seed"],
-                         seeds=(seed,), out=Path(a.out) / run.name, epochs=a.epochs)
     data = load_data(s)
     specs = {m["label"]: m for m in presets(s.canvas)[s.preset]["static"]}
     trained = []

@@ -31,7 +31,9 @@ import torch
 
 from dyncnn.dynamic.policy import ExitPolicy
 from dyncnn.export.runtime import measure_stage_plans, pick_plan
-from dyncnn.frontier.runner import SETTLE_S, FrontierSettings, _slug, data_tensors, load_data
+from dyncnn.frontier.runner import SETTLE_S, _slug, data_tensors, load_data
+
+from _finished_run import finished_run
 
 RULES = (("median", 3), ("median", 5), ("paired", 3), ("paired", 5))
 
@@ -55,15 +57,14 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=256, help="validation images per pass")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    if a.run is None:
-        print(f"{Path(__file__).name}: skipped: it reads a finished `dyncnn frontier` run (hours of training on a "
-              f"2-core CPU); give one with --run RUN_DIR")
+    if a.rounds < 2 * max(n for _, n in RULES):
+        p.error(f"--rounds must be at least {2 * max(n for _, n in RULES)}: each rule picks from a group of rounds "
+                f"and is scored on the others, got {a.rounds}")
+    found = finished_run(a.run, __file__)
+    if found is None:
         return 0
-    run = Path(a.run)
-    saved = json.loads((run / "frontier.json").read_text())
-    st, res = saved["settings"], saved["seeds"][0]
-    s = FrontierSettings(preset=st["preset"], canvas=st["canvas"], clutter=st["clutter"], data_seed=st["data_seed"],
-                         seeds=(res["seed"],))
+    run, saved, s = found
+    res = saved["seeds"][0]
     x_val = data_tensors(load_data(s)["val"])[0].numpy()[:a.images]
     torch.set_num_threads(2)
     scores: dict[tuple, list[float]] = {r: [] for r in RULES}

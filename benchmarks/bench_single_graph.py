@@ -39,10 +39,12 @@ import torch
 from dyncnn.dynamic.policy import ExitPolicy
 from dyncnn.export import load_bundle
 from dyncnn.export.cond import CondGraph, export_cond_graph
-from dyncnn.frontier.runner import (PLAIN_RECIPE, FrontierSettings, _slug, build_dynamic, build_static, data_tensors,
-                                    load_data, member_spec, presets)
+from dyncnn.frontier.runner import (PLAIN_RECIPE, _slug, build_dynamic, build_static, data_tensors, load_data,
+                                    member_spec, presets)
 from dyncnn.models import create_model
 from dyncnn.train.checkpoint import load_checkpoint
+
+from _finished_run import finished_run
 
 MODELS = ("cascade searched on validation", "searched cascade, fused")
 
@@ -80,17 +82,13 @@ def main(argv=None) -> int:
     p.add_argument("--check", type=int, default=1000, help="test images compared between the two forms")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    if a.run is None:
-        print(f"{Path(__file__).name}: skipped: it reads a finished `dyncnn frontier` run (hours of training on a "
-              f"2-core CPU); give one with --run RUN_DIR")
+    found = finished_run(a.run, __file__)
+    if found is None:
         return 0
     torch.set_num_threads(1)
-    run = Path(a.run)
-    saved = json.loads((run / "frontier.json").read_text())
-    st, res = saved["settings"], saved["seeds"][0]
+    run, saved, s = found
+    res = saved["seeds"][0]
     seed = res["seed"]
-    s = FrontierSettings(preset=st["preset"], canvas=st["canvas"], clutter=st["clutter"], data_seed=st["data_seed"],
-                         seeds=(seed,))
     data = load_data(s)
     shape = {"num_classes": data["num_classes"], "in_chans": data["in_chans"]}
     specs = {m["label"]: m for m in presets(s.canvas)[s.preset]["static"]}
