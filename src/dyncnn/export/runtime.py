@@ -635,7 +635,8 @@ def pick_plan(found: dict[tuple[int, ...], Any], margin: float = 0.05) -> tuple[
     def ratio(p: tuple[int, ...]) -> float | None:
         """p's median ratio to the reference when it beats it, else None."""
         r = [float(a) / float(b) if b > 0 else math.inf for a, b in zip(found[p], found[ref])]
-        return float(np.median(r)) if max(r) < 1 and np.median(r) <= 1 - margin else None
+        m = float(np.median(r))
+        return m if max(r) < 1 and m <= 1 - margin else None
 
     beats = {ref: 1.0, **{p: r for p in plans if p not in uniform and (r := ratio(p)) is not None}}
     best = min(beats.values())

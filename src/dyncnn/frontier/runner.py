@@ -726,8 +726,8 @@ def _record_stage_threads(folder: Path, x_val: Tensor, s: FrontierSettings, poli
     multi-exit bundle with ``policy`` (its chosen operating point), each batch size takes instead the plan (a count
     per stage) that ran the whole bundle fastest at that batch size under that policy (:func:`measure_stage_plans`:
     one image at a time at batch 1; at batch 64 the later stages get only the rows that did not leave), in
-    :data:`PLAN_ROUNDS` paired rounds: a plan of more threads must beat 1 thread everywhere in every round
-    (:func:`~dyncnn.export.runtime.pick_plan`)."""
+    :data:`PLAN_ROUNDS` paired rounds: a mixed plan must beat the better plan of one count everywhere in every
+    round (:func:`~dyncnn.export.runtime.pick_plan`)."""
     if THREADS_PER_STAGE not in s.threads:
         return
     plans = {}
