@@ -698,3 +698,30 @@ def test_search_member_latencies_are_interleaved_rounds_and_their_median(monkeyp
     # warm-up passes, then per round each member's untimed call (image 0) and its pass (image 0 first again)
     assert order == ["a", "b"] + ["a", "a", "b", "b"] + ["b", "b", "a", "a"] + ["a", "a", "b", "b"]
     assert ms == pytest.approx({"a": 0.5, "b": 2.0})
+
+
+def test_threads_per_stage_on_the_sessions_of_one_count_are_that_count_timed_once(tmp_path, monkeypatch):
+    # an item whose per-stage runner is, at a batch size, the same sessions as a timed count is not timed a second
+    # time there (two timings of one configuration differ by noise alone): its entry is that count's, marked
+    import dyncnn.frontier.report as report
+    import dyncnn.frontier.runner as runner
+    monkeypatch.setattr(runner.time, "sleep", lambda s: None)
+    calls = {}
+
+    def maker(key):
+        def make(threads):
+            def run(x):
+                calls[key, threads, len(x)] = calls.get((key, threads, len(x)), 0) + 1
+            return run
+        return make
+    same = {1: 1, 4: None}                       # "a": per stage runs 1-thread sessions at batch 1, mixes at 4
+    items = [runner.Timed("a", maker("a"), same.get), runner.Timed("b", maker("b"))]
+    s = runner.FrontierSettings(out=tmp_path, threads=(1, 2, "per-stage"), batch_sizes=(1, 4), rounds=3,
+                                single_images=4, batch_images=8, settle_s=0.0)
+    out = runner.time_interleaved(items, np.zeros((8, 1, 4, 4), np.float32), s)
+    assert ("a", "per-stage", 1) not in calls and calls["a", "per-stage", 4] > 0       # timed where it mixes
+    assert calls["b", "per-stage", 1] > 0 and calls["a", 1, 1] == calls["b", 1, 1]    # no same: timed as before
+    assert out["a"]["tper-stage_b1"] == {**out["a"]["t1_b1"], "same_as": "t1_b1"}
+    assert "same_as" not in out["a"]["tper-stage_b4"] and "same_as" not in out["b"]["tper-stage_b1"]
+    assert report._ms(out["a"]["tper-stage_b1"]).endswith("(= 1 thread)")
+    assert "(=" not in report._ms(out["a"]["t1_b1"])

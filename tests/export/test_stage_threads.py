@@ -288,3 +288,28 @@ def test_plans_timed_per_round_are_recorded_with_their_medians(multi):
         record_stage_threads(folder, stagewise, plans={**rounds, (1, 1, 1): [1.0, float("nan"), 1.0]})
     with pytest.raises(BundleError, match="batch 1: plans timed per round need the same number of rounds"):
         record_stage_threads(folder, stagewise, plans={**rounds, (1, 1, 1): [1.0]})
+
+
+def _recorded(kind: str, table: dict) -> dict:
+    """A manifest holding only what per_stage_as_uniform reads: the kind, the stages and the recorded counts."""
+    stages = len(next(iter(table.values())))
+    return {"kind": kind, "num_exits": stages,
+            "stage_threads": {"batches": {str(b): {"threads": t} for b, t in table.items()}}}
+
+
+def test_per_stage_is_a_uniform_count_only_where_every_call_of_the_batch_gets_that_count():
+    from dyncnn.export.runtime import per_stage_as_uniform
+    # a static graph: its call of a batch has exactly that many rows
+    static = _recorded("static", {1: [1], 64: [2]})
+    assert per_stage_as_uniform(static, 1) == 1 and per_stage_as_uniform(static, 64) == 2
+    # a multi-exit bundle at batch 1: every stage gets one row, so the batch-1 plan alone counts
+    multi = _recorded("multi_exit", {1: [1, 1, 1], 64: [2, 2, 2]})
+    assert per_stage_as_uniform(multi, 1) == 1
+    # ... at batch 64 a later stage may get 1-7 rows, which run on the batch-1 count: a mixed run
+    assert per_stage_as_uniform(multi, 64) is None
+    assert per_stage_as_uniform(_recorded("multi_exit", {1: [2, 2, 2], 64: [2, 2, 2]}), 64) == 2
+    # the first stage always gets the whole batch: its batch-1 count does not enter at batch 64
+    assert per_stage_as_uniform(_recorded("multi_exit", {1: [1, 2], 64: [2, 2]}), 64) == 2
+    assert per_stage_as_uniform(_recorded("multi_exit", {1: [1, 2, 1], 64: [1, 1, 1]}), 1) is None
+    # nothing recorded: no count to stand for
+    assert per_stage_as_uniform({"kind": "static", "num_exits": 1}, 1) is None

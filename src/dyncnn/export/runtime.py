@@ -161,6 +161,22 @@ def thread_plan(manifest: dict, stages: int, threads: int | str | Sequence[int])
     return plan
 
 
+def per_stage_as_uniform(manifest: dict, batch: int) -> int | None:
+    """The thread count ``t`` with which ``load_bundle(..., threads="per-stage")`` runs batches of ``batch`` rows
+    on the same sessions as ``threads=t``, or None where it mixes counts (or the manifest records none). The first
+    stage gets all ``batch`` rows; a later stage of a multi-exit bundle gets any number up to ``batch`` (the rows
+    that did not leave), so every count its plan holds up to ``batch`` rows counts. A timing of "per stage" there
+    is a second timing of the same thing: its difference from the first is the machine's noise alone."""
+    if stage_threads_table(manifest) is None:
+        return None
+    stages = int(manifest["num_exits"]) if manifest.get("kind") == "multi_exit" else 1
+    plan = thread_plan(manifest, stages, THREADS_PER_STAGE)
+    used = {[t for lo, t in plan[0] if lo <= batch][-1]}
+    for steps in plan[1:]:
+        used |= {t for lo, t in steps if lo <= batch}
+    return used.pop() if len(used) == 1 else None
+
+
 def _pick(sess, more: tuple, n: int):
     """The session of a call of ``n`` rows: ``sess``, or the last of ``more`` ((from_rows, session), ...) that
     ``n`` reaches."""

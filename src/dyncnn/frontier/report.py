@@ -29,9 +29,12 @@ def _cond_name(cond: str) -> str:
 
 
 def _ms(entry: dict) -> str:
+    """``0.2030 ± 0.0100``; `` (!)`` where noisy; `` (= 2 threads)`` where the entry is another condition's
+    timing (threads per stage on the same sessions: ``same_as``)."""
     med, iqr = entry["median_ms"], entry["p75_ms"] - entry["p25_ms"]
     flag = " (!)" if med > 0 and iqr / med > SPREAD_WARNING else ""
-    return f"{med:.4f} ± {iqr / 2:.4f}{flag}"
+    same = f" (= {_cond_name(entry['same_as']).split(', ')[1]})" if entry.get("same_as") else ""
+    return f"{med:.4f} ± {iqr / 2:.4f}{flag}{same}"
 
 
 def ratio_words(speedup: float) -> str:
@@ -95,7 +98,8 @@ def render_markdown(results: dict) -> str:
              f"per digit. Operating points are chosen on the validation split ({selection_words(st)}), then "
              f"measured once on test. Latency: {rt_name}, ms "
              f"per image, median ± half the IQR over {st['rounds']} rounds in which every model is timed in turn; "
-             f"(!) marks a spread above {SPREAD_WARNING:.0%} of the median. Machine: {m['processor']}, "
+             f"(!) marks a spread above {SPREAD_WARNING:.0%} of the median; (= 1 thread), threads per stage that run "
+             f"on the same sessions as that count, timed once. Machine: {m['processor']}, "
              f"{m['cpus']} CPUs, load average at the end {_load_average(m.get('load_average'))}, torch {m['torch']}, "
              f"{rt} {m.get(rt, '?')}.", "",
              "## Speedup at equal accuracy (mean over seeds)", "",
@@ -169,7 +173,7 @@ def render_markdown(results: dict) -> str:
         lines += ["", f"{rt_name} driver vs offline exit assignment from eager logits: "
                       f"{sum(a for a, _ in agree)}/{sum(n for _, n in agree)} test decisions equal."]
     noisy = [1 for sd in seeds for r in sd["static"].values() for v in r["rt"].values()
-             if v["median_ms"] > 0 and (v["p75_ms"] - v["p25_ms"]) / v["median_ms"] > SPREAD_WARNING]
+             if not v.get("same_as") and v["median_ms"] > 0 and (v["p75_ms"] - v["p25_ms"]) / v["median_ms"] > SPREAD_WARNING]
     if noisy:
         lines += ["", f"Warning: {len(noisy)} static latencies have a spread above {SPREAD_WARNING:.0%} of their "
                       f"median: the machine was busy; ratios within one round are still paired."]

@@ -42,9 +42,9 @@ from ..dynamic.budget import (assign_exits, collect_exit_logits, evaluate_thresh
                               fit_temperatures, msdnet_thresholds)
 from ..dynamic.executor import ExitResult
 from ..dynamic.policy import ExitPolicy
-from ..export.bundle_format import THREADS_PER_STAGE
-from ..export.runtime import (load_bundle, measure_stage_plans, measure_stage_threads, record_stage_latency,
-                              record_stage_threads)
+from ..export.bundle_format import THREADS_PER_STAGE, read_manifest
+from ..export.runtime import (load_bundle, measure_stage_plans, measure_stage_threads, per_stage_as_uniform,
+                              record_stage_latency, record_stage_threads)
 from ..export.staged import RUNTIMES, export_bundle
 from ..files import output_lock, read_json
 from ..models import create_model
@@ -394,6 +394,8 @@ class Timed:
     """One thing to time: ``run(x)`` on a numpy batch, at each batch size and thread count."""
     key: str
     make: Callable[[int], Callable[[np.ndarray], object]]    # threads -> runner
+    # batch -> the thread count whose runner "per-stage" equals at that batch, or None (per_stage_as_uniform)
+    same: Callable[[int], int | None] | None = None
 
 
 def _quartiles(v: list[float]) -> tuple[float, float, float]:
@@ -446,7 +448,14 @@ def time_interleaved(items: Sequence[Timed], images: np.ndarray, s: FrontierSett
     runs one untimed call: a pool keeps spinning for a while after its last run (ONNX Runtime's default, which a
     single graph gains from), and on a 2-core CPU those spinning threads took the cores of the next turn (tiny-XL
     /2 at 2 threads, batch 1, in the headline runs: 0.65 ms per image back to back, 0.18 ms with the pause). Each
-    turn is then timed as if alone in its process. With one thread there is no pool that could spin: no pause."""
+    turn is then timed as if alone in its process. With one thread there is no pool that could spin: no pause.
+
+    Where an item's "per-stage" runner is, at a batch size, the same sessions as one of the timed counts (its
+    ``same``: a bundle whose recorded plan is one count everywhere, :func:`per_stage_as_uniform`), it is not
+    timed twice: its entry is that count's, with ``same_as`` naming it. Two timings of one configuration differ
+    by the machine's noise alone (a static network's 2-thread session, timed twice in the same rounds of a
+    headline run: 0.203 and 0.263 ms per image), which a comparison of the two columns would read as a gain or
+    a loss of the thread choice."""
     singles = [images[i:i + 1] for i in range(min(s.single_images, len(images)))]
     out: dict[str, dict] = {it.key: {} for it in items}
     conds = list(s.threads)
@@ -457,16 +466,21 @@ def time_interleaved(items: Sequence[Timed], images: np.ndarray, s: FrontierSett
     for b in s.batch_sizes:
         n = min(s.batch_images, len(images)) // b * b if b > 1 else len(singles)
         chunks = singles if b == 1 else [images[i:i + b] for i in range(0, n, b)]
-        for fn in runners.values():                        # warm-up: sessions, allocators, caches
+        alias = {it.key: t for it in items if THREADS_PER_STAGE in conds and it.same is not None
+                 and (t := it.same(b)) in conds and t != THREADS_PER_STAGE}
+        timed = {kt: fn for kt, fn in runners.items() if not (kt[1] == THREADS_PER_STAGE and kt[0] in alias)}
+        for fn in timed.values():                          # warm-up: sessions, allocators, caches
             for c in chunks[:4]:
                 fn(c)
-        per: dict[tuple, list[float]] = {kt: [] for kt in runners}
+        per: dict[tuple, list[float]] = {kt: [] for kt in timed}
         for r in tqdm(range(s.rounds), desc=f"{label} batch {b}, {_conditions(conds)}", leave=False,
                       disable=None):        # None: no bar off a terminal
             shift, cshift = r % len(keys), r % len(conds)
             for k in keys[shift:] + keys[:shift]:
                 for t in conds[cshift:] + conds[:cshift]:
-                    fn = runners[k, t]
+                    if (k, t) not in timed:
+                        continue
+                    fn = timed[k, t]
                     if settle:
                         time.sleep(settle)
                         fn(chunks[0])         # untimed: caches warm again after the pause
@@ -477,6 +491,8 @@ def time_interleaved(items: Sequence[Timed], images: np.ndarray, s: FrontierSett
         for (k, t), v in per.items():
             med, p25, p75 = _quartiles(v)
             out[k][f"t{t}_b{b}"] = {"median_ms": med, "p25_ms": p25, "p75_ms": p75, "rounds": len(v)}
+        for k, t in alias.items():
+            out[k][f"t{THREADS_PER_STAGE}_b{b}"] = {**out[k][f"t{t}_b{b}"], "same_as": f"t{t}_b{b}"}
         if progress:
             progress.step(f"{label} batch {b}, {_conditions(conds)}: {len(items)} models timed")
     del runners
@@ -576,7 +592,7 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
             result["static"][label] = {"val_accuracy": acc_val, "test_accuracy": acc_test, "macs": macs,
                                        "params": sum(p.numel() for p in net.parameters())}
             _record_stage_threads(folder, x_val, s)
-            timed.append(Timed(f"static|{label}", lambda t, f=folder: bundle_of(f, t).run_numpy))
+            timed.append(Timed(f"static|{label}", lambda t, f=folder: bundle_of(f, t).run_numpy, _same(folder)))
             eager_timed.append(Timed(f"static|{label}", lambda t, m=net: _eager_static(m)))
             prepared.step(f"{label}: exported and evaluated")
     best_static = max(result["static"], key=lambda k: result["static"][k]["val_accuracy"])
@@ -657,7 +673,8 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
                             "predicted_ms_b1": {str(t): float(np.dot(frac, cum_t[t])) for t in counts}})
             key = f"dynamic|{label}|{i}"
             entries[-1]["key"] = key
-            timed.append(Timed(key, lambda t, f=folder, pol=policy: _dyn_runner(bundle_of(f, t), pol)))
+            timed.append(Timed(key, lambda t, f=folder, pol=policy: _dyn_runner(bundle_of(f, t), pol),
+                               _same(folder)))
             if p["chosen"] or p.get("full_depth"):
                 eager_timed.append(Timed(key, lambda t, m=net, pol=policy: _eager_dynamic(m, pol)))
         result["dynamic"][label] = {"kind": kind, "members": spec.get("members"),
@@ -717,6 +734,11 @@ def _run_in_chunks(bundle, x: Tensor, policy: ExitPolicy, chunk: int = 256):
     features per 128x128 image from stage to stage: 3,000 test images at once took the 24 GB of a 2-core machine."""
     parts = [bundle.run(x[i:i + chunk], policy) for i in range(0, len(x), chunk)]
     return ExitResult(*(torch.cat([getattr(p, f) for p in parts]) for f in ("logits", "exit_index", "macs")))
+
+
+def _same(folder: Path) -> Callable[[int], int | None]:
+    """A :class:`Timed` item's ``same`` for the bundle in ``folder``: its manifest's plan, read when timed."""
+    return lambda b: per_stage_as_uniform(read_manifest(folder), b)
 
 
 def _record_stage_threads(folder: Path, x_val: Tensor, s: FrontierSettings, policy: ExitPolicy | None = None
