@@ -1,12 +1,14 @@
 """Threads per stage: the manifest's table of the fastest intra-op thread count of each stage (per batch size), its
 validation, and the driver that runs each stage with its own session and count (``threads="per-stage"``)."""
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
 import dyncnn
+from dyncnn.dynamic.policy import ExitPolicy
 from dyncnn.export import BundleError, export_bundle, load_bundle
 from dyncnn.export.bundle_format import write_manifest
 from dyncnn.export.runtime import (measure_stage_threads, record_stage_threads, stage_threads_table,
@@ -84,6 +86,16 @@ def test_a_stage_runs_with_the_count_of_the_nearest_recorded_batch(multi):
     bundle.run_numpy(np.random.rand(7, 1, 32, 32).astype(np.float32), full)
     bundle.run_numpy(np.random.rand(9, 1, 32, 32).astype(np.float32), full)
     assert log == [(0, 1, 7), (1, 2, 7), (2, 2, 7), (0, 1, 9), (1, 2, 9), (2, 1, 9)]
+    # the run's batch size picks the counts of every stage, also of a later stage that gets fewer rows (the plan
+    # measure_stage_plans timed for that batch size): 9 rows start, half leave at the first exit
+    x = np.random.rand(9, 1, 32, 32).astype(np.float32)
+    conf = bundle.exit_logits(x)[0]
+    conf = np.exp(conf - conf.max(1, keepdims=True))
+    conf = (conf / conf.sum(1, keepdims=True)).max(1)
+    log.clear()
+    out = bundle.run_numpy(x, ExitPolicy([float(np.median(conf)), math.inf], "max_prob"))
+    assert 0 < (out[1] == 0).sum() < 9 and log[0] == (0, 1, 9)
+    assert [(k, t) for k, t, _ in log[1:]] == [(1, 2), (2, 1)] and log[1][2] < 8
     # a 2-thread pool of a multi-exit bundle stops spinning when its run ends (a spinning one would take the next
     # stage's core), per stage and with one count; spin=True keeps ONNX Runtime's default
     assert _stops_spinning(bundle._steps[1].sess.sess)
@@ -297,19 +309,15 @@ def _recorded(kind: str, table: dict) -> dict:
             "stage_threads": {"batches": {str(b): {"threads": t} for b, t in table.items()}}}
 
 
-def test_per_stage_is_a_uniform_count_only_where_every_call_of_the_batch_gets_that_count():
+def test_per_stage_is_a_uniform_count_only_where_the_plan_of_the_batch_is_that_count_everywhere():
     from dyncnn.export.runtime import per_stage_as_uniform
-    # a static graph: its call of a batch has exactly that many rows
     static = _recorded("static", {1: [1], 64: [2]})
     assert per_stage_as_uniform(static, 1) == 1 and per_stage_as_uniform(static, 64) == 2
-    # a multi-exit bundle at batch 1: every stage gets one row, so the batch-1 plan alone counts
+    assert per_stage_as_uniform(static, 4) == 1 and per_stage_as_uniform(static, 16) == 2     # the nearest batch
+    # a multi-exit run takes the plan of its batch size in every stage, also where later stages get fewer rows
     multi = _recorded("multi_exit", {1: [1, 1, 1], 64: [2, 2, 2]})
-    assert per_stage_as_uniform(multi, 1) == 1
-    # ... at batch 64 a later stage may get 1-7 rows, which run on the batch-1 count: a mixed run
-    assert per_stage_as_uniform(multi, 64) is None
-    assert per_stage_as_uniform(_recorded("multi_exit", {1: [2, 2, 2], 64: [2, 2, 2]}), 64) == 2
-    # the first stage always gets the whole batch: its batch-1 count does not enter at batch 64
-    assert per_stage_as_uniform(_recorded("multi_exit", {1: [1, 2], 64: [2, 2]}), 64) == 2
-    assert per_stage_as_uniform(_recorded("multi_exit", {1: [1, 2, 1], 64: [1, 1, 1]}), 1) is None
+    assert per_stage_as_uniform(multi, 1) == 1 and per_stage_as_uniform(multi, 64) == 2
+    mixed = _recorded("multi_exit", {1: [1, 2, 1], 64: [2, 2, 2]})
+    assert per_stage_as_uniform(mixed, 1) is None and per_stage_as_uniform(mixed, 64) == 2
     # nothing recorded: no count to stand for
     assert per_stage_as_uniform({"kind": "static", "num_exits": 1}, 1) is None
