@@ -321,3 +321,24 @@ def test_per_stage_is_a_uniform_count_only_where_the_plan_of_the_batch_is_that_c
     assert per_stage_as_uniform(mixed, 1) is None and per_stage_as_uniform(mixed, 64) == 2
     # nothing recorded: no count to stand for
     assert per_stage_as_uniform({"kind": "static", "num_exits": 1}, 1) is None
+
+
+def test_stage_threads_measured_as_the_frontier_times_pause_before_each_pass(tmp_path, monkeypatch):
+    # with settle_s, every pass (each count, each round, each batch size) waits first and makes one untimed call,
+    # as the frontier's timing turns do: a count that wins back to back can lose after the pause
+    import dyncnn.export.runtime as rt
+    net = dyncnn.create_model("tiny_mobilenet", num_classes=10, in_chans=1, widths=[8, 16, 32]).eval()
+    export_bundle(net, tmp_path / "s", (1, 32, 32))
+    slept, passes = [], []
+    monkeypatch.setattr(rt.time, "sleep", slept.append)
+    real = rt.StaticBundle.stage_pass_ms
+    monkeypatch.setattr(rt.StaticBundle, "stage_pass_ms",
+                        lambda self, chunks: passes.append((self.threads, len(chunks))) or real(self, chunks))
+    images = np.random.rand(3, 1, 32, 32).astype(np.float32)
+    measure_stage_threads(tmp_path / "s", images, (1, 2), (1,), rounds=2, settle_s=0.05)
+    assert slept == [0.05] * 4                                   # 2 counts x 2 rounds
+    # warm-up (4 chunks each), then per round and count: the untimed call (1 chunk), the timed pass (3 chunks)
+    assert passes == [(1, 3), (2, 3), (1, 1), (1, 3), (2, 1), (2, 3), (2, 1), (2, 3), (1, 1), (1, 3)]
+    slept.clear()
+    measure_stage_threads(tmp_path / "s", images, (1, 2), (1,), rounds=2)
+    assert slept == []                                           # back to back by default

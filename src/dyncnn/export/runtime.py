@@ -505,14 +505,18 @@ def _batches(x: np.ndarray, b: int) -> list[np.ndarray]:
 
 
 def measure_stage_threads(folder: str | os.PathLike, images: Any, candidates: Sequence[int] = (1, 2),
-                          batch_sizes: Sequence[int] = (1,), rounds: int = 3, precision: str = "fp32"
-                          ) -> dict[int, dict[int, list[float]]]:
+                          batch_sizes: Sequence[int] = (1,), rounds: int = 3, precision: str = "fp32",
+                          settle_s: float = 0.0) -> dict[int, dict[int, list[float]]]:
     """Milliseconds per call of each stage of the bundle in ``folder`` (one stage: a static bundle's graph) with
     each of ``candidates`` intra-op thread counts, at each of ``batch_sizes``: ``{batch: {threads: [ms per
     stage]}}``, the median over ``rounds`` passes over ``images`` (N, C, H, W) at full depth, the thread counts
     interleaved within each round (rotated between rounds) after a warm-up pass, so that a change of load hits
     them alike; their sessions' threads spin or stop after a run as the per-stage driver's do (``load_bundle``'s
-    ``spin``). A batch larger than ``images`` repeats them. Feed it to :func:`record_stage_threads`."""
+    ``spin``). A batch larger than ``images`` repeats them. With ``settle_s``, each pass waits that long first
+    and makes one untimed call, as ``dyncnn frontier`` times: back to back, a 2-thread session of a small 64x64
+    network ran a batch of 64 in 0.34 ms (tiny-S /2: 0.60 with 1 thread), and after the frontier's pause in 0.65-1.73
+    ms (0.73-0.75 with 1 thread), so that the count recorded back to back lost in the frontier's timing by up to
+    2.3x. Feed it to :func:`record_stage_threads`."""
     if not candidates or not batch_sizes or rounds < 1:
         raise DyncnnError(f"give thread counts, batch sizes and rounds >= 1, got {candidates}, {batch_sizes}, "
                           f"{rounds}")
@@ -535,6 +539,9 @@ def measure_stage_threads(folder: str | os.PathLike, images: Any, candidates: Se
         for r in range(rounds):
             shift = r % len(keys)
             for t in keys[shift:] + keys[:shift]:
+                if settle_s:
+                    time.sleep(settle_s)
+                    bundles[t].stage_pass_ms(chunks[:1])    # untimed: caches warm again after the pause
                 per[t].append(bundles[t].stage_pass_ms(chunks))
         out[b] = {t: np.median(np.asarray(v), axis=0).tolist() for t, v in per.items()}
     return out

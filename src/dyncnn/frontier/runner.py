@@ -744,7 +744,8 @@ def _same(folder: Path) -> Callable[[int], int | None]:
 def _record_stage_threads(folder: Path, x_val: Tensor, s: FrontierSettings, policy: ExitPolicy | None = None
                           ) -> None:
     """With "per-stage" among ``s.threads``: measure on validation images, at each timed batch size, which of the
-    timed thread counts runs each stage of the bundle in ``folder`` fastest, and record it in its manifest. For a
+    timed thread counts runs each stage of the bundle in ``folder`` fastest, measured as the frontier times (each
+    pass after the pause of ``s.settle_s``, :func:`measure_stage_threads`), and record it in its manifest. For a
     multi-exit bundle with ``policy`` (its chosen operating point), each batch size takes instead the plan (a count
     per stage) that ran the whole bundle fastest at that batch size under that policy (:func:`measure_stage_plans`:
     one image at a time at batch 1; at batch 64 the later stages get only the rows that did not leave), in
@@ -754,8 +755,9 @@ def _record_stage_threads(folder: Path, x_val: Tensor, s: FrontierSettings, poli
         return
     plans = {}
     with torch_threads(max(s.thread_counts)):
-        measured = measure_stage_threads(folder, x_val[:2 * max(64, *s.batch_sizes)].numpy(), s.thread_counts,
-                                         s.batch_sizes, rounds=3)
+        # as the frontier times: PLAN_ROUNDS rounds, each pass after its pause, passes of 4 batches of the largest
+        measured = measure_stage_threads(folder, x_val[:4 * max(64, *s.batch_sizes)].numpy(), s.thread_counts,
+                                         s.batch_sizes, rounds=PLAN_ROUNDS, settle_s=s.settle_s)
         if policy is not None:
             for b in s.batch_sizes:
                 at = measured[b]                  # {threads: [ms per stage]} at batch b, full depth
