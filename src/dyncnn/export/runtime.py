@@ -82,8 +82,9 @@ def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int
     """Load the bundle in ``folder`` for ``precision`` ("fp32" or "int8") with ``threads`` ONNX Runtime threads,
     or with ``threads="per-stage"``: each stage's own session with the thread count recorded for it in the
     manifest (:func:`record_stage_threads`; in a run, that of the recorded batch size nearest the rows the run
-    started with, in every stage), or with a list of counts, one per stage. ``spin``: whether the threads of a multi-thread session keep
-    spinning after a run (ONNX Runtime's default) or stop when it ends (:func:`dyncnn.export.onnx.onnx_session`);
+    started with, in every stage), or with a list of counts, one per stage. ``spin``: whether the threads of a
+    multi-thread session keep spinning after a run (ONNX Runtime's default) or stop when it ends
+    (:func:`dyncnn.export.onnx.onnx_session`);
     None: they keep spinning in a static bundle (one graph: at most one of its sessions has a pool), and stop in a
     multi-exit bundle, where the pool of the stage that ran last would take the cores that the next stage's
     session runs on.
@@ -174,7 +175,8 @@ def per_stage_as_uniform(manifest: dict, batch: int) -> int | None:
     if stage_threads_table(manifest) is None:
         return None
     stages = int(manifest["num_exits"]) if manifest.get("kind") == "multi_exit" else 1
-    used = {[t for lo, t in steps if lo <= batch][-1] for steps in thread_plan(manifest, stages, THREADS_PER_STAGE)}
+    plan = thread_plan(manifest, stages, THREADS_PER_STAGE)
+    used = {_pick(steps[0][1], tuple(steps[1:]), batch) for steps in plan}     # the driver's choice (_pick)
     return used.pop() if len(used) == 1 else None
 
 
