@@ -725,3 +725,8 @@ def test_threads_per_stage_on_the_sessions_of_one_count_are_that_count_timed_onc
     assert "same_as" not in out["a"]["tper-stage_b4"] and "same_as" not in out["b"]["tper-stage_b1"]
     assert report._ms(out["a"]["tper-stage_b1"]).endswith("(= 1 thread)")
     assert "(=" not in report._ms(out["a"]["t1_b1"])
+    # a per-stage runner that no batch size times is never made (its sessions never loaded)
+    made = []
+    items = [runner.Timed("a", lambda t: made.append(t) or maker("a")(t), {1: 1, 4: 2}.get)]
+    out = runner.time_interleaved(items, np.zeros((8, 1, 4, 4), np.float32), s)
+    assert sorted(made) == [1, 2] and out["a"]["tper-stage_b4"]["same_as"] == "t2_b4"

@@ -460,14 +460,18 @@ def time_interleaved(items: Sequence[Timed], images: np.ndarray, s: FrontierSett
     out: dict[str, dict] = {it.key: {} for it in items}
     conds = list(s.threads)
     progress = _Progress(len(s.batch_sizes), log) if log else None
-    runners = {(it.key, t): it.make(t) for t in conds for it in items}
+    # per batch size, the items whose "per-stage" runner is a timed count's sessions: {key: count}
+    aliases = {b: {it.key: t for it in items if THREADS_PER_STAGE in conds and it.same is not None
+                   and (t := it.same(b)) in conds} for b in s.batch_sizes}
+    # a runner is made (its sessions loaded) only where some batch size times it
+    runners = {(it.key, t): it.make(t) for t in conds for it in items
+               if t != THREADS_PER_STAGE or any(it.key not in a for a in aliases.values())}
     settle = s.settle_s if any(t != 1 for t in conds) else 0.0     # one thread: no pool that could spin on
     keys = [it.key for it in items]
     for b in s.batch_sizes:
         n = min(s.batch_images, len(images)) // b * b if b > 1 else len(singles)
         chunks = singles if b == 1 else [images[i:i + b] for i in range(0, n, b)]
-        alias = {it.key: t for it in items if THREADS_PER_STAGE in conds and it.same is not None
-                 and (t := it.same(b)) in conds and t != THREADS_PER_STAGE}
+        alias = aliases[b]
         timed = {kt: fn for kt, fn in runners.items() if not (kt[1] == THREADS_PER_STAGE and kt[0] in alias)}
         for fn in timed.values():                          # warm-up: sessions, allocators, caches
             for c in chunks[:4]:
