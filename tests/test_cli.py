@@ -279,7 +279,7 @@ def test_anytime_eval_of_a_gated_model_says_it_has_no_exits(tmp_path, capsys):
     assert "need a multi-exit network; RoutingSuperNet has no exits" in capsys.readouterr().err
 
 
-def test_frontier_selection_z_reaches_the_settings_and_a_negative_one_is_refused(monkeypatch, tmp_path, capsys):
+def test_frontier_cli_passes_selection_z_and_cascade_last_and_refuses_a_negative_z(monkeypatch, tmp_path, capsys):
     import dyncnn.frontier.runner as runner
     from dyncnn.frontier.front import SELECTION_Z
     seen = []
@@ -287,5 +287,8 @@ def test_frontier_selection_z_reaches_the_settings_and_a_negative_one_is_refused
     assert main(["frontier", "--selection-z", "0", "--out", str(tmp_path)]) == 0
     assert main(["frontier", "--out", str(tmp_path)]) == 0
     assert [s.selection_z for s in seen] == [0.0, SELECTION_Z]
+    assert [s.cascade_last for s in seen] == ["reference", "reference"]
+    assert main(["frontier", "--cascade-last", "any", "--out", str(tmp_path)]) == 0
+    assert seen[-1].cascade_last == "any"
     assert main(["frontier", "--selection-z", "-1", "--out", str(tmp_path)]) == 2
     assert "selection_z must be a finite number >= 0" in capsys.readouterr().err

@@ -30,8 +30,10 @@ def test_the_report_names_the_selection_rule_of_the_run():
     results = _results(1.2, 1.2)
     assert "(the cheapest whose validation accuracy reaches the best static model's)" in render_markdown(results)
     results["settings"]["selection_z"] = 1.0
-    assert ("less 1 standard error of its paired difference from the best static model's, still reaches it"
+    assert ("less 1 standard error of its paired difference from the best static model's, still reaches it)"
             in render_markdown(results))
+    results["settings"]["cascade_last"] = "reference"
+    assert ("still reaches it; the searched cascades end with the best static model)" in render_markdown(results))
 
 
 def test_the_load_average_has_two_decimals():

@@ -314,6 +314,9 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
     assert set(search["member_ms"]) == {"small /2", "big"} and search["candidates"] == 1
     by_cost = sorted(search["member_ms"], key=search["member_ms"].get)        # members run cheapest first
     assert seed["dynamic"]["searched"]["members"] == by_cost == search["ranking"][0]["members"]
+    # the search's chains end with the best static model on validation, unless that one measured the cheapest
+    best = seed["best_static_by_val"]
+    assert search["last"] == (best if best == by_cost[-1] else None)
     assert seed["dynamic"]["searched"]["kind"] == "searched"
     assert all(p["offline_agrees"] == p["n_test"] for p in seed["dynamic"]["searched"]["points"])
     assert "Cascade search (validation split only)" in (tmp_path / "fr" / "frontier.md").read_text()
@@ -368,6 +371,12 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
         (tmp_path / "merged" / "frontier.md").read_text()
     with pytest.raises(ValueError, match="share a seed"):
         merge_runs([tmp_path / "fr", tmp_path / "fr"], tmp_path / "bad")
+    # a run that chose by another rule does not merge: the cascades searched differ
+    saved["seeds"][0]["seed"] = 2
+    saved["settings"]["cascade_last"] = "any"
+    (other / "frontier.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="cascade_last"):
+        merge_runs([tmp_path / "fr", other], tmp_path / "bad")
     # a second run reuses the finished checkpoints instead of training again
     again = run_frontier(s, log=lambda *a: None)
     assert all(v == 0.0 for v in again["seeds"][0]["training_seconds"].values())
@@ -383,6 +392,7 @@ def test_results_of_older_runs_are_upgraded_for_merging():
                       "dynamic": {"c": {"points": [{"ort": dict(timing)}, {"ort": dict(timing)}]}}}]}
     new = upgrade_results(old)
     assert new["settings"]["runtime"] == "onnxruntime"
+    assert new["settings"]["cascade_last"] == "any"         # the cascade search took any last member then
     entries = [new["seeds"][0]["static"]["a"], *new["seeds"][0]["dynamic"]["c"]["points"]]
     assert all(e == {"rt": timing} for e in entries)
 
@@ -390,6 +400,8 @@ def test_results_of_older_runs_are_upgraded_for_merging():
 def test_frontier_refuses_an_unknown_runtime(tmp_path):
     with pytest.raises(ValueError, match="runtime must be one of"):
         _tiny_settings(tmp_path, runtime="tflite")
+    with pytest.raises(ValueError, match="cascade_last must be one of"):
+        _tiny_settings(tmp_path, cascade_last="cheapest")
 
 
 def test_frontier_thread_settings_are_checked(tmp_path):
@@ -483,12 +495,9 @@ def test_cascade_search_picks_the_cheapest_cascade_that_reaches_the_target():
         search_cascades(logits, y, cost, target, z=1.0)
 
 
-def test_committee_search_scores_chains_by_the_fused_exits():
-    """``committee=True`` scores a chain by its fused exits (the members' summed log-probabilities): two models
-    that are each right on a different 70% of the images, and as confident when wrong as when right (so no
-    threshold can route between them), reach together what neither reaches alone: the fused cascade's search
-    finds the chain that the plain search cannot use."""
-    from dyncnn.frontier.search import committee_logits, search_cascades
+def _complementary_models() -> tuple[dict, torch.Tensor, dict]:
+    """Logits of two cheap models "a" and "b", each right on a different 70% of 400 images and as confident when
+    wrong as when right (so no threshold can route between them), and of a costly "ref" right on 80%; their costs."""
     n, y = 400, torch.arange(400) % 10
     idx = torch.arange(n)
 
@@ -500,7 +509,15 @@ def test_committee_search_scores_chains_by_the_fused_exits():
         return logits
     a_right, b_right = idx % 10 < 7, idx % 10 >= 3                   # both right on 40%, one of them on 60%
     logits = {"a": model(a_right, 1), "b": model(b_right, 2), "ref": model(idx % 10 < 8, 3)}
-    cost = {"a": 1.0, "b": 2.0, "ref": 10.0}
+    return logits, y, {"a": 1.0, "b": 2.0, "ref": 10.0}
+
+
+def test_committee_search_scores_chains_by_the_fused_exits():
+    """``committee=True`` scores a chain by its fused exits (the members' summed log-probabilities): two models
+    that are each right on a different 70% of the images reach together what neither reaches alone: the fused
+    cascade's search finds the chain that the plain search cannot use."""
+    from dyncnn.frontier.search import committee_logits, search_cascades
+    logits, y, cost = _complementary_models()
     summed = committee_logits([logits["a"], logits["b"]])
     torch.testing.assert_close(summed[1], (logits["a"].double().log_softmax(1) + logits["b"].double().log_softmax(1)))
     assert float((summed[1].argmax(1) == y).double().mean()) == 1.0       # right wherever either is
@@ -509,6 +526,26 @@ def test_committee_search_scores_chains_by_the_fused_exits():
     fused = {tuple(r["members"]): r for r in search_cascades(logits, y, cost, target, committee=True)}
     assert not plain["a", "b"]["reaches"] and fused["a", "b"]["reaches"]
     assert search_cascades(logits, y, cost, target, committee=True)[0]["members"] == ["a", "b"]
+
+
+def test_cascade_search_with_last_scores_only_the_chains_that_end_with_that_model():
+    """``last`` (the frontier passes the best static model): the pair ``a -> b`` that wins the fused search above
+    does not end with the reference and is not scored; every chain scored ends with it, each with the operating
+    point it has without the rule."""
+    from dyncnn.frontier.search import search_cascades
+    logits, y, cost = _complementary_models()
+    target = 0.75
+    for committee in (False, True):
+        every = {tuple(r["members"]): r for r in search_cascades(logits, y, cost, target, committee=committee)}
+        ending = search_cascades(logits, y, cost, target, committee=committee, last="ref")
+        assert [tuple(r["members"]) for r in ending] != [] and all(r["members"][-1] == "ref" for r in ending)
+        assert {tuple(r["members"]) for r in ending} == {("a", "ref"), ("b", "ref"), ("a", "b", "ref")}
+        assert all(r == every[tuple(r["members"])] for r in ending)
+    assert search_cascades(logits, y, cost, target, committee=True)[0]["members"] == ["a", "b"]
+    with pytest.raises(ValueError, match="names none"):
+        search_cascades(logits, y, cost, target, last="nope")
+    with pytest.raises(ValueError, match="cheapest"):          # a cascade's members run cheapest first
+        search_cascades(logits, y, cost, target, last="a")
 
 
 def test_temperatures_fit_on_logits_made_in_inference_mode():

@@ -45,6 +45,9 @@ def add_parser(sub) -> None:
                    help="operating points reach the best static model's validation accuracy when their paired "
                         "lower bound (accuracy difference less this many standard errors) is >= 0; 0: the point "
                         "rule (default: 1)")
+    p.add_argument("--cascade-last", choices=["reference", "any"], default="reference",
+                   help="the searched cascades end with the best static model on validation (reference), or with "
+                        "any model (any)")
     p.add_argument("--exclude", nargs="+", default=(), metavar="LABEL",
                    help="leave out these dynamic models of the preset (their labels, as the report prints them)")
     p.add_argument("--only-train", action="store_true", help="train (or resume) every model and stop")
@@ -79,7 +82,7 @@ def run(args) -> int:
                                 device=args.device, only_train=args.only_train, lr=args.lr,
                                 exclude=tuple(args.exclude), test_repeats=args.test_repeats, runtime=args.runtime,
                                 dataset=args.dataset,
-                                data_root=args.data_root,
+                                data_root=args.data_root, cascade_last=args.cascade_last,
                                 **({} if args.selection_z is None else {"selection_z": args.selection_z}))
     run_frontier(settings)
     return 0

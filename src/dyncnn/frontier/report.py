@@ -50,12 +50,15 @@ def _load_average(load) -> str:
 
 
 def selection_words(settings: dict) -> str:
-    """How the run chose on validation (``selection_z``; results written before it: the point rule)."""
+    """How the run chose on validation (``selection_z``; results written before it: the point rule; and
+    ``cascade_last``)."""
     z = settings.get("selection_z", 0.0)
+    last = ("; the searched cascades end with the best static model"
+            if settings.get("cascade_last", "any") == "reference" else "")
     if not z:
-        return "the cheapest whose validation accuracy reaches the best static model's"
+        return f"the cheapest whose validation accuracy reaches the best static model's{last}"
     return (f"the cheapest whose validation accuracy, less {z:g} standard error{'s' if z != 1 else ''} of its paired "
-            "difference from the best static model's, still reaches it")
+            f"difference from the best static model's, still reaches it{last}")
 
 
 def headline(results: dict) -> str:
@@ -141,7 +144,9 @@ def render_markdown(results: dict) -> str:
         if sd.get("cascade_search"):
             cs = sd["cascade_search"]
             lines += ["", "### Cascade search (validation split only)", "",
-                      f"{cs['candidates']} cascades of 2-3 static models scored on validation logits with the "
+                      f"{cs['candidates']} cascades of 2-3 static models"
+                      + (f" ending with {cs['last']}" if cs.get("last") else "")
+                      + " scored on validation logits with the "
                       f"members' batch-1 {rt_short} latencies ({cs['threads']} thread(s), validation images): "
                       + ", ".join(f"{k} {v:.3f} ms" for k, v in cs["member_ms"].items()) + ". The cheapest "
                       "reaching the best static validation accuracy was built and timed:", "",

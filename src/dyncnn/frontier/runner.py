@@ -215,6 +215,7 @@ def presets(canvas: int) -> dict[str, dict]:
 
 PRESETS = ("demo", "full", "phone", "headline")
 SETTLE_S = 0.2      # seconds each timed item waits before its turn with more than one thread (time_interleaved)
+CASCADE_LAST = ("reference", "any")   # what the searched cascades end with (FrontierSettings.cascade_last)
 PLAN_ROUNDS = 5     # paired rounds of the plans of thread counts (fewer let a lucky plan through: pick_plan)
 
 
@@ -242,6 +243,7 @@ class FrontierSettings:
     runtime: str = "onnxruntime"    # where bundles are timed: "onnxruntime" or "executorch" (XNNPACK)
     curve_points: int = 6           # operating points per dynamic model on the plot (besides the chosen one)
     selection_z: float = SELECTION_Z   # paired lower bound against the best static model; 0: the point rule
+    cascade_last: str = "reference"    # searched cascades end with the best static model ("any": with any model)
     train_threads: int | None = None
     only_train: bool = False
     models: dict | None = None      # {"static": [...], "dynamic": [...]} instead of the preset (tests)
@@ -275,6 +277,8 @@ class FrontierSettings:
             raise ValueError(f"rounds must be >= 3 (median and IQR over rounds), got {self.rounds}")
         if not (self.selection_z >= 0 and math.isfinite(self.selection_z)):
             raise ValueError(f"selection_z must be a finite number >= 0 (0: the point rule), got {self.selection_z}")
+        if self.cascade_last not in CASCADE_LAST:
+            raise ValueError(f"cascade_last must be one of {CASCADE_LAST}, got {self.cascade_last!r}")
         check_frontier_data(self.dataset, self.data_root, self.canvas)
         self.exclude = tuple(self.exclude)
         if self.exclude:
@@ -618,7 +622,8 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
                                                 target_val, t_cost, spec.get("max_members", 3), log, seed,
                                                 z=s.selection_z, reference=best_static,
                                                 cost=done["member_ms"] if done else None,
-                                                committee=key == "fused_search")
+                                                committee=key == "fused_search",
+                                                last=best_static if s.cascade_last == "reference" else None)
                 result[key] = searches[key]
             members = searches[key]["ranking"][0]["members"]
             if kind == "fused":
@@ -804,20 +809,24 @@ def _members_ms(bundles: dict[str, Any], images: np.ndarray, rounds: int = 7) ->
 def _search_members(val_logits: dict[str, Tensor], val_y: Tensor, bundle: Callable, x_val: Tensor,
                     target_val: float, threads: int, max_members: int, log, seed: int, z: float = 0.0,
                     reference: str | None = None, cost: dict[str, float] | None = None,
-                    committee: bool = False) -> dict:
+                    committee: bool = False, last: str | None = None) -> dict:
     """The members of the searched cascade, on the validation split: every static model's validation logits
     (eager) and its batch-1 latency in the runtime (its exported bundle, ``threads`` threads, validation images,
     interleaved rounds: :func:`_members_ms`; or ``cost``, measured before), then
-    :func:`~dyncnn.frontier.search.search_cascades` (``committee``: chains scored as fused cascades)."""
+    :func:`~dyncnn.frontier.search.search_cascades` (``committee``: chains scored as fused cascades; ``last``:
+    only the chains that end with that model, unless it measured the cheapest, when no chain can)."""
     if cost is None:
         with torch_threads(threads):
             cost = _members_ms({label: bundle(label) for label in val_logits}, x_val[:64].numpy())
+    if last is not None and not any(cost[k] < cost[last] for k in val_logits):
+        log(f"  seed {seed}: {last} measured the cheapest model: the cascades searched end with any model")
+        last = None
     ranking = search_cascades(val_logits, val_y, cost, target_val, max_members, z=z, reference=reference,
-                              committee=committee)
+                              committee=committee, last=last)
     log(f"  seed {seed}: {'fused ' if committee else ''}cascade searched on validation: "
         f"{' -> '.join(ranking[0]['members'])} (predicted {ranking[0]['val_cost']:.3f} ms per image, validation "
         f"accuracy {ranking[0]['val_accuracy']:.4f})")
-    return {"member_ms": cost, "threads": threads, "ranking": ranking[:10], "candidates": len(ranking)}
+    return {"member_ms": cost, "threads": threads, "ranking": ranking[:10], "candidates": len(ranking), "last": last}
 
 
 class _AsExits(nn.Module):
@@ -949,9 +958,10 @@ def write_outputs(results: dict, out: Path) -> None:
 
 
 def upgrade_results(run: dict) -> dict:
-    """Results written before the runtime became a setting: ONNX Runtime timings under ``"ort"`` move to ``"rt"``
-    (in place; returns ``run``)."""
+    """Results written before the runtime became a setting: ONNX Runtime timings under ``"ort"`` move to ``"rt"``;
+    before ``cascade_last``, the cascade search took any last member (in place; returns ``run``)."""
     run["settings"].setdefault("runtime", "onnxruntime")
+    run["settings"].setdefault("cascade_last", "any")
     for sd in run["seeds"]:
         entries = [*sd["static"].values(), *(p for d in sd["dynamic"].values() for p in d["points"])]
         for e in entries:
@@ -966,7 +976,7 @@ def merge_runs(folders: Sequence[str | Path], out: str | Path) -> dict:
     runs = [upgrade_results(read_json(Path(f) / "frontier.json", "frontier results")) for f in folders]
     first = runs[0]
     keys = ("preset", "canvas", "clutter", "data_seed", "epochs", "threads", "batch_sizes", "test_repeats",
-            "runtime")
+            "runtime", "selection_z", "cascade_last")
     for f, r in zip(folders, runs):
         diff = [k for k in keys + ("dataset", "data_root") if r["settings"].get(k) != first["settings"].get(k)]
         if diff or set(r["seeds"][0]["dynamic"]) != set(first["seeds"][0]["dynamic"]):

@@ -7,7 +7,8 @@
 - :func:`search_cascades`: which trained static networks to chain. Every 2- and 3-member cascade of the static
   models, cheapest first, is scored on the validation split (member logits computed once, per-member
   temperatures, the grid above, the members' measured batch-1 latencies as the cost); the cascade to build is
-  the one whose cheapest operating point reaching the target validation accuracy costs least. This is what a
+  the one whose cheapest operating point reaching the target validation accuracy costs least (the frontier
+  searches only the cascades that end with the best static model: ``last``). This is what a
   practitioner does with a zoo of trained models ("Wisdom of Committees", Wang et al., ICLR 2022), and it reads
   no test figure.
 - :func:`with_paired_counts`: each candidate's wins and losses against a reference model on the same validation
@@ -103,9 +104,11 @@ def committee_logits(logits: Sequence[Tensor]) -> list[Tensor]:
 
 def search_cascades(val_logits: Mapping[str, Tensor], val_targets: Tensor, cost: Mapping[str, float],
                     target_accuracy: float, max_members: int = 3, points: int = 21, z: float = 0.0,
-                    reference: str | None = None, committee: bool = False) -> list[dict]:
+                    reference: str | None = None, committee: bool = False, last: str | None = None) -> list[dict]:
     """Score every cascade of 2..``max_members`` of the given models (``val_logits``: label -> (N, C) validation
-    logits; ``cost``: label -> latency of running that model on one image), members in increasing ``cost``.
+    logits; ``cost``: label -> latency of running that model on one image), members in increasing ``cost``;
+    with ``last``, only the cascades that end with that model (the frontier passes its reference, the best static
+    model on validation: the images no cheaper member is sure of then reach the network the cascade must match).
 
     Each cascade's operating point is chosen by :func:`~dyncnn.frontier.front.select_on_validation` among its
     :func:`grid_candidates` (exit cost = the running sum of its members' costs); with ``z > 0``, by the paired
@@ -122,6 +125,11 @@ def search_cascades(val_logits: Mapping[str, Tensor], val_targets: Tensor, cost:
     if z > 0 and reference not in val_logits:
         raise ValueError(f"the paired rule (z={z}) needs the reference among the models {sorted(val_logits)}, "
                          f"got {reference!r}")
+    if last is not None and last not in val_logits:
+        raise ValueError(f"last={last!r} names none of the models {sorted(val_logits)}")
+    if last is not None and not any(cost[k] < cost[last] for k in val_logits):
+        raise ValueError(f"no cascade ends with {last!r}: it is the cheapest model ({cost[last]:g}); a cascade's "
+                         f"members run cheapest first")
     labels = sorted(val_logits, key=lambda k: cost[k])
     y = torch.as_tensor(val_targets)
     temps = {k: fit_temperatures(val_logits[k][None], y)[0] for k in labels}
@@ -130,6 +138,8 @@ def search_cascades(val_logits: Mapping[str, Tensor], val_targets: Tensor, cost:
     rows = []
     for n in range(2, min(max_members, len(labels)) + 1):
         for combo in itertools.combinations(labels, n):
+            if last is not None and combo[-1] != last:
+                continue
             cum = list(itertools.accumulate(cost[k] for k in combo))
             if committee:
                 exits = torch.stack(committee_logits([val_logits[k] for k in combo]))
