@@ -54,12 +54,14 @@ def _rebuild(s: FrontierSettings, seed: int, label: str, members: list[str] | No
 
 #: The demo's first line. With three networks (tiny-S /4, tiny-M /2, tiny-M) the selected cascade lost: 0.86x the
 #: static front at batch 1 and 0.99x at batch 64 (1 thread, idle machine, issue 29); with tiny-L and the cascade
-#: search it won in one run (1.14x, 1.34x, 0.83 points below the best static accuracy; docs/choosing.md).
+#: search it won in one run (1.14x, 1.34x, 0.83 points below the best static accuracy; docs/choosing.md), and on an
+#: idle AMD EPYC (2026-12-07, cascades ending with the best static model) 1.46x / 1.66x, +0.47 points, in 2 min 44 s.
 SCALE_NOTE = ("dyncnn demo: a small frontier (4 static networks on 64x64 digits, 5 epochs, one training seed). At "
               "this scale a dynamic model wins narrowly if at all: the networks run in 0.04-0.3 ms per image, so the "
               "fixed cost of each runtime call is a large share of the work, and the choice rests on 1,000 "
-              "validation images. The last line says whether it won in this run; the 2x result is `dyncnn frontier "
-              "--preset phone` (docs/choosing.md).")
+              "validation images. The last line says whether it won in this run; the comparison over 3 training "
+              "seeds and 2 data configurations at 128x128 is `dyncnn frontier --preset headline` "
+              "(docs/choosing.md).")
 
 
 def verdict(results: dict, conditions=("t1_b1", "t1_b64")) -> str:
