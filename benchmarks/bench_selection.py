@@ -35,7 +35,7 @@ import torch
 from dyncnn.data import ScaledMNIST
 from dyncnn.dynamic.budget import assign_exits, exit_scores, fit_temperatures
 from dyncnn.frontier.runner import _slug, build_static, presets
-from dyncnn.frontier.search import search_cascades
+from dyncnn.frontier.search import can_end_cascade, search_cascades
 from dyncnn.profile import count_macs
 from dyncnn.train.checkpoint import load_checkpoint, read_checkpoint
 
@@ -64,7 +64,7 @@ def one_split(logits: dict, macs: dict, y: torch.Tensor, a: torch.Tensor, b: tor
     model on ``a``), score on rows ``b``."""
     acc = {k: lambda rows, k=k: float((logits[k][rows].argmax(1) == y[rows]).double().mean()) for k in logits}
     reference = max(logits, key=lambda k: acc[k](a))
-    ends = reference if last == "reference" and any(macs[k] < macs[reference] for k in macs) else None
+    ends = reference if last == "reference" and can_end_cascade(macs, reference) else None
     ranking = search_cascades({k: v[a] for k, v in logits.items()}, y[a], macs, acc[reference](a), z=z,
                               reference=reference, last=ends)
     top = ranking[0]

@@ -55,7 +55,7 @@ from ..train.checkpoint import atomic_write_text, load_checkpoint, read_checkpoi
 from ..train.recipes.stagewise import fit_stagewise
 from .report import RUNTIME_NAMES
 from .front import SELECTION_Z, Point, pareto_front, reaches_target, select_on_validation, speedup_at_equal_accuracy
-from .search import grid_candidates, search_cascades, with_paired_counts
+from .search import can_end_cascade, grid_candidates, search_cascades, with_paired_counts
 
 # -- what is compared ------------------------------------------------------------------------------------------
 
@@ -818,7 +818,7 @@ def _search_members(val_logits: dict[str, Tensor], val_y: Tensor, bundle: Callab
     if cost is None:
         with torch_threads(threads):
             cost = _members_ms({label: bundle(label) for label in val_logits}, x_val[:64].numpy())
-    if last is not None and not any(cost[k] < cost[last] for k in val_logits):
+    if last is not None and not can_end_cascade(cost, last):
         log(f"  seed {seed}: {last} measured the cheapest model: the cascades searched end with any model")
         last = None
     ranking = search_cascades(val_logits, val_y, cost, target_val, max_members, z=z, reference=reference,

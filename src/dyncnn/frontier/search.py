@@ -102,6 +102,12 @@ def committee_logits(logits: Sequence[Tensor]) -> list[Tensor]:
     return out
 
 
+def can_end_cascade(cost: Mapping[str, float], label: str) -> bool:
+    """Whether some cascade of the models in ``cost`` ends with ``label``: members run cheapest first, so one that
+    costs less must exist."""
+    return any(c < cost[label] for c in cost.values())
+
+
 def search_cascades(val_logits: Mapping[str, Tensor], val_targets: Tensor, cost: Mapping[str, float],
                     target_accuracy: float, max_members: int = 3, points: int = 21, z: float = 0.0,
                     reference: str | None = None, committee: bool = False, last: str | None = None) -> list[dict]:
@@ -127,7 +133,7 @@ def search_cascades(val_logits: Mapping[str, Tensor], val_targets: Tensor, cost:
                          f"got {reference!r}")
     if last is not None and last not in val_logits:
         raise ValueError(f"last={last!r} names none of the models {sorted(val_logits)}")
-    if last is not None and not any(cost[k] < cost[last] for k in val_logits):
+    if last is not None and not can_end_cascade(cost, last):
         raise ValueError(f"no cascade ends with {last!r}: it is the cheapest model ({cost[last]:g}); a cascade's "
                          f"members run cheapest first")
     labels = sorted(val_logits, key=lambda k: cost[k])
