@@ -548,6 +548,25 @@ def test_cascade_search_with_last_scores_only_the_chains_that_end_with_that_mode
         search_cascades(logits, y, cost, target, last="a")
 
 
+def test_the_frontier_searches_every_chain_when_its_reference_measured_the_cheapest():
+    """``_search_members(last=...)`` on measured costs: with the reference costliest, every chain ends with it;
+    where the reference measured the cheapest (no chain can end with it), the run says so and searches every
+    chain instead of failing."""
+    from dyncnn.frontier.runner import _search_members
+    logits, y, cost = _complementary_models()
+    lines = []
+
+    def search(last):
+        return _search_members(logits, y, None, None, 0.75, 1, 3, lines.append, 0, cost=cost, last=last)
+    ending = search("ref")
+    assert ending["last"] == "ref" and all(r["members"][-1] == "ref" for r in ending["ranking"])
+    assert ending["candidates"] == 3 and not any("cheapest" in ln for ln in lines)
+    fallback = search("a")
+    assert fallback["last"] is None and fallback["candidates"] == 4          # 3 pairs and 1 triple
+    assert any(r["members"][-1] != "ref" for r in fallback["ranking"])
+    assert any("a measured the cheapest model" in ln for ln in lines)
+
+
 def test_temperatures_fit_on_logits_made_in_inference_mode():
     """Logits collected under torch.inference_mode (as a user's evaluation loop makes them) used to fail in the
     LBFGS fit ("Inference tensors cannot be saved for backward"); they give the same temperatures as plain ones."""
