@@ -16,8 +16,8 @@ from dyncnn.dynamic.policy import ExitPolicy
 from dyncnn.errors import DyncnnError
 from dyncnn.export import export_bundle, load_bundle
 from dyncnn.export.runtime import BundleError, record_stage_latency, stage_latency_table
-from dyncnn.frontier import (Point, front_latency_at, paired_lower_bound, pareto_front, select_on_validation,
-                             speedup_at_equal_accuracy)
+from dyncnn.frontier import (Point, best_on_validation, front_latency_at, paired_lower_bound, pareto_front,
+                             select_on_validation, speedup_at_equal_accuracy)
 from dyncnn.train.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -62,6 +62,19 @@ def test_selection_reads_validation_figures_only():
     assert select_on_validation(cands, 0.99)["val_accuracy"] == 0.95     # none reaches: the most accurate
     with pytest.raises(ValueError):
         select_on_validation([], 0.9)
+
+
+def test_the_best_static_model_on_validation_breaks_an_accuracy_tie_by_the_lower_validation_loss():
+    models = {"tiny-M": {"val_accuracy": 0.938, "val_loss": 0.2443, "test_accuracy": 0.99},
+              "mnv3-small": {"val_accuracy": 0.938, "val_loss": 0.2391, "test_accuracy": 0.10},
+              "tiny-XL /2": {"val_accuracy": 0.920, "val_loss": 0.1000}}
+    assert best_on_validation(models) == "mnv3-small"          # the tie goes to the loss, never to test figures
+    models["tiny-M"]["val_accuracy"] = 0.939                   # accuracy first: a lower loss does not outrank it
+    assert best_on_validation(models) == "tiny-M"
+    old = {"a": {"val_accuracy": 0.9}, "b": {"val_accuracy": 0.9}, "c": {"val_accuracy": 0.8}}
+    assert best_on_validation(old) == "a"                      # results without losses: the first of the tied
+    with pytest.raises(ValueError, match="no models"):
+        best_on_validation({})
 
 
 def test_paired_lower_bound_is_the_gap_less_z_standard_errors_of_the_discordant_pairs():
@@ -303,6 +316,8 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
     saved = json.loads((tmp_path / "fr" / "frontier.json").read_text())
     seed = saved["seeds"][0]
     assert set(seed["static"]) == {"small /2", "big"}
+    assert all(v["val_loss"] > 0 for v in seed["static"].values())
+    assert seed["best_static_by_val"] == best_on_validation(seed["static"])
     assert saved["summary"]["selected"] in ("cascade", "searched", "fused", "fused, own search", "ranet",
                                             "multi-stage")
     points = seed["dynamic"]["cascade"]["points"]

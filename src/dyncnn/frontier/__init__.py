@@ -6,11 +6,11 @@ or ExecuTorch.
   (``dyncnn frontier``, ``benchmarks/bench_frontier.py``);
 - :mod:`.report`: ``frontier.md`` and ``frontier.png``.
 """
-from .front import (Point, Speedup, front_latency_at, paired_lower_bound, pareto_front, select_on_validation,
-                    speedup_at_equal_accuracy)
+from .front import (Point, Speedup, best_on_validation, front_latency_at, paired_lower_bound, pareto_front,
+                    select_on_validation, speedup_at_equal_accuracy)
 
 __all__ = ["Point", "Speedup", "pareto_front", "front_latency_at", "speedup_at_equal_accuracy",
-           "select_on_validation", "paired_lower_bound", "FrontierSettings", "run_frontier"]
+           "select_on_validation", "best_on_validation", "paired_lower_bound", "FrontierSettings", "run_frontier"]
 
 
 def __getattr__(name):          # the runner imports training and export: only when asked for

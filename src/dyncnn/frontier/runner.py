@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..data import ScaledMNIST, get_dataset
@@ -54,7 +55,8 @@ from ..train import TrainConfig, Trainer, evaluate
 from ..train.checkpoint import atomic_write_text, load_checkpoint, read_checkpoint, save_checkpoint
 from ..train.recipes.stagewise import fit_stagewise
 from .report import RUNTIME_NAMES
-from .front import SELECTION_Z, Point, pareto_front, reaches_target, select_on_validation, speedup_at_equal_accuracy
+from .front import (SELECTION_Z, Point, best_on_validation, pareto_front, reaches_target, select_on_validation,
+                    speedup_at_equal_accuracy)
 from .search import can_end_cascade, grid_candidates, search_cascades, with_paired_counts
 
 # -- what is compared ------------------------------------------------------------------------------------------
@@ -595,15 +597,17 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
             export_bundle(net, folder, tuple(x_test.shape[1:]), **_export_options(s))
             static_val_logits[label] = collect_exit_logits(_AsExits(net).eval(), val)[0][0]
             acc_val = float((static_val_logits[label].argmax(1) == val_y).double().mean())
+            loss_val = float(F.cross_entropy(static_val_logits[label].double(), val_y))
             acc_test = evaluate(net, test)["acc"]
             macs = count_macs(net, x_test[:1]).per_sample
-            result["static"][label] = {"val_accuracy": acc_val, "test_accuracy": acc_test, "macs": macs,
+            result["static"][label] = {"val_accuracy": acc_val, "val_loss": loss_val, "test_accuracy": acc_test,
+                                       "macs": macs,
                                        "params": sum(p.numel() for p in net.parameters())}
             _record_stage_threads(folder, x_val, s)
             timed.append(Timed(f"static|{label}", lambda t, f=folder: bundle_of(f, t).run_numpy, _same(folder)))
             eager_timed.append(Timed(f"static|{label}", lambda t, m=net: _eager_static(m)))
             prepared.step(f"{label}: exported and evaluated")
-    best_static = max(result["static"], key=lambda k: result["static"][k]["val_accuracy"])
+    best_static = best_on_validation(result["static"])
     target_val = result["static"][best_static]["val_accuracy"]
     result["best_static_by_val"] = best_static
     reference_correct = static_val_logits[best_static].argmax(1) == val_y
