@@ -31,31 +31,20 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.nn import functional as F
 
-from dyncnn.data import ScaledMNIST
 from dyncnn.dynamic.budget import assign_exits, exit_scores, fit_temperatures
-from dyncnn.frontier.runner import _slug, build_static, presets
+from dyncnn.frontier.front import best_on_validation
 from dyncnn.frontier.search import can_end_cascade, search_cascades
-from dyncnn.profile import count_macs
-from dyncnn.train.checkpoint import load_checkpoint, read_checkpoint
+
+from _finished_run import skipped, static_logits
 
 
-def seed_logits(run: Path, seed_dir: Path, preset: str, val_repeats: int) -> tuple[dict, dict, torch.Tensor, int]:
-    """Validation logits and MACs per image of every static model of ``preset`` trained in ``seed_dir``."""
-    first = next(seed_dir.glob("*/last.safetensors"))
-    data = read_checkpoint(first)[1]["data"]
-    specs = presets(data["canvas"])[preset]["static"]
-    val = ScaledMNIST("val", canvas=data["canvas"], clutter=data["clutter"], seed=data["seed"], repeats=val_repeats)
-    x = val.images.float() / 255
-    logits, macs = {}, {}
-    with torch.inference_mode():
-        for spec in specs:
-            net = build_static(spec)
-            load_checkpoint(seed_dir / _slug(spec["label"]) / "last.safetensors", net)
-            net.eval()
-            logits[spec["label"]] = torch.cat([net(x[i:i + 250]) for i in range(0, len(x), 250)]).clone()
-            macs[spec["label"]] = count_macs(net, x[:1]).per_sample
-    return logits, macs, val.targets, len(val) // val_repeats
+def seed_logits(seed_dir: Path, preset: str, val_repeats: int) -> tuple[dict, dict, torch.Tensor, int]:
+    """Validation logits and MACs per image of every static model of ``preset`` trained in ``seed_dir``, and the
+    number of validation digits."""
+    logits, macs, y = static_logits(seed_dir, preset, "val", val_repeats)
+    return logits, macs, y, len(y) // val_repeats
 
 
 def one_split(logits: dict, macs: dict, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, z: float,
@@ -63,7 +52,8 @@ def one_split(logits: dict, macs: dict, y: torch.Tensor, a: torch.Tensor, b: tor
     """Choose on rows ``a`` with rule ``z`` (``last``: "reference", only the cascades ending with the best static
     model on ``a``), score on rows ``b``."""
     acc = {k: lambda rows, k=k: float((logits[k][rows].argmax(1) == y[rows]).double().mean()) for k in logits}
-    reference = max(logits, key=lambda k: acc[k](a))
+    reference = best_on_validation({k: {"val_accuracy": acc[k](a), "val_loss": float(F.cross_entropy(
+        logits[k][a].double(), y[a]))} for k in logits})       # as the frontier chooses its reference
     ends = reference if last == "reference" and can_end_cascade(macs, reference) else None
     ranking = search_cascades({k: v[a] for k, v in logits.items()}, y[a], macs, acc[reference](a), z=z,
                               reference=reference, last=ends)
@@ -83,7 +73,8 @@ def one_split(logits: dict, macs: dict, y: torch.Tensor, a: torch.Tensor, b: tor
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", type=Path, help="--out folders of `dyncnn frontier --only-train`")
+    p.add_argument("runs", nargs="*", type=Path, help="--out folders of `dyncnn frontier --only-train`; without "
+                                                    "any (as in `make bench`) the script says so and skips")
     p.add_argument("--preset", default="demo")
     p.add_argument("--splits", type=int, default=40)
     p.add_argument("--val-repeats", type=int, default=2, help="as the frontier's FrontierSettings.val_repeats")
@@ -91,11 +82,14 @@ def main(argv=None) -> int:
     p.add_argument("--last", nargs="+", default=["any"], choices=["any", "reference"],
                    help="the cascades searched: every chain (any), or those ending with the best static model")
     args = p.parse_args(argv)
+    if not args.runs:
+        skipped(__file__, "give one or more run folders as arguments")
+        return 0
     rules = [(z, last) for last in args.last for z in args.z]
     rows: dict[tuple, list[dict]] = {r: [] for r in rules}
     for run in args.runs:
         for seed_dir in sorted((run / "models").glob("seed*")):
-            logits, macs, y, digits = seed_logits(run, seed_dir, args.preset, args.val_repeats)
+            logits, macs, y, digits = seed_logits(seed_dir, args.preset, args.val_repeats)
             g = torch.Generator().manual_seed(1234)
             for _ in range(args.splits):
                 half = torch.randperm(digits, generator=g)[:digits // 2]
