@@ -311,6 +311,8 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
     # a line per batch size: runtime (1 thread and per stage, paired in the same rounds), eager
     assert sum("models timed in" in ln for ln in lines) == 2 + 2
     assert sum("ONNX Runtime batch 1, threads 1, per-stage: " in ln for ln in lines) == 1
+    # the threads per stage of every bundle, measured together once all are exported (their rounds interleaved)
+    assert sum("measuring threads per stage of 8 bundles" in ln for ln in lines) == 1
     for name in ("frontier.json", "frontier.md", "frontier.png"):
         assert (tmp_path / "fr" / name).stat().st_size > 500
     saved = json.loads((tmp_path / "fr" / "frontier.json").read_text())

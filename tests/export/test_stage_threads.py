@@ -342,3 +342,36 @@ def test_stage_threads_measured_as_the_frontier_times_pause_before_each_pass(tmp
     slept.clear()
     measure_stage_threads(tmp_path / "s", images, (1, 2), (1,), rounds=2)
     assert slept == []                                           # back to back by default
+
+
+def test_several_bundles_measured_together_take_turns_in_every_round(tmp_path, multi, monkeypatch):
+    # a slow phase of the machine lasts seconds: measured together, each bundle's rounds are spread over the whole
+    # measurement (every bundle takes its turn in each round, their order rotated), instead of lying back to back
+    import dyncnn.export.runtime as rt
+    from dyncnn.export.runtime import measure_stage_plans, measure_stage_plans_many, measure_stage_threads_many
+    model, policy, folder = multi
+    net = dyncnn.create_model("tiny_mobilenet", num_classes=10, in_chans=1, widths=[8, 16, 32]).eval()
+    export_bundle(net, tmp_path / "s", (1, 32, 32))
+    images = np.random.rand(4, 1, 32, 32).astype(np.float32)
+    order = []
+    for cls in (rt.StaticBundle, rt.DynamicBundle):
+        real = cls.stage_pass_ms
+        monkeypatch.setattr(cls, "stage_pass_ms", lambda self, chunks, real=real: order.append(
+            (self.folder.name, self.threads, len(chunks))) or real(self, chunks))
+    found = measure_stage_threads_many([tmp_path / "s", folder], images, (1, 2), (1,), rounds=2)
+    assert [sorted(f[1]) for f in found] == [[1, 2], [1, 2]]
+    assert len(found[0][1][1]) == 1 and len(found[1][1][1]) == 3        # the static graph; the three stages
+    timed = [(name, t) for name, t, n in order if n == 4]                  # the timed passes (warm-up: 4 chunks too)
+    assert timed[4:] == [("s", 1), ("s", 2), ("b", 1), ("b", 2),          # round 0: both bundles, in order
+                         ("b", 2), ("b", 1), ("s", 2), ("s", 1)]          # round 1: both orders rotated
+    # the plans of several multi-exit bundles: one result each, as measured alone
+    other = tmp_path / "b2"
+    export_bundle(model, other, (1, 32, 32), policy=policy)
+    both = measure_stage_plans_many([(folder, policy, ()), (other, None, [(2, 1, 1)])], images, (1, 2), rounds=2,
+                                    per_round=True)
+    alone = measure_stage_plans(folder, images, (1, 2), policy, rounds=2, per_round=True)
+    assert sorted(both[0]) == sorted(alone) and sorted(both[1]) == sorted(alone)     # (2, 1, 1) is among them
+    assert all(len(v) == 2 and min(v) > 0 for f in both for v in f.values())
+    with pytest.raises(BundleError, match="multi-exit bundles"):
+        measure_stage_plans_many([(folder, policy, ()), (tmp_path / "s", None, ())], images)
+    assert measure_stage_threads_many([], images) == []

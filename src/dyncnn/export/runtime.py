@@ -506,6 +506,25 @@ def _batches(x: np.ndarray, b: int) -> list[np.ndarray]:
         [np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])))]
 
 
+def _interleaved(groups: Sequence[Sequence[tuple[Any, Any, Any]]], rounds: int, settle_s: float) -> list[dict]:
+    """Each group's passes ``(key, timed, prime)`` run ``rounds`` times, interleaved: in round ``r`` the groups in
+    an order rotated by ``r``, and within each group its passes in an order rotated by ``r``; with ``settle_s``,
+    each pass waits that long first and calls ``prime()`` (untimed), then ``timed()`` gives its figure. Returns per
+    group ``{key: [figure per round]}``, the rounds paired."""
+    out: list[dict] = [{k: [] for k, _, _ in g} for g in groups]
+    for r in range(rounds):
+        first = r % len(groups)
+        for j in [*range(first, len(groups)), *range(first)]:
+            g = list(groups[j])
+            shift = r % len(g)
+            for key, timed, prime in g[shift:] + g[:shift]:
+                if settle_s:
+                    time.sleep(settle_s)
+                    prime()
+                out[j][key].append(timed())
+    return out
+
+
 def measure_stage_threads(folder: str | os.PathLike, images: Any, candidates: Sequence[int] = (1, 2),
                           batch_sizes: Sequence[int] = (1,), rounds: int = 3, precision: str = "fp32",
                           settle_s: float = 0.0) -> dict[int, dict[int, list[float]]]:
@@ -518,34 +537,52 @@ def measure_stage_threads(folder: str | os.PathLike, images: Any, candidates: Se
     and makes one untimed call, as ``dyncnn frontier`` times: back to back, a 2-thread session of a small 64x64
     network ran a batch of 64 in 0.34 ms (tiny-S /2: 0.60 with 1 thread), and after the frontier's pause in 0.65-1.73
     ms (0.73-0.75 with 1 thread), so that the count recorded back to back lost in the frontier's timing by up to
-    2.3x. Feed it to :func:`record_stage_threads`."""
+    2.3x. Feed it to :func:`record_stage_threads`; several bundles at once: :func:`measure_stage_threads_many`."""
+    return measure_stage_threads_many([folder], images, candidates, batch_sizes, rounds, precision, settle_s)[0]
+
+
+def measure_stage_threads_many(folders: Sequence[str | os.PathLike], images: Any, candidates: Sequence[int] = (1, 2),
+                               batch_sizes: Sequence[int] = (1,), rounds: int = 3, precision: str = "fp32",
+                               settle_s: float = 0.0) -> list[dict[int, dict[int, list[float]]]]:
+    """:func:`measure_stage_threads` of every bundle in ``folders`` (one result each, in their order), their passes
+    interleaved: in each round every bundle takes its turn (their order rotated between rounds), so that one
+    bundle's rounds lie as far apart as the whole measurement allows.
+
+    Why: on a 2-core virtual machine a 2-thread session at batch 1 runs in phases, most of the time about 0.6x a
+    1-thread one and for seconds at a time 1.3-1.6x (its second thread slow to wake; the headline's tiny-M, 0.25 ms
+    per image against 0.40, then 0.53-0.66 for five rounds in a row). Measured one bundle after another, a
+    bundle's rounds all fall within a few seconds, and a slow phase decides its count for good: in the 10-epoch
+    headline runs four of twelve measurements recorded 1 thread for tiny-M at batch 1, where 2 threads were 1.6x
+    faster in every timing of the same runs (each a minute long, its rounds spread over it)."""
     if not candidates or not batch_sizes or rounds < 1:
         raise DyncnnError(f"give thread counts, batch sizes and rounds >= 1, got {candidates}, {batch_sizes}, "
                           f"{rounds}")
-    bundles = {int(t): load_bundle(folder, precision, threads=int(t)) for t in candidates}
-    first = next(iter(bundles.values()))
-    if first.runtime != "onnxruntime" or not hasattr(first, "stage_pass_ms"):
-        raise BundleError(f"bundle {folder}: thread counts per stage are measured for ONNX Runtime bundles of kind "
-                          f"static or multi_exit")
-    x = first.check_input(images)
-    if x.shape[0] == 0:
-        raise DyncnnError("stage thread counts need at least one image")
-    out: dict[int, dict[int, list[float]]] = {}
+    if not folders:
+        return []
+    per_folder = []
+    for folder in folders:
+        bundles = {int(t): load_bundle(folder, precision, threads=int(t)) for t in candidates}
+        first = next(iter(bundles.values()))
+        if first.runtime != "onnxruntime" or not hasattr(first, "stage_pass_ms"):
+            raise BundleError(f"bundle {folder}: thread counts per stage are measured for ONNX Runtime bundles of "
+                              f"kind static or multi_exit")
+        x = first.check_input(images)
+        if x.shape[0] == 0:
+            raise DyncnnError("stage thread counts need at least one image")
+        per_folder.append((bundles, x))
+    out: list[dict[int, dict[int, list[float]]]] = [{} for _ in folders]
     for b in batch_sizes:
         b = int(b)
-        chunks = _batches(x, b)
-        per: dict[int, list[list[float]]] = {t: [] for t in bundles}
-        keys = list(bundles)
-        for bundle in bundles.values():
-            bundle.stage_pass_ms(chunks[:4])            # warm-up: sessions, allocators, caches
-        for r in range(rounds):
-            shift = r % len(keys)
-            for t in keys[shift:] + keys[:shift]:
-                if settle_s:
-                    time.sleep(settle_s)
-                    bundles[t].stage_pass_ms(chunks[:1])    # untimed: caches warm again after the pause
-                per[t].append(bundles[t].stage_pass_ms(chunks))
-        out[b] = {t: np.median(np.asarray(v), axis=0).tolist() for t, v in per.items()}
+        groups = []
+        for bundles, x in per_folder:
+            chunks = _batches(x, b)
+            for bundle in bundles.values():
+                bundle.stage_pass_ms(chunks[:4])        # warm-up: sessions, allocators, caches
+            # untimed after the pause: caches warm again
+            groups.append([(t, lambda bd=bd, c=chunks: bd.stage_pass_ms(c),
+                            lambda bd=bd, c=chunks: bd.stage_pass_ms(c[:1])) for t, bd in bundles.items()])
+        for j, per in enumerate(_interleaved(groups, rounds, settle_s)):
+            out[j][b] = {t: np.median(np.asarray(v), axis=0).tolist() for t, v in per.items()}
     return out
 
 
@@ -575,53 +612,69 @@ def measure_stage_plans(folder: str | os.PathLike, images: Any, candidates: Sequ
     1). Feed the result to :func:`record_stage_threads` (``plans``, or ``batch_plans`` per batch size).
 
     ``per_round``: every plan's milliseconds in each round instead of their median, paired (round ``r`` of every
-    plan ran within the same round), for the paired choice of :func:`pick_plan`."""
+    plan ran within the same round), for the paired choice of :func:`pick_plan`. Several bundles at once:
+    :func:`measure_stage_plans_many`."""
+    return measure_stage_plans_many([(folder, policy, extra)], images, candidates, rounds, precision, settle_s,
+                                    batch, per_round)[0]
+
+
+def measure_stage_plans_many(jobs: Sequence[tuple[str | os.PathLike, Any, Sequence[Sequence[int]]]], images: Any,
+                             candidates: Sequence[int] = (1, 2), rounds: int = 3, precision: str = "fp32",
+                             settle_s: float = 0.0, batch: int = 1, per_round: bool = False
+                             ) -> list[dict[tuple[int, ...], Any]]:
+    """:func:`measure_stage_plans` of several bundles, ``jobs`` of ``(folder, policy, extra)`` (policy None: the
+    manifest's), one result each in their order, their passes interleaved round by round as
+    :func:`measure_stage_threads_many` interleaves (and for the same reason: a slow phase of the machine then
+    hits one round of a bundle, not all of them)."""
     import itertools
     if not candidates or rounds < 1:
         raise DyncnnError(f"give thread counts and rounds >= 1, got {candidates}, {rounds}")
     if not _is_count(batch):
         raise DyncnnError(f"batch must be a positive integer, got {batch!r}")
     cands = sorted({int(t) for t in candidates})
-    manifest = read_manifest(Path(folder))
-    if manifest["kind"] != "multi_exit" or manifest.get("runtime", "onnxruntime") != "onnxruntime":
-        raise BundleError(f"bundle {folder}: plans of thread counts are measured for ONNX Runtime multi-exit "
-                          f"bundles, got a {manifest.get('runtime', 'onnxruntime')} bundle of kind "
-                          f"{manifest['kind']!r}")
-    stages = int(manifest["num_exits"])
-    if len(cands) ** stages <= MAX_PLANS:
-        plans = list(itertools.product(cands, repeat=stages))
-    else:
-        plans = [(t,) * stages for t in cands]
-    for e in extra:
-        if len(e) != stages or not all(_is_count(t) for t in e):
-            raise DyncnnError(f"extra plans give one thread count per stage ({stages}), got {list(e)}")
-        if tuple(int(t) for t in e) not in plans:
-            plans.append(tuple(int(t) for t in e))
-    bundles = {plan: load_bundle(folder, precision, threads=plan) for plan in plans}
-    first = next(iter(bundles.values()))
-    policy = first.policy if policy is None else first._policy(policy)
-    x = first.check_input(images)
-    if x.shape[0] == 0:
-        raise DyncnnError("plans of thread counts need at least one image")
-    calls = _batches(x, batch)
-    for b in bundles.values():                          # warm-up: sessions, allocators, caches
-        for batch_x in calls:
-            b.run_numpy(batch_x, policy)
-    per: dict[tuple[int, ...], list[float]] = {p: [] for p in plans}
-    for r in range(rounds):
-        shift = r % len(plans)
-        for plan in plans[shift:] + plans[:shift]:
-            run = bundles[plan].run_numpy
-            if settle_s:
-                time.sleep(settle_s)
-                run(calls[0], policy)
-            t0 = time.perf_counter()
+    groups = []
+    for folder, policy, extra in jobs:
+        manifest = read_manifest(Path(folder))
+        if manifest["kind"] != "multi_exit" or manifest.get("runtime", "onnxruntime") != "onnxruntime":
+            raise BundleError(f"bundle {folder}: plans of thread counts are measured for ONNX Runtime multi-exit "
+                              f"bundles, got a {manifest.get('runtime', 'onnxruntime')} bundle of kind "
+                              f"{manifest['kind']!r}")
+        stages = int(manifest["num_exits"])
+        if len(cands) ** stages <= MAX_PLANS:
+            plans = list(itertools.product(cands, repeat=stages))
+        else:
+            plans = [(t,) * stages for t in cands]
+        for e in extra:
+            if len(e) != stages or not all(_is_count(t) for t in e):
+                raise DyncnnError(f"extra plans give one thread count per stage ({stages}), got {list(e)}")
+            if tuple(int(t) for t in e) not in plans:
+                plans.append(tuple(int(t) for t in e))
+        bundles = {plan: load_bundle(folder, precision, threads=plan) for plan in plans}
+        first = next(iter(bundles.values()))
+        pol = first.policy if policy is None else first._policy(policy)
+        x = first.check_input(images)
+        if x.shape[0] == 0:
+            raise DyncnnError("plans of thread counts need at least one image")
+        calls = _batches(x, batch)
+        for b in bundles.values():                          # warm-up: sessions, allocators, caches
             for batch_x in calls:
-                run(batch_x, policy)
-            per[plan].append((time.perf_counter() - t0) * 1e3 / (len(calls) * batch))
+                b.run_numpy(batch_x, pol)
+        groups.append([(plan, _whole_run(bundles[plan].run_numpy, calls, pol, batch),
+                        lambda run=bundles[plan].run_numpy, c=calls[0], p=pol: run(c, p)) for plan in plans])
+    found = _interleaved(groups, rounds, settle_s)
     if per_round:
-        return {p: [float(t) for t in v] for p, v in per.items()}
-    return {p: float(np.median(v)) for p, v in per.items()}
+        return [{p: [float(t) for t in v] for p, v in per.items()} for per in found]
+    return [{p: float(np.median(v)) for p, v in per.items()} for per in found]
+
+
+def _whole_run(run, calls: list[np.ndarray], policy, batch: int):
+    """A timed pass of :func:`measure_stage_plans_many`: milliseconds per image of ``run`` over ``calls``."""
+    def timed() -> float:
+        t0 = time.perf_counter()
+        for batch_x in calls:
+            run(batch_x, policy)
+        return (time.perf_counter() - t0) * 1e3 / (len(calls) * batch)
+    return timed
 
 
 def pick_plan(found: dict[tuple[int, ...], Any], margin: float = 0.05) -> tuple[int, ...]:

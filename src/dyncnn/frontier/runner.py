@@ -44,8 +44,8 @@ from ..dynamic.budget import (assign_exits, collect_exit_logits, evaluate_thresh
 from ..dynamic.executor import ExitResult
 from ..dynamic.policy import ExitPolicy
 from ..export.bundle_format import THREADS_PER_STAGE, read_manifest
-from ..export.runtime import (load_bundle, measure_stage_plans, measure_stage_threads, per_stage_as_uniform,
-                              record_stage_latency, record_stage_threads)
+from ..export.runtime import (load_bundle, measure_stage_plans_many, measure_stage_threads_many,
+                              per_stage_as_uniform, record_stage_latency, record_stage_threads)
 from ..export.staged import RUNTIMES, export_bundle
 from ..files import output_lock, read_json
 from ..models import create_model
@@ -590,6 +590,7 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
     val_y = y_val
     static_val_logits: dict[str, Tensor] = {}
     log(f"  seed {seed}: exporting, evaluating and calibrating every model")
+    calibrate: list[tuple[Path, ExitPolicy | None]] = []      # bundles whose threads per stage are measured
     prepared = _Progress(len(statics) + len(models["dynamic"]), log)
     with torch_threads(max(counts)):
         for label, net in statics.items():
@@ -603,7 +604,7 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
             result["static"][label] = {"val_accuracy": acc_val, "val_loss": loss_val, "test_accuracy": acc_test,
                                        "macs": macs,
                                        "params": sum(p.numel() for p in net.parameters())}
-            _record_stage_threads(folder, x_val, s)
+            calibrate.append((folder, None))
             timed.append(Timed(f"static|{label}", lambda t, f=folder: bundle_of(f, t).run_numpy, _same(folder)))
             eager_timed.append(Timed(f"static|{label}", lambda t, m=net: _eager_static(m)))
             prepared.step(f"{label}: exported and evaluated")
@@ -665,7 +666,7 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
             cands = with_paired_counts(cands, val_scores, val_correct, reference_correct)
             sweep = cands[-len(sweep):]
         chosen = select_on_validation(cands, target_val, s.selection_z)
-        _record_stage_threads(folder, x_val, s, ExitPolicy(chosen["thresholds"], "max_prob", chosen["temperatures"]))
+        calibrate.append((folder, ExitPolicy(chosen["thresholds"], "max_prob", chosen["temperatures"])))
         picked = {tuple(p["thresholds"]): p for p in [*_curve(cands, s.curve_points), chosen, sweep[-1]]}
         points = [dict(p, chosen=p["thresholds"] == chosen["thresholds"]) for p in picked.values()]
         bundle = load_bundle(folder, threads=1)
@@ -700,6 +701,7 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
                                                      for k in range(net.num_exits)],
                                     "points": entries}
         prepared.step(f"{label}: calibrated, exported and run on test")
+    _record_stage_threads(calibrate, x_val, s, log=lambda m: log(f"  seed {seed}: {m}"))
 
     log(f"  seed {seed}: timing {len(timed)} models / operating points in {RUNTIME_NAMES[s.runtime][0]} "
         f"(threads {list(s.threads)}, batches {list(s.batch_sizes)}, {s.rounds} interleaved rounds)")
@@ -754,31 +756,45 @@ def _same(folder: Path) -> Callable[[int], int | None]:
     return lambda b: per_stage_as_uniform(read_manifest(folder), b)
 
 
-def _record_stage_threads(folder: Path, x_val: Tensor, s: FrontierSettings, policy: ExitPolicy | None = None
-                          ) -> None:
+def _record_stage_threads(jobs: Sequence[tuple[Path, ExitPolicy | None]], x_val: Tensor, s: FrontierSettings,
+                          log: Callable[[str], object] = lambda m: None) -> None:
     """With "per-stage" among ``s.threads``: measure on validation images, at each timed batch size, which of the
-    timed thread counts runs each stage of the bundle in ``folder`` fastest, measured as the frontier times (each
-    pass after the pause of ``s.settle_s``, :func:`measure_stage_threads`), and record it in its manifest. For a
-    multi-exit bundle with ``policy`` (its chosen operating point), each batch size takes instead the plan (a count
-    per stage) that ran the whole bundle fastest at that batch size under that policy (:func:`measure_stage_plans`:
-    one image at a time at batch 1; at batch 64 the later stages get only the rows that did not leave), in
-    :data:`PLAN_ROUNDS` paired rounds: a mixed plan must beat the better plan of one count everywhere in every
-    round (:func:`~dyncnn.export.runtime.pick_plan`)."""
-    if THREADS_PER_STAGE not in s.threads:
+    timed thread counts runs each stage of each bundle of ``jobs`` (``(folder, policy)``) fastest, measured as the
+    frontier times (each pass after the pause of ``s.settle_s``, :func:`measure_stage_threads`), and record it in
+    its manifest. For a multi-exit bundle with a ``policy`` (its chosen operating point), each batch size takes
+    instead the plan (a count per stage) that ran the whole bundle fastest at that batch size under that policy
+    (:func:`measure_stage_plans`: one image at a time at batch 1; at batch 64 the later stages get only the rows
+    that did not leave), in :data:`PLAN_ROUNDS` paired rounds: a mixed plan must beat the better plan of one count
+    everywhere in every round (:func:`~dyncnn.export.runtime.pick_plan`).
+
+    Every bundle at once, after all are exported, their rounds interleaved (the ``_many`` functions): a bundle's
+    rounds then lie about as far apart as the whole measurement, as they do in the timing that follows, instead of
+    within the few seconds of its own turn, where a slow phase of the machine's second core decided its count
+    (:func:`~dyncnn.export.runtime.measure_stage_threads_many`)."""
+    if THREADS_PER_STAGE not in s.threads or not jobs:
         return
-    plans = {}
+    folders = [f for f, _ in jobs]
+    plans: list[dict] = [{} for _ in jobs]
+    log(f"measuring threads per stage of {len(jobs)} bundles ({PLAN_ROUNDS} interleaved rounds, counts "
+        f"{list(s.thread_counts)}, batches {list(s.batch_sizes)})")
     with torch_threads(max(s.thread_counts)):
         # as the frontier times: PLAN_ROUNDS rounds, each pass after its pause, passes of 4 batches of the largest
-        measured = measure_stage_threads(folder, x_val[:4 * max(64, *s.batch_sizes)].numpy(), s.thread_counts,
-                                         s.batch_sizes, rounds=PLAN_ROUNDS, settle_s=s.settle_s)
-        if policy is not None:
-            for b in s.batch_sizes:
-                at = measured[b]                  # {threads: [ms per stage]} at batch b, full depth
+        measured = measure_stage_threads_many(folders, x_val[:4 * max(64, *s.batch_sizes)].numpy(),
+                                              s.thread_counts, s.batch_sizes, rounds=PLAN_ROUNDS,
+                                              settle_s=s.settle_s)
+        multi = [j for j, (_, policy) in enumerate(jobs) if policy is not None]
+        for b in s.batch_sizes if multi else ():
+            runs = []
+            for j in multi:
+                at = measured[j][b]               # {threads: [ms per stage]} at batch b, full depth
                 stagewise = [min(at, key=lambda t: at[t][k]) for k in range(len(next(iter(at.values()))))]
-                plans[b] = measure_stage_plans(folder, x_val[:max(64, 4 * b)].numpy(), s.thread_counts, policy,
-                                               rounds=PLAN_ROUNDS, extra=[stagewise], settle_s=s.settle_s, batch=b,
-                                               per_round=True)
-    record_stage_threads(folder, measured, batch_plans=plans)
+                runs.append((folders[j], jobs[j][1], [stagewise]))
+            found = measure_stage_plans_many(runs, x_val[:max(64, 4 * b)].numpy(), s.thread_counts,
+                                             rounds=PLAN_ROUNDS, settle_s=s.settle_s, batch=b, per_round=True)
+            for j, f in zip(multi, found):
+                plans[j][b] = f
+    for folder, m, p in zip(folders, measured, plans):
+        record_stage_threads(folder, m, batch_plans=p)
 
 
 def _members_ms(bundles: dict[str, Any], images: np.ndarray, rounds: int = 7) -> dict[str, float]:
