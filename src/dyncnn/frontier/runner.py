@@ -777,6 +777,7 @@ def _record_stage_threads(jobs: Sequence[tuple[Path, ExitPolicy | None]], x_val:
     plans: list[dict] = [{} for _ in jobs]
     log(f"measuring threads per stage of {len(jobs)} bundles ({PLAN_ROUNDS} interleaved rounds, counts "
         f"{list(s.thread_counts)}, batches {list(s.batch_sizes)})")
+    t0 = time.perf_counter()
     with torch_threads(max(s.thread_counts)):
         # as the frontier times: PLAN_ROUNDS rounds, each pass after its pause, passes of 4 batches of the largest
         measured = measure_stage_threads_many(folders, x_val[:4 * max(64, *s.batch_sizes)].numpy(),
@@ -795,6 +796,7 @@ def _record_stage_threads(jobs: Sequence[tuple[Path, ExitPolicy | None]], x_val:
                 plans[j][b] = f
     for folder, m, p in zip(folders, measured, plans):
         record_stage_threads(folder, m, batch_plans=p)
+    log(f"threads per stage measured in {time.perf_counter() - t0:.0f} s")
 
 
 def _members_ms(bundles: dict[str, Any], images: np.ndarray, rounds: int = 7) -> dict[str, float]:
