@@ -548,12 +548,13 @@ def measure_stage_threads_many(folders: Sequence[str | os.PathLike], images: Any
     interleaved: in each round every bundle takes its turn (their order rotated between rounds), so that one
     bundle's rounds lie as far apart as the whole measurement allows.
 
-    Why: on a 2-core virtual machine a 2-thread session at batch 1 runs in phases, most of the time about 0.6x a
-    1-thread one and for seconds at a time 1.3-1.6x (its second thread slow to wake; the headline's tiny-M, 0.25 ms
-    per image against 0.40, then 0.53-0.66 for five rounds in a row). Measured one bundle after another, a
-    bundle's rounds all fall within a few seconds, and a slow phase decides its count for good: in the 10-epoch
-    headline runs four of twelve measurements recorded 1 thread for tiny-M at batch 1, where 2 threads were 1.6x
-    faster in every timing of the same runs (each a minute long, its rounds spread over it)."""
+    Why: on a 2-core virtual machine a 2-thread session at batch 1 runs in two modes (the headline's tiny-M at
+    128x128: 0.25 ms per image in 89 of 120 passes of 100 images, 0.41-0.66 ms in the other 31, which came in runs
+    of several passes; 1 thread: 0.40; the cause not traced, /proc/stat shows no steal). Measured one bundle after
+    another, a bundle's rounds all fall within a few seconds, and a slow run decides its count for good: in the
+    10-epoch headline runs four of twelve measurements recorded 1 thread for tiny-M at batch 1, where 2 threads
+    were 1.6x faster in every timing of the same runs (each a minute long, its rounds spread over it). Spread
+    rounds make that rarer, not impossible: the timing that follows can still meet the other mode."""
     if not candidates or not batch_sizes or rounds < 1:
         raise DyncnnError(f"give thread counts, batch sizes and rounds >= 1, got {candidates}, {batch_sizes}, "
                           f"{rounds}")
