@@ -45,6 +45,9 @@ def summarize(runs: list[Path], margin: float = 0.05) -> dict:
         for seed in saved["seeds"]:
             bundles = run / "bundles" / f"seed{seed['seed']}"
             for label, kind, rt, slug in _entries(seed):
+                recorded = {}                  # a static network's recorded counts per batch size, read once
+                if kind == "static" and (bundles / slug / "manifest.json").exists():
+                    recorded = read_manifest(bundles / slug).get("stage_threads", {}).get("batches", {})
                 for key in rt:
                     if not key.startswith("tper-stage_b"):
                         continue
@@ -54,17 +57,16 @@ def summarize(runs: list[Path], margin: float = 0.05) -> dict:
                     row = out.setdefault(b, {"pairs": [], "static_agree": 0, "static_n": 0, "disagree": []})
                     row["pairs"].append({"run": run.name, "seed": seed["seed"], "model": label, "kind": kind,
                                          "ratio": ratio, "t1": t1, "t2": t2, "same_as": rt[key].get("same_as")})
-                    if kind == "static" and (bundles / slug / "manifest.json").exists():
-                        rec = read_manifest(bundles / slug).get("stage_threads", {}).get("batches", {}).get(str(b))
-                        if rec:
-                            row["static_n"] += 1
-                            if (t1, t2)[rec["threads"][0] - 1] <= min(t1, t2) * (1 + margin):
-                                row["static_agree"] += 1
-                            else:
-                                ms = rec["stage_ms"]
-                                row["disagree"].append(f"{run.name} {label}: recorded {rec['threads'][0]} "
-                                                       f"({ms['1'][0]:.3f} / {ms['2'][0]:.3f} ms with 1 / 2), timed "
-                                                       f"{t1:.3f} / {t2:.3f}")
+                    rec = recorded.get(str(b))
+                    if rec:
+                        row["static_n"] += 1
+                        if (t1, t2)[rec["threads"][0] - 1] <= min(t1, t2) * (1 + margin):
+                            row["static_agree"] += 1
+                        else:
+                            ms = rec["stage_ms"]
+                            row["disagree"].append(f"{run.name} {label}: recorded {rec['threads'][0]} "
+                                                   f"({ms['1'][0]:.3f} / {ms['2'][0]:.3f} ms with 1 / 2), timed "
+                                                   f"{t1:.3f} / {t2:.3f}")
     for row in out.values():
         r = [p["ratio"] for p in row["pairs"]]
         row.update(n=len(r), within=sum(x <= 1 + margin for x in r), median=statistics.median(r), worst=max(r))
@@ -86,8 +88,8 @@ def main(argv=None) -> int:
         print(f"batch {b}: per stage within {args.margin:.0%} of the better of 1 and 2 threads for {row['within']} "
               f"of {row['n']} (model, run) pairs; median {row['median']:.3f}, worst {row['worst']:.2f} "
               f"({worst['run']} {worst['model']}: 1 thread {worst['t1']:.3f}, 2 threads {worst['t2']:.3f} ms)")
-        print(f"  static networks: the recorded count ran within {args.margin:.0%} of the faster one in the timing for {row['static_agree']} "
-              f"of {row['static_n']}")
+        print(f"  static networks: the recorded count ran within {args.margin:.0%} of the faster one in the timing "
+              f"for {row['static_agree']} of {row['static_n']}")
         for line in row["disagree"]:
             print(f"    {line}")
     if args.json:
