@@ -32,15 +32,16 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from ..dynamic.policy import ExitPolicy
 from ..errors import DyncnnError
-from .bundle_format import (MANIFEST, RUNTIMES, THREADS_PER_STAGE, BundleError, bundle_file, bundle_lock,
-                            check_graph_shapes, graph_io, read_manifest, stage_io_shapes, write_manifest)
+from .bundle_format import (ADAPTIVE_COUNTS, MANIFEST, RUNTIMES, THREADS_ADAPTIVE, THREADS_PER_STAGE, BundleError,
+                            bundle_file, bundle_lock, check_graph_shapes, graph_io, read_manifest, stage_io_shapes,
+                            write_manifest)
 from .host import (SCREEN_MARGIN, _as_batch, _non_finite, confidence_np, exit_test_one, logits_finite,  # noqa: F401
                    one_sample_leaves, row_values)
 
@@ -82,7 +83,10 @@ def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int
     """Load the bundle in ``folder`` for ``precision`` ("fp32" or "int8") with ``threads`` ONNX Runtime threads,
     or with ``threads="per-stage"``: each stage's own session with the thread count recorded for it in the
     manifest (:func:`record_stage_threads`; in a run, that of the recorded batch size nearest the rows the run
-    started with, in every stage), or with a list of counts, one per stage. ``spin``: whether the threads of a
+    started with, in every stage), or with a list of counts, one per stage, or with ``threads="adaptive"``: each
+    stage on a session per count of :data:`ADAPTIVE_COUNTS`, every call on the count that ran that stage's recent
+    calls of its size fastest, the others tried now and then (:class:`AdaptiveSession`; the first count: the
+    recorded one where the manifest has a table, else 1). ``spin``: whether the threads of a
     multi-thread session keep spinning after a run (ONNX Runtime's default) or stop when it ends
     (:func:`dyncnn.export.onnx.onnx_session`);
     None: they keep spinning in a static bundle (one graph: at most one of its sessions has a pool), and stop in a
@@ -99,15 +103,15 @@ def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int
         if not threads or not all(_is_count(t) for t in threads):
             raise BundleError(f"threads: a list gives one positive thread count per stage, got {threads!r}")
         threads = tuple(int(t) for t in threads)
-    elif threads != THREADS_PER_STAGE and not _is_count(threads):
-        raise BundleError(f"threads must be a positive integer, {THREADS_PER_STAGE!r} or one count per stage, got "
-                          f"{threads!r}")
+    elif threads not in (THREADS_PER_STAGE, THREADS_ADAPTIVE) and not _is_count(threads):
+        raise BundleError(f"threads must be a positive integer, {THREADS_PER_STAGE!r}, {THREADS_ADAPTIVE!r} or one "
+                          f"count per stage, got {threads!r}")
     folder = Path(folder)
     manifest = read_manifest(folder)
     runtime = manifest.get("runtime", "onnxruntime")
     if runtime not in RUNTIMES:
         raise BundleError(f"bundle {folder}: unknown runtime {runtime!r} (this dyncnn runs {RUNTIMES})")
-    if (threads == THREADS_PER_STAGE or isinstance(threads, tuple)) and \
+    if (threads in (THREADS_PER_STAGE, THREADS_ADAPTIVE) or isinstance(threads, tuple)) and \
             (runtime != "onnxruntime" or manifest["kind"] == "glance"):
         raise BundleError(f"bundle {folder}: threads={threads!r} needs an ONNX Runtime bundle of kind "
                           f"static or multi_exit (ExecuTorch has one thread pool per process), got a "
@@ -142,7 +146,14 @@ def thread_plan(manifest: dict, stages: int, threads: int | str | Sequence[int])
     leave), as :func:`measure_stage_plans` timed the plan (whole runs of such batches, every stage on its
     count). Chosen by the rows each stage got instead, a batch of 64 whose last stage got 5 rows ran that stage
     on the batch-1 count, a plan that was never measured (the headline's multi-stage network: 0.167 ms per image
-    per stage against 0.139 with 2 threads everywhere, the plan recorded for batch 64)."""
+    per stage against 0.139 with 2 threads everywhere, the plan recorded for batch 64).
+
+    With ``"adaptive"``: the counts an :class:`AdaptiveSession` starts from (the manifest's table where it has
+    one, else the first of :data:`ADAPTIVE_COUNTS` everywhere)."""
+    if threads == THREADS_ADAPTIVE:
+        if stage_threads_table(manifest) is None:
+            return [[(0.0, ADAPTIVE_COUNTS[0])] for _ in range(stages)]
+        threads = THREADS_PER_STAGE
     if isinstance(threads, (list, tuple)):
         if len(threads) != stages:
             raise BundleError(f"threads: expected one count per stage ({stages}), got {list(threads)}")
@@ -189,6 +200,95 @@ def _pick(sess, more: tuple, n: int):
     return sess
 
 
+class AdaptiveSession:
+    """One graph's sessions at several thread counts, run as one: each call runs the count whose recent calls of
+    its size ran fastest, and now and then another count, so that a change of the machine is seen and followed
+    within tens of calls (``load_bundle(..., threads="adaptive")``).
+
+    Why: a count chosen before the run cannot foresee the machine during it. On the 2-core VM of the headline
+    runs, a 2-thread session at batch 1 runs in two modes, in spells of hundreds of calls (tiny-M, 100 images a
+    pass: 0.25 ms per image in 89 of 120 passes, 0.41-0.66 ms in the others, against 0.40 with 1 thread); a count
+    recorded at export (``"per-stage"``) was within 5% of the better of 1 and 2 threads for 81% of the headline's
+    (model, run) pairs at batch 1 (``benchmarks/bench_per_stage_runs.py``).
+
+    Calls are grouped by their rows (1, 2-3, 4-7, ...: ``rows.bit_length()``). In a group, each count keeps the
+    times of its last ``WINDOW`` calls, and the one whose median is lowest runs; the others are tried one call in
+    ``EXPLORE``, or one in ``EXPLORE_SLOW`` where each ran more than ``SLOW`` times the best's median (a count 1.6x
+    slower tried one call in 64 adds 0.9% to the time), and one in ``EXPLORE_FIRST`` while a count has no time.
+    The median, not the mean: the first call after a pause (cold caches) is not a change of the machine. A group
+    starts on ``prior(rows)`` (an index into ``counts``) with the times ``seed(rows)`` (per count, seconds or None:
+    the driver's are the times recorded in the manifest, for the group of a recorded batch size), so that the
+    first choices rest on more than one call of each count (a timing of 256 images at batch 64 makes 4 calls a
+    pass). With fewer than ``WINDOW`` times the lower median counts: a count is not written off on one slow call.
+    ``runs``: per count, the session's ``run(names, feed, None)``; ``clock``:
+    seconds (tests pass a fake one). ``ran``: the calls each count ran; ``sessions``: the sessions, where the
+    driver made them."""
+    EXPLORE_FIRST = 4
+    DECIDE = 8          # calls between two looks at the medians (and after every try)
+    EXPLORE = 16
+    EXPLORE_SLOW = 64
+    SLOW = 1.3
+    WINDOW = 5
+
+    def __init__(self, counts: Sequence[int], runs: Sequence[Callable], prior: Callable[[int], int],
+                 clock: Callable[[], float] = time.perf_counter,
+                 seed: Callable[[int], Sequence[float | None]] | None = None):
+        if len(counts) != len(runs) or not counts:
+            raise ValueError(f"one run per count, got {len(counts)} counts and {len(runs)} runs")
+        self.counts, self._runs, self._prior, self._clock = tuple(counts), list(runs), prior, clock
+        self._seed, self._n = seed, len(self.counts)
+        self._groups: dict[int, list] = {}     # rows.bit_length() -> [current, calls, every, tried, times...]
+        self.ran = [0] * len(counts)
+        self.sessions: list = []
+
+    def current(self, rows: int) -> int | None:
+        """The count that calls of ``rows`` rows run on now (None before the first)."""
+        g = self._groups.get(int(rows).bit_length())
+        return None if g is None else self.counts[g[0]]
+
+    def run(self, names, feed: dict, _opts=None):
+        rows = len(next(iter(feed.values())))
+        g = self._groups.get(rows.bit_length())
+        if g is None:
+            g = self._groups[rows.bit_length()] = self._group(rows)
+        calls = g[1] = g[1] + 1
+        i = g[0]
+        if not calls % g[2]:                  # a try of another count, in turn
+            i = g[3] = (g[3] + 1) % self._n
+            if i == g[0]:
+                i = g[3] = (i + 1) % self._n
+        clock = self._clock
+        t0 = clock()
+        out = self._runs[i](names, feed, None)
+        w = g[4 + i]
+        w.append(clock() - t0)
+        if len(w) > self.WINDOW:
+            del w[0]
+        self.ran[i] += 1
+        if i != g[0] or not calls % self.DECIDE:
+            self._decide(g)
+        return out
+
+    def _group(self, rows: int) -> list:
+        seeded = list(self._seed(rows)) if self._seed is not None else [None] * len(self.counts)
+        g = [self._prior(rows), 0, self.EXPLORE_FIRST, 0] + [[] if t is None else [float(t)] for t in seeded]
+        if all(g[4:]):
+            self._decide(g, first=g[0])
+        return g
+
+    def _decide(self, g: list, first: int | None = None) -> None:
+        med = [sorted(w)[(len(w) - 1) // 2] if w else None for w in g[4:]]
+        known = [j for j, m in enumerate(med) if m is not None]
+        best = first if first is not None else min(known, key=med.__getitem__)
+        g[0] = best
+        if len(known) < len(med):
+            g[2] = self.EXPLORE_FIRST
+        elif all(med[j] > self.SLOW * med[best] for j in known if j != best):
+            g[2] = self.EXPLORE_SLOW
+        else:
+            g[2] = self.EXPLORE
+
+
 class _Bundle:
     def __init__(self, folder: Path, manifest: dict, precision: str, threads: int | str, spin: bool = True):
         self.folder, self.manifest, self.precision, self.threads = folder, manifest, precision, threads
@@ -199,9 +299,33 @@ class _Bundle:
         self.session_seconds = 0.0      # time spent inside ONNX Runtime sessions (for the overhead share)
 
     def _sessions(self, plan: list[tuple[float, int]], entry: dict, expect_in, expect_out, what: str,
-                  verify: bool, shapes: dict, num_classes: int | None) -> tuple[Any, tuple]:
+                  verify: bool, shapes: dict, num_classes: int | None, stage: int = 0) -> tuple[Any, tuple]:
         """The sessions of one graph for its ``plan`` (:func:`thread_plan`): the first, and ``((from_rows,
-        session), ...)`` of the others (empty with one thread count); the file is hashed once."""
+        session), ...)`` of the others (empty with one thread count); the file is hashed once. With
+        ``threads="adaptive"``: an :class:`AdaptiveSession` over :data:`ADAPTIVE_COUNTS`, starting from
+        ``plan``, and ()."""
+        if self.threads == THREADS_ADAPTIVE:
+            sessions = []
+            for i, t in enumerate(ADAPTIVE_COUNTS):
+                sess = _session(self.folder, entry, self.precision, t, expect_in, expect_out, what, verify and i == 0,
+                                self.runtime, self.spin)
+                check_graph_shapes(self.folder, sess, what, shapes, num_classes)
+                sessions.append(sess)
+            first, more = plan[0][1], tuple(plan[1:])
+            index = {t: i for i, t in enumerate(ADAPTIVE_COUNTS)}
+            recorded = (self.manifest.get("stage_threads") or {}).get("batches", {})
+
+            def seed(rows: int) -> list[float | None]:   # the recorded times of the batch size of rows' group
+                for b, e in recorded.items():
+                    if int(b).bit_length() == rows.bit_length():
+                        ms = e.get("stage_ms", {})
+                        return [ms[str(t)][stage] / 1e3 * rows / int(b) if str(t) in ms else None
+                                for t in ADAPTIVE_COUNTS]
+                return [None] * len(ADAPTIVE_COUNTS)
+            adaptive = AdaptiveSession(ADAPTIVE_COUNTS, [s._sess.run for s in sessions],
+                                       lambda rows: index.get(_pick(first, more, rows), 0), seed=seed)
+            adaptive.sessions = sessions
+            return adaptive, ()
         out = []
         for i, (lo, t) in enumerate(plan):
             sess = _session(self.folder, entry, self.precision, t, expect_in, expect_out, what, verify and i == 0,
@@ -215,7 +339,7 @@ class _Bundle:
 
     def _call(self, sess, names, feed):
         t0 = time.perf_counter()
-        inner = getattr(sess, "_sess", None)
+        inner = sess if type(sess) is AdaptiveSession else getattr(sess, "_sess", None)
         if inner is not None:   # an ONNX Runtime session: its C++ run, without the Python wrapper's checks of
             out = inner.run(names, feed, None)   # the feed's names (compared with the graph at load) and of
         else:                                    # OrtValues (none passed): ~2 us a call, against 0.03-0.3 ms stages
@@ -286,7 +410,8 @@ class DynamicBundle(_Bundle):
             if st["files"]:
                 shapes = {**stage_io_shapes(st), **({"in0": self.input_shape} if k == 0 else {})}
                 sess, more = self._sessions(self.thread_plan[k], st, [f"in{i}" for i in st["inputs"]], out_names,
-                                            f"stage {k}", verify, shapes, self.num_classes if graph_logits else None)
+                                            f"stage {k}", verify, shapes, self.num_classes if graph_logits else None,
+                                            k)
             elif graph_logits:
                 raise BundleError(f"bundle {folder}: stage {k} takes its logits from a graph but has no file")
             pos = {j: n for n, j in enumerate(st["outputs"])}
