@@ -5,8 +5,7 @@ every dynamic model's chosen operating point: the "per stage" median millisecond
 sessions, ``same_as``, the two are one timing and the ratio is 1 or that count against the other). Printed per batch
 size: how many (model, run) pairs lie within 5%, the median and the worst ratios; and, for the static networks, how
 often the count recorded in the bundle (measured before the timing, on validation images) ran within the margin of
-the faster count in the timing, with the pairs where it did not. Where the runs also timed ``--threads adaptive``
-(each stage on the count that ran its recent calls fastest, chosen while it runs), the same figures for it.
+the faster count in the timing, with the pairs where it did not.
 
     python benchmarks/bench_per_stage_runs.py RUN_DIR [RUN_DIR ...] [--margin 0.05] [--json out.json]
 
@@ -35,13 +34,9 @@ def _entries(seed: dict):
                 yield label, "dynamic", p["rt"], _slug(label)
 
 
-MODES = ("per-stage", "adaptive")
-
-
-def summarize(runs: list[Path], margin: float = 0.05, mode: str = "per-stage") -> dict:
+def summarize(runs: list[Path], margin: float = 0.05) -> dict:
     """``{batch: {"pairs": [...], "within": n, "n": n, "median": r, "worst": r, "static_agree": n, "static_n": n}}``
-    over the seeds of every run in ``runs``, for the timings of ``threads=mode`` (the static networks' recorded
-    counts: with "per-stage" only, where the driver runs them)."""
+    over the seeds of every run in ``runs``."""
     out: dict[int, dict] = {}
     for run in runs:
         if not (run / "frontier.json").is_file():
@@ -51,10 +46,10 @@ def summarize(runs: list[Path], margin: float = 0.05, mode: str = "per-stage") -
             bundles = run / "bundles" / f"seed{seed['seed']}"
             for label, kind, rt, slug in _entries(seed):
                 recorded = {}                  # a static network's recorded counts per batch size, read once
-                if kind == "static" and mode == "per-stage" and (bundles / slug / "manifest.json").exists():
+                if kind == "static" and (bundles / slug / "manifest.json").exists():
                     recorded = read_manifest(bundles / slug).get("stage_threads", {}).get("batches", {})
                 for key in rt:
-                    if not key.startswith(f"t{mode}_b"):
+                    if not key.startswith("tper-stage_b"):
                         continue
                     b = int(key.rsplit("_b", 1)[1])
                     t1, t2 = rt[f"t1_b{b}"]["median_ms"], rt[f"t2_b{b}"]["median_ms"]
@@ -87,19 +82,16 @@ def main(argv=None) -> int:
     if not args.runs:
         skipped(__file__, "give one or more run folders")
         return 0
-    out = {mode: summarize([Path(r) for r in args.runs], args.margin, mode) for mode in MODES}
-    for mode, rows in out.items():
-        for b, row in sorted(rows.items()):
-            worst = max(row["pairs"], key=lambda q: q["ratio"])
-            print(f"batch {b}: {mode.replace('-', ' ')} within {args.margin:.0%} of the better of 1 and 2 threads "
-                  f"for {row['within']} of {row['n']} (model, run) pairs; median {row['median']:.3f}, worst "
-                  f"{row['worst']:.2f} ({worst['run']} {worst['model']}: 1 thread {worst['t1']:.3f}, 2 threads "
-                  f"{worst['t2']:.3f} ms)")
-            if row["static_n"]:
-                print(f"  static networks: the recorded count ran within {args.margin:.0%} of the faster one in the "
-                      f"timing for {row['static_agree']} of {row['static_n']}")
-            for line in row["disagree"]:
-                print(f"    {line}")
+    out = summarize([Path(r) for r in args.runs], args.margin)
+    for b, row in sorted(out.items()):
+        worst = max(row["pairs"], key=lambda q: q["ratio"])
+        print(f"batch {b}: per stage within {args.margin:.0%} of the better of 1 and 2 threads for {row['within']} "
+              f"of {row['n']} (model, run) pairs; median {row['median']:.3f}, worst {row['worst']:.2f} "
+              f"({worst['run']} {worst['model']}: 1 thread {worst['t1']:.3f}, 2 threads {worst['t2']:.3f} ms)")
+        print(f"  static networks: the recorded count ran within {args.margin:.0%} of the faster one in the timing "
+              f"for {row['static_agree']} of {row['static_n']}")
+        for line in row["disagree"]:
+            print(f"    {line}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0

@@ -5,14 +5,12 @@ images) and the static tiny_mobilenet, exported as bundles; each stage's fastest
 of counts that runs it fastest one image at a time under its exit policy (``measure_stage_plans``, paused as
 below), and recorded; then the bundle loaded with ``threads=1``, ``threads=2`` (as ``load_bundle`` sets it: the
 multi-exit bundle's pools stop spinning when a run ends, the static one's keep spinning), ``threads=2,
-spin=True`` (every pool keeps spinning after its run, ONNX Runtime's default), ``threads="per-stage"`` and
-``threads="adaptive"`` (each stage on the count that ran its recent calls fastest, chosen while it runs), run
+spin=True`` (every pool keeps spinning after its run, ONNX Runtime's default) and ``threads="per-stage"``, run
 at full depth and with thresholds that spread the images over the exits, at batch 1 (one image per call) and 64.
 In each round the modes take turns (order rotated between rounds), each with only its own sessions loaded. Each
 case waits 0.2 s first, so that no pool spins on from the case before (as the frontier pauses every turn when it
 times more than one thread count). Printed: median ms per image (IQR over rounds) and, paired per round, the
-ratio of per-stage and of adaptive to the better of 1 and 2 threads (below 1: they are faster). An adaptive
-bundle is loaded once for all rounds (its choices carry over, as in a deployed driver); the others each round.
+ratio of per-stage to the better of 1 and 2 threads (below 1: per stage is faster).
 
     python benchmarks/bench_stage_threads.py [--rounds 10] [--images 64] [--json out.json]
 """
@@ -36,8 +34,7 @@ from dyncnn.export.runtime import measure_stage_plans, measure_stage_threads, re
 from dyncnn.frontier.runner import SETTLE_S
 
 WIDTHS = [16, 48, 96, 192]
-MODES = {1: (1, None), 2: (2, None), "2 spin": (2, True), "per-stage": ("per-stage", None),
-         "adaptive": ("adaptive", None)}   # threads, spin
+MODES = {1: (1, None), 2: (2, None), "2 spin": (2, True), "per-stage": ("per-stage", None)}   # threads, spin
 
 
 def _q(v):
@@ -84,13 +81,11 @@ def main(argv=None) -> int:
         cases = [(name, b, pol) for name in folders for b in ("1", "64")
                  for pol in (("full depth", "policy") if name == "multi-exit" else ("",))]
         per = {c: {m: [] for m in MODES} for c in cases}
-        adaptive = {name: load_bundle(f, threads="adaptive") for name, f in folders.items()}
         for r in range(-1, args.rounds):                 # round -1: warm-up
             shift = r % len(MODES)
             # one mode's sessions at a time, as the frontier times them: a pool left spinning would take the cores
             for m in list(MODES)[shift:] + list(MODES)[:shift]:
-                bundles = adaptive if m == "adaptive" else \
-                    {name: load_bundle(f, threads=MODES[m][0], spin=MODES[m][1]) for name, f in folders.items()}
+                bundles = {name: load_bundle(f, threads=MODES[m][0], spin=MODES[m][1]) for name, f in folders.items()}
                 for c in cases:
                     name, b, pol = c
                     bd = bundles[name]
@@ -107,20 +102,18 @@ def main(argv=None) -> int:
                         per[c][m].append((time.perf_counter() - t0) * 1e3 / sum(len(x) for x in inputs))
                 del bundles
     print("| bundle | batch | exits | 1 thread ms (IQR) | 2 threads ms (IQR) | 2 threads, pools spin after a run "
-          "ms (IQR) | per stage ms (IQR) | adaptive ms (IQR) | per stage / better of 1 and 2 (IQR) | adaptive / "
-          "better (IQR) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "ms (IQR) | per stage ms (IQR) | per stage / better of 1 and 2 (IQR) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, b, pol in cases:
         rounds = per[name, b, pol]                                        # per round: ms per image
         q = {m: _q(rounds[m]) for m in MODES}
         ratio = _q([ps / min(a, t2) for ps, a, t2 in zip(rounds["per-stage"], rounds[1], rounds[2])])
-        ada = _q([ad / min(a, t2) for ad, a, t2 in zip(rounds["adaptive"], rounds[1], rounds[2])])
         print(f"| {name} | {b} | {pol or '-'} | " + " | ".join(f"{q[m][0]:.3f} ({q[m][2] - q[m][1]:.3f})"
                                                             for m in MODES) +
-              f" | {ratio[0]:.2f} ({ratio[2] - ratio[1]:.2f}) | {ada[0]:.2f} ({ada[2] - ada[1]:.2f}) |")
+              f" | {ratio[0]:.2f} ({ratio[2] - ratio[1]:.2f}) |")
         rows.append({"bundle": name, "batch": int(b), "exits": pol, **{f"ms_{m}".replace(" ", "_"): q[m][0]
                                                                       for m in MODES},
-                     "per_stage_vs_best": ratio[0], "adaptive_vs_best": ada[0]})
+                     "per_stage_vs_best": ratio[0]})
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -300,7 +300,7 @@ def _tiny_settings(out, **kw):
 @pytest.mark.slow
 def test_tiny_frontier_run_writes_its_three_files(tmp_path):
     from dyncnn.frontier.runner import _slug, merge_runs, run_frontier
-    s = _tiny_settings(tmp_path / "fr", threads=(1, "per-stage", "adaptive"))
+    s = _tiny_settings(tmp_path / "fr", threads=(1, "per-stage"))
     lines = []
     r = run_frontier(s, log=lines.append)
     # a line per model trained, prepared and timing condition: name, seconds, time left (issue 27)
@@ -308,9 +308,9 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
         ["    small /2: trained", "    big: trained", "    ranet: trained"]
     assert sum(": exported and evaluated in" in ln or ": calibrated, exported and run on test in" in ln
                for ln in lines) == 8                                 # 2 static, 6 dynamic models
-    # a line per batch size: runtime (1 thread, per stage and adaptive, paired in the same rounds), eager
+    # a line per batch size: runtime (1 thread and per stage, paired in the same rounds), eager
     assert sum("models timed in" in ln for ln in lines) == 2 + 2
-    assert sum("ONNX Runtime batch 1, threads 1, per-stage, adaptive: " in ln for ln in lines) == 1
+    assert sum("ONNX Runtime batch 1, threads 1, per-stage: " in ln for ln in lines) == 1
     # the threads per stage of every bundle, measured together once all are exported (their rounds interleaved)
     assert sum("measuring threads per stage of 8 bundles" in ln for ln in lines) == 1
     for name in ("frontier.json", "frontier.md", "frontier.png"):
@@ -366,10 +366,6 @@ def test_tiny_frontier_run_writes_its_three_files(tmp_path):
     # threads per stage: a column of its own, run by bundles that record their stages' thread counts
     assert seed["merit"]["tper-stage_b16"]["models"]["cascade"]["speedup"] > 0
     assert "ORT ms batch 16, threads per stage" in (tmp_path / "fr" / "frontier.md").read_text()
-    # threads chosen while running: a column of its own too, every model timed in it (no alias)
-    assert seed["merit"]["tadaptive_b1"]["models"]["cascade"]["speedup"] > 0
-    assert all("same_as" not in r["rt"]["tadaptive_b1"] for r in seed["static"].values())
-    assert "ORT ms batch 1, threads adaptive" in (tmp_path / "fr" / "frontier.md").read_text()
     for name in ("cascade", "big"):
         recorded = json.loads((tmp_path / "fr" / "bundles" / "seed0" / name / "manifest.json").read_text())
         assert sorted(recorded["stage_threads"]["batches"]) == ["1", "16"]
@@ -428,15 +424,13 @@ def test_frontier_refuses_an_unknown_runtime(tmp_path):
 def test_frontier_thread_settings_are_checked(tmp_path):
     from dyncnn.frontier.runner import FrontierSettings
     assert _tiny_settings(tmp_path, threads=(1, 2, "per-stage")).thread_counts == [1, 2]
-    assert _tiny_settings(tmp_path, threads=("adaptive", 1)).thread_counts == [1]
     assert FrontierSettings().threads == (1, 2, "per-stage")
     assert FrontierSettings(runtime="executorch").threads == (1, 2)     # one thread pool per process
-    for bad in (("per-stage",), ("adaptive", "per-stage"), (0, "per-stage"), (1, "two"), (1, True)):
+    for bad in (("per-stage",), (0, "per-stage"), (1, "two"), (1, True)):
         with pytest.raises(ValueError, match="threads must be counts >= 1"):
             _tiny_settings(tmp_path, threads=bad)
-    for mode in ("per-stage", "adaptive"):
-        with pytest.raises(ValueError, match="need runtime onnxruntime"):
-            _tiny_settings(tmp_path, threads=(1, mode), runtime="executorch")
+    with pytest.raises(ValueError, match="needs runtime onnxruntime"):
+        _tiny_settings(tmp_path, threads=(1, "per-stage"), runtime="executorch")
 
 
 @pytest.mark.slow
@@ -608,12 +602,11 @@ def test_temperatures_fit_on_logits_made_in_inference_mode():
 def test_cli_frontier_threads_take_counts_and_per_stage(capsys):
     from dyncnn.cli import build_parser
     parser = build_parser()
-    assert parser.parse_args(["frontier", "--threads", "1", "per-stage", "adaptive"]).threads == \
-        [1, "per-stage", "adaptive"]
+    assert parser.parse_args(["frontier", "--threads", "1", "per-stage"]).threads == [1, "per-stage"]
     assert parser.parse_args(["frontier"]).threads is None          # FrontierSettings' default for the runtime
     with pytest.raises(SystemExit):
         parser.parse_args(["frontier", "--threads", "two"])
-    assert "expected a thread count, per-stage or adaptive, got 'two'" in capsys.readouterr().err
+    assert "expected a thread count or per-stage, got 'two'" in capsys.readouterr().err
 
 
 def test_headline_preset_and_exclude(tmp_path, capsys):

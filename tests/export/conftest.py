@@ -63,14 +63,3 @@ def tiny_multi_exit():
 @pytest.fixture(scope="session")
 def spread_policy():
     return _spread_policy
-
-
-@pytest.fixture
-def multi(tmp_path, tiny_multi_exit, spread_policy):
-    """(model, policy, folder): ``tiny_multi_exit`` exported as a bundle under thresholds that spread random
-    images over its three exits."""
-    from dyncnn.export import export_bundle
-    model = tiny_multi_exit()
-    policy = spread_policy(model, torch.rand(200, 1, 32, 32))
-    export_bundle(model, tmp_path / "b", (1, 32, 32), policy=policy)
-    return model, policy, tmp_path / "b"

@@ -36,6 +36,14 @@ class _Recorder:
         return self.sess.run(names, feed)
 
 
+@pytest.fixture
+def multi(tmp_path, tiny_multi_exit, spread_policy):
+    model = tiny_multi_exit()
+    policy = spread_policy(model, torch.rand(200, 1, 32, 32))
+    export_bundle(model, tmp_path / "b", (1, 32, 32), policy=policy)
+    return model, policy, tmp_path / "b"
+
+
 def test_measured_thread_counts_are_recorded_and_run_by_the_driver(multi):
     model, policy, folder = multi
     images = np.random.rand(8, 1, 32, 32).astype(np.float32)
@@ -151,7 +159,7 @@ def test_bad_thread_tables_are_refused_on_write_and_on_load(multi, bad, match):
 def test_bad_threads_arguments_are_refused(multi):
     _, _, folder = multi
     for bad in (0, -1, "two", 1.5, True):
-        with pytest.raises(BundleError, match="threads must be a positive integer, 'per-stage', 'adaptive' or one count per stage"):
+        with pytest.raises(BundleError, match="threads must be a positive integer, 'per-stage' or one count per stage"):
             load_bundle(folder, threads=bad)
     with pytest.raises(BundleError, match="expected 3 stage times per thread count"):
         record_stage_threads(folder, {1: {1: [0.1, 0.2]}})

@@ -34,9 +34,8 @@ def add_parser(sub) -> None:
     p.add_argument("--runtime", choices=["onnxruntime", "executorch"], default="onnxruntime",
                    help="runtime the bundles are timed in (executorch: XNNPACK, needs dyncnn[mobile])")
     p.add_argument("--threads", type=_threads, nargs="+", default=None,
-                   help="runtime thread counts timed; per-stage: each stage with the count measured fastest "
-                        "for it; adaptive: each stage on the count that ran its recent calls fastest, chosen while "
-                        "it runs (default: 1 2 per-stage; with --runtime executorch: 1 2)")
+                   help="runtime thread counts timed, and per-stage: each stage with the count measured fastest "
+                        "for it (default: 1 2 per-stage; with --runtime executorch: 1 2)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="batch sizes timed")
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median and IQR over them)")
     p.add_argument("--single-images", type=int, default=200, help="test images timed one at a time per round")
@@ -59,12 +58,12 @@ def add_parser(sub) -> None:
 
 
 def _threads(value: str) -> int | str:
-    if value in ("per-stage", "adaptive"):
+    if value == "per-stage":
         return value
     try:
         return int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a thread count, per-stage or adaptive, got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a thread count or per-stage, got {value!r}") from None
 
 
 def run(args) -> int:

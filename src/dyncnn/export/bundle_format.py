@@ -39,8 +39,6 @@ MAX_MACS = 10 ** 15             # per sample, cumulative: ~10,000x the largest p
 MAX_THREADS = 1024              # intra-op threads of one session: more than any CPU this runs on has cores
 MAX_BATCH = 1 << 20             # the batch sizes a thread table is recorded for
 THREADS_PER_STAGE = "per-stage"  # the drivers' ``threads`` value that runs each stage with its recorded count
-THREADS_ADAPTIVE = "adaptive"    # ... that times each stage's calls and runs it on the count that ran it fastest
-ADAPTIVE_COUNTS = (1, 2)         # the counts an adaptive driver chooses among
 
 
 class BundleError(DyncnnError):

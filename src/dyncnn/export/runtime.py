@@ -32,16 +32,15 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from ..dynamic.policy import ExitPolicy
 from ..errors import DyncnnError
-from .bundle_format import (ADAPTIVE_COUNTS, MANIFEST, RUNTIMES, THREADS_ADAPTIVE, THREADS_PER_STAGE, BundleError,
-                            bundle_file, bundle_lock, check_graph_shapes, graph_io, read_manifest, stage_io_shapes,
-                            write_manifest)
+from .bundle_format import (MANIFEST, RUNTIMES, THREADS_PER_STAGE, BundleError, bundle_file, bundle_lock,
+                            check_graph_shapes, graph_io, read_manifest, stage_io_shapes, write_manifest)
 from .host import (SCREEN_MARGIN, _as_batch, _non_finite, confidence_np, exit_test_one, logits_finite,  # noqa: F401
                    one_sample_leaves, row_values)
 
@@ -83,11 +82,7 @@ def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int
     """Load the bundle in ``folder`` for ``precision`` ("fp32" or "int8") with ``threads`` ONNX Runtime threads,
     or with ``threads="per-stage"``: each stage's own session with the thread count recorded for it in the
     manifest (:func:`record_stage_threads`; in a run, that of the recorded batch size nearest the rows the run
-    started with, in every stage), or with a list of counts, one per stage, or with ``threads="adaptive"``: each
-    stage on a session per count of :data:`ADAPTIVE_COUNTS`, and every run on the plan (every count everywhere, or
-    a plan recorded in the manifest) whose recent runs of its size ran fastest, the others tried now and then
-    (:class:`AdaptiveChoice`, ``bundle.choice``; the first plan: the recorded one where the manifest has a table,
-    else 1 thread everywhere). ``spin``: whether the threads of a
+    started with, in every stage), or with a list of counts, one per stage. ``spin``: whether the threads of a
     multi-thread session keep spinning after a run (ONNX Runtime's default) or stop when it ends
     (:func:`dyncnn.export.onnx.onnx_session`);
     None: they keep spinning in a static bundle (one graph: at most one of its sessions has a pool), and stop in a
@@ -104,15 +99,15 @@ def load_bundle(folder: str | os.PathLike, precision: str = "fp32", threads: int
         if not threads or not all(_is_count(t) for t in threads):
             raise BundleError(f"threads: a list gives one positive thread count per stage, got {threads!r}")
         threads = tuple(int(t) for t in threads)
-    elif threads not in (THREADS_PER_STAGE, THREADS_ADAPTIVE) and not _is_count(threads):
-        raise BundleError(f"threads must be a positive integer, {THREADS_PER_STAGE!r}, {THREADS_ADAPTIVE!r} or one "
-                          f"count per stage, got {threads!r}")
+    elif threads != THREADS_PER_STAGE and not _is_count(threads):
+        raise BundleError(f"threads must be a positive integer, {THREADS_PER_STAGE!r} or one count per stage, got "
+                          f"{threads!r}")
     folder = Path(folder)
     manifest = read_manifest(folder)
     runtime = manifest.get("runtime", "onnxruntime")
     if runtime not in RUNTIMES:
         raise BundleError(f"bundle {folder}: unknown runtime {runtime!r} (this dyncnn runs {RUNTIMES})")
-    if (threads in (THREADS_PER_STAGE, THREADS_ADAPTIVE) or isinstance(threads, tuple)) and \
+    if (threads == THREADS_PER_STAGE or isinstance(threads, tuple)) and \
             (runtime != "onnxruntime" or manifest["kind"] == "glance"):
         raise BundleError(f"bundle {folder}: threads={threads!r} needs an ONNX Runtime bundle of kind "
                           f"static or multi_exit (ExecuTorch has one thread pool per process), got a "
@@ -147,14 +142,7 @@ def thread_plan(manifest: dict, stages: int, threads: int | str | Sequence[int])
     leave), as :func:`measure_stage_plans` timed the plan (whole runs of such batches, every stage on its
     count). Chosen by the rows each stage got instead, a batch of 64 whose last stage got 5 rows ran that stage
     on the batch-1 count, a plan that was never measured (the headline's multi-stage network: 0.167 ms per image
-    per stage against 0.139 with 2 threads everywhere, the plan recorded for batch 64).
-
-    With ``"adaptive"``: the counts the sessions are first set to (the manifest's table where it has
-    one, else the first of :data:`ADAPTIVE_COUNTS` everywhere)."""
-    if threads == THREADS_ADAPTIVE:
-        if stage_threads_table(manifest) is None:
-            return [[(0.0, ADAPTIVE_COUNTS[0])] for _ in range(stages)]
-        threads = THREADS_PER_STAGE
+    per stage against 0.139 with 2 threads everywhere, the plan recorded for batch 64)."""
     if isinstance(threads, (list, tuple)):
         if len(threads) != stages:
             raise BundleError(f"threads: expected one count per stage ({stages}), got {list(threads)}")
@@ -201,93 +189,6 @@ def _pick(sess, more: tuple, n: int):
     return sess
 
 
-class AdaptiveChoice:
-    """A choice among ``arms`` ways to run the same thing (thread plans of a bundle), made again at every run from
-    the times of the recent runs, so that a change of the machine is seen and followed within tens of runs
-    (``load_bundle(..., threads="adaptive")``).
-
-    Why: a count chosen before the run cannot foresee the machine during it. On the 2-core VM of the headline
-    runs, a 2-thread session at batch 1 runs in two modes, in spells of hundreds of calls (tiny-M, 100 images a
-    pass: 0.25 ms per image in 89 of 120 passes, 0.41-0.66 ms in the others, against 0.40 with 1 thread); a count
-    recorded at export (``"per-stage"``) was within 5% of the better of 1 and 2 threads for 81% of the headline's
-    (model, run) pairs at batch 1 (``benchmarks/bench_per_stage_runs.py``). The driver times whole runs, not
-    stage calls: a 2-thread stage's call can be faster while the run is slower (its pool wakes and idles between
-    the calls; the headline's cascade at batch 1: each stage faster with 2 threads one by one, the whole run 0.77 ms
-    per image on 2 threads everywhere against 0.43 on 1); chosen per stage call, the cascade ran at 0.41 ms per
-    image in a timing where the plan recorded for it (1 thread everywhere) ran at 0.35.
-
-    Runs are grouped by their rows (1, 2-3, 4-7, ...: ``rows.bit_length()``). In a group, each arm keeps the times
-    of its last ``WINDOW`` runs, and the one whose median is lowest runs; the others are tried one run in
-    ``EXPLORE``, or one in ``EXPLORE_SLOW`` where each ran more than ``SLOW`` times the best's median (an arm 1.6x
-    slower tried one run in 64 adds 0.9% to the time), and one in ``EXPLORE_FIRST`` while an arm has no time; the
-    medians are compared every ``DECIDE`` runs and after every try. The median, not the mean: the first run after
-    a pause (cold caches) is not a change of the machine; with fewer than ``WINDOW`` times the lower median counts,
-    so that an arm is not written off on one slow run. A group starts on ``prior(rows)`` with the times
-    ``seed(rows)`` (per arm, seconds or None: the driver's are the times recorded in the manifest for the batch
-    size of the group), so that the first choices rest on more than one run of each arm (a timing of 256 images
-    at batch 64 makes 4 runs a pass). ``ran``: the runs each arm ran."""
-    EXPLORE_FIRST = 4
-    DECIDE = 8
-    EXPLORE = 16
-    EXPLORE_SLOW = 64
-    SLOW = 1.3
-    WINDOW = 5
-
-    def __init__(self, arms: int, prior: Callable[[int], int] = lambda rows: 0,
-                 seed: Callable[[int], Sequence[float | None]] | None = None):
-        if arms < 1:
-            raise ValueError(f"a choice needs at least one arm, got {arms}")
-        self.arms, self._prior, self._seed = arms, prior, seed
-        self._groups: dict[int, list] = {}     # rows.bit_length() -> [current, runs, every, tried, times...]
-        self.ran = [0] * arms
-
-    def current(self, rows: int) -> int | None:
-        """The arm that runs of ``rows`` rows take now (None before the first)."""
-        g = self._groups.get(int(rows).bit_length())
-        return None if g is None else g[0]
-
-    def choose(self, rows: int) -> tuple[list, int]:
-        """(the group of ``rows``, the arm to run now); give both to :meth:`record` with the run's seconds."""
-        g = self._groups.get(rows.bit_length())
-        if g is None:
-            g = self._groups[rows.bit_length()] = self._group(rows)
-        runs = g[1] = g[1] + 1
-        i = g[0]
-        if not runs % g[2]:                   # a try of another arm, in turn
-            i = g[3] = (g[3] + 1) % self.arms
-            if i == g[0]:
-                i = g[3] = (i + 1) % self.arms
-        return g, i
-
-    def record(self, g: list, i: int, seconds: float) -> None:
-        w = g[4 + i]
-        w.append(seconds)
-        if len(w) > self.WINDOW:
-            del w[0]
-        self.ran[i] += 1
-        if i != g[0] or not g[1] % self.DECIDE:
-            self._decide(g)
-
-    def _group(self, rows: int) -> list:
-        seeded = list(self._seed(rows)) if self._seed is not None else [None] * self.arms
-        g = [self._prior(rows), 0, self.EXPLORE_FIRST, 0] + [[] if t is None else [float(t)] for t in seeded]
-        if all(g[4:]):
-            self._decide(g, first=g[0])
-        return g
-
-    def _decide(self, g: list, first: int | None = None) -> None:
-        med = [sorted(w)[(len(w) - 1) // 2] if w else None for w in g[4:]]
-        known = [j for j, m in enumerate(med) if m is not None]
-        best = first if first is not None else min(known, key=med.__getitem__)
-        g[0] = best
-        if len(known) < len(med):
-            g[2] = self.EXPLORE_FIRST
-        elif all(med[j] > self.SLOW * med[best] for j in known if j != best):
-            g[2] = self.EXPLORE_SLOW
-        else:
-            g[2] = self.EXPLORE
-
-
 class _Bundle:
     def __init__(self, folder: Path, manifest: dict, precision: str, threads: int | str, spin: bool = True):
         self.folder, self.manifest, self.precision, self.threads = folder, manifest, precision, threads
@@ -296,69 +197,11 @@ class _Bundle:
         self.input_shape = tuple(int(d) for d in manifest["input"]["shape"][1:])
         self.num_classes = int(manifest["num_classes"])
         self.session_seconds = 0.0      # time spent inside ONNX Runtime sessions (for the overhead share)
-        self._by_count: dict[int, dict[int, Any]] = {}     # threads="adaptive": stage -> {count: session}
-        self.choice: AdaptiveChoice | None = None           # ... and the choice among self.plans, made per run
-        self.plans: list[tuple[int, ...]] = []
-        self._active: int | None = None
-
-    def _adaptive(self, stages: int) -> None:
-        """``threads="adaptive"``: the plans (a count per stage) to choose among per run, and the choice: every
-        count everywhere, and the plans recorded in the manifest (:func:`record_stage_threads`); a run starts on
-        the recorded plan of the nearest batch size (:func:`thread_plan`), seeded with the recorded times of the
-        batch size of its group (``plan_ms``, whole runs per image; a static bundle's ``stage_ms``)."""
-        table = stage_threads_table(self.manifest) or {}
-        plans = [tuple([t] * stages) for t in ADAPTIVE_COUNTS]
-        for b in sorted(table):
-            plan = tuple(table[b])
-            if plan not in plans and all(t in ADAPTIVE_COUNTS for t in plan):
-                plans.append(plan)
-        self.plans = plans
-        recorded = (self.manifest.get("stage_threads") or {}).get("batches", {})
-
-        def prior(rows: int) -> int:
-            steps = thread_plan(self.manifest, stages, THREADS_ADAPTIVE)
-            plan = tuple(_pick(st[0][1], tuple(st[1:]), rows) for st in steps)
-            return plans.index(plan) if plan in plans else 0
-
-        def seed(rows: int) -> list[float | None]:
-            for b, e in recorded.items():
-                if int(b).bit_length() != rows.bit_length():
-                    continue
-                if stages == 1 and e.get("stage_ms"):        # a static bundle: the call is the run
-                    ms = e["stage_ms"]
-                    return [ms[str(p[0])][0] / 1e3 * rows / int(b) if str(p[0]) in ms else None for p in plans]
-                ms = e.get("plan_ms") or {}
-                return [ms["-".join(map(str, p))] / 1e3 * rows if "-".join(map(str, p)) in ms else None
-                        for p in plans]
-            return [None] * len(plans)
-        self.choice = AdaptiveChoice(len(plans), prior, seed)
-
-    def _timed_run(self, run, x, *more):
-        """``run(x, *more)`` on the plan the choice picks for its rows, timed for the choice."""
-        g, i = self.choice.choose(len(x))
-        if i != self._active:
-            self._use(i)
-            self._active = i
-        t0 = time.perf_counter()
-        out = run(x, *more)
-        self.choice.record(g, i, time.perf_counter() - t0)
-        return out
 
     def _sessions(self, plan: list[tuple[float, int]], entry: dict, expect_in, expect_out, what: str,
-                  verify: bool, shapes: dict, num_classes: int | None, stage: int = 0) -> tuple[Any, tuple]:
+                  verify: bool, shapes: dict, num_classes: int | None) -> tuple[Any, tuple]:
         """The sessions of one graph for its ``plan`` (:func:`thread_plan`): the first, and ``((from_rows,
-        session), ...)`` of the others (empty with one thread count); the file is hashed once. With
-        ``threads="adaptive"``: the session of ``plan``'s first count, and (); the sessions of every count of
-        :data:`ADAPTIVE_COUNTS` are kept in ``_by_count[stage]``."""
-        if self.threads == THREADS_ADAPTIVE:         # a session per count; the run picks them (_use)
-            by_count = {}
-            for i, t in enumerate(ADAPTIVE_COUNTS):
-                sess = _session(self.folder, entry, self.precision, t, expect_in, expect_out, what, verify and i == 0,
-                                self.runtime, self.spin)
-                check_graph_shapes(self.folder, sess, what, shapes, num_classes)
-                by_count[t] = sess
-            self._by_count[stage] = by_count
-            return by_count.get(plan[0][1], by_count[ADAPTIVE_COUNTS[0]]), ()
+        session), ...)`` of the others (empty with one thread count); the file is hashed once."""
         out = []
         for i, (lo, t) in enumerate(plan):
             sess = _session(self.folder, entry, self.precision, t, expect_in, expect_out, what, verify and i == 0,
@@ -393,17 +236,9 @@ class StaticBundle(_Bundle):
                                                "the model graph", verify, {"input": self.input_shape},
                                                self.num_classes)
         self._out_names = list(g.get("outputs"))     # checked against the graph's by _session
-        if threads == THREADS_ADAPTIVE:
-            self._adaptive(1)
-
-    def _use(self, i: int) -> None:
-        self.sess = self._by_count[0][self.plans[i][0]]
 
     def run_numpy(self, x: Any) -> np.ndarray:
         x = self.check_input(x)
-        return self._timed_run(self._run, x) if self.choice is not None else self._run(x)
-
-    def _run(self, x: np.ndarray) -> np.ndarray:
         sess = _pick(self.sess, self._more, x.shape[0]) if self._more else self.sess
         return self._call(sess, self._out_names, {"input": x})[0]
 
@@ -451,8 +286,7 @@ class DynamicBundle(_Bundle):
             if st["files"]:
                 shapes = {**stage_io_shapes(st), **({"in0": self.input_shape} if k == 0 else {})}
                 sess, more = self._sessions(self.thread_plan[k], st, [f"in{i}" for i in st["inputs"]], out_names,
-                                            f"stage {k}", verify, shapes, self.num_classes if graph_logits else None,
-                                            k)
+                                            f"stage {k}", verify, shapes, self.num_classes if graph_logits else None)
             elif graph_logits:
                 raise BundleError(f"bundle {folder}: stage {k} takes its logits from a graph but has no file")
             pos = {j: n for n, j in enumerate(st["outputs"])}
@@ -467,8 +301,6 @@ class DynamicBundle(_Bundle):
             self._steps.append(_Step(sess, [(f"in{i}", i) for i in st["inputs"]], out_names, build,
                                      None if graph_logits else int(st["logits"]["index"]),
                                      k == self.num_exits - 1, more))
-        if threads == THREADS_ADAPTIVE:
-            self._adaptive(self.num_exits)
 
     def _step(self, k: int, leaves: list, batch: int | None = None) -> tuple[list, np.ndarray]:
         """Stage ``k`` and head ``k`` on ``leaves``: (the next state's leaves, the logits). ``batch``: the rows
@@ -505,15 +337,6 @@ class DynamicBundle(_Bundle):
         """``(logits (N, C) float32, exit_index (N,) int64, macs (N,) int64)``; see the module docstring."""
         policy = self._policy(policy)
         x = self.check_input(x)
-        return self._timed_run(self._run, x, policy) if self.choice is not None else self._run(x, policy)
-
-    def _use(self, i: int) -> None:
-        plan = self.plans[i]
-        for k, step in enumerate(self._steps):
-            if step.sess is not None:
-                step.sess = self._by_count[k][plan[k]]
-
-    def _run(self, x: np.ndarray, policy: ExitPolicy) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n = x.shape[0]
         if n == 0:
             return (np.zeros((0, self.num_classes), dtype=np.float32), np.zeros(0, dtype=np.int64),

@@ -21,13 +21,10 @@ def _runtime(results: dict) -> tuple[str, str, str]:
 
 
 def _cond_name(cond: str) -> str:
-    """``t2_b64`` -> ``batch 64, 2 threads``; ``tper-stage_b1`` -> ``batch 1, threads per stage``;
-    ``tadaptive_b1`` -> ``batch 1, threads adaptive``."""
+    """``t2_b64`` -> ``batch 64, 2 threads``; ``tper-stage_b1`` -> ``batch 1, threads per stage``."""
     t, b = cond.rsplit("_", 1)
     if t[1:] == "per-stage":
         return f"batch {b[1:]}, threads per stage"
-    if t[1:] == "adaptive":
-        return f"batch {b[1:]}, threads adaptive"
     return f"batch {b[1:]}, {t[1:]} thread{'s' if t[1:] != '1' else ''}"
 
 

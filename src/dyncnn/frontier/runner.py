@@ -43,7 +43,7 @@ from ..dynamic.budget import (assign_exits, collect_exit_logits, evaluate_thresh
                               fit_temperatures, msdnet_thresholds)
 from ..dynamic.executor import ExitResult
 from ..dynamic.policy import ExitPolicy
-from ..export.bundle_format import THREADS_ADAPTIVE, THREADS_PER_STAGE, read_manifest
+from ..export.bundle_format import THREADS_PER_STAGE, read_manifest
 from ..export.runtime import (load_bundle, measure_stage_plans_many, measure_stage_threads_many,
                               per_stage_as_uniform, record_stage_latency, record_stage_threads)
 from ..export.staged import RUNTIMES, export_bundle
@@ -218,7 +218,6 @@ def presets(canvas: int) -> dict[str, dict]:
 PRESETS = ("demo", "full", "phone", "headline")
 SETTLE_S = 0.2      # seconds each timed item waits before its turn with more than one thread (time_interleaved)
 CASCADE_LAST = ("reference", "any")   # what the searched cascades end with (FrontierSettings.cascade_last)
-THREAD_MODES = (THREADS_PER_STAGE, THREADS_ADAPTIVE)   # the ``threads`` that are not one count for the whole bundle
 PLAN_ROUNDS = 5     # paired rounds of the plans of thread counts (fewer let a lucky plan through: pick_plan)
 
 
@@ -236,7 +235,7 @@ class FrontierSettings:
     train_repeats: int = 3          # renderings per training digit
     val_repeats: int = 2            # renderings per validation digit (calibration)
     test_repeats: int = 3           # renderings per test digit (3,000 test images)
-    threads: Sequence[int | str] | None = None   # counts, "per-stage", "adaptive"; None: 1, 2, "per-stage" (ET: 1, 2)
+    threads: Sequence[int | str] | None = None   # counts and "per-stage"; None: 1, 2 and "per-stage" (ET: 1, 2)
     batch_sizes: Sequence[int] = (1, 64)
     rounds: int = 7
     single_images: int = 200        # images timed one by one per round (batch 1)
@@ -267,13 +266,13 @@ class FrontierSettings:
             self.threads = (1, 2) + ((THREADS_PER_STAGE,) if self.runtime == "onnxruntime" else ())
         self.threads = tuple(self.threads)
         if not self.thread_counts or min(self.batch_sizes, default=0) < 1 or any(
-                t not in THREAD_MODES and (isinstance(t, bool) or not isinstance(t, int) or t < 1)
+                t != THREADS_PER_STAGE and (isinstance(t, bool) or not isinstance(t, int) or t < 1)
                 for t in self.threads):
-            raise ValueError(f"threads must be counts >= 1 (at least one), {THREADS_PER_STAGE!r} or "
-                             f"{THREADS_ADAPTIVE!r}, and batch sizes >= 1, got {self.threads}, {self.batch_sizes}")
-        if set(THREAD_MODES) & set(self.threads) and self.runtime != "onnxruntime":
-            raise ValueError(f"threads {THREADS_PER_STAGE!r} and {THREADS_ADAPTIVE!r} need runtime onnxruntime "
-                             f"(ExecuTorch has one thread pool per process), got {self.runtime!r}")
+            raise ValueError(f"threads must be counts >= 1 (at least one) or {THREADS_PER_STAGE!r}, and batch sizes "
+                             f">= 1, got {self.threads}, {self.batch_sizes}")
+        if THREADS_PER_STAGE in self.threads and self.runtime != "onnxruntime":
+            raise ValueError(f"threads {THREADS_PER_STAGE!r} needs runtime onnxruntime (ExecuTorch has one thread "
+                             f"pool per process), got {self.runtime!r}")
         if self.runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
         if self.rounds < 3:
@@ -303,9 +302,8 @@ class FrontierSettings:
 
     @property
     def thread_counts(self) -> list[int]:
-        """The integer thread counts of ``threads`` (without "per-stage" and "adaptive"): the latency tables'
-        conditions."""
-        return [t for t in self.threads if t not in THREAD_MODES]
+        """The integer thread counts of ``threads`` (without "per-stage"): the latency tables' conditions."""
+        return [t for t in self.threads if t != THREADS_PER_STAGE]
 
 
 FRONTIER_DATASETS = ("scaled_mnist", "cifar10", "cifar100", "folder")
