@@ -803,3 +803,30 @@ def test_threads_per_stage_on_the_sessions_of_one_count_are_that_count_timed_onc
     items = [runner.Timed("a", lambda t: made.append(t) or maker("a")(t), {1: 1, 4: 2}.get)]
     out = runner.time_interleaved(items, np.zeros((8, 1, 4, 4), np.float32), s)
     assert sorted(made) == [1, 2] and out["a"]["tper-stage_b4"]["same_as"] == "t2_b4"
+
+
+def test_distilled_static_networks_train_after_their_teacher_and_record_it(tmp_path):
+    from dyncnn.frontier.runner import FrontierSettings, _static, run_frontier
+    from dyncnn.train.checkpoint import read_checkpoint
+    models = {"static": [_static("small /2", "tiny_mobilenet", 2, widths=[8, 16]),
+                         _static("big", "tiny_mobilenet", 1, widths=[8, 16])], "dynamic": []}
+    kw = {"canvas": 32, "seeds": (0,), "epochs": 1, "train_repeats": 1, "val_repeats": 1, "test_repeats": 1,
+          "models": models, "only_train": True}
+    lines = []
+    run_frontier(FrontierSettings(out=tmp_path, distill_from="big", distill_weight=0.7, **kw), log=lines.append)
+    trained = [ln.strip() for ln in lines if "training static" in ln]
+    assert trained == ["seed 0: training static big", "seed 0: training static small /2 (distilled from big)"]
+    metas = {m: read_checkpoint(tmp_path / "models" / "seed0" / m / "last.safetensors")[1] for m in ("big", "small__2")}
+    assert metas["big"].get("distilled") is None
+    assert metas["small__2"]["distilled"] == {"teacher": "big", "weight": 0.7, "temperature": 4.0}
+    # the same run again reuses both; without distillation (or another weight) the student is refused, not reused
+    lines.clear()
+    run_frontier(FrontierSettings(out=tmp_path, distill_from="big", distill_weight=0.7, **kw), log=lines.append)
+    assert sum("reused" in ln for ln in lines) == 2
+    for other in ({}, {"distill_from": "big", "distill_weight": 0.5}):
+        with pytest.raises(DyncnnError, match="distilled from big .weight 0.7.*give another --out"):
+            run_frontier(FrontierSettings(out=tmp_path, **other, **kw), log=lambda m: None)
+    with pytest.raises(ValueError, match="distill_from names no static model"):
+        FrontierSettings(out=tmp_path, distill_from="huge", **kw)
+    with pytest.raises(ValueError, match="distill_weight"):
+        FrontierSettings(out=tmp_path, distill_from="big", distill_weight=0, **kw)

@@ -50,6 +50,12 @@ def add_parser(sub) -> None:
                         "any model (any)")
     p.add_argument("--exclude", nargs="+", default=(), metavar="LABEL",
                    help="leave out these dynamic models of the preset (their labels, as the report prints them)")
+    p.add_argument("--distill-from", default=None, metavar="LABEL",
+                   help="train this static model first and every other static network from its logits too "
+                        "(knowledge distillation; e.g. mnv3-small in --preset headline)")
+    p.add_argument("--distill-weight", type=float, default=0.5,
+                   help="weight of the distillation term (the labels' cross-entropy gets 1 - weight)")
+    p.add_argument("--distill-temperature", type=float, default=4.0, help="distillation temperature")
     p.add_argument("--only-train", action="store_true", help="train (or resume) every model and stop")
     p.add_argument("--merge", nargs="+", default=None, metavar="RUN_DIR",
                    help="instead of running: one report from finished runs of other seeds (same settings)")
@@ -83,6 +89,8 @@ def run(args) -> int:
                                 exclude=tuple(args.exclude), test_repeats=args.test_repeats, runtime=args.runtime,
                                 dataset=args.dataset,
                                 data_root=args.data_root, cascade_last=args.cascade_last,
+                                distill_from=args.distill_from, distill_weight=args.distill_weight,
+                                distill_temperature=args.distill_temperature,
                                 **({} if args.selection_z is None else {"selection_z": args.selection_z}))
     run_frontier(settings)
     return 0

@@ -47,11 +47,13 @@ from ..export.bundle_format import THREADS_PER_STAGE, read_manifest
 from ..export.runtime import (load_bundle, measure_stage_plans_many, measure_stage_threads_many,
                               per_stage_as_uniform, record_stage_latency, record_stage_threads)
 from ..export.staged import RUNTIMES, export_bundle
+from ..errors import DyncnnError
 from ..files import output_lock, read_json
 from ..models import create_model
 from ..profile import count_macs
 from ..profile.latency import torch_threads
 from ..train import TrainConfig, Trainer, evaluate
+from ..train.distill import Distillation
 from ..train.checkpoint import atomic_write_text, load_checkpoint, read_checkpoint, save_checkpoint
 from ..train.recipes.stagewise import fit_stagewise
 from .report import RUNTIME_NAMES
@@ -253,6 +255,9 @@ class FrontierSettings:
     data_root: str | None = None    # where cifar10 / cifar100 / folder data lie (never downloaded)
     exclude: Sequence[str] = ()     # labels of the preset's dynamic models to leave out (e.g. the slow ones)
     settle_s: float = SETTLE_S      # pause before each item's turn with more than one thread (time_interleaved)
+    distill_from: str | None = None   # a static model's label: it trains first, every other static network
+    distill_weight: float = 0.5       # learns from its logits too (train.distill.Distillation) with this weight
+    distill_temperature: float = 4.0  # and temperature
 
     def __post_init__(self):
         self.out = Path(self.out)
@@ -289,6 +294,21 @@ class FrontierSettings:
             if unknown:
                 raise ValueError(f"exclude names no dynamic model of the preset: {unknown}; its dynamic models are "
                                  f"{known}")
+
+        if self.distill_from is not None:
+            labels = [m["label"] for m in self.model_set()["static"]]
+            if self.distill_from not in labels:
+                raise ValueError(f"distill_from names no static model of the set: {self.distill_from!r}; its static "
+                                 f"models are {labels}")
+            if not 0 < self.distill_weight <= 1 or not self.distill_temperature > 0:
+                raise ValueError(f"distill_weight must be in (0, 1] and distill_temperature > 0, got "
+                                 f"{self.distill_weight!r}, {self.distill_temperature!r}")
+
+    def distillation(self) -> dict | None:
+        """What the distilled static networks' checkpoints record (None without distillation)."""
+        if self.distill_from is None:
+            return None
+        return {"teacher": self.distill_from, "weight": self.distill_weight, "temperature": self.distill_temperature}
 
     def _all_models(self) -> dict:
         """``models`` or the preset's, before ``exclude``."""
@@ -341,18 +361,26 @@ def _slug(label: str) -> str:
 
 
 def train_one(model: nn.Module, label: str, seed: int, s: FrontierSettings, train, val, data_meta: dict,
-              loss=None, epochs: int | None = None) -> tuple[nn.Module, dict]:
+              loss=None, epochs: int | None = None, teacher: nn.Module | None = None) -> tuple[nn.Module, dict]:
     """Train (or resume / reuse a finished run in ``out/models/seed{seed}/{label}``); the model comes back on
     the CPU in eval mode. A network built with ``stagewise=True`` trains one stage after another
-    (:func:`~dyncnn.train.recipes.stagewise.fit_stagewise`, checkpoints per stage under the same folder)."""
+    (:func:`~dyncnn.train.recipes.stagewise.fit_stagewise`, checkpoints per stage under the same folder).
+    With ``teacher``, it learns from the teacher's logits too (``s.distill_weight``, ``s.distill_temperature``:
+    :class:`~dyncnn.train.distill.Distillation`), and its checkpoint records that (``distilled``): a checkpoint
+    trained otherwise is neither reused nor resumed."""
     # channels-last on a CPU: 1.2-1.6x the training throughput of the demo's networks (benchmarks/bench_training.py)
     epochs = s.epochs if epochs is None else epochs
     cfg = TrainConfig(epochs=epochs, batch_size=s.batch_size, lr=s.lr, label_smoothing=0.05, warmup_epochs=0.2,
                       seed=seed, device=s.device, progress=False, channels_last=s.device == "cpu")
     out = s.out / "models" / f"seed{seed}" / _slug(label)
     last = out / "last.safetensors"
+    distilled = s.distillation() if teacher is not None else None
+    data_meta = {**data_meta, "distilled": distilled} if distilled else data_meta
     if last.exists():
         _, meta = read_checkpoint(last)
+        if meta.get("distilled") != distilled:
+            raise DyncnnError(f"{last} was trained {_distilled_words(meta.get('distilled'))}, this run trains "
+                              f"{label} {_distilled_words(distilled)}: give another --out")
         state = meta.get("train_state") or {}
         saved = state.get("config") or {}
         mine = asdict(cfg)
@@ -367,6 +395,9 @@ def train_one(model: nn.Module, label: str, seed: int, s: FrontierSettings, trai
     t0 = time.perf_counter()
     if getattr(model, "stagewise", False):
         run = fit_stagewise(model, train, val, cfg, out_dir=out, resume=True, extra=data_meta, log=None)
+    elif teacher is not None:
+        with Distillation(model, teacher, s.distill_weight, s.distill_temperature, cfg.label_smoothing) as kd:
+            run = Trainer(model, train, val, cfg, out_dir=out, loss_fn=kd.loss, extra=data_meta).fit(resume=True)
     else:
         run = Trainer(model, train, val, cfg, out_dir=out, loss_fn=loss, extra=data_meta).fit(resume=True)
     seconds = time.perf_counter() - t0
@@ -377,6 +408,11 @@ def train_one(model: nn.Module, label: str, seed: int, s: FrontierSettings, trai
         (out / "best.safetensors").unlink(missing_ok=True)
         (out / "best.json").unlink(missing_ok=True)
     return model, {"seconds": seconds, "final_val_acc": run.final_val_acc, "history": run.history}
+
+
+def _distilled_words(d: dict | None) -> str:
+    return "without distillation" if not d else \
+        f"distilled from {d['teacher']} (weight {d['weight']}, temperature {d['temperature']})"
 
 
 def build_dynamic(spec: dict, statics: dict[str, nn.Module], static_specs: dict[str, dict], num_classes: int = 10,
@@ -555,9 +591,13 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
     result: dict = {"seed": seed, "static": {}, "dynamic": {}, "training_seconds": {}}
     statics: dict[str, nn.Module] = {}
     training = _Progress(len(models["static"]) + sum(d["kind"] == "trained" for d in models["dynamic"]), log)
-    for spec in models["static"]:
-        log(f"  seed {seed}: training static {spec['label']}")
-        net, info = train_one(build_static(spec, **shape), spec["label"], seed, s, train, val, data["meta"])
+    # the teacher of the distilled networks first (``s.distill_from``), the others in the preset's order
+    for spec in sorted(models["static"], key=lambda m: m["label"] != s.distill_from):
+        teacher = statics.get(s.distill_from) if spec["label"] != s.distill_from else None
+        log(f"  seed {seed}: training static {spec['label']}" + (f" (distilled from {s.distill_from})"
+                                                                 if teacher is not None else ""))
+        net, info = train_one(build_static(spec, **shape), spec["label"], seed, s, train, val, data["meta"],
+                              teacher=teacher)
         statics[spec["label"]] = net
         result["training_seconds"][spec["label"]] = info["seconds"]
         training.step(f"{spec['label']}: {'reused' if info.get('reused') else 'trained'}")
