@@ -830,3 +830,19 @@ def test_distilled_static_networks_train_after_their_teacher_and_record_it(tmp_p
         FrontierSettings(out=tmp_path, distill_from="huge", **kw)
     with pytest.raises(ValueError, match="distill_weight"):
         FrontierSettings(out=tmp_path, distill_from="big", distill_weight=0, **kw)
+
+
+def test_time_left_is_priced_by_each_steps_work_and_skips_reused_steps(monkeypatch):
+    from dyncnn.frontier import runner
+    clock = iter([0.0, 0.0, 10.0, 40.0])
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: next(clock))
+    lines = []
+    p = runner._Progress(4, lines.append, weights=[5.0, 1.0, 3.0, 6.0])
+    p.step("teacher: reused", reused=True)             # done at t=0: no rate yet, so no estimate
+    p.step("small: trained")                            # 10 s for 1 unit: 9 units left
+    p.step("middle: trained")                           # 30 s more for 3 units: 40 s / 4 units, 6 left
+    assert lines == ["    teacher: reused in 0.0 s (1 of 4)",
+                     "    small: trained in 10.0 s (2 of 4, about 1 min 30 s left)",
+                     "    middle: trained in 30.0 s (3 of 4, about 1 min 0 s left)"]
+    with pytest.raises(ValueError, match="weights"):
+        runner._Progress(2, lines.append, weights=[1.0])

@@ -27,7 +27,7 @@ def test_the_loss_mixes_cross_entropy_and_the_eval_teachers_soft_targets():
     t = teacher.eval()(x)
     want = 0.7 * F.cross_entropy(out, y, label_smoothing=0.1) + 0.3 * distillation_loss(out, t, 2.0)
     assert torch.allclose(got, want, atol=1e-6)
-    assert teacher.training is False and kd.teacher_calls == 1
+    assert teacher.training is False and kd.teacher_images == 6
     # the gradient reaches the student only
     got.backward()
     assert all(p.grad is None for p in teacher.parameters())
@@ -41,10 +41,10 @@ def test_evaluation_forwards_skip_the_teacher_and_the_loss_is_cross_entropy():
         student.eval()
         out = student(x)
         assert torch.equal(kd.loss(out, y), F.cross_entropy(out, y, label_smoothing=0.05))
-        assert kd.teacher_calls == 0
+        assert kd.teacher_images == 0
     # the hook is gone with the context: a training forward afterwards runs no teacher
     student.train()(x)
-    assert kd.teacher_calls == 0 and not student._forward_hooks
+    assert kd.teacher_images == 0 and not student._forward_hooks
 
 
 def test_a_loss_without_its_training_forward_is_refused_and_settings_are_checked():
@@ -91,10 +91,25 @@ def test_trainer_with_distillation_moves_the_student_towards_the_teacher(tmp_pat
     Trainer(plain, wrong, None, cfg).fit()
     with Distillation(distilled, sharp, weight=1.0, temperature=1.0) as kd:
         Trainer(distilled, wrong, None, cfg, out_dir=tmp_path, loss_fn=kd.loss).fit()
-    assert kd.teacher_calls == 4 * 3                          # one per training batch
+    assert kd.teacher_images == 4 * 96                        # every image of every training batch, 4 epochs
     assert gap(distilled) < start and gap(distilled) < 0.5 * gap(plain), (start, gap(distilled), gap(plain))
     # the checkpoint holds the student's own parameters (no teacher inside)
     from dyncnn.train.checkpoint import read_checkpoint
     state, _ = read_checkpoint(tmp_path / "last.safetensors")
     assert {k[len("model."):] for k in state if k.startswith("model.")} == set(distilled.state_dict())
     assert not any("teacher" in k or k.startswith("model.net.") for k in state)
+
+
+def test_the_cache_runs_the_teacher_once_per_image_and_trains_the_same_student(tmp_path):
+    train, teacher = _data(80), _net(1)
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=0.05, progress=False, channels_last=True)
+    nets, images = {}, []
+    for cache in (False, True):
+        nets[cache] = _net(0)
+        with Distillation(nets[cache], teacher, weight=0.5, temperature=2.0, cache=cache) as kd:
+            Trainer(nets[cache], train, None, cfg, loss_fn=kd.loss).fit()
+        images.append(kd.teacher_images)
+    # 3 epochs of 2 full batches of 32 (the last part-batch dropped) without; each of the 80 images at most once with
+    assert images[0] == 3 * 64 and 64 <= images[1] <= 80
+    for (k, a), b in zip(nets[False].state_dict().items(), nets[True].state_dict().values()):
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-4, rtol=1e-4, msg=k)

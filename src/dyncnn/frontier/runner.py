@@ -396,7 +396,10 @@ def train_one(model: nn.Module, label: str, seed: int, s: FrontierSettings, trai
     if getattr(model, "stagewise", False):
         run = fit_stagewise(model, train, val, cfg, out_dir=out, resume=True, extra=data_meta, log=None)
     elif teacher is not None:
-        with Distillation(model, teacher, s.distill_weight, s.distill_temperature, cfg.label_smoothing) as kd:
+        # the stored renderings have no random augmentation: the teacher runs once per image (cache); the
+        # user's CIFAR or folder data may have
+        with Distillation(model, teacher, s.distill_weight, s.distill_temperature, cfg.label_smoothing,
+                          cache=s.dataset == "scaled_mnist") as kd:
             run = Trainer(model, train, val, cfg, out_dir=out, loss_fn=kd.loss, extra=data_meta).fit(resume=True)
     else:
         run = Trainer(model, train, val, cfg, out_dir=out, loss_fn=loss, extra=data_meta).fit(resume=True)
@@ -453,20 +456,32 @@ def _duration(seconds: float) -> str:
 
 class _Progress:
     """One log line per finished step of a phase (a model trained, a model exported and evaluated, a timing
-    condition): its name, its seconds and the time the phase has left, from the mean step so far. Off a terminal
-    (a log file), where the tqdm bars are off, these lines are what shows that a long run moves."""
+    condition): its name, its seconds and the time the phase has left. Off a terminal (a log file), where the tqdm
+    bars are off, these lines are what shows that a long run moves.
 
-    def __init__(self, total: int, log: Callable[[str], object]):
+    The time left is the seconds per unit of work of the steps done so far times the work left: ``weights`` give
+    each step's work (in the order the steps come; e.g. a network's MACs per image, so that a 20M-MAC network
+    left is not priced as a 1M-MAC one done), else every step weighs 1. A step done in no time (a model reused
+    from an earlier run: ``step(..., reused=True)``) is left out of the rate."""
+
+    def __init__(self, total: int, log: Callable[[str], object], weights: Sequence[float] | None = None):
+        if weights is not None and (len(weights) != total or not all(w > 0 for w in weights)):
+            raise ValueError(f"weights must be {total} numbers > 0, got {weights}")
         self.total, self.log, self.done = total, log, 0
-        self.t0 = self.last = time.perf_counter()
+        self.weights = list(weights) if weights is not None else [1.0] * total
+        self.busy_s = self.busy_work = 0.0
+        self.last = time.perf_counter()
 
-    def step(self, what: str) -> None:
+    def step(self, what: str, reused: bool = False) -> None:
         now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        if not reused:
+            self.busy_s += seconds
+            self.busy_work += self.weights[self.done]
         self.done += 1
-        left = (now - self.t0) / self.done * (self.total - self.done)
-        self.log(f"    {what} in {now - self.last:.1f} s ({self.done} of {self.total}"
-                 + (f", about {_duration(left)} left)" if self.done < self.total else ")"))
-        self.last = now
+        left = sum(self.weights[self.done:]) * self.busy_s / self.busy_work if self.busy_work else None
+        self.log(f"    {what} in {seconds:.1f} s ({self.done} of {self.total}"
+                 + (f", about {_duration(left)} left)" if self.done < self.total and left is not None else ")"))
 
 
 def _conditions(threads: Sequence[int | str]) -> str:
@@ -590,9 +605,11 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
     static_specs = {m["label"]: m for m in models["static"]}
     result: dict = {"seed": seed, "static": {}, "dynamic": {}, "training_seconds": {}}
     statics: dict[str, nn.Module] = {}
-    training = _Progress(len(models["static"]) + sum(d["kind"] == "trained" for d in models["dynamic"]), log)
     # the teacher of the distilled networks first (``s.distill_from``), the others in the preset's order
-    for spec in sorted(models["static"], key=lambda m: m["label"] != s.distill_from):
+    static_order = sorted(models["static"], key=lambda m: m["label"] != s.distill_from)
+    training = _Progress(len(static_order) + sum(d["kind"] == "trained" for d in models["dynamic"]), log,
+                         _training_work(static_order, models["dynamic"], s, shape, x_val[:1]))
+    for spec in static_order:
         teacher = statics.get(s.distill_from) if spec["label"] != s.distill_from else None
         log(f"  seed {seed}: training static {spec['label']}" + (f" (distilled from {s.distill_from})"
                                                                  if teacher is not None else ""))
@@ -600,7 +617,8 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
                               teacher=teacher)
         statics[spec["label"]] = net
         result["training_seconds"][spec["label"]] = info["seconds"]
-        training.step(f"{spec['label']}: {'reused' if info.get('reused') else 'trained'}")
+        reused = bool(info.get("reused"))
+        training.step(f"{spec['label']}: {'reused' if reused else 'trained'}", reused)
     trained_dyn: dict[str, nn.Module] = {}
     for spec in models["dynamic"]:
         if spec["kind"] == "trained":
@@ -610,7 +628,8 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
                                   val, data["meta"])
             trained_dyn[spec["label"]] = net
             result["training_seconds"][spec["label"]] = info["seconds"]
-            training.step(f"{spec['label']}: {'reused' if info.get('reused') else 'trained'}")
+            reused = bool(info.get("reused"))
+            training.step(f"{spec['label']}: {'reused' if reused else 'trained'}", reused)
     if s.only_train:
         return result
 
@@ -761,6 +780,19 @@ def run_seed(seed: int, s: FrontierSettings, data: dict, log=print) -> dict:
             p["rt"], p["eager"] = rt[p["key"]], eager.get(p["key"], {})
     result["merit"] = figures_of_merit(result, s)
     return result
+
+
+def _training_work(static_order: Sequence[dict], dynamic: Sequence[dict], s: FrontierSettings, shape: dict,
+                   x: Tensor) -> list[float]:
+    """Each training step's work for :class:`_Progress`: the network's MACs per image (a distilled one adds a
+    third of its teacher's, whose forward runs in each of its training steps: about a third of a training step's
+    arithmetic), statics in ``static_order``, then the trained dynamic models."""
+    macs = {spec["label"]: count_macs(build_static(spec, **shape).eval(), x).per_sample for spec in static_order}
+    work = [m + (macs[s.distill_from] / 3 if s.distill_from not in (None, label) else 0) for label, m in macs.items()]
+    for spec in dynamic:
+        if spec["kind"] == "trained":
+            work.append(count_macs(build_dynamic(spec, {}, {}, **shape).eval(), x).per_sample)
+    return [max(w, 1.0) for w in work]
 
 
 def _train_fused(spec: dict, members: Sequence[str], statics: dict[str, nn.Module], static_specs: dict[str, dict],

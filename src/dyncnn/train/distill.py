@@ -13,6 +13,7 @@ evaluation forwards it does not run and the loss is the cross-entropy alone.
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +27,17 @@ class Distillation:
     """The distillation loss of ``student`` from ``teacher`` while the context is open (see the module docstring).
 
     The teacher is copied (its copy follows the inputs' device and memory format); ``label_smoothing`` applies to
-    the cross-entropy term, as the trainer's default loss applies it."""
+    the cross-entropy term, as the trainer's default loss applies it.
+
+    ``cache``: the teacher's logits are kept per image (keyed by a digest of its bytes) and an image seen before
+    is not run through the teacher again. In eval mode the teacher is a function of the image, so this changes
+    nothing but the time when the training set has no random augmentation (the frontier's stored renderings):
+    10 epochs run the teacher once per image instead of 10 times. With random augmentation every image is new;
+    leave it off there (the cache would only grow).
+    ``teacher_images`` counts the images the teacher ran on."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, weight: float = 0.5, temperature: float = 4.0,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, cache: bool = False):
         if not 0 < weight <= 1:
             raise ValueError(f"distillation weight must be in (0, 1], got {weight!r}")
         if not temperature > 0:
@@ -39,7 +47,8 @@ class Distillation:
         self.student, self.weight, self.temperature = student, float(weight), float(temperature)
         self.label_smoothing = float(label_smoothing)
         self._source, self._teacher, self._handle, self._logits = teacher, None, None, None
-        self.teacher_calls = 0
+        self.cache: dict[bytes, Tensor] | None = {} if cache else None
+        self.teacher_images = 0
 
     def __enter__(self) -> "Distillation":
         self._teacher = copy.deepcopy(self._source).eval().requires_grad_(False)
@@ -61,8 +70,19 @@ class Distillation:
             self._teacher.to(x.device, memory_format=fmt)
             self._placed = (x.device, fmt)
         with torch.no_grad():
-            self._logits = final_logits(self._teacher(x)).float()
-        self.teacher_calls += 1
+            self._logits = self._teacher_logits(x.detach())
+
+    def _teacher_logits(self, x: Tensor) -> Tensor:
+        if self.cache is None:
+            self.teacher_images += len(x)
+            return final_logits(self._teacher(x)).float()
+        keys = [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in x.cpu().contiguous()]
+        miss = [i for i, k in enumerate(keys) if k not in self.cache]
+        if miss:
+            new = final_logits(self._teacher(x[miss])).float().cpu()
+            self.cache.update(zip((keys[i] for i in miss), new))
+            self.teacher_images += len(miss)
+        return torch.stack([self.cache[k] for k in keys]).to(x.device)
 
     def loss(self, outputs, target: Tensor) -> Tensor:
         """The training loss (a training forward of the student ran just before), or the cross-entropy alone in
