@@ -814,6 +814,8 @@ def test_distilled_static_networks_train_after_their_teacher_and_record_it(tmp_p
           "models": models, "only_train": True}
     lines = []
     run_frontier(FrontierSettings(out=tmp_path, distill_from="big", distill_weight=0.7, **kw), log=lines.append)
+    assert lines[0].endswith("; the other static networks also learn from big's logits (knowledge distillation, "
+                             "weight 0.7, temperature 4.0)")
     trained = [ln.strip() for ln in lines if "training static" in ln]
     assert trained == ["seed 0: training static big", "seed 0: training static small /2 (distilled from big)"]
     metas = {m: read_checkpoint(tmp_path / "models" / "seed0" / m / "last.safetensors")[1] for m in ("big", "small__2")}
@@ -846,3 +848,15 @@ def test_time_left_is_priced_by_each_steps_work_and_skips_reused_steps(monkeypat
                      "    middle: trained in 30.0 s (3 of 4, about 1 min 0 s left)"]
     with pytest.raises(ValueError, match="weights"):
         runner._Progress(2, lines.append, weights=[1.0])
+
+
+def test_cli_frontier_passes_the_distillation_settings(monkeypatch):
+    from dyncnn.frontier import runner
+    got = []
+    monkeypatch.setattr(runner, "run_frontier", got.append)
+    assert main(["frontier", "--preset", "headline", "--distill-from", "mnv3-small", "--distill-weight", "0.6",
+                 "--distill-temperature", "2", "--out", "unused"]) == 0
+    s = got[0]
+    assert (s.distill_from, s.distill_weight, s.distill_temperature, s.canvas) == ("mnv3-small", 0.6, 2.0, 128)
+    assert s.distillation() == {"teacher": "mnv3-small", "weight": 0.6, "temperature": 2.0}
+    assert main(["frontier", "--preset", "headline", "--out", "unused"]) == 0 and got[1].distillation() is None

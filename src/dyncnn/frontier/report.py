@@ -89,6 +89,14 @@ def headline(results: dict) -> str:
     return s
 
 
+def distill_words(st: dict) -> str:
+    """``; the other static networks distilled from X (...)`` when the run distilled them, else nothing."""
+    if not st.get("distill_from"):
+        return ""
+    return (f"; the other static networks also learn from {st['distill_from']}'s logits (knowledge distillation, "
+            f"weight {st['distill_weight']}, temperature {st['distill_temperature']})")
+
+
 def render_markdown(results: dict) -> str:
     st = results["settings"]
     m = results["machine"]
@@ -97,7 +105,8 @@ def render_markdown(results: dict) -> str:
     lines = ["# Accuracy against measured latency: dynamic networks vs the static front", "",
              headline(results), "",
              f"Data: {data_name(st)}; {st['epochs']} epochs for "
-             f"every model (same schedule, augmentation and seed); test split rendered {st['test_repeats']} times "
+             f"every model (same schedule, augmentation and seed){distill_words(st)}; test split rendered "
+             f"{st['test_repeats']} times "
              f"per digit. Operating points are chosen on the validation split ({selection_words(st)}), then "
              f"measured once on test. Latency: {rt_name}, ms "
              f"per image, median ± half the IQR over {st['rounds']} rounds in which every model is timed in turn; "

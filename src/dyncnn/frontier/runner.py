@@ -1019,9 +1019,9 @@ def run_frontier(s: FrontierSettings, log=print) -> dict:
 def _run_frontier(s: FrontierSettings, log) -> dict:
     t0 = time.perf_counter()
     s.out.mkdir(parents=True, exist_ok=True)
-    from .report import data_name
+    from .report import data_name, distill_words
     log(f"frontier: {data_name(asdict(s))}, preset {s.preset}, seeds "
-        f"{list(s.seeds)}, {s.epochs} epochs for every model")
+        f"{list(s.seeds)}, {s.epochs} epochs for every model" + distill_words(asdict(s)))
     data = load_data(s)
     log(f"  data: {len(data['train'])} training renderings, {len(data['val'])} validation, {len(data['test'])} "
         + (f"test ({s.test_repeats} renderings per test digit)" if s.dataset == "scaled_mnist" else "test"))
