@@ -90,7 +90,8 @@ def headline(results: dict) -> str:
 
 
 def distill_words(st: dict) -> str:
-    """``; the other static networks distilled from X (...)`` when the run distilled them, else nothing."""
+    """``; the other static networks also learn from X's logits (...)`` when the run distilled them, else
+    nothing."""
     if not st.get("distill_from"):
         return ""
     return (f"; the other static networks also learn from {st['distill_from']}'s logits (knowledge distillation, "

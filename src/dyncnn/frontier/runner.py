@@ -43,18 +43,18 @@ from ..dynamic.budget import (assign_exits, collect_exit_logits, evaluate_thresh
                               fit_temperatures, msdnet_thresholds)
 from ..dynamic.executor import ExitResult
 from ..dynamic.policy import ExitPolicy
+from ..errors import DyncnnError
 from ..export.bundle_format import THREADS_PER_STAGE, read_manifest
 from ..export.runtime import (load_bundle, measure_stage_plans_many, measure_stage_threads_many,
                               per_stage_as_uniform, record_stage_latency, record_stage_threads)
 from ..export.staged import RUNTIMES, export_bundle
-from ..errors import DyncnnError
 from ..files import output_lock, read_json
 from ..models import create_model
 from ..profile import count_macs
 from ..profile.latency import torch_threads
 from ..train import TrainConfig, Trainer, evaluate
-from ..train.distill import Distillation
 from ..train.checkpoint import atomic_write_text, load_checkpoint, read_checkpoint, save_checkpoint
+from ..train.distill import Distillation
 from ..train.recipes.stagewise import fit_stagewise
 from .report import RUNTIME_NAMES
 from .front import (SELECTION_Z, Point, best_on_validation, pareto_front, reaches_target, select_on_validation,
