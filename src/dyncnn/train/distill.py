@@ -16,11 +16,10 @@ import copy
 import hashlib
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..dynamic.width import distillation_loss
-from .trainer import final_logits
+from .trainer import default_loss, final_logits
 
 
 class Distillation:
@@ -46,6 +45,7 @@ class Distillation:
             raise ValueError("the teacher must be another network than the student")
         self.student, self.weight, self.temperature = student, float(weight), float(temperature)
         self.label_smoothing = float(label_smoothing)
+        self._ce = default_loss(self.label_smoothing)     # the trainer's own cross-entropy
         self._source, self._teacher, self._handle, self._logits = teacher, None, None, None
         self.cache: dict[bytes, Tensor] | None = {} if cache else None
         self.teacher_images = 0
@@ -88,7 +88,7 @@ class Distillation:
         """The training loss (a training forward of the student ran just before), or the cross-entropy alone in
         evaluation."""
         out = final_logits(outputs)
-        ce = F.cross_entropy(out, target, label_smoothing=self.label_smoothing)
+        ce = self._ce(outputs, target)
         if not self.student.training:
             return ce
         if self._handle is None:
